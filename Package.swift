@@ -28,7 +28,7 @@ let package = Package(
         .target(name: "Failover", dependencies: ["CLockstep"]),
         // The live pair: primary/secondary sessions, output gate, status, lag harness.
         .target(name: "Pair", dependencies: ["Machine", "EventLog", "Channel", "Failover",
-                                             .product(name: "HdrHistogram", package: "hdrhistogram-swift")]),
+                                             .product(name: "Histogram", package: "hdrhistogram-swift")]),
         .executableTarget(name: "lockstep", dependencies: [
             "Machine", "Pair", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
