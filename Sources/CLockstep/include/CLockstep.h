@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <linux/kvm.h>
+#include "CLockstepWait.h"
 
 // ---- ioctl numbers (Swift cannot import function-like macros) ----
 static const unsigned long LK_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
@@ -86,6 +87,10 @@ static inline uint32_t lk_run_mmio_len(const struct kvm_run *r) { return r->mmio
 static inline uint8_t lk_run_mmio_is_write(const struct kvm_run *r) { return r->mmio.is_write; }
 static inline uint32_t lk_run_internal_suberror(const struct kvm_run *r) { return r->internal.suberror; }
 static inline uint64_t lk_run_fail_entry_reason(const struct kvm_run *r) { return r->fail_entry.hardware_entry_failure_reason; }
+// Sync regs: KVM copies the GPRs into kvm_run on every exit, so the signature's RIP costs no ioctl.
+static inline void lk_run_enable_sync_regs(struct kvm_run *r) { r->kvm_valid_regs = KVM_SYNC_X86_REGS; r->kvm_dirty_regs = 0; }
+static inline uint64_t lk_run_rip(const struct kvm_run *r) { return r->s.regs.regs.rip; }
+static inline const struct kvm_regs *lk_run_regs(const struct kvm_run *r) { return &r->s.regs.regs; }
 static inline uint32_t lk_run_system_event_type(const struct kvm_run *r) { return r->system_event.type; }
 
 // ---- the vCPU kick ----

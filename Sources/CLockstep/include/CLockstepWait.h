@@ -1,0 +1,11 @@
+// Wakeable waits for the vCPU and pacer threads (eventfd + ppoll with nanosecond deadlines).
+#ifndef CLOCKSTEP_WAIT_H
+#define CLOCKSTEP_WAIT_H
+#include <stdint.h>
+int lk_eventfd(void);                         // fd or -errno
+void lk_eventfd_signal(int fd);
+// Waits until fd is signalled (drained) or CLOCK_MONOTONIC reaches deadline_ns (UINT64_MAX: no deadline).
+// Returns 1 when signalled, 0 on deadline, -errno on error (EINTR is retried).
+int lk_eventfd_wait(int fd, uint64_t deadline_ns);
+int lk_set_timer_slack_ns(unsigned long ns);
+#endif

@@ -1,0 +1,108 @@
+import CLockstep
+
+/// Everything KVM holds for one vCPU, as one versioned byte blob (sync points, snapshots, migration).
+///
+/// Layout (little-endian, x86-64 KVM struct layouts pinned by _Static_assert in the C shim):
+///   u8 version (1) | u8 flags (bit0 ready_for_interrupt_injection, bit1 if_flag)
+///   kvm_regs (144) | kvm_sregs (312) | kvm_xsave (4096) | kvm_xcrs (392) | kvm_vcpu_events (64) | kvm_debugregs (128)
+///   u16 msrCount | msrCount * (u32 index, u64 value)
+public struct VCPUState: Sendable {
+    public static let version: UInt8 = 1
+    /// MSRs a long-mode guest uses beyond those in sregs (EFER, FS/GS base). The TSC is deliberately absent.
+    public static let msrIndices: [UInt32] = [
+        0x174, 0x175, 0x176,        // SYSENTER_CS/ESP/EIP
+        0x277,                      // PAT
+        0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084, // STAR LSTAR CSTAR SFMASK
+        0xC000_0102,                // KERNEL_GS_BASE
+    ]
+    static let fixedSize = 2 + 144 + 312 + 4096 + 392 + 64 + 128
+
+    public var bytes: [UInt8]
+
+    public init(bytes: [UInt8]) { self.bytes = bytes }
+
+    public enum DecodeError: Error, CustomStringConvertible {
+        case badVersion(UInt8), truncated(Int)
+        public var description: String {
+            switch self {
+            case .badVersion(let v): return "vCPU state has unknown version \(v)"
+            case .truncated(let n): return "vCPU state is truncated (\(n) bytes)"
+            }
+        }
+    }
+}
+
+extension VCPU {
+    /// Captures the full state. `msrs` is the list that this KVM could read (probe once with `readableMSRs`).
+    public func captureState(msrs: [UInt32]) throws(SysError) -> VCPUState {
+        var out = [UInt8]()
+        out.reserveCapacity(VCPUState.fixedSize + 2 + msrs.count * 12)
+        out.append(VCPUState.version)
+        out.append((readyForInjection ? 1 : 0) | (interruptFlag ? 2 : 0))
+        func append<T>(_ v: T) { withUnsafeBytes(of: v) { out.append(contentsOf: $0) } }
+        append(try regs())
+        append(try sregs())
+        let xs = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
+        defer { xs.deallocate() }
+        xs.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+        try xsave(into: xs)
+        out.append(contentsOf: UnsafeRawBufferPointer(start: xs, count: 4096))
+        append(try xcrs())
+        append(try events())
+        append(try debugRegs())
+        let values = try self.msrs(msrs)
+        out.append(UInt8(values.count & 0xFF)); out.append(UInt8(values.count >> 8))
+        for (i, v) in values {
+            withUnsafeBytes(of: i.littleEndian) { out.append(contentsOf: $0) }
+            withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) }
+        }
+        return VCPUState(bytes: out)
+    }
+
+    /// Restores a captured state. Returns the (readyForInjection, ifFlag) recorded with it.
+    @discardableResult
+    public func restoreState(_ state: VCPUState) throws -> (ready: Bool, ifFlag: Bool) {
+        let b = state.bytes
+        guard b.count >= VCPUState.fixedSize + 2 else { throw VCPUState.DecodeError.truncated(b.count) }
+        guard b[0] == VCPUState.version else { throw VCPUState.DecodeError.badVersion(b[0]) }
+        var off = 2
+        func take<T>(_ t: T.Type, _ size: Int) -> T {
+            // SAFETY: bounds checked by the fixed-size guard above; loadUnaligned handles any alignment.
+            defer { off += size }
+            return b.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: off, as: T.self) }
+        }
+        let r = take(kvm_regs.self, 144)
+        let s = take(kvm_sregs.self, 312)
+        let xs = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
+        defer { xs.deallocate() }
+        b.withUnsafeBytes { xs.copyMemory(from: $0.baseAddress! + off, byteCount: 4096) }
+        off += 4096
+        let x = take(kvm_xcrs.self, 392)
+        let e = take(kvm_vcpu_events.self, 64)
+        let d = take(kvm_debugregs.self, 128)
+        let n = Int(b[off]) | Int(b[off + 1]) << 8
+        off += 2
+        guard b.count >= off + n * 12 else { throw VCPUState.DecodeError.truncated(b.count) }
+        var msrs: [(UInt32, UInt64)] = []
+        for _ in 0..<n {
+            let i = UInt32(littleEndian: take(UInt32.self, 4)), v = UInt64(littleEndian: take(UInt64.self, 8))
+            msrs.append((i, v))
+        }
+        // Order matters: sregs (mode) before regs and xsave; events last so a queued injection is overwritten.
+        try setSregs(s)
+        try setRegs(r)
+        try setXsave(from: xs)
+        try? setXCRs(x)
+        if !msrs.isEmpty { try setMSRs(msrs) }
+        try setDebugRegs(d)
+        var ev = e
+        ev.flags = UInt32(KVM_VCPUEVENT_VALID_SHADOW) // NMI pending and SIPI vector are not ours to set
+        try setEvents(ev)
+        return (b[1] & 1 != 0, b[1] & 2 != 0)
+    }
+
+    /// The subset of `VCPUState.msrIndices` this KVM can read.
+    public func readableMSRs() -> [UInt32] {
+        VCPUState.msrIndices.filter { (try? msrs([$0]).count) == 1 }
+    }
+}

@@ -1,0 +1,288 @@
+import CLockstep
+import Devices
+import EventLog
+import Glibc
+import KVM
+
+/// How a run ended.
+public enum Ending: Equatable, Sendable {
+    /// The guest wrote `status` to isa-debug-exit (port 0xF4).
+    case guestExit(status: UInt8)
+    /// Triple fault or a KVM shutdown/reset request.
+    case shutdown(String)
+    /// `cli; hlt` (or halted with nothing that could ever wake it).
+    case haltedForever
+    /// An operator or the pair asked the machine to stop.
+    case stopped
+}
+
+public enum MachineError: Error, CustomStringConvertible {
+    case kvm(KVMError)
+    case image(ImageError)
+    case sys(SysError)
+    case log(LogError)
+    case divergence(Divergence)
+    case guestFault(String)
+    case config(String)
+
+    public var description: String {
+        switch self {
+        case .kvm(let e): return e.description
+        case .image(let e): return e.description
+        case .sys(let e): return "KVM call failed: \(e.description)"
+        case .log(let e): return e.description
+        case .divergence(let d): return d.description
+        case .guestFault(let s): return s
+        case .config(let s): return s
+        }
+    }
+}
+
+/// The vCPU loop. An explicit state machine: every KVM_RUN return goes through `step()`, and every exit
+/// through `handleExit`. Record, replay and run share this code; the mode only changes what the
+/// recording hooks (`InputHooks`) do and whether sync points are written or loaded.
+public final class Engine {
+    public enum State: Equatable { case entering, finished(Ending) }
+
+    public let machine: Machine
+    public private(set) var state: State = .entering
+    let hooks: InputHooks
+    let vcpu: VCPU
+    let devices: DeviceSet
+    let pacer: Pacer?
+    let syncPoints: SyncPointStore?
+    /// Injection readiness as of the last return from KVM_RUN (or the last loaded sync point).
+    var ready = false
+    var ifFlag = false
+    var windowRequested = false
+    var stopRequested = false
+    public private(set) var kicks: UInt64 = 0
+    public private(set) var windowExits: UInt64 = 0
+    /// Exit indices between register digests in the log (divergence detection between events).
+    static let digestInterval: UInt64 = 4096
+
+    init(machine: Machine) {
+        self.machine = machine
+        hooks = machine.hooks
+        vcpu = machine.vcpu
+        devices = machine.devices
+        pacer = machine.pacer
+        syncPoints = machine.syncPoints
+    }
+
+    /// One trip through the guest: deliver a due interrupt, enter, handle what came back.
+    public func step() throws(MachineError) -> State {
+        guard case .entering = state else { return state }
+        deliverInterrupt()
+        if hooks.mode == .replay, let sp = hooks.pendingSyncPoint() {
+            // The recorded run was kicked here: load its state instead of executing the gap.
+            do { (ready, ifFlag) = try syncPoints!.apply(sp, vcpu: vcpu) } catch { throw .guestFault("cannot load sync point at exit \(sp.exit): \(error)") }
+            hooks.consumeSyncPoint()
+            serviceAsync()
+            return try checked()
+        }
+        let outcome: RunOutcome
+        do { outcome = try vcpu.enter() } catch { throw .sys(error) }
+        ready = vcpu.readyForInjection
+        ifFlag = vcpu.interruptFlag
+        switch outcome {
+        case .interrupted:
+            try asynchronousStop()
+        case .exit(UInt32(LK_EXIT_IRQ_WINDOW_OPEN)):
+            // Not a deterministic point on every KVM (PVM delivers it late): handled like a kick.
+            windowExits += 1
+            windowRequested = false
+            vcpu.requestInterruptWindow(false)
+            try asynchronousStop()
+        case .exit(let reason):
+            hooks.exit &+= 1
+            let rip = lk_run_rip(vcpu.run)
+            hooks.signature = signature(reason: reason, rip: rip)
+            hooks.checkNothingSkipped()
+            try handleExit(reason)
+            if case .entering = state { serviceAsync() }
+            if hooks.exit % Engine.digestInterval == 0 { hooks.digest(registerDigest()) }
+        }
+        return try checked()
+    }
+
+    /// The guest stopped at a point no replay can find again (a kick, a window exit). Recording writes a
+    /// sync point; a replay (which is never kicked) just re-enters.
+    private func asynchronousStop() throws(MachineError) {
+        if hooks.mode == .record {
+            kicks += 1
+            do { try syncPoints!.capture(vcpu: vcpu, hooks: hooks) } catch { throw .sys(error) }
+        }
+        if hooks.mode != .replay { serviceAsync() }
+    }
+
+    private func checked() throws(MachineError) -> State {
+        if let d = hooks.divergence { throw .divergence(d) }
+        if let e = hooks.sourceError {
+            if let le = e as? LogError { throw .log(le) }
+            throw .config("log source failed: \(e)")
+        }
+        if stopRequested, case .entering = state { state = .finished(.stopped) }
+        return state
+    }
+
+    // MARK: interrupts
+
+    /// Injects the PIC's pending interrupt when the vCPU can take it, else asks for a window.
+    @inline(__always) private func deliverInterrupt() {
+        guard devices.pic.interruptPending else { return }
+        if ready {
+            let vector = devices.pic.acknowledge()
+            hooks.injected(vector)
+            if windowRequested { windowRequested = false; vcpu.requestInterruptWindow(false) }
+            ready = false
+            // In replay, a sync point right after the injection already contains its effect.
+            if hooks.mode == .replay, hooks.pendingSyncPoint() != nil { return }
+            do { try vcpu.inject(vector: vector) } catch { hooks.fail(expected: "KVM_INTERRUPT to succeed", found: error.description) }
+        } else if !windowRequested {
+            windowRequested = true
+            hooks.windowRequested()
+            if hooks.mode != .replay { vcpu.requestInterruptWindow(true) }
+        }
+    }
+
+    // MARK: asynchronous inputs (time, serial)
+
+    /// Applies what became due since the last exit: a timer sample, serial input, a stop request.
+    @inline(__always) func serviceAsync() {
+        let due = pacer?.takeDue() ?? []
+        let timer = hooks.mode == .replay ? hooks.replayTimerDue() : due.contains(.timer)
+        if timer {
+            repeat {
+                devices.advance(to: hooks.clock(.timer))
+            } while hooks.mode == .replay && hooks.replayTimerDue()
+            publishDeadline()
+        }
+        if hooks.mode == .replay || machine.input.hasData {
+            while devices.uart.rxSpace > 0, let b = hooks.serialByte(live: { machine.input.pop() }) {
+                devices.uart.receive(b)
+            }
+        }
+        if due.contains(.stop) { stopRequested = true }
+    }
+
+    func publishDeadline() {
+        guard let pacer else { return }
+        pacer.publishDeadline(devices.nextDeadline().map { hooks.hostTime(ofGuest: $0) } ?? .max)
+    }
+
+    // MARK: exits
+
+    @inline(__always) private func handleExit(_ reason: UInt32) throws(MachineError) {
+        switch Int(reason) {
+        case Int(LK_EXIT_IO): handleIO()
+        case Int(LK_EXIT_MMIO): handleMMIO()
+        case Int(LK_EXIT_HLT): try handleHalt()
+        case Int(LK_EXIT_SHUTDOWN):
+            state = .finished(.shutdown("the guest triple-faulted (KVM_EXIT_SHUTDOWN) at exit \(hooks.exit), RIP 0x\(String(lk_run_rip(vcpu.run), radix: 16))"))
+        case Int(LK_EXIT_SYSTEM_EVENT):
+            state = .finished(.shutdown("the guest requested a system event of type \(lk_run_system_event_type(vcpu.run))"))
+        case Int(LK_EXIT_INTERNAL_ERROR):
+            throw .guestFault("KVM internal error (suberror \(lk_run_internal_suberror(vcpu.run))) at exit \(hooks.exit), RIP 0x\(String(lk_run_rip(vcpu.run), radix: 16)): KVM could not emulate the guest's instruction")
+        case Int(LK_EXIT_FAIL_ENTRY):
+            throw .guestFault("KVM could not enter the guest (hardware reason 0x\(String(lk_run_fail_entry_reason(vcpu.run), radix: 16)))")
+        default:
+            throw .guestFault("unexpected KVM exit reason \(reason) at exit \(hooks.exit)")
+        }
+    }
+
+    @inline(__always) private func handleIO() {
+        let run = vcpu.run
+        let port = lk_run_io_port(run), size = Int(lk_run_io_size(run)), count = Int(lk_run_io_count(run))
+        let data = lk_run_io_data(run)!
+        let out = lk_run_io_direction(run) == 1
+        for i in 0..<count {
+            // SAFETY: data points into the kvm_run page at data_offset; KVM sizes it for count * size bytes.
+            let p = UnsafeMutableRawPointer(data) + i * size
+            if out {
+                let v: UInt32 = size == 1 ? UInt32(p.load(as: UInt8.self)) : size == 2 ? UInt32(p.loadUnaligned(as: UInt16.self)) : p.loadUnaligned(as: UInt32.self)
+                devices.bus.write(port: port, size: size, value: v)
+            } else {
+                let v = devices.bus.read(port: port, size: size)
+                switch size {
+                case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: v), as: UInt8.self)
+                case 2: p.storeBytes(of: UInt16(truncatingIfNeeded: v), as: UInt16.self)
+                default: p.storeBytes(of: v, as: UInt32.self)
+                }
+            }
+        }
+        if devices.debugExit.exitRequested {
+            state = .finished(.guestExit(status: devices.debugExit.exitStatus))
+        } else if Machine.timedPorts(port) {
+            publishDeadline()
+        }
+    }
+
+    private func handleMMIO() {
+        let run = vcpu.run
+        let addr = lk_run_mmio_addr(run)
+        machine.noteUnknownMMIO(addr, write: lk_run_mmio_is_write(run) != 0)
+        if lk_run_mmio_is_write(run) == 0 {
+            // SAFETY: mmio.data is an 8-byte array inside kvm_run.
+            UnsafeMutableRawPointer(lk_run_mmio_data(run)!).initializeMemory(as: UInt8.self, repeating: 0xFF, count: 8)
+        }
+    }
+
+    /// HLT: the vCPU sleeps until an interrupt is deliverable. KVM returns RIP after the HLT, so the loop
+    /// must not re-enter before one is pending.
+    private func handleHalt() throws(MachineError) {
+        machine.output?.flush()
+        while !(devices.pic.interruptPending && ifFlag) {
+            if stopRequested { state = .finished(.stopped); return }
+            if hooks.mode == .replay {
+                if !hooks.hasPendingAtExit {
+                    if hooks.logEnded && !ifFlag { state = .finished(.haltedForever); return }
+                    throw .divergence(Divergence(exit: hooks.exit, expected: hooks.describePending(),
+                                                 found: "the guest halted at exit \(hooks.exit) with nothing in the log to wake it"))
+                }
+                let before = hooks.pendingExit
+                serviceAsync()
+                if let d = hooks.divergence { throw .divergence(d) }
+                if before == hooks.pendingExit, hooks.hasPendingAtExit, !devices.pic.interruptPending {
+                    // A record that is neither time nor input while halted: let the loop consume it.
+                    return
+                }
+            } else {
+                if !ifFlag && devices.nextDeadline() == nil && !machine.hasInputBackend {
+                    state = .finished(.haltedForever); return
+                }
+                if !ifFlag {
+                    // cli; hlt: only an NMI could wake a real CPU, and this machine has no NMI source.
+                    state = .finished(.haltedForever); return
+                }
+                pacer!.waitUntilDue()
+                serviceAsync()
+            }
+        }
+    }
+
+    // MARK: signatures
+
+    @inline(__always) private func signature(reason: UInt32, rip: UInt64) -> ExitSignature {
+        let run = vcpu.run
+        switch Int(reason) {
+        case Int(LK_EXIT_IO):
+            return ExitSignature(kind: UInt8(truncatingIfNeeded: reason), portLow: UInt8(truncatingIfNeeded: lk_run_io_port(run)),
+                                 size: lk_run_io_size(run), ripLow: UInt16(truncatingIfNeeded: rip))
+        case Int(LK_EXIT_MMIO):
+            return ExitSignature(kind: UInt8(truncatingIfNeeded: reason), portLow: UInt8(truncatingIfNeeded: lk_run_mmio_addr(run)),
+                                 size: UInt8(truncatingIfNeeded: lk_run_mmio_len(run)), ripLow: UInt16(truncatingIfNeeded: rip))
+        default:
+            return ExitSignature(kind: UInt8(truncatingIfNeeded: reason), portLow: 0, size: 0, ripLow: UInt16(truncatingIfNeeded: rip))
+        }
+    }
+
+    /// FNV-1a over the general registers KVM synced into kvm_run at this exit.
+    private func registerDigest() -> UInt64 {
+        // SAFETY: kvm_regs lives inside the kvm_run page for the vCPU's lifetime.
+        let p = UnsafeRawPointer(lk_run_regs(vcpu.run)!)
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for i in 0..<(144 / 8) { h = (h ^ p.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)) &* 0x100_0000_01b3 }
+        return h
+    }
+}

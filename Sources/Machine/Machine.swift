@@ -1,0 +1,94 @@
+import CLockstep
+import Devices
+import EventLog
+import Foundation
+import KVM
+
+/// The machine's shape. Identical on both sides of a pair and in a log's header.
+public struct MachineConfig: Sendable, Equatable {
+    public var memoryMiB: UInt32
+    public var interruptLatencyUs: UInt32
+    /// Wall-clock seconds the RTC starts from: sampled once by the recorder, then fixed (it is in the log).
+    public var epochSeconds: UInt64
+    public init(memoryMiB: UInt32 = 256, interruptLatencyUs: UInt32 = 1000, epochSeconds: UInt64 = UInt64(lk_realtime_ns() / 1_000_000_000)) {
+        self.memoryMiB = memoryMiB; self.interruptLatencyUs = interruptLatencyUs; self.epochSeconds = epochSeconds
+    }
+}
+
+/// A minimal PC on KVM: RAM, one vCPU (PVH boot), the standard devices, and the recording hooks between them.
+public final class Machine {
+    public let config: MachineConfig
+    public let image: PVHImage
+    public let kvm: KVMHost
+    public let vm: VirtualMachine
+    public let vcpu: VCPU
+    public let memory: GuestMemory
+    public let hooks: InputHooks
+    public let devices: DeviceSet
+    public let pacer: Pacer?
+    let syncPoints: SyncPointStore?
+    public let input = SerialInputQueue()
+    public var output: SerialOutput? { didSet { sink.output = output } }
+    public var hasInputBackend = false
+    let sink: UARTSink
+    public let cpuidDigest: [UInt8]
+    /// Warnings for the operator (unknown ports, ...), each said once.
+    public var warn: (String) -> Void = { FileHandle.standardError.write(Data(("lockstep: " + $0 + "\n").utf8)) }
+    private var unknownMMIO = Set<UInt64>()
+
+    public init(image: PVHImage, config: MachineConfig, mode: InputHooks.Mode, encoder: LogEncoder? = nil,
+                source: RecordSource? = nil, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
+        self.config = config
+        self.image = image
+        guard config.memoryMiB >= 2, config.memoryMiB <= 65536 else { throw .config("--memory \(config.memoryMiB) MiB is outside 2...65536") }
+        do {
+            kvm = try KVMHost()
+            vm = try kvm.createVM()
+            memory = try GuestMemory(bytes: UInt64(config.memoryMiB) << 20)
+        } catch let e as KVMError { throw .kvm(e) } catch let e as MemoryError { throw .kvm(.memory(e)) } catch { throw .config("\(error)") }
+        do {
+            try PVHLoader.load(image, into: memory)
+        } catch { throw .image(error) }
+        do {
+            // Dirty tracking feeds sync points (record) and later re-protection/migration (replay, live).
+            try vm.setMemory(memory, trackDirty: mode != .run)
+            vcpu = try vm.createVCPU(id: 0)
+            let table = CPUIDTable.pinned(from: try kvm.supportedCPUID())
+            try vcpu.setCPUID(table)
+            cpuidDigest = StateDigest.sha256(CPUIDTable.canonicalBytes(table))
+            try PVHLoader.bootState(vcpu: vcpu, entry: image.entry32)
+        } catch let e as SysError { throw .sys(e) } catch let e as KVMError { throw .kvm(e) } catch { throw .config("\(error)") }
+        lk_run_enable_sync_regs(vcpu.run)
+        hooks = InputHooks(mode: mode, epochSeconds: config.epochSeconds, encoder: encoder, source: source)
+        sink = UARTSink(hooks: hooks, output: output, keepTranscript: keepTranscript)
+        devices = DeviceSet(inputs: hooks, serial: sink, memoryBytes: memory.size)
+        pacer = mode == .replay ? nil : Pacer(latencyMicroseconds: config.interruptLatencyUs)
+        syncPoints = mode == .run ? nil : SyncPointStore(vm: vm, memory: memory, encoder: encoder, msrs: vcpu.readableMSRs())
+        self.output = output
+        input.pacer = pacer
+        devices.bus.onUnknownPort = { [unowned self] port, isWrite in
+            warn("guest \(isWrite ? "wrote" : "read") unknown port 0x\(String(port, radix: 16)) (reads return 0xFF; reported once)")
+        }
+    }
+
+    /// Ports whose writes can move a device deadline (PIT, port 0x61, RTC).
+    @inline(__always) static func timedPorts(_ port: UInt16) -> Bool {
+        (port >= 0x40 && port <= 0x43) || port == 0x61 || port == 0x70 || port == 0x71
+    }
+
+    func noteUnknownMMIO(_ addr: UInt64, write: Bool) {
+        if unknownMMIO.insert(addr).inserted {
+            warn("guest \(write ? "wrote" : "read") unmapped MMIO address 0x\(String(addr, radix: 16)) (reads return 0xFF; reported once)")
+        }
+    }
+
+    /// Everything the guest printed (when kept).
+    public var transcript: [UInt8] { sink.transcript }
+
+    public func stateDigest() throws(MachineError) -> [UInt8] {
+        do { return try StateDigest.compute(memory: memory, vcpu: vcpu, deviceState: devices.stateBytes()) } catch { throw .sys(error) }
+    }
+
+    public var syncPointCount: UInt64 { syncPoints?.captured ?? 0 }
+    public var syncPointPages: UInt64 { syncPoints?.pagesCaptured ?? 0 }
+}

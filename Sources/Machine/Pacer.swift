@@ -1,0 +1,121 @@
+import CLockstep
+import Foundation
+import Synchronization
+
+/// The pacer thread: turns device deadlines and serial input into "something is due" flags for the vCPU
+/// thread, wakes it from HLT, and kicks it out of the guest when a due interrupt has waited longer than the
+/// latency bound without a natural exit. It never touches device state: only the vCPU thread does.
+public final class Pacer: @unchecked Sendable {
+    public struct Due: OptionSet, Sendable {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        public static let timer = Due(rawValue: 1)
+        public static let input = Due(rawValue: 2)
+        public static let stop = Due(rawValue: 4)
+    }
+
+    let due = Atomic<UInt32>(0)
+    /// Next device deadline, host CLOCK_MONOTONIC ns (UInt64.max: none). Written by the vCPU thread.
+    let deadline = Atomic<UInt64>(.max)
+    /// When to kick if something is still due (UInt64.max: no kick armed).
+    let kickAt = Atomic<UInt64>(.max)
+    let running = Atomic<Bool>(true)
+    let vcpuThread = Atomic<UInt>(0)
+    public let kicks = Atomic<UInt64>(0)
+    let latencyNs: UInt64
+    let kickSignal: Int32 = SIGUSR1
+    let vcpuWake: Int32
+    let pacerWake: Int32
+    private var thread: Thread?
+    private let done = DispatchSemaphore(value: 0)
+
+    public init(latencyMicroseconds: UInt32) {
+        latencyNs = UInt64(latencyMicroseconds) * 1000
+        vcpuWake = lk_eventfd()
+        pacerWake = lk_eventfd()
+        _ = lk_kick_install(kickSignal)
+    }
+
+    deinit { close(vcpuWake); close(pacerWake) }
+
+    /// Called on the vCPU thread before the first entry.
+    public func bindVCPUThread(run: UnsafeMutablePointer<kvm_run>) {
+        lk_kick_bind(run)
+        vcpuThread.store(lk_thread_self(), ordering: .releasing)
+        if lk_cpu_count() >= 2 { _ = lk_pin_current_thread(1) }
+    }
+
+    public func start() {
+        let t = Thread { [self] in
+            if lk_cpu_count() >= 2 { _ = lk_pin_current_thread(0) }
+            _ = lk_set_timer_slack_ns(1)
+            loop()
+            done.signal()
+        }
+        t.name = "lockstep-pacer"
+        t.stackSize = 1 << 20
+        thread = t
+        t.start()
+    }
+
+    public func stop() {
+        guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        lk_eventfd_signal(pacerWake)
+        done.wait()
+    }
+
+    private func loop() {
+        while running.load(ordering: .acquiring) {
+            let d = deadline.load(ordering: .acquiring), k = kickAt.load(ordering: .acquiring)
+            _ = lk_eventfd_wait(pacerWake, min(d, k))
+            let now = lk_monotonic_ns()
+            let d2 = deadline.load(ordering: .acquiring)
+            if d2 != .max, now >= d2 {
+                _ = deadline.compareExchange(expected: d2, desired: .max, ordering: .acquiringAndReleasing)
+                raise(.timer, now: now)
+            }
+            let k2 = kickAt.load(ordering: .acquiring)
+            if k2 != .max, now >= k2 {
+                kickAt.store(.max, ordering: .releasing)
+                if due.load(ordering: .acquiring) != 0, case let t = vcpuThread.load(ordering: .acquiring), t != 0 {
+                    kicks.add(1, ordering: .relaxed)
+                    _ = lk_kick(t, kickSignal)
+                }
+            }
+        }
+    }
+
+    /// Marks something due, wakes a halted vCPU, and arms the kick for a running one.
+    public func raise(_ what: Due, now: UInt64 = lk_monotonic_ns()) {
+        due.bitwiseOr(what.rawValue, ordering: .acquiringAndReleasing)
+        lk_eventfd_signal(vcpuWake)
+        let want = now &+ latencyNs
+        var cur = kickAt.load(ordering: .acquiring)
+        while want < cur {
+            let (ok, seen) = kickAt.compareExchange(expected: cur, desired: want, ordering: .acquiringAndReleasing)
+            if ok { if Thread.current != thread { lk_eventfd_signal(pacerWake) }; break }
+            cur = seen
+        }
+    }
+
+    // ---- vCPU thread side ----
+
+    /// Takes (and clears) what is due. One atomic exchange: cheap enough for every exit.
+    @inline(__always) public func takeDue() -> Due { Due(rawValue: due.exchange(0, ordering: .acquiringAndReleasing)) }
+
+    @inline(__always) public var anythingDue: Bool { due.load(ordering: .relaxed) != 0 }
+
+    /// Publishes the next device deadline (host ns); wakes the pacer only when it moves earlier.
+    public func publishDeadline(_ hostNs: UInt64) {
+        let old = deadline.exchange(hostNs, ordering: .acquiringAndReleasing)
+        if hostNs < old { lk_eventfd_signal(pacerWake) }
+    }
+
+    /// Blocks the vCPU thread (guest in HLT) until something is due.
+    public func waitUntilDue() {
+        while due.load(ordering: .acquiring) == 0 { _ = lk_eventfd_wait(vcpuWake, .max) }
+    }
+
+    /// Asks the vCPU loop to stop at its next exit (operator stop, failover of the peer).
+    public func requestStop() { raise(.stop) }
+}

@@ -1,0 +1,194 @@
+import CLockstep
+import EventLog
+import Foundation
+
+/// What a finished run reports.
+public struct SessionResult: Sendable {
+    public var ending: Ending
+    public var digest: [UInt8]
+    public var exits: UInt64
+    public var events: UInt64
+    public var syncPoints: UInt64
+    public var syncPointPages: UInt64
+    public var kicks: UInt64
+    public var windowExits: UInt64
+    public var elapsedNs: UInt64
+    public var logBytes: UInt64
+    public var digestHex: String { StateDigest.hex(digest) }
+}
+
+/// Shared driving of an engine on the current thread (which becomes the vCPU thread).
+public class Session {
+    public let machine: Machine
+    public let engine: Engine
+    var started: UInt64 = 0
+
+    init(machine: Machine) {
+        self.machine = machine
+        engine = Engine(machine: machine)
+    }
+
+    func begin() {
+        if let pacer = machine.pacer {
+            pacer.bindVCPUThread(run: machine.vcpu.run)
+            engine.publishDeadline()
+            pacer.start()
+        }
+        started = lk_monotonic_ns()
+    }
+
+    func end() {
+        machine.pacer?.stop()
+        machine.output?.flush()
+    }
+
+    /// Asks a running session to stop at its next exit (from any thread).
+    public func requestStop() { machine.pacer?.requestStop() }
+
+    func result(_ ending: Ending, events: UInt64, logBytes: UInt64) throws(MachineError) -> SessionResult {
+        SessionResult(ending: ending, digest: try machine.stateDigest(), exits: machine.hooks.exit, events: events,
+                      syncPoints: machine.syncPointCount, syncPointPages: machine.syncPointPages,
+                      kicks: machine.pacer?.kicks.load(ordering: .relaxed) ?? 0, windowExits: engine.windowExits,
+                      elapsedNs: lk_monotonic_ns() - started, logBytes: logBytes)
+    }
+}
+
+/// `lockstep run`: the guest, unprotected, no log.
+public final class RunSession: Session {
+    public init(image: PVHImage, config: MachineConfig, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
+        super.init(machine: try Machine(image: image, config: config, mode: .run, output: output, keepTranscript: keepTranscript))
+    }
+
+    public func step() throws(MachineError) -> Engine.State { try engine.step() }
+
+    public func run() throws(MachineError) -> SessionResult {
+        begin()
+        defer { end() }
+        while true {
+            if case .finished(let e) = try step() { return try result(e, events: 0, logBytes: 0) }
+        }
+    }
+}
+
+/// `lockstep record`: the guest with every nondeterministic input written to a log.
+public final class RecordSession: Session {
+    public let writer: LogFileWriter
+
+    public init(image: PVHImage, config: MachineConfig, logPath: String, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
+        let header = LogHeader(formatVersion: LogHeader.currentVersion, memoryMiB: config.memoryMiB, vcpus: 1,
+                               interruptLatencyUs: config.interruptLatencyUs, epochSeconds: config.epochSeconds,
+                               imageSHA256: StateDigest.sha256(image.bytes), image: image.bytes,
+                               cpuidSHA256: [UInt8](repeating: 0, count: 32), hostInfo: RecordSession.hostInfo())
+        do { writer = try LogFileWriter(path: logPath, header: header) } catch { throw .log(error) }
+        do {
+            let m = try Machine(image: image, config: config, mode: .record, encoder: writer.encoder, output: output, keepTranscript: keepTranscript)
+            super.init(machine: m)
+        } catch {
+            writer.abandon()
+            throw error
+        }
+    }
+
+    static func hostInfo() -> String {
+        var u = utsname()
+        uname(&u)
+        let release = withUnsafeBytes(of: &u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        return "linux \(release)"
+    }
+
+    public func step() throws(MachineError) -> Engine.State {
+        let s = try engine.step()
+        do { try writer.flushIfNeeded() } catch { throw .log(error) }
+        return s
+    }
+
+    public func run() throws(MachineError) -> SessionResult {
+        begin()
+        var finished = false
+        defer { end(); if !finished { writer.abandon() } }
+        while true {
+            let s: Engine.State
+            do { s = try step() } catch {
+                // Keep what was recorded: the .partial log stays for inspection.
+                throw error
+            }
+            guard case .finished(let e) = s else { continue }
+            let r = try result(e, events: writer.encoder.eventCount, logBytes: 0)
+            let trailer = LogTrailer(endReason: e.endReason, exitStatus: e.exitStatus, finalExit: machine.hooks.exit,
+                                     eventCount: writer.encoder.eventCount, syncPointCount: writer.encoder.syncPointCount,
+                                     stateDigest: r.digest)
+            do { try writer.finish(trailer: trailer) } catch { throw .log(error) }
+            finished = true
+            var out = r
+            out.logBytes = writer.bytesWritten
+            return out
+        }
+    }
+}
+
+/// Reads records from a finished log file.
+final class FileRecordSource: RecordSource {
+    let reader: LogFileReader
+    init(_ reader: LogFileReader) { self.reader = reader }
+    func nextRecord() throws -> LogRecord? { try reader.next() }
+    func horizon() -> UInt64? { nil }
+}
+
+/// `lockstep replay`: re-executes a log with no real clock and no real input.
+public final class ReplaySession: Session {
+    public let reader: LogFileReader
+
+    /// `image` overrides the embedded one; it must be the recorded image.
+    public init(logPath: String, image override: [UInt8]? = nil, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
+        do { reader = try LogFileReader(path: logPath) } catch { throw .log(error) }
+        let h = reader.header
+        let bytes = override ?? h.image
+        if let o = override, StateDigest.sha256(o) != h.imageSHA256 {
+            _ = o
+            throw .config("the guest image given does not match the log: the log was recorded with image sha256 \(StateDigest.hex(h.imageSHA256)), this image is \(StateDigest.hex(StateDigest.sha256(bytes)))")
+        }
+        guard StateDigest.sha256(bytes) == h.imageSHA256 else {
+            throw .log(.corrupt(offset: 0, detail: "the embedded guest image does not match its recorded sha256"))
+        }
+        let image: PVHImage
+        do { image = try PVHImage(bytes: bytes) } catch { throw .image(error) }
+        let config = MachineConfig(memoryMiB: h.memoryMiB, interruptLatencyUs: h.interruptLatencyUs, epochSeconds: h.epochSeconds)
+        super.init(machine: try Machine(image: image, config: config, mode: .replay, source: FileRecordSource(reader),
+                                        output: output, keepTranscript: keepTranscript))
+    }
+
+    public func step() throws(MachineError) -> Engine.State { try engine.step() }
+
+    public func run() throws(MachineError) -> SessionResult {
+        begin()
+        defer { end() }
+        while true {
+            guard case .finished(let e) = try step() else { continue }
+            let r = try result(e, events: reader.trailer.eventCount, logBytes: 0)
+            let t = reader.trailer
+            if machine.hooks.exit != t.finalExit || e.endReason != t.endReason || e.exitStatus != t.exitStatus {
+                throw .divergence(Divergence(exit: machine.hooks.exit, expected: "the run to end at exit \(t.finalExit) (\(t.endReason), status \(t.exitStatus))",
+                                             found: "it ended at exit \(machine.hooks.exit) (\(e.endReason), status \(e.exitStatus))"))
+            }
+            if r.digest != t.stateDigest {
+                throw .divergence(Divergence(exit: machine.hooks.exit, expected: "state digest \(StateDigest.hex(t.stateDigest))",
+                                             found: "state digest \(r.digestHex)"))
+            }
+            return r
+        }
+    }
+}
+
+extension Ending {
+    public var endReason: EndReason {
+        switch self {
+        case .guestExit: return .guestExit
+        case .shutdown, .haltedForever: return .shutdown
+        case .stopped: return .stopped
+        }
+    }
+    public var exitStatus: UInt32 {
+        if case .guestExit(let s) = self { return UInt32(s) }
+        return 0
+    }
+}

@@ -1,0 +1,80 @@
+import CLockstep
+import EventLog
+import KVM
+
+/// Sync points: the full vCPU state plus every page dirtied since the previous one (design notes §3).
+/// Recording captures one whenever the guest was stopped at a point replay cannot find by counting exits;
+/// replay loads it instead of executing the gap. Buffers are allocated once and reused.
+final class SyncPointStore {
+    let vm: VirtualMachine
+    let memory: GuestMemory
+    let encoder: LogEncoder?
+    let msrs: [UInt32]
+    let bitmap: UnsafeMutablePointer<UInt64>
+    let pageNumbers: UnsafeMutablePointer<UInt32>
+    var pageData: UnsafeMutableRawPointer
+    var pageDataCapacity: Int
+    private(set) var captured: UInt64 = 0
+    private(set) var pagesCaptured: UInt64 = 0
+
+    init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32]) {
+        self.vm = vm; self.memory = memory; self.encoder = encoder; self.msrs = msrs
+        let words = (memory.pageCount + 63) / 64
+        bitmap = .allocate(capacity: words)
+        bitmap.initialize(repeating: 0, count: words)
+        pageNumbers = .allocate(capacity: memory.pageCount)
+        pageDataCapacity = 1 << 20
+        pageData = .allocate(byteCount: pageDataCapacity, alignment: 4096)
+    }
+
+    deinit {
+        bitmap.deallocate(); pageNumbers.deallocate(); pageData.deallocate()
+    }
+
+    /// Record side: captures and appends a sync point at the current exit.
+    func capture(vcpu: VCPU, hooks: InputHooks) throws(SysError) {
+        let state = try vcpu.captureState(msrs: msrs)
+        let n = try collectDirtyPages()
+        state.bytes.withUnsafeBytes { st in
+            encoder?.appendSyncPoint(exit: hooks.exit, signature: hooks.signature, vcpuState: st,
+                                     pageNumbers: UnsafeBufferPointer(start: pageNumbers, count: n),
+                                     pageData: UnsafeRawBufferPointer(start: pageData, count: n * 4096))
+        }
+        captured += 1
+        pagesCaptured += UInt64(n)
+    }
+
+    /// Fetches (and clears) the dirty log and copies the dirty pages out; returns how many.
+    func collectDirtyPages() throws(SysError) -> Int {
+        try vm.fetchDirtyLog(into: bitmap)
+        let n = lk_bitmap_pages(bitmap, memory.pageCount, pageNumbers, memory.pageCount)
+        if n * 4096 > pageDataCapacity {
+            pageData.deallocate()
+            pageDataCapacity = max(n * 4096, pageDataCapacity * 2)
+            pageData = .allocate(byteCount: pageDataCapacity, alignment: 4096)
+        }
+        // SAFETY: every page number comes from the bitmap of this slot, so it is < pageCount.
+        lk_gather_pages(memory.base.assumingMemoryBound(to: UInt8.self), pageNumbers, n, pageData.assumingMemoryBound(to: UInt8.self))
+        return n
+    }
+
+    /// Replay side: writes the pages and loads the vCPU state. Returns the injection readiness recorded with it.
+    func apply(_ sp: SyncPoint, vcpu: VCPU) throws -> (Bool, Bool) {
+        let limit = UInt32(memory.pageCount)
+        guard sp.pageData.count == sp.pageNumbers.count * 4096 else {
+            throw MachineError.config("sync point at exit \(sp.exit) has \(sp.pageData.count) bytes for \(sp.pageNumbers.count) pages")
+        }
+        if let bad = sp.pageNumbers.first(where: { $0 >= limit }) {
+            throw MachineError.config("sync point at exit \(sp.exit) names page \(bad), beyond RAM (\(limit) pages)")
+        }
+        sp.pageNumbers.withUnsafeBufferPointer { pn in
+            sp.pageData.withUnsafeBytes { pd in
+                // SAFETY: page numbers checked against RAM above; pd holds count * 4096 bytes.
+                lk_scatter_pages(memory.base.assumingMemoryBound(to: UInt8.self), pn.baseAddress, pn.count,
+                                 pd.baseAddress?.assumingMemoryBound(to: UInt8.self))
+            }
+        }
+        let flags = try vcpu.restoreState(VCPUState(bytes: sp.vcpuState))
+        return (flags.ready, flags.ifFlag)
+    }
+}
