@@ -196,3 +196,19 @@ struct ByteCursor {
         return Array(UnsafeRawBufferPointer(rebasing: bytes[pos..<pos + n]))
     }
 }
+
+// MARK: - typed-throws access to array bytes (Array.withUnsafeBytes rethrows `any Error`)
+
+extension Array where Element == UInt8 {
+    @inline(__always) func withBytes<R>(_ body: (UnsafeRawBufferPointer) throws(LogError) -> R) throws(LogError) -> R {
+        var result: Result<R, LogError>?
+        withUnsafeBytes { b in result = Result { () throws(LogError) -> R in try body(b) } }
+        return try result!.get()
+    }
+    @inline(__always) mutating func withMutableBytes<R>(
+        _ body: (UnsafeMutableRawBufferPointer) throws(LogError) -> R) throws(LogError) -> R {
+        var result: Result<R, LogError>?
+        withUnsafeMutableBytes { b in result = Result { () throws(LogError) -> R in try body(b) } }
+        return try result!.get()
+    }
+}
