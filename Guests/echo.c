@@ -1,0 +1,94 @@
+/* echo.c - interrupt-driven, idempotent request/reply service on COM1.
+ * Why: the failover test drives this from outside.  A client retries after a failover, so a
+ * request whose seq was already answered must get the byte-identical cached reply, never a
+ * second different one.  RX is IRQ4-driven (FIFO on, trigger 1) and the vCPU sleeps in
+ * sti;hlt while idle, with a 100 Hz PIT tick running to exercise interrupts while idle.
+ *
+ * Protocol (one line each, '\n' terminated, '\r' ignored):
+ *   PING              -> PONG
+ *   REQ <seq> <text>  -> REP <seq> <n> <hash16>
+ *        n = distinct requests processed so far (this one included);
+ *        hash16 = FNV-1a 64 chained over every distinct request line ("REQ <seq> <text>"
+ *        followed by '\n'), printed as 16 hex digits.
+ *        A seq found among the last 256 distinct requests gets its cached reply resent.
+ *   QUIT              -> RESULT echo <hash16>, exit 0
+ *   anything else     -> ERR <reason> */
+#include "lk.h"
+
+#define MAXLINE 200
+#define CACHE 256
+#define REPLY_MAX 64
+
+struct cached { uint64_t seq; uint8_t len; char text[REPLY_MAX]; };
+static struct cached cache[CACHE];          /* ring in insertion order */
+static uint64_t cache_count;                /* distinct requests == n */
+static uint64_t max_seq;
+static uint64_t hash = FNV_OFFSET;
+
+static char line[MAXLINE + 1];
+static size_t len;
+static int overflow;
+
+static void reply(const char *s, size_t n) { serial_write(s, n); }
+
+static const struct cached *lookup(uint64_t seq) {
+    if (cache_count == 0 || seq > max_seq) return NULL;    /* fast path: certainly new */
+    uint64_t n = cache_count < CACHE ? cache_count : CACHE;
+    for (uint64_t i = 0; i < n; i++) {
+        const struct cached *c = &cache[(cache_count - 1 - i) % CACHE];   /* newest first */
+        if (c->seq == seq) return c;
+    }
+    return NULL;
+}
+
+static void handle_req(const char *p, size_t n) {
+    /* p points after "REQ ", n bytes remain */
+    uint64_t seq = 0; size_t i = 0;
+    while (i < n && p[i] >= '0' && p[i] <= '9' && i < 19) seq = seq * 10 + (uint64_t)(p[i++] - '0');
+    if (i == 0 || (i < n && p[i] != ' ')) { reply("ERR bad-seq\n", 12); return; }
+    const struct cached *c = lookup(seq);
+    if (c) { reply(c->text, c->len); return; }             /* retry: identical answer */
+    hash = fnv1a(fnv1a(hash, line, len), "\n", 1);
+    struct cached *e = &cache[cache_count % CACHE];
+    cache_count++;
+    if (seq > max_seq) max_seq = seq;
+    e->seq = seq;
+    e->len = (uint8_t)lk_format(e->text, REPLY_MAX, "REP %lu %lu %016lx\n", seq, cache_count, hash);
+    reply(e->text, e->len);
+}
+
+static int starts(const char *pfx) {
+    size_t k = strlen(pfx);
+    return len >= k && memcmp(line, pfx, k) == 0;
+}
+
+static void handle_line(void) {
+    if (len == 4 && starts("PING")) { reply("PONG\n", 5); return; }
+    if (len == 4 && starts("QUIT")) {
+        kprintf("echo: %lu distinct requests, ticks=%lu\n", cache_count, lk_ticks);
+        lk_result_hex("echo", hash, 0);
+    }
+    if (starts("REQ ")) { handle_req(line + 4, len - 4); return; }
+    if (len == 0) return;
+    reply("ERR unknown\n", 12);
+}
+
+void kmain(void) {
+    serial_init(1);                         /* re-init with the RX interrupt on */
+    tick_start(100, NULL);
+    kprintf("READY\n");
+    for (;;) {
+        cli();
+        int c = serial_getc();
+        if (c < 0) { sti_hlt(); continue; } /* checked with IF=0: no lost wakeup */
+        sti();
+        if (c == '\r') continue;
+        if (c == '\n') {
+            if (overflow) reply("ERR too-long\n", 13);
+            else { line[len] = 0; handle_line(); }
+            len = 0; overflow = 0;
+            continue;
+        }
+        if (len < MAXLINE) line[len++] = (char)c; else overflow = 1;
+    }
+}
