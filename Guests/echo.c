@@ -80,7 +80,11 @@ void kmain(void) {
     for (;;) {
         cli();
         int c = serial_getc();
-        if (c < 0) { sti_hlt(); continue; } /* checked with IF=0: no lost wakeup */
+        if (c < 0) {                        /* checked with IF=0: no lost wakeup */
+            serial_rx_poll();               /* bytes left in the FIFO when the ring was full */
+            c = serial_getc();
+            if (c < 0) { sti_hlt(); continue; }
+        }
         sti();
         if (c == '\r') continue;
         if (c == '\n') {

@@ -109,14 +109,19 @@ void uprintf(const char *fmt, ...) {
 static volatile uint8_t rx_ring[256];
 static volatile uint8_t rx_head, rx_tail;   /* head: written by IRQ, tail: by reader */
 
-/* IRQ4: drain everything the UART holds (FIFO), keep the handler short. A full ring drops. */
-static void serial_rx_irq(struct lk_frame *f) {
-    (void)f;
-    while (inb(COM1 + UART_LSR) & LSR_DR) {
-        uint8_t c = inb(COM1 + UART_RBR);
-        if ((uint8_t)(rx_head + 1) != rx_tail) { rx_ring[rx_head] = c; rx_head++; }
+/* Move bytes from the UART FIFO into the ring, but only while the ring has room: bytes left
+ * in the FIFO give the sender back-pressure instead of being dropped.
+ * SAFETY: the 8259 is edge-triggered, so if the ring was full when IRQ4 ran, the UART line
+ * stays high and no new IRQ comes; the reader must call this again (with IF=0) once it has
+ * emptied the ring and before it sleeps, which drains the FIFO and re-arms the edge. */
+void serial_rx_poll(void) {
+    while ((uint8_t)(rx_head + 1) != rx_tail && (inb(COM1 + UART_LSR) & LSR_DR)) {
+        rx_ring[rx_head] = inb(COM1 + UART_RBR);
+        rx_head++;
     }
 }
+
+static void serial_rx_irq(struct lk_frame *f) { (void)f; serial_rx_poll(); }
 
 void serial_init(int rx_irq) {
     outb(COM1 + UART_IER, 0);
