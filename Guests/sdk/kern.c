@@ -161,7 +161,15 @@ void lk_trap(struct lk_frame *f) {
         pic_eoi(irq);
         return;
     }
-    if (v == 0x80) { f->rax = do_syscall(f); return; }
+    if (v == LK_SYSCALL_VECTOR) { f->rax = do_syscall(f); return; }
+    /* PVM runs ring 3 natively and raises #UD for any `int n` there (SYSCALL does not reach
+     * CPL 0 either), so a #UD on the `int $0x81` bytes (CD 81) is that same syscall. */
+    if (v == 6 && frame_from_user(f) && *(const volatile uint8_t *)f->rip == 0xCD &&
+        *(const volatile uint8_t *)(f->rip + 1) == LK_SYSCALL_VECTOR) {
+        f->rip += 2;
+        f->rax = do_syscall(f);
+        return;
+    }
     uint64_t cr2 = 0;
     if (v == 14) __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
     kprintf("EXCEPTION vector=%lu error=%lx rip=%lx cs=%lx rsp=%lx cr2=%lx%s\n", v, f->error,

@@ -2,7 +2,7 @@
  * Why: guests must be tiny, freestanding and deterministic so the VMM can record/replay them
  * and compare a digest.  Ring-0 code is emulated under PVM (~1.4 us/instr), so helpers here
  * favour few instructions; measured compute runs in ring 3 (lk_user_run) and talks to the
- * kernel through int $0x80.  See docs/guests.md. */
+ * kernel through int $0x81.  See docs/guests.md. */
 #ifndef LK_H
 #define LK_H
 
@@ -93,6 +93,7 @@ extern volatile uint64_t lk_ticks;
 void tick_start(uint32_t hz, lk_irq_fn hook);   /* pit_init + irq_set(0) + unmask */
 
 /* ---------- ring 3 ---------- */
+#define LK_SYSCALL_VECTOR 0x81 /* int $0x81; see kern.c for PVM */
 #define SYS_WRITE 0   /* (buf, len) -> len */
 #define SYS_EXIT  1   /* (status): lk_user_run returns status (IF=0) */
 #define SYS_TICKS 2   /* () -> lk_ticks */
@@ -103,7 +104,7 @@ extern uint8_t lk_user_stack[];          /* 64 KiB default user stack */
 
 static inline uint64_t syscall3(uint64_t n, uint64_t a, uint64_t b, uint64_t c) {
     uint64_t r;
-    __asm__ volatile("int $0x80" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "memory");
+    __asm__ volatile("int $0x81" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "memory");
     return r;
 }
 static inline void sys_write(const char *s, size_t n) { syscall3(SYS_WRITE, (uint64_t)s, n, 0); }

@@ -153,7 +153,7 @@ lk_user_return:
 lk_user_exit_tramp:
         movl    $1, %eax                /* SYS_EXIT */
         xorl    %edi, %edi
-        int     $0x80
+        int     $0x81
         ud2
 
 /* ---------- data: GDT, IDT, TSS, page tables (all initialised, nothing built at run time) ---------- */
@@ -174,7 +174,7 @@ gdt_ptr:
         .quad gdt                       /* lgdt in 32-bit mode reads the low 4 bytes only */
 
 /* IDT: interrupt gates (IF cleared on entry) to stub i at 0x100000 + 16*i, DPL0, except
- * vector 0x80 (syscall) which is DPL3 so ring 3 may `int $0x80`. */
+ * vector 0x81 (syscall) which is DPL3 so ring 3 may `int $0x81`. */
         .p2align 4
 idt:
         .set vec, 0
@@ -182,7 +182,7 @@ idt:
         .word 0x0000 + 16 * vec         /* offset 15:0 (stubs at 0x100000, linker asserts) */
         .word KCODE
         .byte 0                         /* IST */
-        .if vec == 0x80
+        .if vec == 0x81
         .byte 0xEE                      /* present, DPL3, 64-bit interrupt gate */
         .else
         .byte 0x8E                      /* present, DPL0, 64-bit interrupt gate */

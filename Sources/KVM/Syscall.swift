@@ -39,10 +39,12 @@ public enum Sys {
     @inline(__always)
     public static func ioctl<T>(_ fd: Int32, _ request: UInt, _ value: inout T, _ name: String) throws(SysError) -> Int {
         // SAFETY: the pointer is only used for the duration of the ioctl, which reads or fills exactly one T.
-        let r = withUnsafeMutablePointer(to: &value) { p in
-            Result<Int, SysError> { () throws(SysError) -> Int in try ioctl(fd, request, UnsafeMutableRawPointer(p), name) }
+        let r = withUnsafeMutablePointer(to: &value) { p -> Int in
+            if let h = handler { return h.ioctl(fd: fd, request: request, arg: UnsafeMutableRawPointer(p), name: name) }
+            return lk_ioctl(fd, request, UnsafeMutableRawPointer(p))
         }
-        return try r.get()
+        if r < 0 { throw SysError(name, errno: Int32(-r)) }
+        return r
     }
 
     public static func open(_ path: String, _ flags: Int32) throws(SysError) -> Int32 {

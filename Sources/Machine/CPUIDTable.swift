@@ -1,3 +1,4 @@
+import CLockstep
 import KVM
 
 /// The CPUID table every Lockstep guest sees: the host's supported leaves clamped to a fixed baseline,

@@ -1,3 +1,4 @@
+import CLockstep
 import CCapstone
 import KVM
 

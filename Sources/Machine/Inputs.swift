@@ -38,6 +38,8 @@ public final class InputHooks: DeviceInputs {
     /// The first mismatch seen inside a device callback (which cannot throw); the engine checks it after each exit.
     public internal(set) var divergence: Divergence?
     public internal(set) var sourceError: Error?
+    /// Sees every record as replay consumes it (`lockstep log inspect`); nil otherwise.
+    public var observer: ((LogRecord) -> Void)?
 
     // The replay cursor: the next record, read ahead by one.
     private var pending: LogRecord?
@@ -120,7 +122,10 @@ public final class InputHooks: DeviceInputs {
         return s
     }
 
-    func consumeSyncPoint() { advanceCursor() }
+    func consumeSyncPoint() {
+        if let observer, let p = pending { observer(p) }
+        advanceCursor()
+    }
 
     /// Whether any record remains at this exit (HLT in replay waits on these).
     var hasPendingAtExit: Bool { pendingExit == exit }
@@ -140,6 +145,7 @@ public final class InputHooks: DeviceInputs {
             fail(expected: "\(kind) at \(e.signature)", found: "\(signature)")
             return nil
         }
+        if let observer { observer(.event(e)) }
         advanceCursor()
         return e.value
     }

@@ -61,7 +61,7 @@ public final class Machine {
         lk_run_enable_sync_regs(vcpu.run)
         hooks = InputHooks(mode: mode, epochSeconds: config.epochSeconds, encoder: encoder, source: source)
         sink = UARTSink(hooks: hooks, output: output, keepTranscript: keepTranscript)
-        devices = DeviceSet(inputs: hooks, serial: sink, memoryBytes: memory.size)
+        devices = DeviceSet(inputs: hooks, serial: sink, ramSize: memory.size)
         pacer = mode == .replay ? nil : Pacer(latencyMicroseconds: config.interruptLatencyUs)
         syncPoints = mode == .run ? nil : SyncPointStore(vm: vm, memory: memory, encoder: encoder, msrs: vcpu.readableMSRs())
         self.output = output

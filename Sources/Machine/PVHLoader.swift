@@ -1,3 +1,4 @@
+import CLockstep
 import KVM
 
 /// Why a guest image cannot be booted. Each case names the problem.
@@ -108,11 +109,10 @@ public enum PVHLoader {
             guard s.paddr >= holeEnd || s.paddr + s.memSize <= holeStart, s.paddr >= 0x8000 || s.paddr + s.memSize <= startInfoAddress else {
                 throw .malformed("segment at 0x\(String(s.paddr, radix: 16)) overlaps the boot area or the legacy hole")
             }
-            do {
-                try image.bytes.withUnsafeBytes { (raw) throws(MemoryError) in
-                    try mem.write(UnsafeRawBufferPointer(rebasing: raw[s.fileOffset..<s.fileOffset + s.fileSize]), at: s.paddr)
-                }
-            } catch { throw .doesNotFit(segmentEnd: s.paddr + s.memSize, memory: mem.size) }
+            let ok = image.bytes.withUnsafeBytes { raw in
+                (try? mem.write(UnsafeRawBufferPointer(rebasing: raw[s.fileOffset..<s.fileOffset + s.fileSize]), at: s.paddr)) != nil
+            }
+            guard ok else { throw .doesNotFit(segmentEnd: s.paddr + s.memSize, memory: mem.size) }
             // RAM starts zeroed (anonymous mapping), so the BSS needs no clearing.
         }
         // E820 map: low RAM, legacy hole, RAM above 1 MiB.

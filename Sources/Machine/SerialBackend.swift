@@ -80,7 +80,7 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
         guard inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host, &addr.sin_addr) == 1 else {
             throw .config("serial backend: '\(host)' is not an IPv4 address")
         }
-        let fd = socket(AF_INET, Int32(type.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let fd = socket(AF_INET, type | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw .config("serial backend: socket: \(String(cString: strerror(errno)))") }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -94,7 +94,7 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
     }
 
     static func bind(host: String, port: UInt16, type: __socket_type) throws(MachineError) -> Int32 {
-        try bind(host: host, port: port, type: Int32(type.rawValue))
+        try bind(host: host, port: port, type: Int32(bitPattern: type.rawValue))
     }
 
     /// Starts the input thread feeding `queue`.
@@ -116,7 +116,7 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
             }
         case .tcp:
             while true {
-                let c = accept4(listenFD, nil, nil, Int32(SOCK_CLOEXEC.rawValue))
+                let c = accept(listenFD, nil, nil)
                 if c < 0 { if errno == EINTR { continue }; return }
                 var one: Int32 = 1
                 setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))

@@ -1,1 +1,153 @@
-@main struct Main { static func main() {} }
+import ArgumentParser
+import Foundation
+import Machine
+
+@main
+struct Lockstep: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "lockstep",
+        abstract: "Fault-tolerant KVM virtual machines: record, replay, and a live lockstep pair.",
+        discussion: ExitStatus.documentation,
+        subcommands: [RunCommand.self, RecordCommand.self, ReplayCommand.self, LogCommand.self, BenchCommand.self])
+}
+
+/// Exit statuses. A guest that ends through isa-debug-exit passes its own value through (0-255);
+/// engine failures use these, in the sysexits range.
+enum ExitStatus: Int32 {
+    case usage = 64          // bad command line
+    case badInput = 65       // bad guest image, corrupt/truncated/wrong-version log, image/log mismatch
+    case kvmUnavailable = 69 // /dev/kvm missing or not permitted
+    case internalError = 70  // an unexpected KVM failure
+    case guestCrashed = 71   // triple fault, cli;hlt, KVM emulation failure
+    case divergence = 72     // replay does not match its log
+    case ioError = 74        // disk full, unwritable log, serial backend failure
+
+    static let documentation = """
+    Exit status: the guest's own value when it writes to port 0xF4; otherwise 64 usage, 65 bad input \
+    (image or log), 69 KVM unavailable, 70 internal error, 71 guest crashed, 72 replay divergence, 74 I/O error.
+    """
+}
+
+func fail(_ message: String, _ status: ExitStatus) -> ExitCode {
+    FileHandle.standardError.write(Data("lockstep: error: \(message)\n".utf8))
+    return ExitCode(status.rawValue)
+}
+
+/// Maps an engine error to its message and exit status.
+func engineExit(_ error: MachineError) -> ExitCode {
+    switch error {
+    case .kvm(let k):
+        if case .unavailable = k { return fail(k.description, .kvmUnavailable) }
+        return fail(k.description, .internalError)
+    case .image(let e): return fail(e.description, .badInput)
+    case .log(let e):
+        if case .io = e { return fail(e.description, .ioError) }
+        return fail(e.description, .badInput)
+    case .divergence(let d): return fail(d.description, .divergence)
+    case .guestFault(let s): return fail(s, .guestCrashed)
+    case .sys(let e): return fail("KVM call failed: \(e)", .internalError)
+    case .config(let s): return fail(s, .usage)
+    }
+}
+
+func stderr(_ s: String) { FileHandle.standardError.write(Data((s + "\n").utf8)) }
+
+/// Reports how a run ended and returns the process exit code.
+func finish(_ r: SessionResult, verbose: Bool) -> ExitCode {
+    if verbose {
+        let ms = Double(r.elapsedNs) / 1e6
+        stderr("lockstep: \(r.exits) exits, \(r.events) events, \(r.syncPoints) sync points (\(r.syncPointPages) pages), \(r.kicks) kicks in \(String(format: "%.1f", ms)) ms" + (r.logBytes > 0 ? ", log \(r.logBytes) bytes" : ""))
+    }
+    var status: Int32 = 0
+    switch r.ending {
+    case .guestExit(let s): status = Int32(s)
+    case .shutdown(let why): stderr("lockstep: guest stopped: \(why)"); status = ExitStatus.guestCrashed.rawValue
+    case .haltedForever: stderr("lockstep: guest halted with interrupts disabled (cli; hlt): it can never wake"); status = ExitStatus.guestCrashed.rawValue
+    case .stopped: stderr("lockstep: stopped")
+    }
+    stderr("state-digest: \(r.digestHex)")
+    return ExitCode(status)
+}
+
+func loadImage(_ path: String) throws(MachineError) -> PVHImage {
+    let bytes: [UInt8]
+    do { bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path))) } catch {
+        throw .image(.unreadable(path: path, detail: (error as NSError).localizedDescription))
+    }
+    do { return try PVHImage(bytes: bytes) } catch { throw .image(error) }
+}
+
+struct MachineOptions: ParsableArguments {
+    @Option(name: .long, help: "Guest RAM in MiB.") var memory: UInt32 = 256
+    @Option(name: .long, help: "Serial backend: stdio, file:PATH, tcp:HOST:PORT, udp:HOST:PORT, none.") var serial: String = "stdio"
+    @Flag(name: .long, help: "Print run statistics.") var verbose = false
+}
+
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "run", abstract: "Run a guest unprotected.")
+    @Argument(help: "PVH ELF guest image.") var guest: String
+    @OptionGroup var options: MachineOptions
+    @Option(name: .long, help: "Kick a running guest when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
+
+    func run() throws {
+        do {
+            let image = try loadImage(guest)
+            let backend = try SerialBackend(try SerialSpec.parse(options.serial))
+            let s = try RunSession(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs), output: backend)
+            s.machine.hasInputBackend = backend.hasInput
+            backend.startInput(into: s.machine.input)
+            let r = try s.run()
+            backend.close()
+            throw finish(r, verbose: options.verbose)
+        } catch let e as MachineError { throw engineExit(e) }
+    }
+}
+
+struct RecordCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "record", abstract: "Run a guest and write its event log.")
+    @Argument(help: "PVH ELF guest image.") var guest: String
+    @Option(name: .long, help: "Where to write the log (written as LOG.partial, renamed when complete).") var log: String
+    @OptionGroup var options: MachineOptions
+    @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
+
+    func run() throws {
+        do {
+            let image = try loadImage(guest)
+            let backend = try SerialBackend(try SerialSpec.parse(options.serial))
+            let s = try RecordSession(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs),
+                                      logPath: log, output: backend)
+            s.machine.hasInputBackend = backend.hasInput
+            backend.startInput(into: s.machine.input)
+            let r = try s.run()
+            backend.close()
+            throw finish(r, verbose: options.verbose)
+        } catch let e as MachineError { throw engineExit(e) }
+    }
+}
+
+struct ReplayCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "replay", abstract: "Re-execute a guest from its log, with no real clock and no real input.")
+    @Argument(help: "The event log.") var log: String
+    @Argument(help: "The guest image (optional: the log embeds it; if given it must match).") var guest: String?
+    @Option(name: .long, help: "Serial backend for the reproduced output.") var serial: String = "stdio"
+    @Flag(name: .long, help: "Print run statistics.") var verbose = false
+
+    func run() throws {
+        do {
+            var override: [UInt8]?
+            if let g = guest { override = try loadImage(g).bytes }
+            let backend = try SerialBackend(try SerialSpec.parse(serial))
+            let s = try ReplaySession(logPath: log, image: override, output: backend)
+            let r = try s.run()
+            backend.close()
+            throw finish(r, verbose: verbose)
+        } catch let e as MachineError {
+            if case .divergence = e { stderr("lockstep: replay diverged from the log") }
+            throw engineExit(e)
+        }
+    }
+}
+
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "bench", abstract: "Benchmarks (see Benchmarks/).", subcommands: [])
+}
