@@ -130,19 +130,36 @@ public final class Engine {
 
     /// Injects the PIC's pending interrupt when the vCPU can take it, else asks for a window.
     @inline(__always) private func deliverInterrupt() {
+        if hooks.mode == .replay { replayInterrupt(); return }
         guard devices.pic.interruptPending else { return }
+        // Record/run: inject when KVM says the vCPU can take it, else ask for a window.
         if ready {
             let vector = devices.pic.acknowledge()
             hooks.injected(vector)
             if windowRequested { windowRequested = false; vcpu.requestInterruptWindow(false) }
             ready = false
-            // In replay, a sync point right after the injection already contains its effect.
-            if hooks.mode == .replay, hooks.pendingSyncPoint() != nil { return }
             do { try vcpu.inject(vector: vector) } catch { hooks.fail(expected: "KVM_INTERRUPT to succeed", found: error.description) }
         } else if !windowRequested {
             windowRequested = true
             hooks.windowRequested()
-            if hooks.mode != .replay { vcpu.requestInterruptWindow(true) }
+            vcpu.requestInterruptWindow(true)
+        }
+    }
+
+    /// Replay does what the log says at this exit rather than recomputing readiness: KVM's
+    /// ready_for_interrupt_injection is not a pure function of guest state on every KVM (PVM reports it
+    /// differently when no window was requested). The vector is still checked against the PIC.
+    @inline(__always) private func replayInterrupt() {
+        if hooks.pendingIs(.inject) {
+            let vector = devices.pic.interruptPending ? devices.pic.acknowledge() : 0
+            hooks.injected(vector)
+            windowRequested = false
+            ready = false
+            if hooks.pendingSyncPoint() != nil { return }
+            do { try vcpu.inject(vector: vector) } catch { hooks.fail(expected: "KVM_INTERRUPT to succeed", found: error.description) }
+        } else if hooks.pendingIs(.window) {
+            hooks.windowRequested()
+            windowRequested = true
         }
     }
 
