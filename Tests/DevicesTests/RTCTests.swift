@@ -132,6 +132,17 @@ func setCMOS(_ r: RTC, _ i: UInt8, _ v: UInt8) { r.out8(0x70, i); r.out8(0x71, v
         #expect(r.in8(0x70) == 0xFF)
     }
 
+    @Test func garbageGuestTimeDoesNotTrap() {
+        let (r, t, _) = makeRTC()
+        setCMOS(r, 0x0B, 0x82)
+        setCMOS(r, 0x32, 0x19); setCMOS(r, 0x09, 0x69); setCMOS(r, 0x08, 0xFF); setCMOS(r, 0x04, 0xFF)
+        setCMOS(r, 0x0B, 0x02)
+        t.time = 1_000_000_000
+        #expect(cmos(r, 0x32) == 0x19 && cmos(r, 0x09) == 0x70)  // clamped to 1970
+        setCMOS(r, 0x0B, 0x06)
+        #expect(cmos(r, 0x32) == 19)
+    }
+
     @Test func stateErrors() {
         let (r, _, _) = makeRTC()
         #expect(truncatedFails(r, makeRTC().0, name: "RTC"))
