@@ -32,6 +32,9 @@ public final class Connection: @unchecked Sendable {
     private var rend = 0
     private var opener: GCMDirection?
 
+    /// Protocol version this side speaks (set by the handshake).
+    var localVersion: UInt16 = ChannelConfig.currentVersion
+
     /// Test hook: sees each outgoing frame's bytes (header + body) after CRC, before the write.
     var testHookBeforeWrite: ((UnsafeMutableRawBufferPointer) -> Void)?
 
@@ -220,7 +223,7 @@ public final class Connection: @unchecked Sendable {
                 let (code, detail, text) = f.decodeError()
                 switch code {
                 case .authenticationFailed: throw ChannelError.authenticationFailed
-                case .versionMismatch: throw ChannelError.versionMismatch(local: session?.protocolVersion ?? ChannelConfig.currentVersion, remote: detail)
+                case .versionMismatch: throw ChannelError.versionMismatch(local: localVersion, remote: detail)
                 case .encryptionRefused: throw ChannelError.encryptionRefused(text)
                 default: throw ChannelError.peerError(code: code, message: text)
                 }

@@ -122,6 +122,7 @@ extension Connection {
         guard config.payload.count <= Int(FrameLayout.maxHelloPayload) else {
             throw ChannelError.frameTooLarge(type: .hello, length: UInt32(clamping: config.payload.count), limit: FrameLayout.maxHelloPayload)
         }
+        localVersion = config.protocolVersion
         let deadline = SocketOps.monotonicMs() + Int64(config.handshakeTimeoutMs)
         func remaining() -> Int { Int(max(0, deadline - SocketOps.monotonicMs())) }
         let mine = Hello(version: config.protocolVersion, role: config.role, mode: config.encryption,
