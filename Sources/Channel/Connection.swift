@@ -201,13 +201,6 @@ public final class Connection: @unchecked Sendable {
                 throw ChannelError.peerClosed(midFrame: false)
             }
         }
-        if scap > 4 * Connection.initialBuffer && slen < Connection.initialBuffer {
-            // A giant batch grew the buffer; keep it (reuse) unless it is far larger than needed.
-            if scap > Int(FrameLayout.maxBulkPayload) {
-                sbuf.deallocate(); scap = Connection.initialBuffer
-                sbuf = .allocate(byteCount: scap, alignment: 16)
-            }
-        }
     }
 
     // MARK: receive
