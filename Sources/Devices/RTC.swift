@@ -81,7 +81,9 @@ public final class RTC: PortDevice, TimedDevice, StatefulDevice {
     }
 
     // Register encoding in the guest's chosen format.
-    @inline(__always) func enc(_ v: Int) -> UInt8 { binary ? UInt8(v) : UInt8((v / 10) << 4 | v % 10) }
+    @inline(__always) func enc(_ v: Int) -> UInt8 {
+        binary ? UInt8(truncatingIfNeeded: v) : UInt8(truncatingIfNeeded: (v / 10 % 10) << 4 | v % 10)
+    }
     @inline(__always) func dec(_ b: UInt8) -> Int { binary ? Int(b) : Int(b >> 4) * 10 + Int(b & 0x0F) }
 
     func encHour(_ h: Int) -> UInt8 {
@@ -143,7 +145,8 @@ public final class RTC: PortDevice, TimedDevice, StatefulDevice {
 
     /// Re-bases the clock so the time in the registers starts at monotonic time `t`.
     func adoptRegisters(at t: UInt64) {
-        let wanted = registersToSeconds() &* Int64(RTC.second)
+        // The model counts from 1970; earlier guest dates are clamped rather than wrapped.
+        let wanted = max(registersToSeconds(), 0) &* Int64(RTC.second)
         offset = wanted &- Int64(bitPattern: epochNs &+ t)
         lastEval = rtcNs(t)
     }

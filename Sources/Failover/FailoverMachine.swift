@@ -1,0 +1,176 @@
+/// States of one side of the pair (raw values are stable; 0 is invalid).
+public enum FailoverState: UInt8, Sendable, Equatable, CaseIterable {
+    /// Primary running without a secondary (holds the fence). Outputs are not gated.
+    case primaryUnprotected = 1
+    /// Primary seeding a new secondary (outputs gated from here on).
+    case primarySyncing = 2
+    /// Primary in lockstep with a secondary.
+    case primaryProtected = 3
+    /// Secondary waiting for / handshaking with a primary.
+    case secondaryConnecting = 4
+    /// Secondary receiving the seed; it has no complete state yet and can never go live from here.
+    case secondarySeeding = 5
+    /// Secondary replaying the primary's log.
+    case secondaryReplaying = 6
+    /// Secondary lost the primary and is trying to take the fence.
+    case secondaryFencing = 7
+    /// Was a secondary, won the fence, and now runs as an (unprotected) primary.
+    case live = 8
+    /// Lost the fence: must never go live. Terminal.
+    case fenced = 9
+    /// Stopped (guest exited, operator, or nothing to go live with). Terminal.
+    case stopped = 10
+
+    public var isPrimarySide: Bool { [.primaryUnprotected, .primarySyncing, .primaryProtected, .live].contains(self) }
+    public var isSecondarySide: Bool { [.secondaryConnecting, .secondarySeeding, .secondaryReplaying, .secondaryFencing].contains(self) }
+    public var isTerminal: Bool { self == .fenced || self == .stopped }
+    /// Whether a secondary is attached whose acks gate outputs.
+    public var gatesOutput: Bool { self == .primarySyncing || self == .primaryProtected }
+}
+
+public enum FailoverEvent: Sendable, Equatable {
+    /// TCP link up (handshake pending).
+    case connected
+    /// Handshake succeeded (authenticated, versions agree).
+    case handshakeOK
+    /// Seeding finished: primary side — the secondary holds the migrated state; secondary side — it has it.
+    case seedComplete
+    case heartbeatReceived
+    case logReceived
+    /// The peer said goodbye (orderly stop: the guest exited or the operator stopped it).
+    case peerGoodbye
+    /// No traffic from the peer for `ms`.
+    case peerSilent(ms: UInt64)
+    case channelError(String)
+    case fenceAcquired(generation: UInt64)
+    case fenceDenied(holder: String)
+    case guestExited
+    case operatorStop
+
+    /// One representative of every case (for exhaustive tests).
+    public static let representatives: [FailoverEvent] = [
+        .connected, .handshakeOK, .seedComplete, .heartbeatReceived, .logReceived, .peerGoodbye,
+        .peerSilent(ms: 10), .peerSilent(ms: 1000), .channelError("reset"), .fenceAcquired(generation: 7),
+        .fenceDenied(holder: "hostA pid 1"), .guestExited, .operatorStop,
+    ]
+}
+
+public enum FailoverAction: Sendable, Equatable {
+    /// Release every output held for acks (the secondary is gone or no longer needed).
+    case releaseGatedOutput
+    /// Start seeding the new secondary and gate outputs on its acks.
+    case startProtection
+    /// Continue without a secondary (warns).
+    case dropProtection
+    /// Try the fence (test-and-set).
+    case acquireFence
+    /// Replay every received entry, then switch devices from replay to live.
+    case drainLogAndGoLive
+    /// Take over the service address.
+    case bindServiceAddress
+    case stop(reason: String)
+    /// Listen for a new secondary (re-protection).
+    case acceptNewSecondary
+    case logWarning(String)
+
+    /// Actions only a secondary may perform.
+    public var isSecondaryAction: Bool {
+        switch self { case .acquireFence, .drainLogAndGoLive: true; default: false }
+    }
+}
+
+/// The failover logic as a pure state machine: `state + event -> (state, [action])`. No I/O.
+///
+/// Preconditions (held by the caller): a primary starts in `primaryUnprotected` only after it
+/// took the fence, and holds it for its lifetime; a secondary starts in `secondaryConnecting`.
+public struct FailoverMachine: Sendable, Equatable {
+    public private(set) var state: FailoverState
+    /// Silence shorter than this is not a failure (the heartbeat monitor normally decides).
+    public let silenceThresholdMs: UInt64
+
+    public init(state: FailoverState, silenceThresholdMs: UInt64 = 50) {
+        self.state = state
+        self.silenceThresholdMs = silenceThresholdMs
+    }
+
+    public static func primary() -> FailoverMachine { FailoverMachine(state: .primaryUnprotected) }
+    public static func secondary() -> FailoverMachine { FailoverMachine(state: .secondaryConnecting) }
+
+    @discardableResult
+    public mutating func handle(_ event: FailoverEvent) -> [FailoverAction] {
+        let (s, a) = FailoverMachine.transition(state, event, silenceThresholdMs: silenceThresholdMs)
+        state = s
+        return a
+    }
+
+    /// The whole transition table. Pairs not listed leave the state unchanged with no actions.
+    public static func transition(_ state: FailoverState, _ event: FailoverEvent, silenceThresholdMs: UInt64 = 50)
+        -> (FailoverState, [FailoverAction])
+    {
+        let lostPeer: Bool
+        switch event {
+        case .peerSilent(let ms): lostPeer = ms >= silenceThresholdMs
+        case .channelError: lostPeer = true
+        default: lostPeer = false
+        }
+        let reason: String
+        switch event {
+        case .peerSilent(let ms): reason = "peer silent for \(ms) ms"
+        case .channelError(let e): reason = "channel error: \(e)"
+        default: reason = "\(event)"
+        }
+
+        switch (state, event) {
+        // Terminal states absorb everything.
+        case (.fenced, _), (.stopped, _):
+            return (state, [])
+
+        // Stopping is always possible and always releases held output first on a primary.
+        case (_, .operatorStop):
+            return (.stopped, state.gatesOutput ? [.releaseGatedOutput, .stop(reason: "operator stop")] : [.stop(reason: "operator stop")])
+        case (_, .guestExited) where state.isPrimarySide:
+            return (.stopped, state.gatesOutput ? [.releaseGatedOutput, .stop(reason: "guest exited")] : [.stop(reason: "guest exited")])
+        case (_, .guestExited):
+            return (.stopped, [.stop(reason: "replayed guest exited")])
+
+        // Primary side (including a secondary that went live).
+        case (.primaryUnprotected, .handshakeOK), (.live, .handshakeOK):
+            return (.primarySyncing, [.startProtection])
+        case (.primarySyncing, .seedComplete):
+            return (.primaryProtected, [])
+        case (.primarySyncing, _), (.primaryProtected, _):
+            if lostPeer || event == .peerGoodbye {
+                return (.primaryUnprotected, [.releaseGatedOutput, .dropProtection,
+                                              .logWarning("secondary lost (\(reason)); continuing unprotected"), .acceptNewSecondary])
+            }
+            if event == .logReceived {
+                return (state, [.logWarning("log frame received by a primary; ignored")])
+            }
+            return (state, [])
+
+        // Secondary side.
+        case (.secondaryConnecting, .handshakeOK):
+            return (.secondarySeeding, [])
+        case (.secondaryConnecting, _) where lostPeer:
+            return (.secondaryConnecting, [.logWarning("no primary yet (\(reason)); retrying")])
+        case (.secondarySeeding, .seedComplete):
+            return (.secondaryReplaying, [])
+        case (.secondarySeeding, _) where lostPeer || event == .peerGoodbye:
+            // Without a complete seed there is nothing to go live with.
+            return (.stopped, [.stop(reason: "primary lost during seeding (\(reason)); nothing to go live with")])
+        case (.secondaryReplaying, .peerGoodbye):
+            return (.stopped, [.stop(reason: "primary stopped in an orderly way")])
+        case (.secondaryReplaying, _) where lostPeer:
+            return (.secondaryFencing, [.logWarning("primary presumed failed (\(reason)); taking the fence"), .acquireFence])
+        case (.secondaryFencing, .fenceAcquired(let g)):
+            return (.live, [.drainLogAndGoLive, .bindServiceAddress,
+                            .logWarning("went live with fence generation \(g); unprotected"), .acceptNewSecondary])
+        case (.secondaryFencing, .fenceDenied(let holder)):
+            return (.fenced, [.stop(reason: "fence held by \(holder); the primary is alive, not going live")])
+
+        // Spurious fence results outside fencing never change anything.
+        default:
+            return (state, [])
+        }
+    }
+}

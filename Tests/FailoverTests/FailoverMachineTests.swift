@@ -1,0 +1,163 @@
+import Testing
+@testable import Failover
+
+typealias S = FailoverState
+
+/// Index of each representative event (FailoverEvent.representatives order).
+let E = FailoverEvent.representatives
+let evConnected = 0, evHandshake = 1, evSeed = 2, evHeartbeat = 3, evLog = 4, evGoodbye = 5,
+    evShortSilence = 6, evSilence = 7, evChannelError = 8, evFenceOK = 9, evFenceDenied = 10,
+    evGuestExited = 11, evOperatorStop = 12
+
+/// The expected next state for every (state, event) pair; pairs not listed keep the state.
+let expectedNext: [S: [Int: S]] = [
+    .primaryUnprotected: [evHandshake: .primarySyncing, evGuestExited: .stopped, evOperatorStop: .stopped],
+    .primarySyncing: [evSeed: .primaryProtected, evGoodbye: .primaryUnprotected, evSilence: .primaryUnprotected,
+                      evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped],
+    .primaryProtected: [evGoodbye: .primaryUnprotected, evSilence: .primaryUnprotected,
+                        evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped],
+    .secondaryConnecting: [evHandshake: .secondarySeeding, evGuestExited: .stopped, evOperatorStop: .stopped],
+    .secondarySeeding: [evSeed: .secondaryReplaying, evGoodbye: .stopped, evSilence: .stopped, evChannelError: .stopped,
+                        evGuestExited: .stopped, evOperatorStop: .stopped],
+    .secondaryReplaying: [evGoodbye: .stopped, evSilence: .secondaryFencing, evChannelError: .secondaryFencing,
+                          evGuestExited: .stopped, evOperatorStop: .stopped],
+    .secondaryFencing: [evFenceOK: .live, evFenceDenied: .fenced, evGuestExited: .stopped, evOperatorStop: .stopped],
+    .live: [evHandshake: .primarySyncing, evGuestExited: .stopped, evOperatorStop: .stopped],
+    .fenced: [:],
+    .stopped: [:],
+]
+
+func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { true } else { false } } }
+
+@Suite struct FailoverMachineTests {
+    @Test func rawValuesAreExplicitAndNonZero() {
+        #expect(FailoverState(rawValue: 0) == nil)
+        #expect(S.allCases.map(\.rawValue) == Array(1...10))
+    }
+
+    @Test(arguments: S.allCases)
+    func everyStateEventPairMatchesTheTable(state: S) {
+        for (i, event) in E.enumerated() {
+            let (next, actions) = FailoverMachine.transition(state, event)
+            let want = expectedNext[state]?[i] ?? state
+            #expect(next == want, "\(state) + \(event)")
+            if next == state && !(state == .secondaryConnecting && (i == evSilence || i == evChannelError))
+                && !(state.gatesOutput && i == evLog) {
+                #expect(actions.isEmpty, "\(state) + \(event) -> \(actions)")
+            }
+            // Invariants, pair by pair.
+            if next == .live && state != .live { #expect(state == .secondaryFencing && i == evFenceOK) }
+            if state.isTerminal { #expect(next == state && actions.isEmpty) }
+            if state.isPrimarySide { #expect(!actions.contains { $0.isSecondaryAction }, "\(state) + \(event)") }
+            if state.gatesOutput && !next.gatesOutput {
+                #expect(actions.first == .releaseGatedOutput, "output must be released: \(state) + \(event)")
+            }
+            if state.gatesOutput && next == .primaryUnprotected {
+                #expect(actions.contains(.dropProtection) && actions.contains(.acceptNewSecondary) && !hasStop(actions))
+            }
+            if next == .stopped || next == .fenced, state != next { #expect(hasStop(actions)) }
+            if actions.contains(.drainLogAndGoLive) { #expect(next == .live && actions.contains(.bindServiceAddress)) }
+            if actions.contains(.acquireFence) { #expect(next == .secondaryFencing) }
+        }
+    }
+
+    @Test func goLiveOrder() {
+        var m = FailoverMachine.secondary()
+        #expect(m.handle(.connected) == [])
+        #expect(m.handle(.handshakeOK) == [])
+        #expect(m.handle(.seedComplete) == [])
+        #expect(m.handle(.logReceived) == [])
+        #expect(m.handle(.peerSilent(ms: 10)) == [])   // below the threshold
+        let a = m.handle(.peerSilent(ms: 60))
+        #expect(m.state == .secondaryFencing && a.last == .acquireFence)
+        #expect(m.handle(.peerSilent(ms: 120)) == [])  // no second fence attempt
+        let live = m.handle(.fenceAcquired(generation: 3))
+        #expect(m.state == .live)
+        #expect(live.first == .drainLogAndGoLive && live[1] == .bindServiceAddress && live.last == .acceptNewSecondary)
+        #expect(m.handle(.handshakeOK) == [.startProtection])   // re-protection
+        #expect(m.state == .primarySyncing)
+    }
+
+    @Test func partitionedSecondaryIsFenced() {
+        var m = FailoverMachine(state: .secondaryReplaying)
+        m.handle(.channelError("reset"))
+        let a = m.handle(.fenceDenied(holder: "hostA pid 10"))
+        #expect(m.state == .fenced)
+        guard case .stop(let r) = a.first else { Issue.record("no stop"); return }
+        #expect(r.contains("hostA pid 10"))
+        #expect(m.handle(.fenceAcquired(generation: 9)) == [] && m.state == .fenced)
+    }
+
+    @Test func primaryLosingItsSecondaryReleasesOutputAndContinues() {
+        var m = FailoverMachine(state: .primaryProtected)
+        let a = m.handle(.peerSilent(ms: 51))
+        #expect(m.state == .primaryUnprotected)
+        #expect(a.first == .releaseGatedOutput && a.contains(.dropProtection))
+    }
+
+    /// Random event sequences from both starting roles, checking the invariants along the way.
+    @Test func randomSequencesKeepTheInvariants() {
+        var rng = SplitMix(seed: 0x10C5_7E9)
+        for run in 0..<20_000 {
+            var m = run % 2 == 0 ? FailoverMachine.primary() : FailoverMachine.secondary()
+            let startedSecondary = m.state.isSecondarySide
+            var wasDenied = false, wentLive = false
+            var history: [FailoverEvent] = []
+            for _ in 0..<40 {
+                let e = E[Int(rng.next() % UInt64(E.count))]
+                history.append(e)
+                let before = m.state
+                let liveBefore = wentLive
+                let actions = m.handle(e)
+                if m.state == .live && before != .live {
+                    #expect(before == .secondaryFencing && e == .fenceAcquired(generation: 7), "\(history)")
+                    #expect(startedSecondary)
+                    wentLive = true
+                }
+                if case .fenceDenied = e, before == .secondaryFencing { wasDenied = true }
+                if wasDenied { #expect(m.state == .fenced && actions.allSatisfy { if case .stop = $0 { true } else { false } }) }
+                if liveBefore || before.isPrimarySide { #expect(!actions.contains { $0.isSecondaryAction }, "\(history)") }
+                if before.gatesOutput && !m.state.gatesOutput { #expect(actions.contains(.releaseGatedOutput)) }
+                if !startedSecondary { #expect(m.state.isPrimarySide || m.state == .stopped) }
+            }
+        }
+    }
+}
+
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+@Suite struct HeartbeatMonitorTests {
+    @Test func heartbeatsWhenIdleAndFailureAfterSilence() {
+        let ms: UInt64 = 1_000_000
+        var h = HeartbeatMonitor(now: 1000 * ms)
+        #expect(!h.shouldSendHeartbeat(now: 1004 * ms))
+        #expect(h.shouldSendHeartbeat(now: 1005 * ms))
+        h.didSend(now: 1005 * ms)
+        #expect(!h.shouldSendHeartbeat(now: 1009 * ms))
+        #expect(h.nextDeadline() == 1010 * ms)
+        #expect(!h.peerPresumedFailed(now: 1049 * ms))
+        #expect(h.peerPresumedFailed(now: 1050 * ms))
+        h.didReceive(now: 1040 * ms)
+        #expect(!h.peerPresumedFailed(now: 1089 * ms))
+        #expect(h.silenceNs(now: 1089 * ms) == 49 * ms)
+        #expect(h.peerPresumedFailed(now: 1090 * ms))
+        h.didReceive(now: 1030 * ms)   // out-of-order timestamps never move time back
+        #expect(h.lastReceivedNs == 1040 * ms)
+        #expect(h.silenceNs(now: 1000 * ms) == 0)
+    }
+
+    @Test func customThresholds() {
+        let h = HeartbeatMonitor(now: 0, intervalNs: 100, failureNs: 1000)
+        #expect(h.shouldSendHeartbeat(now: 100) && !h.peerPresumedFailed(now: 999) && h.peerPresumedFailed(now: 1000))
+    }
+}

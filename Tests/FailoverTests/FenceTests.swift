@@ -1,0 +1,82 @@
+import Testing
+import Foundation
+@testable import Failover
+
+func tempDir() -> String {
+    let d = NSTemporaryDirectory() + "lk-fence-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+    try! FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+    return d
+}
+
+@Suite struct FenceTests {
+    let me = FenceIdentity(host: "hostA", pid: 111)
+    let other = FenceIdentity(host: "hostB", pid: 222)
+
+    @Test func secondFenceInTheSameProcessIsDenied() throws {
+        let dir = tempDir()
+        let a = Fence(directory: dir), b = Fence(directory: dir)
+        let t = try #require(try a.tryAcquire(identity: me))
+        #expect(t.generation == 1)
+        #expect(try b.tryAcquire(identity: other) == nil)
+        #expect(b.holder == FenceHolder(generation: 1, identity: me))
+        #expect(try a.tryAcquire(identity: me) == t)   // idempotent for the holder
+        try a.release()
+        let t2 = try #require(try b.tryAcquire(identity: other))
+        #expect(t2.generation == 2)
+        #expect(try a.tryAcquire(identity: me) == nil)
+        #expect(a.holder?.identity == other)
+        try b.release()
+        #expect(try a.tryAcquire(identity: me)?.generation == 3)
+        #expect(Fence(directory: dir).readHolder() == FenceHolder(generation: 3, identity: me))
+        try a.release()
+        #expect(throws: FenceError.notHeld) { try a.release() }
+    }
+
+    @Test func droppingTheFenceObjectReleasesTheLock() throws {
+        let dir = tempDir()
+        do { let a = Fence(directory: dir); _ = try a.tryAcquire(identity: me) }
+        #expect(try Fence(directory: dir).tryAcquire(identity: other)?.generation == 2)
+    }
+
+    @Test func errorsNameTheDirectory() throws {
+        let missing = "/nonexistent-lockstep-dir/x"
+        #expect(throws: FenceError.directoryMissing(missing)) { try Fence(directory: missing).tryAcquire(identity: me) }
+        #expect(FenceError.directoryMissing(missing).description.contains(missing))
+        let dir = tempDir()
+        let file = dir + "/plain"
+        _ = FileManager.default.createFile(atPath: file, contents: Data())
+        #expect(throws: FenceError.notADirectory(file)) { try Fence(directory: file).tryAcquire(identity: me) }
+    }
+
+    @Test func permissionDeniedNamesTheDirectory() throws {
+        guard getuid() != 0 else { return }   // root bypasses permissions
+        let dir = tempDir()
+        chmod(dir, 0o500)
+        defer { chmod(dir, 0o700) }
+        #expect(throws: FenceError.permissionDenied(dir)) { try Fence(directory: dir).tryAcquire(identity: me) }
+    }
+
+    /// A separate process holds the lock; SIGKILL makes the kernel drop it.
+    @Test func killedHolderReleasesTheFence() throws {
+        let dir = tempDir()
+        let fence = Fence(directory: dir)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        // The shell opens the file on fd 9, takes the lock with flock(1), reports, then becomes sleep
+        // (exec keeps fd 9 and its lock in the same process, so killing that pid releases it).
+        p.arguments = ["-c", "exec 9>>\"$1\"; flock -x 9 || exit 1; echo locked; exec sleep 60", "sh", fence.path]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        // Wait for the helper's report (EOF if it failed), bounded by the helper's own exit.
+        let line = String(decoding: out.fileHandleForReading.availableData, as: UTF8.self)
+        try #require(line.contains("locked"))
+        #expect(try fence.tryAcquire(identity: me) == nil)
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        #expect(p.terminationReason == .uncaughtSignal)
+        #expect(try fence.tryAcquire(identity: me) != nil)
+        try fence.release()
+    }
+}
