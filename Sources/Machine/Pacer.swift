@@ -87,14 +87,12 @@ public final class Pacer: @unchecked Sendable {
 
     /// Marks something due, wakes a halted vCPU, and arms the kick for a running one.
     public func raise(_ what: Due, now: UInt64 = lk_monotonic_ns()) {
-        due.bitwiseOr(what.rawValue, ordering: .acquiringAndReleasing)
+        let before = due.bitwiseOr(what.rawValue, ordering: .acquiringAndReleasing).oldValue
         lk_eventfd_signal(vcpuWake)
-        let want = now &+ latencyNs
-        var cur = kickAt.load(ordering: .acquiring)
-        while want < cur {
-            let (ok, seen) = kickAt.compareExchange(expected: cur, desired: want, ordering: .acquiringAndReleasing)
-            if ok { if Thread.current != thread { lk_eventfd_signal(pacerWake) }; break }
-            cur = seen
+        // The kick clock starts when something becomes due; if it was already due, the earlier arming stands.
+        if before == 0 {
+            kickAt.store(now &+ latencyNs, ordering: .releasing)
+            if Thread.current != thread { lk_eventfd_signal(pacerWake) }
         }
     }
 

@@ -67,6 +67,11 @@ final class SyncPointStore {
         if let bad = sp.pageNumbers.first(where: { $0 >= limit }) {
             throw MachineError.config("sync point at exit \(sp.exit) names page \(bad), beyond RAM (\(limit) pages)")
         }
+        // KVM finishes a pending I/O (the IN/OUT of the last exit) only on the next KVM_RUN. Complete it now,
+        // without running guest code, so it cannot land on top of the loaded state.
+        lk_run_set_immediate_exit(vcpu.run, 1)
+        _ = try? vcpu.enter()
+        lk_run_set_immediate_exit(vcpu.run, 0)
         sp.pageNumbers.withUnsafeBufferPointer { pn in
             sp.pageData.withUnsafeBytes { pd in
                 // SAFETY: page numbers checked against RAM above; pd holds count * 4096 bytes.
