@@ -28,8 +28,8 @@ public enum ImageError: Error, Equatable, CustomStringConvertible {
 }
 
 /// An ELF64 image parsed for PVH direct boot.
-public struct PVHImage {
-    public struct Segment { public let fileOffset: Int; public let fileSize: Int; public let paddr: UInt64; public let memSize: UInt64 }
+public struct PVHImage: Sendable {
+    public struct Segment: Sendable { public let fileOffset: Int; public let fileSize: Int; public let paddr: UInt64; public let memSize: UInt64 }
     public let bytes: [UInt8]
     public let segments: [Segment]
     public let entry32: UInt32
