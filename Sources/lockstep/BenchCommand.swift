@@ -212,9 +212,11 @@ struct Bench {
         var records: [SessionResult] = []
         var replays: [SessionResult] = []
         var ratio: Double { Bench.median(runs.map(\.elapsedNs)) / Bench.median(records.map(\.elapsedNs)) }
+        /// Spread of the pairwise ratios (run i / record i): how much the host's noise moves the figure.
+        var pairRatios: [Double] { zip(runs, records).map { Double($0.elapsedNs) / Double($1.elapsedNs) } }
         var replayRatio: Double { Bench.median(records.map(\.elapsedNs)) / Bench.median(replays.map(\.elapsedNs)) }
         var json: [String: Any] {
-            ["run_elapsed_ns": runs.map(\.elapsedNs), "record_elapsed_ns": records.map(\.elapsedNs),
+            ["run_record_pair_ratios": pairRatios, "run_elapsed_ns": runs.map(\.elapsedNs), "record_elapsed_ns": records.map(\.elapsedNs),
              "replay_elapsed_ns": replays.map(\.elapsedNs), "exits": records.first?.exits ?? 0,
              "events": records.first?.events ?? 0, "sync_points": records.map(\.syncPoints),
              "sync_point_pages": records.map(\.syncPointPages), "kicks": records.map(\.kicks),
@@ -229,11 +231,18 @@ struct Bench {
         var t = Throughput()
         var sizes: LogSizes?
         for i in 0..<repeats {
-            progress("\(name): run \(i + 1)/\(repeats)")
-            t.runs.append(try runOnce(img, name))
+            // Alternate which goes first, so warm caches or a neighbour's load burst do not favour one mode.
+            if i % 2 == 0 {
+                progress("\(name): run \(i + 1)/\(repeats)")
+                t.runs.append(try runOnce(img, name))
+            }
             progress("\(name): record \(i + 1)/\(repeats)")
             let rec = try recordOnce(img, name)
             t.records.append(rec.result)
+            if i % 2 == 1 {
+                progress("\(name): run \(i + 1)/\(repeats)")
+                t.runs.append(try runOnce(img, name))
+            }
             if keepLast && i == repeats - 1 { sizes = try LogSizes(path: rec.path) }
             progress("\(name): replay \(i + 1)/\(repeats)")
             t.replays.append(try replayAndDelete(rec, name))
@@ -244,6 +253,7 @@ struct Bench {
     func progress(_ s: String) { FileHandle.standardError.write(Data("bench: \(s)\n".utf8)) }
 
     mutating func measure(repeats: Int) throws -> [String: Any] {
+        let loadStart = Self.hostInfo()["loadavg"] ?? ""
         // 1. Exit round trip: exit-heavy unprotected (median over the repeats).
         let heavyImg = try image("exit-heavy")
         var heavyRuns: [SessionResult] = []
@@ -288,6 +298,13 @@ struct Bench {
             Figure(key: "pages_per_sync_point_compute", label: "pages per sync point, timer-compute", value: computeSyncTotal == 0 ? 0 : computePages / computeSyncTotal, unit: "pages"),
         ]
         printTable(figures)
+        if let s = heavyLog, s.events < 100 {
+            print("note: the exit-heavy log holds only \(s.events) events (its port I/O is deterministic); its bytes/event is frame overhead, not a per-event cost")
+        }
+        var host = Self.hostInfo()
+        host["loadavg_start"] = loadStart
+        host["loadavg_end"] = host["loadavg"]
+        print("load average: \(loadStart) at start, \(host["loadavg"] ?? "") at end")
 
         var figuresJSON: [String: Any] = [:]
         for f in figures { figuresJSON[f.key] = f.json }
@@ -297,7 +314,7 @@ struct Bench {
             "digests_match": true,
             "repeat": repeats,
             "memory_mib": memoryMiB,
-            "host": Self.hostInfo(),
+            "host": host,
             "figures": figuresJSON,
             "targets_met": targets.filter { $0 }.count,
             "targets_total": targets.count,
@@ -309,6 +326,8 @@ struct Bench {
                 "log_event_bytes_per_event": "bytes of event frames (16-byte frame headers included) / events",
                 "replay_vs_record": "median(record elapsed) / median(replay elapsed)",
                 "elapsed": "from the first vCPU entry to the guest's exit; machine setup excluded",
+                "exit_heavy_events": "exit-heavy's port I/O is to a deterministic register, so its log holds only a handful of events; its bytes/event is dominated by the one 16-byte frame header and the digest events, clock is the representative figure",
+                "noise": "the host is shared; host.loadavg_start/loadavg_end and details.*.run_record_pair_ratios show how much the neighbours moved the timings",
             ],
             "details": [
                 "exit_heavy_run_elapsed_ns": heavyRuns.map(\.elapsedNs), "exit_heavy_exits": heavyExits,
@@ -342,10 +361,12 @@ struct Bench {
             .split(separator: "\n").first { $0.hasPrefix("model name") }
             .map { $0.split(separator: ":", maxSplits: 1).last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "" } ?? ""
         let pvm = FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm")
+        let load = (try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8))?
+            .split(separator: " ").prefix(3).joined(separator: " ") ?? ""
         return ["kernel": str(&u.release), "machine": str(&u.machine), "kvm_pvm": pvm,
                 "kvm_module": pvm ? "kvm_pvm" : (FileManager.default.fileExists(atPath: "/sys/module/kvm_intel") ? "kvm_intel" :
                     FileManager.default.fileExists(atPath: "/sys/module/kvm_amd") ? "kvm_amd" : "unknown"),
-                "cpu": cpu, "cpus_online": ProcessInfo.processInfo.activeProcessorCount]
+                "cpu": cpu, "loadavg": load, "cpus_online": ProcessInfo.processInfo.activeProcessorCount]
     }
 
     static func writeJSON(_ object: [String: Any], to path: String) throws {
