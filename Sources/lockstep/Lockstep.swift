@@ -147,7 +147,3 @@ struct ReplayCommand: ParsableCommand {
         }
     }
 }
-
-struct BenchCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "bench", abstract: "Benchmarks (see Benchmarks/).", subcommands: [])
-}
