@@ -21,7 +21,7 @@ public enum EventKind: UInt8, Sendable, CaseIterable {
 }
 
 /// A cheap fingerprint of the exit an event is attached to, checked by the replayer:
-/// exit kind, the low byte of the port (or MMIO address), access size, and the low 16 bits of RIP.
+/// exit kind, the low byte of the port (or MMIO address), access size, and the low 12 bits of RIP.
 public struct ExitSignature: Equatable, Sendable, CustomStringConvertible {
     public var raw: UInt32
     public init(raw: UInt32) { self.raw = raw }

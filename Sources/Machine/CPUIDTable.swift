@@ -19,6 +19,9 @@ public enum CPUIDTable {
         for var e in host {
             switch e.function {
             case 0x4000_0000...0x4FFF_FFFF: continue // KVM paravirt leaves: kvmclock must not be visible
+            // Topology leaves carry the APIC ID of whichever host core answered (PVM passes them through):
+            // not the same twice, let alone on two hosts. One vCPU needs no topology.
+            case 0x4, 0xB, 0x1F, 0x8000_001E, 0x8000_0026: continue
             case 1:
                 e.edx &= leaf1EDX; e.ecx &= leaf1ECX
                 e.ebx &= 0x0000_FFFF // no initial APIC ID / logical count
@@ -32,6 +35,14 @@ public enum CPUIDTable {
             out.append(e)
         }
         return out
+    }
+
+    /// SHA-256 of this host's pinned table: recorded in log headers and compared before replay.
+    public static func hostDigest() throws(MachineError) -> [UInt8] {
+        do {
+            let host = try KVMHost()
+            return StateDigest.sha256(canonicalBytes(pinned(from: try host.supportedCPUID())))
+        } catch let e as KVMError { throw .kvm(e) } catch let e as SysError { throw .sys(e) } catch { throw .config("\(error)") }
     }
 
     /// Bytes fed to the table digest: (function, index, eax, ebx, ecx, edx) little-endian per entry.

@@ -117,7 +117,7 @@ public final class Engine {
     }
 
     private func checked() throws(MachineError) -> State {
-        if let d = hooks.divergence { throw .divergence(d) }
+        if let d = hooks.divergence { throw .divergence(report(d)) }
         if let e = hooks.sourceError {
             if let le = e as? LogError { throw .log(le) }
             throw .config("log source failed: \(e)")
@@ -254,12 +254,12 @@ public final class Engine {
             if hooks.mode == .replay {
                 if !hooks.hasPendingAtExit {
                     if hooks.logEnded && !ifFlag { state = .finished(.haltedForever); return }
-                    throw .divergence(Divergence(exit: hooks.exit, expected: hooks.describePending(),
-                                                 found: "the guest halted at exit \(hooks.exit) with nothing in the log to wake it"))
+                    throw .divergence(report(Divergence(exit: hooks.exit, expected: hooks.describePending(),
+                                                        found: "the guest halted at exit \(hooks.exit) with nothing in the log to wake it")))
                 }
                 let before = hooks.pendingExit
                 serviceAsync()
-                if let d = hooks.divergence { throw .divergence(d) }
+                if let d = hooks.divergence { throw .divergence(report(d)) }
                 if before == hooks.pendingExit, hooks.hasPendingAtExit, !devices.pic.interruptPending {
                     // A record that is neither time nor input while halted: let the loop consume it.
                     return
@@ -276,6 +276,15 @@ public final class Engine {
                 serviceAsync()
             }
         }
+    }
+
+    /// Adds where the guest is: the last exit's signature, RIP, and the instructions there.
+    func report(_ d: Divergence) -> Divergence {
+        var d = d
+        let rip = (try? vcpu.regs().rip) ?? lk_run_rip(vcpu.run)
+        let code = Disassembler.around(vcpu: vcpu, memory: machine.memory, count: 4)
+        d.report = "  last exit: \(hooks.signature)\n  RIP 0x\(String(rip, radix: 16))\n" + code.map { "    " + $0 }.joined(separator: "\n")
+        return d
     }
 
     // MARK: signatures

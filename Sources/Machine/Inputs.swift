@@ -103,7 +103,7 @@ public final class InputHooks: DeviceInputs {
         case .record: encoder?.append(Event(kind: kind, exit: exit, signature: signature, value: value))
         case .replay:
             if let v = take(kind), v != value {
-                fail(expected: "\(kind) \(value) (from the log)", found: "\(kind) \(v)... recomputed \(value)")
+                fail(expected: "\(kind) \(v) (from the log)", found: "\(kind) \(value) (recomputed by the replay)")
             }
         }
     }

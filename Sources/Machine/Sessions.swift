@@ -78,7 +78,7 @@ public final class RecordSession: Session {
         let header = LogHeader(formatVersion: LogHeader.currentVersion, memoryMiB: config.memoryMiB, vcpus: 1,
                                interruptLatencyUs: config.interruptLatencyUs, epochSeconds: config.epochSeconds,
                                imageSHA256: StateDigest.sha256(image.bytes), image: image.bytes,
-                               cpuidSHA256: [UInt8](repeating: 0, count: 32), hostInfo: RecordSession.hostInfo())
+                               cpuidSHA256: try CPUIDTable.hostDigest(), hostInfo: RecordSession.hostInfo())
         do { writer = try LogFileWriter(path: logPath, header: header) } catch { throw .log(error) }
         do {
             let m = try Machine(image: image, config: config, mode: .record, encoder: writer.encoder, output: output, keepTranscript: keepTranscript)
@@ -153,6 +153,10 @@ public final class ReplaySession: Session {
         let image: PVHImage
         do { image = try PVHImage(bytes: bytes) } catch { throw .image(error) }
         let config = MachineConfig(memoryMiB: h.memoryMiB, interruptLatencyUs: h.interruptLatencyUs, epochSeconds: h.epochSeconds)
+        let cpuid = try CPUIDTable.hostDigest()
+        guard cpuid == h.cpuidSHA256 else {
+            throw .config("this host's pinned CPUID table (sha256 \(StateDigest.hex(cpuid))) differs from the one the log was recorded with (\(StateDigest.hex(h.cpuidSHA256))): replay needs an identical table (same CPU vendor and baseline features)")
+        }
         super.init(machine: try Machine(image: image, config: config, mode: .replay, source: FileRecordSource(reader),
                                         output: output, keepTranscript: keepTranscript))
     }
@@ -167,12 +171,12 @@ public final class ReplaySession: Session {
             let r = try result(e, events: reader.trailer.eventCount, logBytes: 0)
             let t = reader.trailer
             if machine.hooks.exit != t.finalExit || e.endReason != t.endReason || e.exitStatus != t.exitStatus {
-                throw .divergence(Divergence(exit: machine.hooks.exit, expected: "the run to end at exit \(t.finalExit) (\(t.endReason), status \(t.exitStatus))",
-                                             found: "it ended at exit \(machine.hooks.exit) (\(e.endReason), status \(e.exitStatus))"))
+                throw .divergence(engine.report(Divergence(exit: machine.hooks.exit, expected: "the run to end at exit \(t.finalExit) (\(t.endReason), status \(t.exitStatus))",
+                                             found: "it ended at exit \(machine.hooks.exit) (\(e.endReason), status \(e.exitStatus))")))
             }
             if r.digest != t.stateDigest {
-                throw .divergence(Divergence(exit: machine.hooks.exit, expected: "state digest \(StateDigest.hex(t.stateDigest))",
-                                             found: "state digest \(r.digestHex)"))
+                throw .divergence(engine.report(Divergence(exit: machine.hooks.exit, expected: "state digest \(StateDigest.hex(t.stateDigest))",
+                                             found: "state digest \(r.digestHex)")))
             }
             return r
         }

@@ -20,7 +20,7 @@ enum ExitStatus: Int32 {
     case internalError = 70  // an unexpected KVM failure
     case guestCrashed = 71   // triple fault, cli;hlt, KVM emulation failure
     case divergence = 72     // replay does not match its log
-    case ioError = 74        // disk full, unwritable log, serial backend failure
+    case ioError = 74        // disk full, unwritable log (a serial backend that cannot bind is a usage error, 64)
 
     static let documentation = """
     Exit status: the guest's own value when it writes to port 0xF4; otherwise 64 usage, 65 bad input \
@@ -83,6 +83,21 @@ struct MachineOptions: ParsableArguments {
     @Flag(name: .long, help: "Print run statistics.") var verbose = false
 }
 
+/// Shared by `run` and `record`: open the serial backend, build the session, feed it input, report the end.
+func runLive(guest: String, options: MachineOptions, latencyUs: UInt32,
+             _ make: (PVHImage, MachineConfig, SerialBackend) throws -> (Machine, () throws -> SessionResult)) throws {
+    do {
+        let image = try loadImage(guest)
+        let backend = try SerialBackend(try SerialSpec.parse(options.serial))
+        let (machine, run) = try make(image, MachineConfig(memoryMiB: options.memory, interruptLatencyUs: latencyUs), backend)
+        machine.hasInputBackend = backend.hasInput
+        backend.startInput(into: machine.input)
+        let r = try run()
+        backend.close()
+        throw finish(r, verbose: options.verbose)
+    } catch let e as MachineError { throw engineExit(e) }
+}
+
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "run", abstract: "Run a guest unprotected.")
     @Argument(help: "PVH ELF guest image.") var guest: String
@@ -90,16 +105,10 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: "Kick a running guest when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
 
     func run() throws {
-        do {
-            let image = try loadImage(guest)
-            let backend = try SerialBackend(try SerialSpec.parse(options.serial))
-            let s = try RunSession(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs), output: backend)
-            s.machine.hasInputBackend = backend.hasInput
-            backend.startInput(into: s.machine.input)
-            let r = try s.run()
-            backend.close()
-            throw finish(r, verbose: options.verbose)
-        } catch let e as MachineError { throw engineExit(e) }
+        try runLive(guest: guest, options: options, latencyUs: interruptLatencyUs) { image, config, backend in
+            let s = try RunSession(image: image, config: config, output: backend)
+            return (s.machine, { try s.run() })
+        }
     }
 }
 
@@ -111,17 +120,10 @@ struct RecordCommand: ParsableCommand {
     @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
 
     func run() throws {
-        do {
-            let image = try loadImage(guest)
-            let backend = try SerialBackend(try SerialSpec.parse(options.serial))
-            let s = try RecordSession(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs),
-                                      logPath: log, output: backend)
-            s.machine.hasInputBackend = backend.hasInput
-            backend.startInput(into: s.machine.input)
-            let r = try s.run()
-            backend.close()
-            throw finish(r, verbose: options.verbose)
-        } catch let e as MachineError { throw engineExit(e) }
+        try runLive(guest: guest, options: options, latencyUs: interruptLatencyUs) { image, config, backend in
+            let s = try RecordSession(image: image, config: config, logPath: log, output: backend)
+            return (s.machine, { try s.run() })
+        }
     }
 }
 
