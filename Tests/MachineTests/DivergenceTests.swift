@@ -14,14 +14,16 @@ struct DivergenceTests {
         defer { try? FileManager.default.removeItem(atPath: good); try? FileManager.default.removeItem(atPath: bad) }
         _ = try Fixture.onThread { try RecordSession(image: image, config: MachineConfig(), logPath: good, output: nil).run() }
 
-        // Re-encode with one clock read moved 300 ms later; every CRC stays valid.
+        // Re-encode with the 200th clock read attributed to another instruction (its exit signature's RIP
+        // bits changed); every CRC stays valid. (Altering values instead can steer the replayed guest into
+        // a loop without exits, which replay cannot bound yet: see docs/architecture.md.)
         let reader = try LogFileReader(path: good)
         let writer = try LogFileWriter(path: bad, header: reader.header)
         var clockReads = 0
         while let r = try reader.next() {
             switch r {
             case .event(var e):
-                if e.kind == .clockRead { clockReads += 1; if clockReads == 200 { e.value += 300_000_000 } }
+                if e.kind == .clockRead { clockReads += 1; if clockReads == 200 { e.signature = ExitSignature(raw: e.signature.raw ^ 0x10) } }
                 writer.encoder.append(e)
             case .syncPoint(let s):
                 s.vcpuState.withUnsafeBytes { v in
