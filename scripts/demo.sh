@@ -23,7 +23,7 @@ echo "== 3. a second recording: different interrupt timing, different result"
 $L record Guests/build/timer-compute.elf --log "$OUT/b.log" --serial "file:$OUT/b.out" 2>"$OUT/b.err"
 grep RESULT "$OUT/a.out" "$OUT/b.out"
 echo "== 4. the log (first events, with guest RIP and the instruction there)"
-$L log inspect "$OUT/a.log" | head -12
+($L log inspect "$OUT/a.log" || true) | head -12
 echo "== 5. the interrupt-driven echo service, recorded with live UDP input and replayed"
 $L record Guests/build/echo.elf --log "$OUT/e.log" --serial udp:127.0.0.1:5555 2>"$OUT/e.err" &
 REC=$!
