@@ -265,9 +265,6 @@ public final class Engine {
                     return
                 }
             } else {
-                if !ifFlag && devices.nextDeadline() == nil && !machine.hasInputBackend {
-                    state = .finished(.haltedForever); return
-                }
                 if !ifFlag {
                     // cli; hlt: only an NMI could wake a real CPU, and this machine has no NMI source.
                     state = .finished(.haltedForever); return

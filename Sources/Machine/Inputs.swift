@@ -186,7 +186,7 @@ public final class InputHooks: DeviceInputs {
 
     /// Go-live: switch from replaying the log to sampling the host, with the guest clock continuing
     /// monotonically from the last value it saw.
-    public func goLive(recordingInto newEncoder: LogEncoder? = nil) {
+    public func goLive() {
         hostBase = lk_monotonic_ns() &- lastClock
         mode = .run
         pending = nil

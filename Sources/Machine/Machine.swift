@@ -29,7 +29,6 @@ public final class Machine {
     let syncPoints: SyncPointStore?
     public let input = SerialInputQueue()
     public var output: SerialOutput? { didSet { sink.output = output } }
-    public var hasInputBackend = false
     let sink: UARTSink
     public let cpuidDigest: [UInt8]
     /// Warnings for the operator (unknown ports, ...), each said once.

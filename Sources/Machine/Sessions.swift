@@ -107,12 +107,8 @@ public final class RecordSession: Session {
         var finished = false
         defer { end(); if !finished { writer.abandon() } }
         while true {
-            let s: Engine.State
-            do { s = try step() } catch {
-                // Keep what was recorded: the .partial log stays for inspection.
-                throw error
-            }
-            guard case .finished(let e) = s else { continue }
+            // On an error the deferred abandon() keeps the .partial log for inspection.
+            guard case .finished(let e) = try step() else { continue }
             let r = try result(e, events: writer.encoder.eventCount, logBytes: 0)
             let trailer = LogTrailer(endReason: e.endReason, exitStatus: e.exitStatus, finalExit: machine.hooks.exit,
                                      eventCount: writer.encoder.eventCount, syncPointCount: writer.encoder.syncPointCount,
@@ -143,8 +139,7 @@ public final class ReplaySession: Session {
         do { reader = try LogFileReader(path: logPath) } catch { throw .log(error) }
         let h = reader.header
         let bytes = override ?? h.image
-        if let o = override, StateDigest.sha256(o) != h.imageSHA256 {
-            _ = o
+        if override != nil, StateDigest.sha256(bytes) != h.imageSHA256 {
             throw .config("the guest image given does not match the log: the log was recorded with image sha256 \(StateDigest.hex(h.imageSHA256)), this image is \(StateDigest.hex(StateDigest.sha256(bytes)))")
         }
         guard StateDigest.sha256(bytes) == h.imageSHA256 else {

@@ -90,7 +90,6 @@ func runLive(guest: String, options: MachineOptions, latencyUs: UInt32,
         let image = try loadImage(guest)
         let backend = try SerialBackend(try SerialSpec.parse(options.serial))
         let (machine, run) = try make(image, MachineConfig(memoryMiB: options.memory, interruptLatencyUs: latencyUs), backend)
-        machine.hasInputBackend = backend.hasInput
         backend.startInput(into: machine.input)
         let r = try run()
         backend.close()

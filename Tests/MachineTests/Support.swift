@@ -101,7 +101,6 @@ func recordAndReplay(_ guest: String, input: (@Sendable (String, SerialInputQueu
         let s = try RecordSession(image: image, config: MachineConfig(memoryMiB: memoryMiB, interruptLatencyUs: latencyUs), logPath: log, output: recOut)
         if let input {
             let q = s.machine.input
-            s.machine.hasInputBackend = true
             recOut.onLine = { line in input(line, q) }
         }
         return try s.run()
