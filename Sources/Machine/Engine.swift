@@ -252,7 +252,9 @@ public final class Engine {
         while !(devices.pic.interruptPending && ifFlag) {
             if stopRequested { state = .finished(.stopped); return }
             if hooks.mode == .replay {
-                if !hooks.hasPendingAtExit {
+                let has = hooks.hasPendingAtExit  // a live source blocks here until the primary moves on
+                if hooks.mode != .replay { continue }  // the secondary went live while halted
+                if !has {
                     if hooks.logEnded && !ifFlag { state = .finished(.haltedForever); return }
                     throw .divergence(report(Divergence(exit: hooks.exit, expected: hooks.describePending(),
                                                         found: "the guest halted at exit \(hooks.exit) with nothing in the log to wake it")))
@@ -269,6 +271,7 @@ public final class Engine {
                     // cli; hlt: only an NMI could wake a real CPU, and this machine has no NMI source.
                     state = .finished(.haltedForever); return
                 }
+                machine.onIdle?()
                 pacer!.waitUntilDue()
                 serviceAsync()
             }

@@ -2,13 +2,24 @@ import CLockstep
 import Devices
 import EventLog
 
+/// What a record source has for the replayer.
+public enum SourceRead {
+    /// The next record, in log order.
+    case record(LogRecord)
+    /// No record exists before exit `before` (the primary's watermark); more may come after it.
+    case empty(before: UInt64)
+    /// The log is complete (trailer or end of file).
+    case ended
+    /// The live log stopped for good and this side won the right to continue: replay has consumed all of it,
+    /// and the machine switches to live inputs here.
+    case goLive(reason: String)
+}
+
 /// Where a replaying machine gets its records: a log file, or the live channel on a secondary.
 public protocol RecordSource: AnyObject {
-    /// The next record, or nil when the log has ended. A live source blocks (bounded by its heartbeat
-    /// timeout) until the record arrives, so the replayer never runs ahead of the log.
-    func nextRecord() throws -> LogRecord?
-    /// A live source may declare that no event exists before `exit` (the primary's watermark). Files return nil.
-    func horizon() -> UInt64?
+    /// The next record, or a statement that none exists at or before `exit`. A live source blocks until it can
+    /// say one or the other (or the stream ends), so the replayer never runs ahead of the log.
+    func next(atOrBefore exit: UInt64) throws -> SourceRead
 }
 
 /// A replay that does not match its log.
@@ -17,6 +28,7 @@ public struct Divergence: Error, CustomStringConvertible {
     public let expected: String
     public let found: String
     public var report: String = ""
+    public init(exit: UInt64, expected: String, found: String) { self.exit = exit; self.expected = expected; self.found = found }
     public var description: String { "divergence at exit \(exit): expected \(expected), found \(found)" + (report.isEmpty ? "" : "\n" + report) }
 }
 
@@ -40,12 +52,16 @@ public final class InputHooks: DeviceInputs {
     public internal(set) var sourceError: Error?
     /// Sees every record as replay consumes it (`lockstep log inspect`); nil otherwise.
     public var observer: ((LogRecord) -> Void)?
+    /// Called on the vCPU thread right after a live source said `.goLive` (the machine is now in `.run` mode).
+    public var onGoLive: ((String) -> Void)?
 
     // The replay cursor: the next record, read ahead by one.
     private var pending: LogRecord?
     /// Exit index of the pending record; UInt64.max when none is known.
     public private(set) var pendingExit: UInt64 = .max
     private var ended = false
+    /// The live source said no record exists before this exit.
+    private var emptyBefore: UInt64 = 0
 
     public init(mode: Mode, epochSeconds: UInt64, encoder: LogEncoder? = nil, source: RecordSource? = nil) {
         self.mode = mode
@@ -53,7 +69,7 @@ public final class InputHooks: DeviceInputs {
         self.encoder = encoder
         self.source = source
         hostBase = lk_monotonic_ns()
-        if mode == .replay { advanceCursor() }
+        // The replay cursor fills on first use (a live source has nothing before the seed is loaded).
     }
 
     // MARK: the hooks
@@ -63,6 +79,7 @@ public final class InputHooks: DeviceInputs {
 
     /// The clock, sampled (live) or read back (replay). Monotonic for the guest.
     @inline(__always) func clock(_ kind: EventKind) -> UInt64 {
+        if mode == .replay { settle() }  // may go live
         if mode == .replay {
             guard let v = take(kind) else { return lastClock }
             lastClock = v
@@ -83,6 +100,7 @@ public final class InputHooks: DeviceInputs {
 
     /// Serial input: live mode pops from the backend queue, replay reads the logged byte.
     @inline(__always) func serialByte(live: () -> UInt8?) -> UInt8? {
+        if mode == .replay { settle() }
         if mode == .replay {
             guard pendingIs(.serialInput), let v = take(.serialInput) else { return nil }
             return UInt8(truncatingIfNeeded: v)
@@ -112,12 +130,14 @@ public final class InputHooks: DeviceInputs {
 
     /// True when the next record is an event of `kind` at the current exit.
     @inline(__always) func pendingIs(_ kind: EventKind) -> Bool {
+        settle()
         guard pendingExit == exit, case .event(let e)? = pending else { return false }
         return e.kind == kind
     }
 
     /// The pending sync point at this exit, if the log has one next.
     func pendingSyncPoint() -> SyncPoint? {
+        settle()
         guard pendingExit == exit, case .syncPoint(let s)? = pending else { return nil }
         return s
     }
@@ -127,12 +147,14 @@ public final class InputHooks: DeviceInputs {
         advanceCursor()
     }
 
-    /// Whether any record remains at this exit (HLT in replay waits on these).
-    var hasPendingAtExit: Bool { pendingExit == exit }
+    /// Whether any record remains at this exit (HLT in replay waits on these). May block on a live source.
+    var hasPendingAtExit: Bool { settle(); return pendingExit == exit }
     var logEnded: Bool { ended }
 
     private func take(_ kind: EventKind) -> UInt64? {
         guard divergence == nil else { return nil }
+        settle()
+        guard mode == .replay else { return nil }  // went live: nothing left to compare with
         guard pendingExit == exit, case .event(let e)? = pending else {
             fail(expected: describePending(), found: "\(kind) at exit \(exit)")
             return nil
@@ -159,22 +181,42 @@ public final class InputHooks: DeviceInputs {
     }
 
     private func advanceCursor() {
-        guard let source else { pending = nil; pendingExit = .max; return }
+        pending = nil
+        pendingExit = .max
+        pull()
+    }
+
+    /// Makes the cursor current for this exit: either the next record is known, or the source has said none
+    /// exists at or before this exit. Cheap when already current (the per-exit path).
+    @inline(__always) func settle() {
+        if pending == nil, !ended, mode == .replay, exit >= emptyBefore { pull() }
+    }
+
+    private func pull() {
+        guard let source else { ended = true; return }
         do {
-            pending = try source.nextRecord()
+            switch try source.next(atOrBefore: exit) {
+            case .record(let r):
+                pending = r
+                switch r {
+                case .event(let e): pendingExit = e.exit
+                case .syncPoint(let s): pendingExit = s.exit
+                }
+            case .empty(let before): emptyBefore = before
+            case .ended: ended = true
+            case .goLive(let reason):
+                goLive()
+                onGoLive?(reason)
+            }
         } catch {
             sourceError = error
-            pending = nil
-        }
-        switch pending {
-        case .event(let e)?: pendingExit = e.exit
-        case .syncPoint(let s)?: pendingExit = s.exit
-        case nil: pendingExit = .max; ended = true
+            ended = true
         }
     }
 
     /// Called by the engine when the exit index moves on: a record left behind is a divergence.
     @inline(__always) func checkNothingSkipped() {
+        settle()
         if mode == .replay, pendingExit < exit, divergence == nil {
             fail(expected: describePending(), found: "the guest reached exit \(exit) without it")
         }
@@ -184,6 +226,15 @@ public final class InputHooks: DeviceInputs {
         if divergence == nil { divergence = Divergence(exit: exit, expected: expected, found: found) }
     }
 
+    /// Continues from a snapshot's position (a seeded secondary).
+    func resume(exit: UInt64, signature: ExitSignature, lastClock: UInt64) {
+        self.exit = exit
+        self.signature = signature
+        self.lastClock = lastClock
+        hostBase = lk_monotonic_ns() &- lastClock
+        emptyBefore = 0
+    }
+
     /// Go-live: switch from replaying the log to sampling the host, with the guest clock continuing
     /// monotonically from the last value it saw.
     public func goLive() {
@@ -191,5 +242,6 @@ public final class InputHooks: DeviceInputs {
         mode = .run
         pending = nil
         pendingExit = .max
+        ended = true
     }
 }

@@ -29,6 +29,8 @@ public final class Machine {
     let syncPoints: SyncPointStore?
     public let input = SerialInputQueue()
     public var output: SerialOutput? { didSet { sink.output = output } }
+    /// Called on the vCPU thread before it sleeps in HLT (a primary pushes its log out here).
+    public var onIdle: (() -> Void)?
     let sink: UARTSink
     public let cpuidDigest: [UInt8]
     /// Warnings for the operator (unknown ports, ...), each said once.
@@ -36,7 +38,8 @@ public final class Machine {
     private var unknownMMIO = Set<UInt64>()
 
     public init(image: PVHImage, config: MachineConfig, mode: InputHooks.Mode, encoder: LogEncoder? = nil,
-                source: RecordSource? = nil, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
+                source: RecordSource? = nil, output: SerialOutput?, keepTranscript: Bool = false,
+                standby: Bool = false) throws(MachineError) {
         self.config = config
         self.image = image
         guard config.memoryMiB >= 2, config.memoryMiB <= 65536 else { throw .config("--memory \(config.memoryMiB) MiB is outside 2...65536") }
@@ -61,7 +64,8 @@ public final class Machine {
         hooks = InputHooks(mode: mode, epochSeconds: config.epochSeconds, encoder: encoder, source: source)
         sink = UARTSink(hooks: hooks, output: output, keepTranscript: keepTranscript)
         devices = DeviceSet(inputs: hooks, serial: sink, ramSize: memory.size)
-        pacer = mode == .replay ? nil : Pacer(latencyMicroseconds: config.interruptLatencyUs)
+        // A standby replayer (a pair's secondary) keeps a pacer ready, started only if it goes live.
+        pacer = mode == .replay && !standby ? nil : Pacer(latencyMicroseconds: config.interruptLatencyUs)
         syncPoints = mode == .run ? nil : SyncPointStore(vm: vm, memory: memory, encoder: encoder, msrs: vcpu.readableMSRs())
         self.output = output
         input.pacer = pacer

@@ -59,7 +59,7 @@ public final class Pacer: @unchecked Sendable {
     }
 
     public func stop() {
-        guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        guard thread != nil, running.exchange(false, ordering: .acquiringAndReleasing) else { return }
         lk_eventfd_signal(pacerWake)
         done.wait()
     }

@@ -28,13 +28,17 @@ public class Session {
         engine = Engine(machine: machine)
     }
 
-    func begin() {
-        if let pacer = machine.pacer {
-            pacer.bindVCPUThread(run: machine.vcpu.run)
-            engine.publishDeadline()
-            pacer.start()
-        }
+    func begin(pacing: Bool = true) {
+        if pacing { startPacing() }
         started = lk_monotonic_ns()
+    }
+
+    /// Starts the pacer (timers, input wake-ups, kicks) with this thread as the vCPU thread.
+    func startPacing() {
+        guard let pacer = machine.pacer else { return }
+        pacer.bindVCPUThread(run: machine.vcpu.run)
+        engine.publishDeadline()
+        pacer.start()
     }
 
     func end() {
@@ -126,8 +130,10 @@ public final class RecordSession: Session {
 final class FileRecordSource: RecordSource {
     let reader: LogFileReader
     init(_ reader: LogFileReader) { self.reader = reader }
-    func nextRecord() throws -> LogRecord? { try reader.next() }
-    func horizon() -> UInt64? { nil }
+    func next(atOrBefore exit: UInt64) throws -> SourceRead {
+        if let r = try reader.next() { return .record(r) }
+        return .ended
+    }
 }
 
 /// `lockstep replay`: re-executes a log with no real clock and no real input.

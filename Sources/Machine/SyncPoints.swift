@@ -11,6 +11,9 @@ final class SyncPointStore {
     let encoder: LogEncoder?
     let msrs: [UInt32]
     let bitmap: UnsafeMutablePointer<UInt64>
+    /// Every page the guest has written since boot (seeds a new secondary: the rest equals the loaded image).
+    let everDirty: UnsafeMutablePointer<UInt64>
+    let words: Int
     let pageNumbers: UnsafeMutablePointer<UInt32>
     var pageData: UnsafeMutableRawPointer
     var pageDataCapacity: Int
@@ -19,16 +22,18 @@ final class SyncPointStore {
 
     init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32]) {
         self.vm = vm; self.memory = memory; self.encoder = encoder; self.msrs = msrs
-        let words = (memory.pageCount + 63) / 64
+        words = (memory.pageCount + 63) / 64
         bitmap = .allocate(capacity: words)
         bitmap.initialize(repeating: 0, count: words)
+        everDirty = .allocate(capacity: words)
+        everDirty.initialize(repeating: 0, count: words)
         pageNumbers = .allocate(capacity: memory.pageCount)
         pageDataCapacity = 1 << 20
         pageData = .allocate(byteCount: pageDataCapacity, alignment: 4096)
     }
 
     deinit {
-        bitmap.deallocate(); pageNumbers.deallocate(); pageData.deallocate()
+        bitmap.deallocate(); everDirty.deallocate(); pageNumbers.deallocate(); pageData.deallocate()
     }
 
     /// Record side: captures and appends a sync point at the current exit.
@@ -47,6 +52,7 @@ final class SyncPointStore {
     /// Fetches (and clears) the dirty log and copies the dirty pages out; returns how many.
     func collectDirtyPages() throws(SysError) -> Int {
         try vm.fetchDirtyLog(into: bitmap)
+        for i in 0..<words { everDirty[i] |= bitmap[i] }
         let n = lk_bitmap_pages(bitmap, memory.pageCount, pageNumbers, memory.pageCount)
         if n * 4096 > pageDataCapacity {
             pageData.deallocate()
@@ -56,6 +62,19 @@ final class SyncPointStore {
         // SAFETY: every page number comes from the bitmap of this slot, so it is < pageCount.
         lk_gather_pages(memory.base.assumingMemoryBound(to: UInt8.self), pageNumbers, n, pageData.assumingMemoryBound(to: UInt8.self))
         return n
+    }
+
+    /// Every page written since boot (after harvesting the current dirty log), with its contents.
+    func pagesSinceBoot() throws(SysError) -> (numbers: [UInt32], data: [UInt8]) {
+        _ = try collectDirtyPages()
+        let n = lk_bitmap_pages(everDirty, memory.pageCount, pageNumbers, memory.pageCount)
+        let numbers = Array(UnsafeBufferPointer(start: pageNumbers, count: n))
+        var data = [UInt8](repeating: 0, count: n * 4096)
+        data.withUnsafeMutableBytes { d in
+            // SAFETY: page numbers come from this slot's bitmap (< pageCount); d holds n * 4096 bytes.
+            lk_gather_pages(memory.base.assumingMemoryBound(to: UInt8.self), pageNumbers, n, d.baseAddress!.assumingMemoryBound(to: UInt8.self))
+        }
+        return (numbers, data)
     }
 
     /// Replay side: writes the pages and loads the vCPU state. Returns the injection readiness recorded with it.
@@ -69,9 +88,7 @@ final class SyncPointStore {
         }
         // KVM finishes a pending I/O (the IN/OUT of the last exit) only on the next KVM_RUN. Complete it now,
         // without running guest code, so it cannot land on top of the loaded state.
-        lk_run_set_immediate_exit(vcpu.run, 1)
-        _ = try? vcpu.enter()
-        lk_run_set_immediate_exit(vcpu.run, 0)
+        vcpu.completePendingIO()
         sp.pageNumbers.withUnsafeBufferPointer { pn in
             sp.pageData.withUnsafeBytes { pd in
                 // SAFETY: page numbers checked against RAM above; pd holds count * 4096 bytes.

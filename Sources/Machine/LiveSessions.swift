@@ -1,0 +1,53 @@
+import CLockstep
+import EventLog
+
+/// A pair's primary: records into an in-memory encoder whose frames the pair streams to the secondary.
+public final class StreamRecordSession: Session {
+    public let encoder: LogEncoder
+
+    public init(image: PVHImage, config: MachineConfig, output: SerialOutput?, frameTarget: Int = 32 << 10) throws(MachineError) {
+        encoder = LogEncoder(frameTarget: frameTarget)
+        super.init(machine: try Machine(image: image, config: config, mode: .record, encoder: encoder, output: output))
+    }
+
+    public func start() { begin() }
+    public func stop() { end() }
+    public func step() throws(MachineError) -> Engine.State { try engine.step() }
+    /// The exit index: every record for an earlier exit is in the encoder.
+    public var exit: UInt64 { machine.hooks.exit }
+    public func snapshot() throws(MachineError) -> Snapshot { try machine.captureSnapshot() }
+
+    /// The run's result and the trailer that closes its log.
+    public func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer) {
+        let r = try result(e, events: encoder.eventCount, logBytes: 0)
+        return (r, LogTrailer(endReason: e.endReason, exitStatus: e.exitStatus, finalExit: machine.hooks.exit,
+                              eventCount: encoder.eventCount, syncPointCount: encoder.syncPointCount, stateDigest: r.digest))
+    }
+}
+
+/// A pair's secondary: replays a live log as it arrives and can go live where the log stops.
+public final class StandbySession: Session {
+    public init(image: PVHImage, config: MachineConfig, source: RecordSource, output: SerialOutput?) throws(MachineError) {
+        super.init(machine: try Machine(image: image, config: config, mode: .replay, source: source, output: output, standby: true))
+        machine.hooks.onGoLive = { [unowned self] reason in
+            // Inputs are live from here: the timers and wake-ups need the pacer.
+            startPacing()
+            onGoLive?(reason)
+        }
+    }
+
+    /// Called on the vCPU thread when the machine went live (after the pacer started).
+    public var onGoLive: ((String) -> Void)?
+
+    /// Loads the primary's snapshot (before the first step).
+    public func load(_ s: Snapshot) throws(MachineError) {
+        (engine.ready, engine.ifFlag) = try machine.applySnapshot(s)
+    }
+
+    public func start() { begin(pacing: false) }
+    public func stop() { end() }
+    public func step() throws(MachineError) -> Engine.State { try engine.step() }
+    public var exit: UInt64 { machine.hooks.exit }
+    public var isLive: Bool { machine.hooks.mode != .replay }
+    public func result(_ e: Ending) throws(MachineError) -> SessionResult { try result(e, events: 0, logBytes: 0) }
+}

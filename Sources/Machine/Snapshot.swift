@@ -1,0 +1,62 @@
+import CLockstep
+import EventLog
+import KVM
+
+/// A running machine's whole state, as a new secondary needs it: the pages written since boot (the rest
+/// equals the loaded image, which the secondary loads itself), the vCPU, the devices, and where the
+/// recording hooks are (exit index, last signature, last guest clock value).
+public struct Snapshot: Sendable {
+    public var exit: UInt64
+    public var signature: UInt32
+    public var lastClock: UInt64
+    public var vcpuState: [UInt8]
+    public var deviceState: [UInt8]
+    public var pageNumbers: [UInt32]
+    public var pageData: [UInt8]
+
+    public init(exit: UInt64, signature: UInt32, lastClock: UInt64, vcpuState: [UInt8], deviceState: [UInt8],
+                pageNumbers: [UInt32], pageData: [UInt8]) {
+        self.exit = exit; self.signature = signature; self.lastClock = lastClock; self.vcpuState = vcpuState
+        self.deviceState = deviceState; self.pageNumbers = pageNumbers; self.pageData = pageData
+    }
+}
+
+extension Machine {
+    /// Captures a snapshot between two exits (vCPU thread, guest not running).
+    func captureSnapshot() throws(MachineError) -> Snapshot {
+        guard let store = syncPoints else { throw .config("snapshots need dirty tracking (record or replay mode)") }
+        if hooks.exit > 0 { vcpu.completePendingIO() }
+        do {
+            let state = try vcpu.captureState(msrs: store.msrs)
+            let pages = try store.pagesSinceBoot()
+            return Snapshot(exit: hooks.exit, signature: hooks.signature.raw, lastClock: hooks.lastClock,
+                            vcpuState: state.bytes, deviceState: devices.stateBytes(),
+                            pageNumbers: pages.numbers, pageData: pages.data)
+        } catch { throw .sys(error) }
+    }
+
+    /// Loads a snapshot into a freshly booted machine of the same image and config. Returns the
+    /// injection readiness and IF recorded with the vCPU state.
+    func applySnapshot(_ s: Snapshot) throws(MachineError) -> (ready: Bool, ifFlag: Bool) {
+        guard let store = syncPoints else { throw .config("snapshots need dirty tracking (record or replay mode)") }
+        let flags: (Bool, Bool)
+        do {
+            flags = try store.apply(SyncPoint(exit: s.exit, signature: ExitSignature(raw: s.signature), vcpuState: s.vcpuState,
+                                              pageNumbers: s.pageNumbers, pageData: s.pageData), vcpu: vcpu)
+        } catch let e as MachineError { throw e } catch { throw .config("cannot load the snapshot's vCPU state: \(error)") }
+        do { try devices.restoreState(s.deviceState) } catch { throw .config("cannot load the snapshot's device state: \(error)") }
+        hooks.resume(exit: s.exit, signature: ExitSignature(raw: s.signature), lastClock: s.lastClock)
+        return flags
+    }
+
+}
+
+extension VCPU {
+    /// KVM finishes the last exit's I/O (an IN's register write) only on the next KVM_RUN: run it with
+    /// immediate_exit so the registers include it, without executing guest code.
+    func completePendingIO() {
+        lk_run_set_immediate_exit(run, 1)
+        _ = try? enter()
+        lk_run_set_immediate_exit(run, 0)
+    }
+}

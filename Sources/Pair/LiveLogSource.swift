@@ -1,0 +1,215 @@
+import CLockstep
+import Channel
+import EventLog
+import Failover
+import Foundation
+import Machine
+import Synchronization
+
+/// The secondary's record source: a receiver thread decodes log batches from the primary into records,
+/// acks each batch as soon as it holds it, heartbeats when idle, and on the primary's failure takes the
+/// fence. The vCPU thread replays from it (`RecordSource`) and never runs past the primary's watermark.
+final class LiveLogSource: RecordSource, @unchecked Sendable {
+    enum End: Equatable {
+        case trailer(LogTrailer)
+        case goLive(String)
+        /// The primary is alive (it holds the fence) or stopped in an orderly way: do not go live.
+        case stop(String)
+    }
+
+    let conn: Connection
+    let options: PairOptions
+    let output: SuppressedOutput
+    /// The replayer's position (written by the vCPU thread after each step, read for acks).
+    let replayed: Atomic<UInt64>
+    private let wake = lk_eventfd()
+    private struct Queue {
+        var records: [LogRecord] = []
+        var head = 0
+        var horizon: UInt64
+        var end: End?
+    }
+    private let queue: Mutex<Queue>
+    private var decoder: FrameDecoder
+    private var fsm = FailoverMachine.secondary()
+    private let done = DispatchSemaphore(value: 0)
+    private(set) var fenceToken: FenceToken?
+    private var fence: Fence?
+    let heldExit: Atomic<UInt64>
+    let bytesReceived = Atomic<UInt64>(0)
+
+    init(conn: Connection, startExit: UInt64, firstSequence: UInt32, options: PairOptions, output: SuppressedOutput) {
+        self.conn = conn; self.options = options; self.output = output
+        queue = Mutex(Queue(horizon: startExit))
+        replayed = Atomic(startExit)
+        heldExit = Atomic(startExit)
+        decoder = FrameDecoder(firstSequence: firstSequence)
+        _ = fsm.handle(.handshakeOK)
+        _ = fsm.handle(.seedComplete)
+    }
+
+    deinit { close(wake) }
+
+    var end: End? { queue.withLock { $0.end } }
+
+    func start() {
+        let t = Thread { [self] in loop(); done.signal() }
+        t.name = "lockstep-receive"
+        t.start()
+    }
+
+    /// Closes the link (after go-live or at the end) and waits for the receiver thread.
+    func shutdown(goodbye: String?) {
+        if let g = goodbye { try? conn.send(.goodbye(g)) }
+        conn.close()
+        done.wait()
+    }
+
+    // MARK: RecordSource (vCPU thread)
+
+    func next(atOrBefore exit: UInt64) throws -> SourceRead {
+        while true {
+            let r: SourceRead? = queue.withLock { q in
+                if q.head < q.records.count {
+                    let rec = q.records[q.head]
+                    q.head += 1
+                    if q.head == q.records.count { q.records.removeAll(keepingCapacity: true); q.head = 0 }
+                    return .record(rec)
+                }
+                if q.horizon > exit { return .empty(before: q.horizon) }
+                switch q.end {
+                case .trailer?: return .ended
+                case .goLive(let why)?: return .goLive(reason: why)
+                case .stop?: return .ended
+                case nil: return nil
+                }
+            }
+            if let r { return r }
+            // Bounded: the receiver thread always ends the stream within the failure timeout (+ fence wait).
+            _ = lk_eventfd_wait(wake, lk_monotonic_ns() + 100_000_000)
+        }
+    }
+
+    // MARK: receiver thread
+
+    private func loop() {
+        var lastHeard = lk_monotonic_ns()
+        var lastSent: UInt64 = 0
+        while queue.withLock({ $0.end == nil }) {
+            do {
+                let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
+                lastHeard = lk_monotonic_ns()
+                switch m {
+                case .log(let batch):
+                    try received(batch)
+                    try conn.sendAck(Ack(heldExitIndex: heldExit.load(ordering: .acquiring), replayedExitIndex: replayed.load(ordering: .acquiring)))
+                    lastSent = lk_monotonic_ns()
+                case .status(let body):
+                    if body.first == PairMessage.released.rawValue, body.count == 9 {
+                        var r = WireReader(body, what: "released")
+                        if let w = try? r.u64() { output.primaryReleased(below: w) }
+                    }
+                case .goodbye(let why):
+                    // An orderly stop without a trailer: the primary is not failing, do not go live.
+                    if queue.withLock({ $0.end == nil }) { finish(.stop("the primary stopped: \(why)")) }
+                case .heartbeat, .ack, .bulk: break
+                }
+            } catch ChannelError.timeout {
+            } catch let e as LogError {
+                // A log the secondary cannot decode: tell the primary (it re-seeds) and stop replaying it.
+                var w = Wire(tag: PairMessage.divergence.rawValue)
+                w.raw(Array("bad log from the primary: \(e)".utf8))
+                try? conn.send(.status(w.out))
+                finish(.stop("bad log from the primary: \(e)"))
+                return
+            } catch {
+                if queue.withLock({ $0.end == nil }) { primaryLost("channel: \(error)") }
+                return
+            }
+            let now = lk_monotonic_ns()
+            if now &- lastHeard >= options.failureNs {
+                primaryLost("no traffic from the primary for \((now &- lastHeard) / 1_000_000) ms")
+                return
+            }
+            if now &- lastSent >= options.heartbeatNs {
+                let ack = Ack(heldExitIndex: heldExit.load(ordering: .acquiring), replayedExitIndex: replayed.load(ordering: .acquiring))
+                if (try? conn.sendAck(ack)) != nil { lastSent = now }
+            }
+        }
+    }
+
+    /// Splits a batch into log frames, decodes them, and queues the records with the batch's watermark.
+    private func received(_ batch: LogBatch) throws {
+        var records: [LogRecord] = []
+        var trailer: LogTrailer?
+        try batch.bytes.withUnsafeBytes { (all: UnsafeRawBufferPointer) throws in
+            var pos = 0
+            while pos < all.count {
+                let rest = UnsafeRawBufferPointer(rebasing: all[pos...])
+                let h = try FrameHeader.parse(rest)
+                guard h.frameLength <= rest.count else {
+                    throw LogError.corrupt(offset: UInt64(pos), detail: "a log batch ends inside frame \(h.sequence)")
+                }
+                let frame = UnsafeRawBufferPointer(rebasing: rest[..<h.frameLength])
+                if h.kind == .trailer {
+                    trailer = try decoder.decodeTrailer(frame: frame)
+                } else {
+                    records += try decoder.decode(frame: frame)
+                }
+                pos += h.frameLength
+            }
+        }
+        bytesReceived.add(UInt64(batch.bytes.count), ordering: .relaxed)
+        heldExit.store(batch.exitIndex, ordering: .releasing)
+        queue.withLock { q in
+            q.records += records
+            q.horizon = max(q.horizon, batch.exitIndex)
+            if let t = trailer { q.end = .trailer(t) }
+        }
+        lk_eventfd_signal(wake)
+    }
+
+    private func finish(_ e: End) {
+        queue.withLock { $0.end = e }
+        lk_eventfd_signal(wake)
+    }
+
+    /// The primary is presumed failed: take the fence (retrying for `fenceWaitMs`, since a dead holder's lock
+    /// may be released a moment after its socket), then go live, or stop if the fence stays held.
+    private func primaryLost(_ why: String) {
+        conn.close()
+        var actions = fsm.handle(.channelError(why))
+        while !actions.isEmpty {
+            var next: [FailoverAction] = []
+            for a in actions {
+                switch a {
+                case .logWarning(let s): warn(s)
+                case .acquireFence: next += fsm.handle(acquireFence())
+                case .drainLogAndGoLive: finish(.goLive(why + (fenceToken.map { "; fence generation \($0.generation)" } ?? "; no fence")))
+                case .stop(let reason): finish(.stop(reason))
+                default: break
+                }
+            }
+            actions = next
+        }
+    }
+
+    private func acquireFence() -> FailoverEvent {
+        guard let dir = options.fenceDirectory else { return .fenceAcquired(generation: 0) }
+        let f = Fence(directory: dir)
+        let deadline = lk_monotonic_ns() + UInt64(options.fenceWaitMs) * 1_000_000
+        while true {
+            do {
+                if let t = try f.tryAcquire(identity: .current()) {
+                    fence = f
+                    fenceToken = t
+                    return .fenceAcquired(generation: t.generation)
+                }
+            } catch {
+                return .fenceDenied(holder: "unusable fence (\(error))")
+            }
+            if lk_monotonic_ns() >= deadline { return .fenceDenied(holder: f.holder?.description ?? "another process") }
+            usleep(2000)  // retry backoff while a dead holder's lock is released
+        }
+    }
+}

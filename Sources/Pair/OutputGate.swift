@@ -1,0 +1,125 @@
+import CLockstep
+import Foundation
+import Histogram
+import Machine
+import Synchronization
+
+/// The output rule on the primary (VMware FT): a byte the guest wrote while handling exit E leaves the VM only
+/// once the secondary holds every record up to and including exit E (its ack watermark is > E). The guest is
+/// never stalled: held bytes wait here and are released from the link thread when the ack arrives.
+public final class OutputGate: SerialOutput, @unchecked Sendable {
+    let backend: SerialOutput
+    private let lock = NSLock()
+    private var held: [(exit: UInt64, byte: UInt8, ns: UInt64)] = []
+    private var head = 0
+    private var gating = false
+    /// Bytes of exits below this may leave (the secondary's cumulative ack).
+    private var releasedBelow: UInt64 = 0
+    /// Emit → release delay of gated bytes, ns.
+    private var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+    private let heldCount = Atomic<Int>(0)
+
+    public init(backend: SerialOutput) { self.backend = backend }
+
+    /// Output is waiting for an ack (the primary then sends its log at once rather than batching).
+    @inline(__always) var waiting: Bool { heldCount.load(ordering: .relaxed) > 0 }
+
+    public func emit(_ byte: UInt8, exit: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        if !gating || (exit < releasedBelow && head == held.count) {
+            backend.emit(byte, exit: exit)
+        } else {
+            held.append((exit, byte, lk_monotonic_ns()))
+            heldCount.add(1, ordering: .relaxed)
+        }
+    }
+
+    public func flush() {
+        lock.lock(); defer { lock.unlock() }
+        backend.flush()
+    }
+
+    /// The secondary now holds the log of every exit below `watermark`.
+    func release(below watermark: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        guard watermark > releasedBelow else { return }
+        releasedBelow = watermark
+        drain { $0 < watermark }
+    }
+
+    /// Starts holding output for a secondary's acks (from its seed's exit on).
+    func startGating(from exit: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        gating = true
+        releasedBelow = exit
+    }
+
+    /// No secondary: everything held leaves now, and nothing is held from here on.
+    func stopGating() {
+        lock.lock(); defer { lock.unlock() }
+        gating = false
+        drain { _ in true }
+    }
+
+    private func drain(_ releasable: (UInt64) -> Bool) {
+        let now = lk_monotonic_ns()
+        var n = 0
+        while head < held.count, releasable(held[head].exit) {
+            let h = held[head]
+            backend.emit(h.byte, exit: h.exit)
+            _ = latency.record(now &- h.ns)
+            head += 1; n += 1
+        }
+        heldCount.subtract(n, ordering: .relaxed)
+        if head == held.count { held.removeAll(keepingCapacity: true); head = 0 } else if head > 4096 { held.removeFirst(head); head = 0 }
+        if n > 0 { backend.flush() }
+    }
+
+    var heldBytes: Int { lock.lock(); defer { lock.unlock() }; return held.count - head }
+    var releasedWatermark: UInt64 { lock.lock(); defer { lock.unlock() }; return releasedBelow }
+    func latencySnapshot() -> Histogram<UInt64> { lock.lock(); defer { lock.unlock() }; return latency }
+}
+
+/// The secondary's side of the output rule: while replaying, the guest's output is held back (the primary
+/// sends it). Bytes the primary reports released are dropped; on go-live the rest leaves through the
+/// survivor's backend, so output the primary never released is produced again (at-least-once at the
+/// failover instant: bytes released after the primary's last report are sent twice).
+public final class SuppressedOutput: SerialOutput, @unchecked Sendable {
+    private let lock = NSLock()
+    private var held: [(exit: UInt64, byte: UInt8)] = []
+    private var releasedBelow: UInt64 = 0
+    private var live: SerialOutput?
+
+    public init() {}
+
+    public func emit(_ byte: UInt8, exit: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        if let live { live.emit(byte, exit: exit); return }
+        if exit >= releasedBelow { held.append((exit, byte)) }
+    }
+
+    public func flush() {
+        lock.lock(); defer { lock.unlock() }
+        live?.flush()
+    }
+
+    /// The primary released every byte of exits below `watermark`.
+    func primaryReleased(below watermark: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        guard watermark > releasedBelow else { return }
+        releasedBelow = watermark
+        if let i = held.firstIndex(where: { $0.exit >= watermark }) { held.removeFirst(i) } else { held.removeAll() }
+    }
+
+    /// Go-live: emits what the primary may not have released, then passes everything through. Returns the count.
+    @discardableResult
+    func goLive(to backend: SerialOutput) -> Int {
+        lock.lock(); defer { lock.unlock() }
+        for h in held { backend.emit(h.byte, exit: h.exit) }
+        let n = held.count
+        held.removeAll()
+        backend.flush()
+        live = backend
+        return n
+    }
+}

@@ -1,0 +1,83 @@
+import Channel
+import Failover
+import Foundation
+
+/// Settings shared by both sides of a pair.
+public struct PairOptions: Sendable {
+    public var key: [UInt8]
+    public var encryption: EncryptionMode
+    /// Heartbeat interval when the link is otherwise idle (both directions).
+    public var heartbeatMs: Int = 5
+    /// Silence after which the peer is presumed failed.
+    public var failureTimeoutMs: Int = 50
+    /// `--fence DIR`; nil runs without a fence (a partition can then give two live primaries: warned).
+    public var fenceDirectory: String?
+    /// How long a secondary keeps trying a held fence before deciding the primary is alive (kill -9 releases
+    /// a local flock at once; NFS needs its lease time).
+    public var fenceWaitMs: Int = 500
+    /// Flow control: the primary slows down when this many log bytes are not yet replayed by the secondary...
+    public var maxLagBytes: UInt64 = 64 << 20
+    /// ...or when the secondary's replay is this far behind in time.
+    public var maxLagMs: UInt64 = 2000
+    /// How long the primary waits for its first secondary before failing.
+    public var connectTimeoutMs: Int = 30_000
+    /// Status line on stderr and `--status-json` rewrite period (0: none).
+    public var statusIntervalMs: Int = 1000
+    public var statusJSON: String?
+    /// Written once at the end: every figure and histogram the bench harness needs.
+    public var statsJSON: String?
+
+    public init(key: [UInt8], encryption: EncryptionMode = .opportunistic) {
+        self.key = key
+        self.encryption = encryption
+    }
+
+    var heartbeatNs: UInt64 { UInt64(heartbeatMs) * 1_000_000 }
+    var failureNs: UInt64 { UInt64(failureTimeoutMs) * 1_000_000 }
+}
+
+/// Why a pair side stopped without a guest result.
+public enum PairError: Error, CustomStringConvertible {
+    /// No secondary answered (address, refused, timeout).
+    case peerUnreachable(String)
+    /// The peer failed the handshake: wrong key, version, encryption refused, garbage.
+    case peerRejected(String)
+    /// Another side holds the fence: this side must not run as a primary.
+    case fenced(String)
+    /// The seed or the log from the peer is unusable.
+    case badPeerData(String)
+    case config(String)
+
+    public var description: String {
+        switch self {
+        case .peerUnreachable(let s): return "secondary unreachable: \(s)"
+        case .peerRejected(let s): return "peer rejected: \(s)"
+        case .fenced(let s): return "fenced: \(s)"
+        case .badPeerData(let s): return s
+        case .config(let s): return s
+        }
+    }
+
+    /// Maps a channel failure at connect/handshake time.
+    static func from(_ e: Error) -> PairError {
+        guard let c = e as? ChannelError else { return .peerUnreachable("\(e)") }
+        switch c {
+        case .connectionRefused, .connectTimeout, .unreachable, .resolveFailed, .timeout, .peerClosed, .closed, .system:
+            return .peerUnreachable(c.description)
+        default:
+            return .peerRejected(c.description)
+        }
+    }
+}
+
+func warn(_ s: String) { FileHandle.standardError.write(Data(("lockstep: " + s + "\n").utf8)) }
+
+/// Takes the fence for this process, or says who holds it.
+func takeFence(_ dir: String?) throws(PairError) -> Fence? {
+    guard let dir else { return nil }
+    let f = Fence(directory: dir)
+    do {
+        if try f.tryAcquire(identity: .current()) != nil { return f }
+    } catch { throw .config("--fence \(dir): \(error)") }
+    throw .fenced("the fence in \(dir) is held by \(f.holder?.description ?? "another process"): another primary is live")
+}

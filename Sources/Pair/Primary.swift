@@ -1,0 +1,292 @@
+import CLockstep
+import Channel
+import EventLog
+import Failover
+import Foundation
+import Machine
+import Synchronization
+
+/// `lockstep primary`: runs the guest, streams its log to a secondary, gates output on the secondary's acks,
+/// and keeps running unprotected (looking for a new secondary) when it loses one.
+///
+/// Threads: the vCPU thread runs `run()` (guest, encoder, log sends, seeding); the link thread of the
+/// current secondary (acks, heartbeats, releases); a connector thread while no secondary is attached;
+/// the status ticker. The vCPU thread alone attaches and detaches secondaries, at step boundaries.
+public final class PrimaryRunner: @unchecked Sendable {
+    let session: StreamRecordSession
+    let image: PVHImage
+    let config: MachineConfig
+    let gate: OutputGate
+    let options: PairOptions
+    let peerHost: String
+    let peerPort: UInt16
+    let metrics = PairMetrics()
+    let fence: Fence?
+    private let fsm = Mutex(FailoverMachine.primary())
+    private var link: SecondaryLink?
+    /// `link` for other threads (status); written only by the vCPU thread.
+    private let current = Mutex<SecondaryLink?>(nil)
+    private let offered = Mutex<Connection?>(nil)
+    private let hasOffer = Atomic<Bool>(false)
+    private let connecting = Atomic<Bool>(false)
+    private let finished = Atomic<Bool>(false)
+    private var lastFlushNs: UInt64 = 0
+    private var seeded = 0
+    private var totalBytes: UInt64 = 0
+    private var totalBatches: UInt64 = 0
+    private var firstSequence: UInt32 = 0
+    /// Log batching: send at least this often while records wait (lower = less lag, more syscalls).
+    static let batchIntervalNs: UInt64 = 50_000
+
+    public init(image: PVHImage, config: MachineConfig, backend: SerialOutput, peer: String, options: PairOptions) throws(PairError) {
+        guard let colon = peer.lastIndex(of: ":"), let port = UInt16(peer[peer.index(after: colon)...]), port > 0 else {
+            throw .config("--peer \(peer): expected HOST:PORT")
+        }
+        peerHost = String(peer[..<colon]); peerPort = port
+        self.image = image; self.config = config; self.options = options
+        fence = try takeFence(options.fenceDirectory)
+        if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
+        gate = OutputGate(backend: backend)
+        do { session = try StreamRecordSession(image: image, config: config, output: gate) } catch { throw .config("\(error)") }
+    }
+
+    public var machine: Machine { session.machine }
+
+    var state: FailoverState { fsm.withLock { $0.state } }
+
+    /// Connects the first secondary (bounded by `connectTimeoutMs`), then runs the guest to its end.
+    public func run() throws -> SessionResult {
+        let first = try connectInitial()
+        try attach(first)
+        session.machine.onIdle = { [unowned self] in flushLog(force: true) }
+        let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
+        session.start()
+        var ending: Ending = .stopped
+        do {
+            while true {
+                if case .finished(let e) = try session.step() { ending = e; break }
+                afterStep()
+            }
+        } catch {
+            session.stop()
+            ticker?.stop()
+            detach(goodbye: "primary failed: \(error)")
+            throw error
+        }
+        session.stop()
+        let (result, trailer) = try session.finish(ending)
+        finishLog(trailer)
+        finished.store(true, ordering: .releasing)
+        ticker?.stop()
+        report()
+        if let path = options.statsJSON { writeJSON(stats(), to: path) }
+        return result
+    }
+
+    // MARK: vCPU thread
+
+    /// After each step: attach an offered secondary, drop a lost one, push the log, and slow down if the
+    /// secondary's replay is too far behind.
+    @inline(__always) private func afterStep() {
+        if hasOffer.load(ordering: .relaxed) { adoptOffer() }
+        guard let l = link else {
+            // Unprotected: nobody needs the records (a new secondary gets a snapshot).
+            if session.encoder.bufferedBytes > 0 { session.encoder.sealFrame { _ in } }
+            return
+        }
+        if l.lost.load(ordering: .relaxed) { detachLost(l); return }
+        flushLog(force: false)
+        let now = lk_monotonic_ns()
+        if l.mustSlowDown(now: now) { throttle(l, since: now) }
+    }
+
+    private func flushLog(force: Bool) {
+        guard let l = link, session.encoder.bufferedBytes > 0 else { return }
+        let now = lk_monotonic_ns()
+        guard force || session.encoder.shouldFlush || gate.waiting || now &- lastFlushNs >= Self.batchIntervalNs else { return }
+        lastFlushNs = now
+        send(l, watermark: session.exit)
+    }
+
+    private func send(_ l: SecondaryLink, watermark: UInt64) {
+        // One batch per call: frames are small (32 KiB target) except sync points.
+        var ok = true
+        session.encoder.sealFrame { (b: UnsafeRawBufferPointer) in
+            if ok { ok = l.send(watermark: watermark, bytes: b) }
+        }
+    }
+
+    private func throttle(_ l: SecondaryLink, since start: UInt64) {
+        while l.mustSlowDown(now: lk_monotonic_ns()) {
+            _ = lk_eventfd_wait(l.ackEvent, lk_monotonic_ns() + 10_000_000)
+        }
+        metrics.throttled(lk_monotonic_ns() &- start)
+    }
+
+    private func detachLost(_ l: SecondaryLink) {
+        let actions = fsm.withLock { $0.handle(.channelError(l.reason)) }
+        totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
+        l.join()
+        link = nil
+        current.withLock { $0 = nil }
+        for a in actions {
+            switch a {
+            case .logWarning(let s): warn(s)
+            case .acceptNewSecondary: startConnector()
+            default: break
+            }
+        }
+    }
+
+    private func detach(goodbye: String) {
+        guard let l = link else { return }
+        totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
+        try? l.conn.send(.goodbye(goodbye))
+        l.lose(goodbye)
+        l.join()
+        link = nil
+        current.withLock { $0 = nil }
+    }
+
+    /// Seeds a connected secondary with a snapshot (the guest pauses for it) and starts gating on its acks.
+    private func attach(_ conn: Connection) throws {
+        let t0 = lk_monotonic_ns()
+        // Records before the snapshot are not needed by this secondary.
+        session.encoder.sealFrame { _ in }
+        let snap = try session.snapshot()
+        let digest = try session.machine.stateDigest()
+        let header = SeedHeader(config: config, imageSHA256: StateDigest.sha256(image.bytes), cpuidSHA256: session.machine.cpuidDigest, image: image.bytes)
+        do {
+            try conn.send(.bulk(SeedCodec.header(header)))
+            var i = 0
+            while i < snap.pageNumbers.count {
+                let n = min(seedPagesPerFrame, snap.pageNumbers.count - i)
+                try conn.send(.bulk(SeedCodec.pages(snap.pageNumbers[i..<i + n], data: snap.pageData[i * 4096..<(i + n) * 4096])))
+                i += n
+            }
+            try conn.send(.bulk(SeedCodec.end(SeedEnd(exit: snap.exit, signature: snap.signature, lastClock: snap.lastClock,
+                                                      firstSequence: session.encoder.nextSequence, totalPages: UInt32(snap.pageNumbers.count),
+                                                      vcpuState: snap.vcpuState, deviceState: snap.deviceState, stateSHA256: digest))))
+            // The secondary loads the seed and checks its digest (a pass over its RAM) before it answers.
+            let answer = try conn.receiveMessage(timeoutMs: 30_000)
+            guard case .ack(let a) = answer, a.heldExitIndex == snap.exit else {
+                throw PairError.badPeerData("the secondary answered the seed with \(answer)")
+            }
+        } catch let e as PairError {
+            conn.close()
+            throw e
+        } catch {
+            conn.close()
+            throw PairError.from(error)
+        }
+        let l = SecondaryLink(conn: conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics)
+        gate.startGating(from: snap.exit)
+        link = l
+        current.withLock { $0 = l }
+        l.start()
+        seeded += 1
+        let pause = lk_monotonic_ns() &- t0
+        metrics.seeded(pauseNs: pause)
+        let actions = fsm.withLock { f in f.handle(.handshakeOK) + f.handle(.seedComplete) }
+        _ = actions
+        warn("protected: secondary at \(peerHost):\(peerPort) seeded at exit \(snap.exit) with \(snap.pageNumbers.count) pages"
+             + " (guest paused \(String(format: "%.1f", Double(pause) / 1e6)) ms)")
+    }
+
+    private func adoptOffer() {
+        hasOffer.store(false, ordering: .relaxed)
+        guard let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o }) else { return }
+        do { try attach(c) } catch {
+            warn("could not seed the new secondary: \(error); continuing unprotected")
+            startConnector()
+        }
+    }
+
+    /// Sends the trailer, waits (bounded) for the secondary to hold it, then releases all output.
+    private func finishLog(_ trailer: LogTrailer) {
+        guard let l = link, !l.lost.load(ordering: .acquiring) else { gate.stopGating(); return }
+        let final = trailer.finalExit &+ 1
+        var ok = true
+        session.encoder.sealTrailer(trailer) { (b: UnsafeRawBufferPointer) in
+            if ok { ok = l.send(watermark: final, bytes: b) }
+        }
+        let deadline = lk_monotonic_ns() + options.failureNs
+        while ok, l.held.load(ordering: .acquiring) < final, !l.lost.load(ordering: .acquiring), lk_monotonic_ns() < deadline {
+            _ = lk_eventfd_wait(l.ackEvent, deadline)
+        }
+        gate.stopGating()
+        detach(goodbye: "guest exited")
+    }
+
+    // MARK: connecting
+
+    private func config(role: PeerRole) -> ChannelConfig {
+        ChannelConfig(key: options.key, role: role, encryption: options.encryption, payload: [], handshakeTimeoutMs: 5000)
+    }
+
+    /// The first secondary: retried until `connectTimeoutMs` (it may still be starting); an authentication,
+    /// version or encryption refusal is final.
+    private func connectInitial() throws -> Connection {
+        let deadline = lk_monotonic_ns() + UInt64(options.connectTimeoutMs) * 1_000_000
+        var last: PairError = .peerUnreachable("\(peerHost):\(peerPort): no attempt made")
+        while lk_monotonic_ns() < deadline {
+            do {
+                return try Connection.connect(host: peerHost, port: peerPort, timeoutMs: 1000, config: config(role: .primary))
+            } catch {
+                last = PairError.from(error)
+                if case .peerRejected = last { throw last }
+                usleep(50_000)  // retry backoff: the secondary may still be starting
+            }
+        }
+        throw last
+    }
+
+    /// While unprotected: keep trying the peer address; a secondary that answers is handed to the vCPU thread.
+    private func startConnector() {
+        guard !connecting.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        let t = Thread { [self] in
+            var delayMs: UInt64 = 100
+            while !finished.load(ordering: .acquiring) {
+                do {
+                    let c = try Connection.connect(host: peerHost, port: peerPort, timeoutMs: 1000, config: config(role: .primary))
+                    offered.withLock { $0 = c }
+                    hasOffer.store(true, ordering: .releasing)
+                    break
+                } catch {
+                    if case .peerRejected(let why) = PairError.from(error) { warn("a would-be secondary was refused: \(why)"); delayMs = 1000 }
+                }
+                usleep(UInt32(delayMs * 1000))  // retry backoff
+            }
+            connecting.store(false, ordering: .releasing)
+        }
+        t.name = "lockstep-connect"
+        t.start()
+    }
+
+    // MARK: status
+
+    public func status() -> PairStatus {
+        let l = current.withLock { $0 }
+        let exit = session.exit
+        let held = l?.held.load(ordering: .acquiring) ?? 0
+        let replayed = l?.replayed.load(ordering: .acquiring) ?? 0
+        let secs = max(Double(lk_monotonic_ns() &- metrics.startNs) / 1e9, 1e-9)
+        let bytes = l?.bytesSent ?? 0
+        return PairStatus(role: "primary", state: "\(state)", connected: l != nil && !(l!.lost.load(ordering: .relaxed)),
+                          protected: state.gatesOutput, exit: exit, heldExit: held, replayedExit: replayed,
+                          lagExits: exit > replayed && l != nil ? exit - replayed : 0, lagMicroseconds: Double(metrics.lastReplayLagNs) / 1000,
+                          logBytes: bytes, logBytesPerSecond: Double(bytes) / secs, heldOutputBytes: gate.heldBytes,
+                          throttledMs: Double(metrics.throttledNs) / 1e6, secondariesSeeded: seeded)
+    }
+
+    private func report() {
+        let s = status()
+        FileHandle.standardError.write(Data(("lockstep: " + s.line + "\n").utf8))
+        if let p = options.statusJSON { writeJSON(s, to: p) }
+    }
+
+    func stats() -> PairStats {
+        metrics.stats(gate: gate.latencySnapshot(), logBytes: totalBytes, events: session.encoder.eventCount,
+                      batches: totalBatches, syncPoints: session.encoder.syncPointCount, exits: session.exit)
+    }
+}

@@ -1,0 +1,174 @@
+import CLockstep
+import Channel
+import EventLog
+import Foundation
+import Machine
+
+/// `lockstep secondary`: waits for a primary, loads its seed, replays its log in lockstep, and goes live
+/// (fence, drain, live devices, service address) when the primary fails.
+public final class SecondaryRunner: @unchecked Sendable {
+    let listener: Listener
+    let options: PairOptions
+    let serial: SerialSpec
+    private var session: StandbySession?
+    private var source: LiveLogSource?
+    private var backend: SerialBackend?
+    /// How the run ended, for the exit status.
+    public private(set) var wentLive = false
+
+    public init(listen: String, serial: SerialSpec, options: PairOptions) throws(PairError) {
+        guard let colon = listen.lastIndex(of: ":"), let port = UInt16(listen[listen.index(after: colon)...]) else {
+            throw .config("--listen \(listen): expected HOST:PORT")
+        }
+        do { listener = try Listener(host: String(listen[..<colon]), port: port) } catch {
+            throw .config("--listen \(listen): \(error)")
+        }
+        self.serial = serial
+        self.options = options
+    }
+
+    public var port: UInt16 { listener.port }
+
+    /// Accepts primaries until one completes the handshake and the seed (a bad peer is reported and dropped),
+    /// then replays until the guest ends or this side goes live and the guest ends.
+    public func run(acceptTimeoutMs: Int = -1) throws -> SessionResult {
+        let cfg = ChannelConfig(key: options.key, role: .secondary, encryption: options.encryption, payload: [], handshakeTimeoutMs: 5000)
+        var conn: Connection
+        var seeded: (StandbySession, LiveLogSource)
+        while true {
+            do { conn = try listener.accept(timeoutMs: acceptTimeoutMs, config: cfg) } catch {
+                if case ChannelError.timeout = error { throw PairError.peerUnreachable("no primary connected within \(acceptTimeoutMs) ms") }
+                warn("refused a peer: \(error)")
+                continue
+            }
+            do { seeded = try receiveSeed(conn); break } catch let e as PairError {
+                warn("\(e)")
+                try? conn.send(.error(.protocolViolation, "\(e)"))
+                conn.close()
+                throw e
+            }
+        }
+        listener.close()
+        let (s, src) = seeded
+        session = s; source = src
+        let tStart = lk_monotonic_ns()
+        s.onGoLive = { [unowned self] reason in goLive(reason, since: tStart) }
+        src.start()
+        let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
+        defer { ticker?.stop() }
+        s.start()
+        var ending: Ending = .stopped
+        do {
+            while true {
+                if case .finished(let e) = try s.step() { ending = e; break }
+                src.replayed.store(s.exit, ordering: .releasing)
+            }
+        } catch {
+            s.stop()
+            src.shutdown(goodbye: nil)
+            if case .stop(let why)? = src.end { throw PairError.fenced(why) }
+            throw error
+        }
+        s.stop()
+        let r = try s.result(ending)
+        if !wentLive {
+            src.replayed.store(s.exit, ordering: .releasing)
+            src.shutdown(goodbye: "replay finished")
+            guard case .trailer(let t)? = src.end else { throw PairError.badPeerData("replay ended without the primary's trailer") }
+            guard t.finalExit == s.exit, t.stateDigest == r.digest else {
+                throw MachineError.divergence(Divergence(exit: s.exit, expected: "the primary's end at exit \(t.finalExit), state \(StateDigest.hex(t.stateDigest))",
+                                                         found: "exit \(s.exit), state \(r.digestHex)"))
+            }
+        }
+        backend?.close()
+        return r
+    }
+
+    private func receiveSeed(_ conn: Connection) throws -> (StandbySession, LiveLogSource) {
+        func part(_ want: SeedPart) throws -> [UInt8] {
+            let m: Message
+            do { m = try conn.receiveMessage(timeoutMs: 10_000) } catch { throw PairError.badPeerData("the primary's seed did not arrive: \(error)") }
+            guard case .bulk(let b) = m else { throw PairError.badPeerData("expected the seed (\(want)), got \(m)") }
+            do { guard try SeedCodec.part(b) == want || want == .pages else { throw SeedError("expected \(want)") } } catch { throw PairError.badPeerData("\(error)") }
+            return b
+        }
+        let header: SeedHeader
+        do { header = try SeedCodec.decodeHeader(try part(.header)) } catch let e as SeedError { throw PairError.badPeerData(e.description) }
+        guard StateDigest.sha256(header.image) == header.imageSHA256 else { throw PairError.badPeerData("the seed's guest image does not match its SHA-256") }
+        let cpuid: [UInt8]
+        do { cpuid = try CPUIDTable.hostDigest() } catch { throw PairError.config("\(error)") }
+        guard cpuid == header.cpuidSHA256 else {
+            throw PairError.badPeerData("the primary's pinned CPUID table (sha256 \(StateDigest.hex(header.cpuidSHA256))) differs from this host's (\(StateDigest.hex(cpuid))): lockstep needs identical tables")
+        }
+        let image: PVHImage
+        do { image = try PVHImage(bytes: header.image) } catch { throw PairError.badPeerData("the primary's guest image: \(error)") }
+        var numbers: [UInt32] = []
+        var data: [UInt8] = []
+        var end: SeedEnd
+        while true {
+            let b = try part(.pages)
+            do {
+                switch try SeedCodec.part(b) {
+                case .pages:
+                    let (n, d) = try SeedCodec.decodePages(b)
+                    numbers += n; data += d
+                    continue
+                case .end: end = try SeedCodec.decodeEnd(b)
+                case .header: throw SeedError("a second header")
+                }
+            } catch let e as SeedError { throw PairError.badPeerData(e.description) }
+            break
+        }
+        guard end.totalPages == numbers.count else { throw PairError.badPeerData("the seed announced \(end.totalPages) pages and carried \(numbers.count)") }
+        let output = SuppressedOutput()
+        let src = LiveLogSource(conn: conn, startExit: end.exit, firstSequence: end.firstSequence, options: options, output: output)
+        let s = try StandbySession(image: image, config: header.config, source: src, output: output)
+        try s.load(Snapshot(exit: end.exit, signature: end.signature, lastClock: end.lastClock, vcpuState: end.vcpuState,
+                            deviceState: end.deviceState, pageNumbers: numbers, pageData: data))
+        let digest = try s.machine.stateDigest()
+        guard digest == end.stateSHA256 else {
+            throw PairError.badPeerData("after loading the seed this side's state digest is \(StateDigest.hex(digest)), the primary's is \(StateDigest.hex(end.stateSHA256)): the two hosts cannot run in lockstep")
+        }
+        // The seed is loaded: the primary may release output up to here.
+        try conn.sendAck(Ack(heldExitIndex: end.exit, replayedExitIndex: end.exit))
+        warn("secondary: seeded at exit \(end.exit) (\(numbers.count) pages, state \(StateDigest.hex(digest).prefix(16))…); replaying")
+        return (s, src)
+    }
+
+    /// vCPU thread, at the point the log stopped: the machine already samples live inputs.
+    private func goLive(_ reason: String, since start: UInt64) {
+        wentLive = true
+        FileHandle.standardError.write(Data("live: \(reason)\n".utf8))
+        source?.conn.close()
+        // The primary's service address: bind it now (a killed primary's sockets are gone; retry briefly).
+        var b: SerialBackend?
+        let deadline = lk_monotonic_ns() + 2_000_000_000
+        while b == nil {
+            do { b = try SerialBackend(serial) } catch {
+                if lk_monotonic_ns() > deadline { warn("cannot take over the service address \(serial): \(error); output is dropped"); break }
+                usleep(5000)  // retry backoff: the old primary's socket is being torn down
+            }
+        }
+        guard let b, let s = session, let src = source else { return }
+        backend = b
+        let resent = src.output.goLive(to: b)
+        b.startInput(into: s.machine.input)
+        warn("secondary went live at exit \(s.exit) (\(resent) output bytes the primary may not have released are sent again)")
+    }
+
+    public func status() -> PairStatus {
+        let held = source?.heldExit.load(ordering: .acquiring) ?? 0
+        let replayed = source?.replayed.load(ordering: .acquiring) ?? 0
+        let bytes = source?.bytesReceived.load(ordering: .relaxed) ?? 0
+        return PairStatus(role: "secondary", state: wentLive ? "live" : "replaying", connected: !wentLive && source != nil,
+                          protected: false, exit: replayed, heldExit: held, replayedExit: replayed,
+                          lagExits: held > replayed ? held - replayed : 0, lagMicroseconds: 0, logBytes: bytes,
+                          logBytesPerSecond: 0, heldOutputBytes: 0, throttledMs: 0, secondariesSeeded: 0)
+    }
+
+    private func report() {
+        let s = status()
+        FileHandle.standardError.write(Data(("lockstep: " + s.line + "\n").utf8))
+        if let p = options.statusJSON { writeJSON(s, to: p) }
+    }
+}

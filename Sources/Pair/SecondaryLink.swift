@@ -1,0 +1,170 @@
+import CLockstep
+import Channel
+import Foundation
+import Synchronization
+
+/// The primary's end of one secondary: its link thread reads acks and heartbeats, sends heartbeats when
+/// the link is idle, releases gated output, and declares the secondary lost after the failure timeout.
+/// The vCPU thread sends log batches through `send`.
+final class SecondaryLink: @unchecked Sendable {
+    let conn: Connection
+    let options: PairOptions
+    let gate: OutputGate
+    let metrics: PairMetrics
+    /// The secondary holds every record of exits below this.
+    let held: Atomic<UInt64>
+    let replayed: Atomic<UInt64>
+    let lost = Atomic<Bool>(false)
+    private let lostReason = Mutex<String>("")
+    /// Signalled on every ack and on loss (flow control waits on it).
+    let ackEvent = lk_eventfd()
+    let lastSendNs = Atomic<UInt64>(lk_monotonic_ns())
+    private let done = DispatchSemaphore(value: 0)
+
+    /// Batches in flight: (watermark, send time, cumulative bytes), appended by the vCPU thread.
+    private struct Batch { var watermark: UInt64; var ns: UInt64; var bytes: UInt64 }
+    private let batches = Mutex<(list: [Batch], heldAt: Int, replayedAt: Int)>(([], 0, 0))
+    private(set) var bytesSent: UInt64 = 0
+    private let bytesReplayed = Atomic<UInt64>(0)
+    private let oldestUnreplayedNs = Atomic<UInt64>(0)
+    private(set) var batchCount: UInt64 = 0
+
+    init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics) {
+        self.conn = conn; self.options = options; self.gate = gate; self.metrics = metrics
+        held = Atomic(startExit)
+        replayed = Atomic(startExit)
+    }
+
+    deinit { close(ackEvent) }
+
+    func start() {
+        let t = Thread { [self] in loop(); done.signal() }
+        t.name = "lockstep-link"
+        t.start()
+    }
+
+    var reason: String { lostReason.withLock { $0 } }
+
+    /// Marks the secondary lost (idempotent): releases everything gated and wakes a throttled vCPU.
+    func lose(_ why: String) {
+        guard !lost.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        lostReason.withLock { $0 = why }
+        gate.stopGating()
+        conn.close()
+        lk_eventfd_signal(ackEvent)
+    }
+
+    /// Stops the link thread (after `lose` or at the end of the run).
+    func join() { conn.close(); done.wait() }
+
+    // MARK: vCPU thread
+
+    /// Sends encoded log bytes that complete every record below `watermark`.
+    func send(watermark: UInt64, bytes: UnsafeRawBufferPointer) -> Bool {
+        guard !lost.load(ordering: .acquiring) else { return false }
+        let now = lk_monotonic_ns()
+        bytesSent &+= UInt64(bytes.count)
+        batchCount &+= 1
+        let b = Batch(watermark: watermark, ns: now, bytes: bytesSent)
+        batches.withLock { $0.list.append(b) }
+        do { try conn.sendLog(exitIndex: watermark, bytes: bytes) } catch { lose("cannot send to the secondary: \(error)"); return false }
+        lastSendNs.store(now, ordering: .releasing)
+        return true
+    }
+
+    /// Flow control: true while the secondary's replay is too far behind (bytes or time).
+    func mustSlowDown(now: UInt64) -> Bool {
+        if lost.load(ordering: .acquiring) { return false }
+        if bytesSent &- bytesReplayed.load(ordering: .acquiring) > options.maxLagBytes { return true }
+        let oldest = oldestUnreplayedNs.load(ordering: .acquiring)
+        return oldest != 0 && now &- oldest > options.maxLagMs * 1_000_000
+    }
+
+    // MARK: link thread
+
+    private func loop() {
+        var lastHeard = lk_monotonic_ns()
+        var lastReleaseReport: UInt64 = 0
+        var reportedRelease: UInt64 = 0
+        while !lost.load(ordering: .acquiring) {
+            do {
+                let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
+                lastHeard = lk_monotonic_ns()
+                switch m {
+                case .ack(let a): acked(a, now: lastHeard)
+                case .goodbye(let why): lose("the secondary said goodbye: \(why)")
+                case .status(let body): secondaryReported(body)
+                default: break
+                }
+            } catch ChannelError.timeout {
+            } catch {
+                lose("channel error: \(error)")
+                break
+            }
+            let now = lk_monotonic_ns()
+            if now &- lastHeard >= options.failureNs {
+                lose("no traffic from the secondary for \((now &- lastHeard) / 1_000_000) ms")
+                break
+            }
+            // Tell the secondary what left the VM, so a go-live re-sends only what might not have.
+            let released = gate.releasedWatermark
+            if released > reportedRelease, now &- lastReleaseReport >= options.heartbeatNs {
+                var w = Wire(tag: PairMessage.released.rawValue)
+                w.u64(released)
+                if (try? conn.send(.status(w.out))) != nil { lastSendNs.store(now, ordering: .releasing) }
+                reportedRelease = released
+                lastReleaseReport = now
+            }
+            if now &- lastSendNs.load(ordering: .acquiring) >= options.heartbeatNs {
+                do { try conn.sendHeartbeat(Heartbeat(sentNs: now, echoNs: 0)) } catch { lose("cannot send a heartbeat: \(error)"); break }
+                lastSendNs.store(now, ordering: .releasing)
+            }
+        }
+        lk_eventfd_signal(ackEvent)
+    }
+
+    private func acked(_ a: Ack, now: UInt64) {
+        held.store(a.heldExitIndex, ordering: .releasing)
+        replayed.store(a.replayedExitIndex, ordering: .releasing)
+        gate.release(below: a.heldExitIndex)
+        var replayLag: UInt64 = 0
+        var replayedBytes: UInt64 = 0
+        var oldest: UInt64 = 0
+        var newest: UInt64 = 0
+        batches.withLock { s in
+            while s.heldAt < s.list.count, s.list[s.heldAt].watermark <= a.heldExitIndex {
+                metrics.replicated(lagNs: now &- s.list[s.heldAt].ns, at: now)
+                s.heldAt += 1
+            }
+            while s.replayedAt < s.list.count, s.list[s.replayedAt].watermark <= a.replayedExitIndex {
+                replayedBytes = s.list[s.replayedAt].bytes
+                s.replayedAt += 1
+            }
+            if s.replayedAt < s.list.count { oldest = s.list[s.replayedAt].ns; replayLag = now &- oldest }
+            newest = s.list.last?.watermark ?? 0
+            if s.replayedAt > 8192 {
+                s.list.removeFirst(s.replayedAt)
+                s.heldAt -= s.replayedAt
+                s.replayedAt = 0
+            }
+        }
+        if replayedBytes > 0 { bytesReplayed.store(replayedBytes, ordering: .releasing) }
+        oldestUnreplayedNs.store(oldest, ordering: .releasing)
+        metrics.replayed(lagNs: replayLag, lagExits: newest > a.replayedExitIndex ? newest - a.replayedExitIndex : 0)
+        lk_eventfd_signal(ackEvent)
+    }
+
+    private func secondaryReported(_ body: [UInt8]) {
+        guard let tag = body.first, tag == PairMessage.divergence.rawValue else { return }
+        let text = String(decoding: body.dropFirst(), as: UTF8.self)
+        lose("the secondary diverged and was dropped: \(text)")
+    }
+}
+
+/// Status-frame messages of the pair (first body byte).
+enum PairMessage: UInt8 {
+    /// Primary → secondary: u64 watermark; every output byte of an exit below it has left the VM.
+    case released = 1
+    /// Secondary → primary: UTF-8 divergence report; the primary drops and re-seeds it.
+    case divergence = 2
+}

@@ -1,0 +1,148 @@
+import Machine
+
+/// The seed: what a primary sends a new secondary right after the handshake, in `bulk` frames, so both start
+/// from the same state. Layout (little-endian), each part one bulk frame whose first byte is its `SeedPart`:
+///
+///     header: u16 seed version | u32 memory MiB | u32 interrupt latency µs | u64 epoch seconds |
+///             32 image SHA-256 | 32 CPUID table SHA-256 | u32 image length | image bytes
+///     pages:  u32 count | count x u32 page number | count x 4096 page bytes      (zero or more)
+///     end:    u64 exit | u32 signature | u64 last guest clock ns | u32 first log frame sequence |
+///             u32 total pages | u32 length + vCPU state | u32 length + device state | 32 state SHA-256
+///
+/// The secondary loads the image itself; the pages are those the guest wrote since boot. After loading, its
+/// state digest must equal the one in `end`, or the pair does not start.
+enum SeedPart: UInt8 {
+    case header = 1
+    case pages = 2
+    case end = 3
+}
+
+struct SeedHeader: Equatable {
+    static let version: UInt16 = 1
+    var config: MachineConfig
+    var imageSHA256: [UInt8]
+    var cpuidSHA256: [UInt8]
+    var image: [UInt8]
+}
+
+struct SeedEnd: Equatable {
+    var exit: UInt64
+    var signature: UInt32
+    var lastClock: UInt64
+    var firstSequence: UInt32
+    var totalPages: UInt32
+    var vcpuState: [UInt8]
+    var deviceState: [UInt8]
+    var stateSHA256: [UInt8]
+}
+
+struct SeedError: Error, CustomStringConvertible {
+    let description: String
+    init(_ s: String) { description = "bad seed from the primary: " + s }
+}
+
+/// Largest page chunk per bulk frame (frames carry at most 64 MiB).
+let seedPagesPerFrame = 4096
+
+enum SeedCodec {
+    static func header(_ h: SeedHeader) -> [UInt8] {
+        var w = Wire(SeedPart.header)
+        w.u16(SeedHeader.version); w.u32(h.config.memoryMiB); w.u32(h.config.interruptLatencyUs); w.u64(h.config.epochSeconds)
+        w.raw(h.imageSHA256); w.raw(h.cpuidSHA256); w.blob(h.image)
+        return w.out
+    }
+
+    static func pages(_ numbers: ArraySlice<UInt32>, data: ArraySlice<UInt8>) -> [UInt8] {
+        var w = Wire(SeedPart.pages)
+        w.u32(UInt32(numbers.count))
+        for n in numbers { w.u32(n) }
+        w.raw(data)
+        return w.out
+    }
+
+    static func end(_ e: SeedEnd) -> [UInt8] {
+        var w = Wire(SeedPart.end)
+        w.u64(e.exit); w.u32(e.signature); w.u64(e.lastClock); w.u32(e.firstSequence); w.u32(e.totalPages)
+        w.blob(e.vcpuState); w.blob(e.deviceState); w.raw(e.stateSHA256)
+        return w.out
+    }
+
+    static func part(_ body: [UInt8]) throws(SeedError) -> SeedPart {
+        guard let b = body.first, let p = SeedPart(rawValue: b) else { throw SeedError("unknown seed part \(body.first.map(String.init) ?? "(empty)")") }
+        return p
+    }
+
+    static func decodeHeader(_ body: [UInt8]) throws(SeedError) -> SeedHeader {
+        var r = WireReader(body, what: "seed header")
+        let v = try r.u16()
+        guard v == SeedHeader.version else { throw SeedError("seed version \(v); this side speaks \(SeedHeader.version)") }
+        let config = MachineConfig(memoryMiB: try r.u32(), interruptLatencyUs: try r.u32(), epochSeconds: try r.u64())
+        let h = SeedHeader(config: config, imageSHA256: try r.raw(32), cpuidSHA256: try r.raw(32), image: try r.blob(limit: 64 << 20))
+        try r.done()
+        return h
+    }
+
+    static func decodePages(_ body: [UInt8]) throws(SeedError) -> (numbers: [UInt32], data: [UInt8]) {
+        var r = WireReader(body, what: "seed pages")
+        let n = Int(try r.u32())
+        guard n <= seedPagesPerFrame else { throw SeedError("a page chunk of \(n) pages (at most \(seedPagesPerFrame))") }
+        var numbers: [UInt32] = []
+        numbers.reserveCapacity(n)
+        for _ in 0..<n { numbers.append(try r.u32()) }
+        let data = try r.raw(n * 4096)
+        try r.done()
+        return (numbers, data)
+    }
+
+    static func decodeEnd(_ body: [UInt8]) throws(SeedError) -> SeedEnd {
+        var r = WireReader(body, what: "seed end")
+        let e = SeedEnd(exit: try r.u64(), signature: try r.u32(), lastClock: try r.u64(), firstSequence: try r.u32(),
+                        totalPages: try r.u32(), vcpuState: try r.blob(limit: 1 << 20), deviceState: try r.blob(limit: 1 << 20),
+                        stateSHA256: try r.raw(32))
+        try r.done()
+        return e
+    }
+}
+
+/// Little-endian writer for pair messages.
+struct Wire {
+    var out: [UInt8] = []
+    init(_ part: SeedPart) { out.append(part.rawValue) }
+    init(tag: UInt8) { out.append(tag) }
+    mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) } }
+    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) } }
+    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) } }
+    mutating func raw<C: Collection>(_ b: C) where C.Element == UInt8 { out.append(contentsOf: b) }
+    mutating func blob(_ b: [UInt8]) { u32(UInt32(b.count)); out.append(contentsOf: b) }
+}
+
+/// Bounds-checked reader: every short or oversized field is a `SeedError` naming it.
+struct WireReader {
+    let data: [UInt8]
+    let what: String
+    var pos = 1  // after the part/tag byte
+    init(_ data: [UInt8], what: String) { self.data = data; self.what = what }
+
+    mutating func raw(_ n: Int) throws(SeedError) -> [UInt8] {
+        guard n >= 0, data.count - pos >= n else { throw SeedError("\(what) ends early at byte \(pos) (needs \(n) more)") }
+        defer { pos += n }
+        return Array(data[pos..<pos + n])
+    }
+    mutating func int<T: FixedWidthInteger>(_: T.Type) throws(SeedError) -> T {
+        let b = try raw(MemoryLayout<T>.size)
+        var v: T = 0
+        for (i, x) in b.enumerated() { v |= T(x) << (8 * i) }
+        return v
+    }
+    mutating func u16() throws(SeedError) -> UInt16 { try int(UInt16.self) }
+    mutating func u32() throws(SeedError) -> UInt32 { try int(UInt32.self) }
+    mutating func u64() throws(SeedError) -> UInt64 { try int(UInt64.self) }
+    mutating func blob(limit: Int) throws(SeedError) -> [UInt8] {
+        let n = Int(try u32())
+        guard n <= limit else { throw SeedError("\(what): a field of \(n) bytes (at most \(limit))") }
+        return try raw(n)
+    }
+    func done() throws(SeedError) {
+        guard pos == data.count else { throw SeedError("\(what) has \(data.count - pos) unexpected trailing bytes") }
+    }
+}

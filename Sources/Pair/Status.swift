@@ -1,0 +1,148 @@
+import CLockstep
+import Foundation
+import Histogram
+
+/// The pair's state as the operator sees it: one line on stderr per period, and the same as JSON.
+public struct PairStatus: Codable, Sendable {
+    public var role: String
+    public var state: String
+    public var connected: Bool
+    public var protected: Bool
+    public var exit: UInt64
+    /// Primary: the secondary's held (acked) watermark. Secondary: the watermark received.
+    public var heldExit: UInt64
+    public var replayedExit: UInt64
+    public var lagExits: UInt64
+    public var lagMicroseconds: Double
+    public var logBytes: UInt64
+    public var logBytesPerSecond: Double
+    public var heldOutputBytes: Int
+    public var throttledMs: Double
+    public var secondariesSeeded: Int
+
+    var line: String {
+        "status: \(role) \(state) \(protected ? "protected" : "UNPROTECTED") exit=\(exit) held=\(heldExit) replayed=\(replayedExit) "
+            + "lag=\(lagExits) exits/\(String(format: "%.0f", lagMicroseconds)) µs log=\(String(format: "%.1f", logBytesPerSecond / 1024)) KiB/s "
+            + "gated=\(heldOutputBytes) B"
+    }
+}
+
+/// Figures the bench harness reads at the end of a primary's run (`--stats-json`).
+public struct PairStats: Codable, Sendable {
+    public struct Percentiles: Codable, Sendable {
+        public var count: UInt64
+        public var p50: Double
+        public var p99: Double
+        public var p999: Double
+        public var max: Double
+        init(_ h: Histogram<UInt64>, scale: Double = 1000) {
+            count = h.totalCount
+            p50 = Double(h.valueAtPercentile(50)) / scale
+            p99 = Double(h.valueAtPercentile(99)) / scale
+            p999 = Double(h.valueAtPercentile(99.9)) / scale
+            max = Double(h.totalCount == 0 ? 0 : h.max) / scale
+        }
+    }
+    /// Batch sent → secondary's ack that it holds it, µs.
+    public var replicationLagUs: Percentiles
+    /// Primary position → secondary's replayed position, µs (sampled per ack).
+    public var replayLagUs: Percentiles
+    /// Gated output byte: emitted by the guest → released, µs.
+    public var gateLatencyUs: Percentiles
+    public var replayLagExitsMax: UInt64
+    public var logBytes: UInt64
+    public var events: UInt64
+    public var batches: UInt64
+    public var syncPoints: UInt64
+    public var exits: UInt64
+    public var elapsedSeconds: Double
+    public var throttledMs: Double
+    public var seedPauseMs: [Double]
+    /// (seconds since start, replication lag µs) samples for the lag-over-time plot.
+    public var lagSeries: [[Double]]
+    /// Replication lag histogram buckets: (upper bound µs, count), for the histogram plot.
+    public var lagHistogram: [[Double]]
+}
+
+/// Measurements the link thread and the vCPU thread both feed (under one lock; never on the per-exit path).
+final class PairMetrics: @unchecked Sendable {
+    private let lock = NSLock()
+    private var replication = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+    private var replay = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+    private var series: [[Double]] = []
+    private var lastSeriesNs: UInt64 = 0
+    let startNs = lk_monotonic_ns()
+    var replayLagExitsMax: UInt64 = 0
+    var lastReplayLagNs: UInt64 = 0
+    var throttledNs: UInt64 = 0
+    var seedPausesMs: [Double] = []
+
+    func replicated(lagNs: UInt64, at now: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        _ = replication.record(lagNs)
+        if now &- lastSeriesNs >= 1_000_000 && series.count < 20_000 {
+            lastSeriesNs = now
+            series.append([Double(now &- startNs) / 1e9, Double(lagNs) / 1000])
+        }
+    }
+
+    func replayed(lagNs: UInt64, lagExits: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        _ = replay.record(lagNs)
+        lastReplayLagNs = lagNs
+        replayLagExitsMax = max(replayLagExitsMax, lagExits)
+    }
+
+    func throttled(_ ns: UInt64) { lock.lock(); throttledNs &+= ns; lock.unlock() }
+    func seeded(pauseNs: UInt64) { lock.lock(); seedPausesMs.append(Double(pauseNs) / 1e6); lock.unlock() }
+
+    func stats(gate: Histogram<UInt64>, logBytes: UInt64, events: UInt64, batches: UInt64, syncPoints: UInt64, exits: UInt64) -> PairStats {
+        lock.lock(); defer { lock.unlock() }
+        var buckets: [[Double]] = []
+        for b in replication.recordedValues() where b.count > 0 {
+            buckets.append([Double(b.value) / 1000, Double(b.count)])
+        }
+        return PairStats(replicationLagUs: .init(replication), replayLagUs: .init(replay), gateLatencyUs: .init(gate),
+                         replayLagExitsMax: replayLagExitsMax, logBytes: logBytes, events: events, batches: batches,
+                         syncPoints: syncPoints, exits: exits, elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9,
+                         throttledMs: Double(throttledNs) / 1e6, seedPauseMs: seedPausesMs, lagSeries: series, lagHistogram: buckets)
+    }
+}
+
+/// Writes `value` as JSON to `path` atomically (temporary name, then rename).
+func writeJSON<T: Encodable>(_ value: T, to path: String) {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    guard let data = try? enc.encode(value) else { return }
+    let tmp = path + ".tmp"
+    if FileManager.default.createFile(atPath: tmp, contents: data) { _ = rename(tmp, path) }
+}
+
+/// Calls `body` every `ms` on its own thread until stopped.
+final class Ticker: @unchecked Sendable {
+    private let wake = lk_eventfd()
+    private let running = NSLock()
+    private var stopped = false
+    private let done = DispatchSemaphore(value: 0)
+
+    init(ms: Int, name: String, _ body: @escaping @Sendable () -> Void) {
+        let t = Thread { [self] in
+            while true {
+                _ = lk_eventfd_wait(wake, lk_monotonic_ns() + UInt64(ms) * 1_000_000)
+                running.lock(); let s = stopped; running.unlock()
+                if s { break }
+                body()
+            }
+            done.signal()
+        }
+        t.name = name
+        t.start()
+    }
+
+    func stop() {
+        running.lock(); stopped = true; running.unlock()
+        lk_eventfd_signal(wake)
+        done.wait()
+        close(wake)
+    }
+}

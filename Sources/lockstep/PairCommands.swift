@@ -1,0 +1,93 @@
+import ArgumentParser
+import Channel
+import Foundation
+import Machine
+import Pair
+
+struct PairArguments: ParsableArguments {
+    @Option(name: .long, help: "Pre-shared key file (at least 16 bytes), the same on both hosts.") var keyFile: String
+    @Option(name: .long, help: "Channel encryption: disabled, opportunistic or required (AES-256-GCM).") var encrypt: String = "opportunistic"
+    @Option(name: .long, help: "Directory both hosts reach holding the fence file (lockstep.fence).") var fence: String?
+    @Option(name: .long, help: "Heartbeat interval when the link is idle (ms).") var heartbeatMs: Int = 5
+    @Option(name: .long, help: "Silence after which the peer is presumed failed (ms).") var failureTimeoutMs: Int = 50
+    @Option(name: .long, help: "How long a secondary retries a held fence before concluding the primary is alive (ms).") var fenceWaitMs: Int = 500
+    @Option(name: .long, help: "Status line period on stderr (ms, 0 = none).") var statusIntervalMs: Int = 1000
+    @Option(name: .long, help: "Rewrite this JSON file with the pair's status every period.") var statusJson: String?
+    @Option(name: .long, help: "Write replication figures (lag histograms, bandwidth) as JSON here at the end.") var statsJson: String?
+
+    func options() throws -> PairOptions {
+        guard let mode = ["disabled": EncryptionMode.disabled, "opportunistic": .opportunistic, "required": .required][encrypt] else {
+            throw fail("--encrypt \(encrypt): use disabled, opportunistic or required", .usage)
+        }
+        guard heartbeatMs > 0, failureTimeoutMs > heartbeatMs else {
+            throw fail("--failure-timeout-ms (\(failureTimeoutMs)) must exceed --heartbeat-ms (\(heartbeatMs)) > 0", .usage)
+        }
+        let key: [UInt8]
+        do { key = try ChannelConfig.loadKey(path: keyFile) } catch { throw fail("--key-file: \(error)", .usage) }
+        var o = PairOptions(key: key, encryption: mode)
+        o.fenceDirectory = fence
+        o.heartbeatMs = heartbeatMs; o.failureTimeoutMs = failureTimeoutMs; o.fenceWaitMs = fenceWaitMs
+        o.statusIntervalMs = statusIntervalMs; o.statusJSON = statusJson; o.statsJSON = statsJson
+        return o
+    }
+}
+
+/// Maps a pair failure to its message and exit status.
+func pairExit(_ e: Error) -> ExitCode {
+    if let e = e as? ExitCode { return e }
+    if let m = e as? MachineError { return engineExit(m) }
+    guard let p = e as? PairError else { return fail("\(e)", .internalError) }
+    switch p {
+    case .peerUnreachable: return fail(p.description, .peerUnreachable)
+    case .peerRejected, .badPeerData: return fail(p.description, .peerRejected)
+    case .fenced: return fail(p.description, .fenced)
+    case .config: return fail(p.description, .usage)
+    }
+}
+
+struct PrimaryCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "primary",
+        abstract: "Run a guest protected by a secondary: stream its log, gate its output, survive the secondary's loss.")
+    @Argument(help: "PVH ELF guest image.") var guest: String
+    @Option(name: .long, help: "The secondary's FT-link address (HOST:PORT).") var peer: String
+    @OptionGroup var options: MachineOptions
+    @OptionGroup var pair: PairArguments
+    @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
+    @Option(name: .long, help: "How long to wait for the first secondary (ms).") var connectTimeoutMs: Int = 30_000
+
+    func run() throws {
+        var o = try pair.options()
+        o.connectTimeoutMs = connectTimeoutMs
+        do {
+            let image = try loadImage(guest)
+            let backend = try SerialBackend(try SerialSpec.parse(options.serial))
+            let p = try PrimaryRunner(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs),
+                                      backend: backend, peer: peer, options: o)
+            backend.startInput(into: p.machine.input)
+            let r = try p.run()
+            backend.close()
+            throw finish(r, verbose: options.verbose)
+        } catch { throw pairExit(error) }
+    }
+}
+
+struct SecondaryCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "secondary",
+        abstract: "Replay a primary's guest in lockstep and go live when it fails.")
+    @Option(name: .long, help: "FT-link address to listen on (HOST:PORT).") var listen: String
+    @Option(name: .long, help: "Serial backend used after going live (the primary's service address).") var serial: String = "stdio"
+    @OptionGroup var pair: PairArguments
+    @Option(name: .long, help: "Give up when no primary connects within this many ms (default: wait forever).") var acceptTimeoutMs: Int = -1
+    @Flag(name: .long, help: "Print run statistics.") var verbose = false
+
+    func run() throws {
+        let o = try pair.options()
+        do {
+            let spec = try SerialSpec.parse(serial)
+            let s = try SecondaryRunner(listen: listen, serial: spec, options: o)
+            FileHandle.standardError.write(Data("lockstep: secondary listening on \(listen.split(separator: ":").dropLast().joined(separator: ":")):\(s.port)\n".utf8))
+            let r = try s.run(acceptTimeoutMs: acceptTimeoutMs)
+            throw finish(r, verbose: verbose)
+        } catch { throw pairExit(error) }
+    }
+}
