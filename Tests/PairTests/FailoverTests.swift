@@ -1,0 +1,196 @@
+import Foundation
+import Glibc
+import Testing
+
+/// kill -9 and partitions against real `lockstep primary` / `lockstep secondary` processes on loopback.
+@Suite(.serialized) struct FailoverTests {
+    /// Starts a secondary and a primary running the echo guest, both with `--serial udp:127.0.0.1:PORT`.
+    static func startPair(_ ws: (dir: String, key: String, fence: String), udp: UInt16, extraPrimary: [String] = [],
+                          peerOverride: ((UInt16) throws -> UInt16)? = nil) throws -> (Child, Child, UInt16) {
+        let common = ["--key-file", ws.key, "--fence", ws.fence, "--status-interval-ms", "0"]
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        let port = try sec.listeningPort()
+        let peer = try peerOverride?(port) ?? port
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(peer)", "--memory", "32",
+                                        "--serial", "udp:127.0.0.1:\(udp)"] + common + extraPrimary)
+        try pri.waitForLine(containing: "protected: secondary")
+        return (pri, sec, port)
+    }
+
+    /// Checks every reply ever received: a seq is never answered with two different contents, and the
+    /// count of distinct requests always equals the seq (no request lost from the survivor's history).
+    struct History {
+        var replies: [UInt64: String] = [:]
+        var problems: [String] = []
+        mutating func saw(_ line: String) {
+            let f = line.split(separator: " ")
+            guard f.count == 4, f[0] == "REP", let seq = UInt64(f[1]) else { return }
+            if let old = replies[seq], old != line { problems.append("seq \(seq) answered twice: '\(old)' then '\(line)'") }
+            replies[seq] = line
+            if UInt64(f[2]) != seq { problems.append("'\(line)': the service counted \(f[2]) requests at seq \(seq)") }
+        }
+    }
+
+    /// One trial: requests, kill -9 of the primary after `killAfter` replies, requests against the survivor, QUIT.
+    static func killPrimaryTrial(killAfter: Int, total: Int) throws -> Double {
+        let ws = try PairFixture.workspace()
+        let udp = PairFixture.freeUDPPort()
+        let (pri, sec, _) = try startPair(ws, udp: udp)
+        let client = EchoClient(port: udp)
+        var history = History()
+        var failoverMs = 0.0
+        for seq in 1...total {
+            if seq == killAfter + 1 {
+                pri.kill9()
+                let t0 = Date()
+                let r = client.request("REQ \(seq) after-kill", expect: "REP \(seq) ", seen: { history.saw($0) })
+                guard r != nil else { throw PairTestError("no reply from the survivor after kill -9; secondary:\n\(sec.stderrText)") }
+                failoverMs = Date().timeIntervalSince(t0) * 1000
+                continue
+            }
+            guard client.request("REQ \(seq) text-\(seq)", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil else {
+                throw PairTestError("no reply to seq \(seq); primary:\n\(pri.stderrText)\nsecondary:\n\(sec.stderrText)")
+            }
+        }
+        #expect(history.problems.isEmpty, "\(history.problems)")
+        #expect(history.replies.count == total)
+        _ = client.request("QUIT", expect: "RESULT echo")
+        let status = try sec.wait(seconds: 30)
+        #expect(status == 0, "survivor ended with \(status): \(sec.stderrText)")
+        #expect(sec.stderr.contains { $0.hasPrefix("live: ") }, "the survivor never said live:")
+        #expect(sec.digest != nil)
+        try pri.wait(seconds: 10)
+        #expect(pri.process.terminationReason == .uncaughtSignal)
+        try? FileManager.default.removeItem(atPath: ws.dir)
+        return failoverMs
+    }
+
+    @Test func killPrimaryTwentyTimes() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        var times: [Double] = []
+        for i in 0..<20 {
+            times.append(try Self.killPrimaryTrial(killAfter: 1 + i % 5, total: 8))
+        }
+        times.sort()
+        print("kill -9 → first survivor reply over \(times.count) trials: p50 \(String(format: "%.1f", times[times.count / 2])) ms, max \(String(format: "%.1f", times.last!)) ms")
+    }
+
+    @Test func killSecondaryThenReprotect() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = PairFixture.freeUDPPort()
+        let (pri, sec, port) = try Self.startPair(ws, udp: udp)
+        let client = EchoClient(port: udp)
+        var history = History()
+        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        sec.kill9()
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        // Unprotected: output is not held for anyone.
+        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        // A new secondary on the same address is seeded from the running guest (snapshot) and protects it.
+        let common = ["--key-file", ws.key, "--fence", ws.fence, "--status-interval-ms", "0"]
+        let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        let seeded = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 20)
+        #expect(!seeded.contains("at exit 0 "), "the new secondary must be seeded from the running state: \(seeded)")
+        for seq in 7...9 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        // And it can take over.
+        pri.kill9()
+        #expect(client.request("REQ 10 d", expect: "REP 10 ", seen: { history.saw($0) }) != nil, "secondary-2:\n\(sec2.stderrText)")
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try sec2.wait(seconds: 30) == 0, "\(sec2.stderrText)")
+        #expect(history.problems.isEmpty, "\(history.problems)")
+        try pri.wait(seconds: 10)
+        try? sec.wait(seconds: 10)
+    }
+
+    @Test func partitionNeverGivesTwoPrimaries() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = PairFixture.freeUDPPort()
+        let proxy = try TCPProxy()
+        let (pri, sec, _) = try Self.startPair(ws, udp: udp) { port in try proxy.start(forwardingTo: port) }
+        let client = EchoClient(port: udp)
+        var history = History()
+        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        proxy.cut()
+        // Both alive, link gone: the secondary must find the fence held and stop without going live.
+        let status = try sec.wait(seconds: 30)
+        #expect(status == 75, "secondary should exit 75 (fenced): \(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "the secondary went live while the primary held the fence")
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(history.problems.isEmpty, "\(history.problems)")
+    }
+}
+
+/// A TCP forwarder the test controls: `cut()` drops both sides and stops accepting (a partition).
+final class TCPProxy: @unchecked Sendable {
+    let listenFD: Int32
+    let port: UInt16
+    private let lock = NSLock()
+    private var fds: [Int32] = []
+    private var cutDone = false
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        guard withUnsafePointer(to: &a, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }) == 0,
+              listen(fd, 4) == 0 else { throw PairTestError("proxy: cannot listen") }
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        listenFD = fd
+        port = UInt16(bigEndian: a.sin_port)
+    }
+
+    /// Accepts connections and forwards each to 127.0.0.1:`target`. Returns the proxy's port.
+    func start(forwardingTo target: UInt16) throws -> UInt16 {
+        Thread { [self] in
+            while true {
+                let c = accept(listenFD, nil, nil)
+                if c < 0 { return }
+                let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                var a = sockaddr_in()
+                a.sin_family = sa_family_t(AF_INET)
+                a.sin_port = target.bigEndian
+                a.sin_addr.s_addr = inet_addr("127.0.0.1")
+                guard withUnsafePointer(to: &a, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }) == 0 else {
+                    close(c); close(s); continue
+                }
+                lock.lock()
+                if cutDone { lock.unlock(); close(c); close(s); return }
+                fds += [c, s]
+                lock.unlock()
+                pump(c, s); pump(s, c)
+            }
+        }.start()
+        return port
+    }
+
+    private func pump(_ from: Int32, _ to: Int32) {
+        Thread {
+            var buf = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let n = read(from, &buf, buf.count)
+                if n <= 0 { return }
+                var off = 0
+                while off < n {
+                    let w = buf.withUnsafeBytes { write(to, $0.baseAddress! + off, n - off) }
+                    if w <= 0 { return }
+                    off += w
+                }
+            }
+        }.start()
+    }
+
+    /// The partition: both directions stop at once and no new connection gets through.
+    func cut() {
+        lock.lock(); defer { lock.unlock() }
+        cutDone = true
+        shutdown(listenFD, Int32(SHUT_RDWR))
+        for fd in fds { shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+}

@@ -1,0 +1,196 @@
+import Foundation
+import Glibc
+import Testing
+
+/// Real `lockstep` processes for the pair tests: spawn, watch stderr for lines (event-driven, bounded),
+/// kill -9, reap with a bound.
+enum PairFixture {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// The `lockstep` executable next to the test binary (built by `swift build --build-tests`).
+    static var binary: String {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+        let sibling = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("lockstep").path
+        if FileManager.default.isExecutableFile(atPath: sibling) { return sibling }
+        return root.appendingPathComponent(".build/debug/lockstep").path
+    }
+
+    /// Why these tests cannot run here, or nil.
+    static var skipReason: String? {
+        let fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)
+        if fd < 0 { return "/dev/kvm cannot be opened (absent, or not root): pair tests skipped" }
+        close(fd)
+        if !FileManager.default.isExecutableFile(atPath: binary) { return "the lockstep executable is not built at \(binary): run `swift build --build-tests`" }
+        return nil
+    }
+
+    static let guestsBuilt: Bool = {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/make")
+        p.arguments = ["-s", "-C", root.appendingPathComponent("Guests").path]
+        try? p.run()
+        p.waitUntilExit()
+        return p.terminationStatus == 0
+    }()
+
+    static func guest(_ name: String) throws -> String {
+        guard guestsBuilt else { throw PairTestError("make -C Guests failed") }
+        return root.appendingPathComponent("Guests/build/\(name).elf").path
+    }
+
+    /// A fresh directory with a random 32-byte key and a fence directory.
+    static func workspace() throws -> (dir: String, key: String, fence: String) {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lockstep-pair-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: dir + "/fence", withIntermediateDirectories: true)
+        var key = [UInt8](repeating: 0, count: 32)
+        for i in key.indices { key[i] = UInt8.random(in: 0...255) }
+        FileManager.default.createFile(atPath: dir + "/key", contents: Data(key))
+        return (dir, dir + "/key", dir + "/fence")
+    }
+
+    /// A UDP port free right now (bound to 0 and released).
+    static func freeUDPPort() -> UInt16 {
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(fd) }
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        return UInt16(bigEndian: a.sin_port)
+    }
+}
+
+struct PairTestError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
+
+/// One child process whose stderr is collected line by line; waits are on those lines or on exit, never on sleeps.
+final class Child: @unchecked Sendable {
+    let process = Process()
+    let name: String
+    private let cond = NSCondition()
+    private var lines: [String] = []
+    private var exited = false
+    private var partial = Data()
+
+    init(_ name: String, _ args: [String]) throws {
+        self.name = name
+        process.executableURL = URL(fileURLWithPath: PairFixture.binary)
+        process.arguments = args
+        let err = Pipe()
+        process.standardError = err
+        process.standardOutput = FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        err.fileHandleForReading.readabilityHandler = { [weak self] h in
+            let d = h.availableData
+            guard let self else { return }
+            self.cond.lock()
+            if d.isEmpty { h.readabilityHandler = nil } else { self.partial.append(d) }
+            while let nl = self.partial.firstIndex(of: 0x0A) {
+                self.lines.append(String(decoding: self.partial[self.partial.startIndex..<nl], as: UTF8.self))
+                self.partial.removeSubrange(self.partial.startIndex...nl)
+            }
+            self.cond.broadcast()
+            self.cond.unlock()
+        }
+        process.terminationHandler = { [weak self] _ in
+            guard let self else { return }
+            self.cond.lock(); self.exited = true; self.cond.broadcast(); self.cond.unlock()
+        }
+        try process.run()
+    }
+
+    deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+
+    var stderr: [String] { cond.lock(); defer { cond.unlock() }; return lines }
+    var stderrText: String { stderr.joined(separator: "\n") }
+
+    /// Waits for a stderr line containing `text`; returns it.
+    @discardableResult
+    func waitForLine(containing text: String, occurrence: Int = 1, seconds: Double = 30) throws -> String {
+        let deadline = Date().addingTimeInterval(seconds)
+        cond.lock(); defer { cond.unlock() }
+        while true {
+            let hits = lines.filter { $0.contains(text) }
+            if hits.count >= occurrence { return hits[occurrence - 1] }
+            if exited && partial.isEmpty { throw PairTestError("\(name) exited (status \(process.terminationStatus)) without printing '\(text)'; stderr:\n\(lines.suffix(20).joined(separator: "\n"))") }
+            if !cond.wait(until: deadline) { throw PairTestError("\(name) did not print '\(text)' within \(seconds) s; stderr:\n\(lines.suffix(20).joined(separator: "\n"))") }
+        }
+    }
+
+    /// Waits for the process to end; returns its status (or the signal number for a signal death).
+    @discardableResult
+    func wait(seconds: Double = 60) throws -> Int32 {
+        let deadline = Date().addingTimeInterval(seconds)
+        cond.lock()
+        while !exited {
+            if !cond.wait(until: deadline) {
+                cond.unlock()
+                kill(process.processIdentifier, SIGKILL)
+                throw PairTestError("\(name) did not exit within \(seconds) s; stderr:\n\(stderr.suffix(20).joined(separator: "\n"))")
+            }
+        }
+        cond.unlock()
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    func kill9() { kill(process.processIdentifier, SIGKILL) }
+
+    /// The `state-digest:` value printed at the end.
+    var digest: String? { stderr.last(where: { $0.hasPrefix("state-digest: ") }).map { String($0.dropFirst(14)) } }
+
+    /// The port a secondary says it listens on.
+    func listeningPort() throws -> UInt16 {
+        let l = try waitForLine(containing: "listening on ")
+        guard let p = l.split(separator: ":").last.flatMap({ UInt16($0) }) else { throw PairTestError("no port in '\(l)'") }
+        return p
+    }
+}
+
+/// A UDP client of the echo guest: sends a line, retries until the matching reply arrives (bounded).
+final class EchoClient {
+    let fd: Int32
+    var addr = sockaddr_in()
+
+    init(port: UInt16) {
+        fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = port.bigEndian
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    }
+    deinit { close(fd) }
+
+    func send(_ line: String) {
+        let b = Array((line + "\n").utf8)
+        _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, b, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+    }
+
+    /// Lines received within `ms` (a datagram may hold several).
+    func receive(ms: Int32) -> [String] {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&p, 1, ms) > 0 else { return [] }
+        var buf = [UInt8](repeating: 0, count: 2048)
+        let n = recv(fd, &buf, buf.count, 0)
+        guard n > 0 else { return [] }
+        return String(decoding: buf[0..<n], as: UTF8.self).split(separator: "\n").map(String.init)
+    }
+
+    /// Sends `line` every `retryMs` until a reply line starting with `prefix` arrives; every line received
+    /// on the way is handed to `seen`. Returns the reply and when it arrived, or nil after `seconds`.
+    func request(_ line: String, expect prefix: String, retryMs: Int32 = 20, seconds: Double = 15,
+                 seen: (String) -> Void = { _ in }) -> String? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            send(line)
+            for l in receive(ms: retryMs) {
+                seen(l)
+                if l.hasPrefix(prefix) { return l }
+            }
+        }
+        return nil
+    }
+}
