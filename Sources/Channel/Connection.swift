@@ -17,6 +17,9 @@ public final class Connection: @unchecked Sendable {
 
     private let closedFlag = Atomic<Bool>(false)
     public var isClosed: Bool { closedFlag.load(ordering: .acquiring) }
+    /// CLOCK_MONOTONIC ns of the last bytes received: a peer in the middle of a large frame is alive.
+    private let lastReceive = Atomic<UInt64>(lk_monotonic_ns())
+    public var lastReceiveNs: UInt64 { lastReceive.load(ordering: .relaxed) }
 
     // Send side (under sendLock): one growable buffer reused for every frame.
     private let sendLock = Lock()
@@ -270,6 +273,7 @@ public final class Connection: @unchecked Sendable {
             }
             if n == 0 { throw isClosed ? ChannelError.closed : ChannelError.peerClosed(midFrame: rend > rstart) }
             rend += n
+            lastReceive.store(lk_monotonic_ns(), ordering: .relaxed)
         }
     }
 

@@ -37,6 +37,9 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     private var fence: Fence?
     let heldExit: Atomic<UInt64>
     let bytesReceived = Atomic<UInt64>(0)
+    private let lastSentNs = Atomic<UInt64>(0)
+    /// Heartbeats come from their own thread: decoding a large sync point must not look like death.
+    private var heartbeat: Ticker?
 
     init(conn: Connection, startExit: UInt64, firstSequence: UInt32, options: PairOptions, output: SuppressedOutput) {
         self.conn = conn; self.options = options; self.output = output
@@ -56,10 +59,20 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         let t = Thread { [self] in loop(); done.signal() }
         t.name = "lockstep-receive"
         t.start()
+        heartbeat = Ticker(ms: options.heartbeatMs, name: "lockstep-heartbeat") { [self] in
+            if lk_monotonic_ns() &- lastSentNs.load(ordering: .relaxed) >= options.heartbeatNs { sendAck() }
+        }
+    }
+
+    private func sendAck() {
+        let ack = Ack(heldExitIndex: heldExit.load(ordering: .acquiring), replayedExitIndex: replayed.load(ordering: .acquiring))
+        if (try? conn.sendAck(ack)) != nil { lastSentNs.store(lk_monotonic_ns(), ordering: .relaxed) }
     }
 
     /// Closes the link (after go-live or at the end) and waits for the receiver thread.
     func shutdown(goodbye: String?) {
+        heartbeat?.stop()
+        heartbeat = nil
         if let g = goodbye { try? conn.send(.goodbye(g)) }
         conn.close()
         done.wait()
@@ -94,7 +107,6 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
 
     private func loop() {
         var lastHeard = lk_monotonic_ns()
-        var lastSent: UInt64 = 0
         while queue.withLock({ $0.end == nil }) {
             do {
                 let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
@@ -102,8 +114,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 switch m {
                 case .log(let batch):
                     try received(batch)
-                    try conn.sendAck(Ack(heldExitIndex: heldExit.load(ordering: .acquiring), replayedExitIndex: replayed.load(ordering: .acquiring)))
-                    lastSent = lk_monotonic_ns()
+                    sendAck()
                 case .status(let body):
                     if body.first == PairMessage.released.rawValue, body.count == 9 {
                         var r = WireReader(body, what: "released")
@@ -127,13 +138,10 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 return
             }
             let now = lk_monotonic_ns()
+            lastHeard = max(lastHeard, conn.lastReceiveNs)  // bytes of a large frame count as life
             if now &- lastHeard >= options.failureNs {
                 primaryLost("no traffic from the primary for \((now &- lastHeard) / 1_000_000) ms")
                 return
-            }
-            if now &- lastSent >= options.heartbeatNs {
-                let ack = Ack(heldExitIndex: heldExit.load(ordering: .acquiring), replayedExitIndex: replayed.load(ordering: .acquiring))
-                if (try? conn.sendAck(ack)) != nil { lastSent = now }
             }
         }
     }

@@ -102,6 +102,7 @@ final class SecondaryLink: @unchecked Sendable {
                 break
             }
             let now = lk_monotonic_ns()
+            lastHeard = max(lastHeard, conn.lastReceiveNs)  // bytes of a large frame count as life
             if now &- lastHeard >= options.failureNs {
                 lose("no traffic from the secondary for \((now &- lastHeard) / 1_000_000) ms")
                 break

@@ -1,0 +1,144 @@
+import Channel
+import Foundation
+import Glibc
+import Testing
+
+/// A pair that is not disturbed runs to the guest's end on both sides with the same state digest.
+@Suite(.serialized) struct LockstepTests {
+    static func runPair(_ guest: String, memory: Int = 32, primaryArgs: [String] = [], secondaryArgs: [String] = []) throws -> (Child, Child) {
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let common = ["--key-file", ws.key, "--fence", ws.fence, "--status-interval-ms", "0"]
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + common + secondaryArgs)
+        let port = try sec.listeningPort()
+        let pri = try Child("primary", ["primary", try PairFixture.guest(guest), "--peer", "127.0.0.1:\(port)", "--memory", "\(memory)",
+                                        "--serial", "none"] + common + primaryArgs)
+        let ps = try pri.wait(seconds: 240)
+        let ss = try sec.wait(seconds: 60)
+        #expect(ps == 0, "\(guest): primary ended with \(ps):\n\(pri.stderrText)")
+        #expect(ss == ps, "\(guest): secondary ended with \(ss):\n\(sec.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec.digest, "\(guest): digests differ: primary \(pri.digest ?? "-"), secondary \(sec.digest ?? "-")")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(guest): the secondary went live:\n\(sec.stderrText)")
+        return (pri, sec)
+    }
+
+    @Test(arguments: ["hello", "timer-compute-short", "clock", "idle", "exit-heavy"])
+    func everyGuestEndsWithEqualDigests(guest: String) throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        _ = try Self.runPair(guest)
+    }
+
+    /// Tens of MiB dirtied under a timer: sync points carry many pages (20 ms bound keeps the log small).
+    /// Frames of tens of MiB take a debug build on two shared cores longer than 50 ms to decode: the failure
+    /// timeout is raised so the test checks lockstep, not scheduling.
+    @Test func dirtyGuestWithSyncPoints() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        _ = try Self.runPair("dirty", memory: 128, primaryArgs: ["--interrupt-latency-us", "20000", "--failure-timeout-ms", "2000"],
+                             secondaryArgs: ["--failure-timeout-ms", "2000"])
+    }
+
+    @Test func timingGuestRepeatedlyInLockstep() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        var digests = Set<String>()
+        for _ in 0..<5 {
+            let (p, _) = try Self.runPair("timer-compute-short")
+            if let d = p.digest { digests.insert(d) }
+        }
+        // Interrupts land differently each run, and each run is still mirrored exactly.
+        #expect(digests.count > 1, "five runs gave one digest: the guest's timing was not exercised")
+    }
+}
+
+/// Bad peers: each is a clear error, the connection is dropped, and nothing running is harmed.
+@Suite(.serialized) struct BadPeerTests {
+    static func secondary(_ ws: (dir: String, key: String, fence: String), _ extra: [String] = []) throws -> (Child, UInt16) {
+        let s = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none", "--key-file", ws.key,
+                                        "--status-interval-ms", "0"] + extra)
+        return (s, try s.listeningPort())
+    }
+
+    static func primary(_ port: UInt16, key: String, _ extra: [String] = []) throws -> Child {
+        try Child("primary", ["primary", try PairFixture.guest("hello"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
+                              "--serial", "none", "--key-file", key, "--status-interval-ms", "0"] + extra)
+    }
+
+    /// After a bad peer, the secondary still pairs with a good primary and mirrors it to the end.
+    static func stillServes(_ sec: Child, port: UInt16, key: String) throws {
+        let good = try primary(port, key: key)
+        #expect(try good.wait(seconds: 60) == 0, "\(good.stderrText)")
+        #expect(try sec.wait(seconds: 60) == 0, "\(sec.stderrText)")
+        #expect(good.digest != nil && good.digest == sec.digest)
+    }
+
+    @Test func wrongKey() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let (sec, port) = try Self.secondary(ws)
+        let other = ws.dir + "/other-key"
+        FileManager.default.createFile(atPath: other, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
+        let bad = try Self.primary(port, key: other)
+        #expect(try bad.wait() == 76)
+        #expect(bad.stderrText.contains("authentication"), "\(bad.stderrText)")
+        try sec.waitForLine(containing: "refused a peer")
+        try Self.stillServes(sec, port: port, key: ws.key)
+    }
+
+    @Test func garbageBytes() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let (sec, port) = try Self.secondary(ws)
+        let c = try Connection.connectRaw(host: "127.0.0.1", port: port, timeoutMs: 2000)
+        _ = Array("GET / HTTP/1.1\r\nHost: lockstep\r\n\r\n".utf8).withUnsafeBytes { write(c.fd, $0.baseAddress, $0.count) }
+        try sec.waitForLine(containing: "refused a peer")
+        c.close()
+        try Self.stillServes(sec, port: port, key: ws.key)
+    }
+
+    @Test func versionMismatch() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let (sec, port) = try Self.secondary(ws)
+        let key = [UInt8](try Data(contentsOf: URL(fileURLWithPath: ws.key)))
+        var cfg = ChannelConfig(key: key, role: .primary)
+        cfg.protocolVersion = ChannelConfig.currentVersion + 1
+        #expect(throws: ChannelError.self) { _ = try Connection.connect(host: "127.0.0.1", port: port, timeoutMs: 2000, config: cfg) }
+        let l = try sec.waitForLine(containing: "refused a peer")
+        #expect(l.contains("version"), "\(l)")
+        try Self.stillServes(sec, port: port, key: ws.key)
+    }
+
+    @Test func requiredEncryptionAgainstDisabled() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let (sec, port) = try Self.secondary(ws, ["--encrypt", "disabled"])
+        let bad = try Self.primary(port, key: ws.key, ["--encrypt", "required"])
+        #expect(try bad.wait() == 76)
+        #expect(bad.stderrText.contains("encrypt"), "\(bad.stderrText)")
+        try sec.waitForLine(containing: "refused a peer")
+        try Self.stillServes(sec, port: port, key: ws.key)
+    }
+
+    @Test func encryptedPairRunsInLockstep() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let (p, s) = try LockstepTests.runPair("timer-compute-short", primaryArgs: ["--encrypt", "required"], secondaryArgs: ["--encrypt", "required"])
+        #expect(p.digest == s.digest)
+    }
+
+    @Test func unreachablePeer() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        // Port 1 on loopback: nothing listens there.
+        let bad = try Self.primary(1, key: ws.key, ["--connect-timeout-ms", "300"])
+        #expect(try bad.wait() == 68)
+        #expect(bad.stderrText.contains("unreachable"), "\(bad.stderrText)")
+    }
+
+    @Test func shortKeyFile() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        FileManager.default.createFile(atPath: ws.dir + "/short", contents: Data([1, 2, 3]))
+        let bad = try Self.primary(1, key: ws.dir + "/short")
+        #expect(try bad.wait() == 64)
+        #expect(bad.stderrText.contains("at least 16"), "\(bad.stderrText)")
+    }
+}
