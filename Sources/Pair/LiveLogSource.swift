@@ -125,6 +125,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                     if queue.withLock({ $0.end == nil }) { finish(.stop("the primary stopped: \(why)")) }
                 case .heartbeat, .ack, .bulk: break
                 }
+                lastHeard = lk_monotonic_ns()
             } catch ChannelError.timeout {
             } catch let e as LogError {
                 // A log the secondary cannot decode: tell the primary (it re-seeds) and stop replaying it.
@@ -138,7 +139,9 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 return
             }
             let now = lk_monotonic_ns()
-            lastHeard = max(lastHeard, conn.lastReceiveNs)  // bytes of a large frame count as life
+            // Silence is time spent waiting for bytes: bytes of a large frame count as life, and so does
+            // the time this thread spent handling what it received.
+            lastHeard = max(lastHeard, conn.lastReceiveNs)
             if now &- lastHeard >= options.failureNs {
                 primaryLost("no traffic from the primary for \((now &- lastHeard) / 1_000_000) ms")
                 return

@@ -18,6 +18,7 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
     /// Emit → release delay of gated bytes, ns.
     private var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
     private let heldCount = Atomic<Int>(0)
+    private var flushWhenDrained = false
 
     public init(backend: SerialOutput) { self.backend = backend }
 
@@ -34,9 +35,11 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
         }
     }
 
+    /// The guest went idle: push out a partial line, but only once every byte before it has left (flushing the
+    /// released part of a held line would split it across datagrams).
     public func flush() {
         lock.lock(); defer { lock.unlock() }
-        backend.flush()
+        if head == held.count { backend.flush() } else { flushWhenDrained = true }
     }
 
     /// The secondary now holds the log of every exit below `watermark`.
@@ -72,7 +75,7 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
         }
         heldCount.subtract(n, ordering: .relaxed)
         if head == held.count { held.removeAll(keepingCapacity: true); head = 0 } else if head > 4096 { held.removeFirst(head); head = 0 }
-        if n > 0 { backend.flush() }
+        if head == held.count, flushWhenDrained { flushWhenDrained = false; backend.flush() }
     }
 
     var heldBytes: Int { lock.lock(); defer { lock.unlock() }; return held.count - head }
@@ -118,7 +121,6 @@ public final class SuppressedOutput: SerialOutput, @unchecked Sendable {
         for h in held { backend.emit(h.byte, exit: h.exit) }
         let n = held.count
         held.removeAll()
-        backend.flush()
         live = backend
         return n
     }

@@ -96,13 +96,16 @@ final class SecondaryLink: @unchecked Sendable {
                 case .status(let body): secondaryReported(body)
                 default: break
                 }
+                lastHeard = lk_monotonic_ns()
             } catch ChannelError.timeout {
             } catch {
                 lose("channel error: \(error)")
                 break
             }
             let now = lk_monotonic_ns()
-            lastHeard = max(lastHeard, conn.lastReceiveNs)  // bytes of a large frame count as life
+            // Silence is time spent waiting for bytes: bytes of a large frame count as life, and so does
+            // the time this thread spent handling what it received.
+            lastHeard = max(lastHeard, conn.lastReceiveNs)
             if now &- lastHeard >= options.failureNs {
                 lose("no traffic from the secondary for \((now &- lastHeard) / 1_000_000) ms")
                 break

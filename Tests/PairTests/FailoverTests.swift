@@ -3,11 +3,11 @@ import Glibc
 import Testing
 
 /// kill -9 and partitions against real `lockstep primary` / `lockstep secondary` processes on loopback.
-@Suite(.serialized) struct FailoverTests {
+extension PairTests { @Suite struct FailoverTests {
     /// Starts a secondary and a primary running the echo guest, both with `--serial udp:127.0.0.1:PORT`.
     static func startPair(_ ws: (dir: String, key: String, fence: String), udp: UInt16, extraPrimary: [String] = [],
                           peerOverride: ((UInt16) throws -> UInt16)? = nil) throws -> (Child, Child, UInt16) {
-        let common = ["--key-file", ws.key, "--fence", ws.fence, "--status-interval-ms", "0"]
+        let common = PairFixture.common(ws)
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
         let port = try sec.listeningPort()
         let peer = try peerOverride?(port) ?? port
@@ -88,7 +88,7 @@ import Testing
         // Unprotected: output is not held for anyone.
         for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
         // A new secondary on the same address is seeded from the running guest (snapshot) and protects it.
-        let common = ["--key-file", ws.key, "--fence", ws.fence, "--status-interval-ms", "0"]
+        let common = PairFixture.common(ws)
         let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "udp:127.0.0.1:\(udp)"] + common)
         let seeded = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 20)
         #expect(!seeded.contains("at exit 0 "), "the new secondary must be seeded from the running state: \(seeded)")
@@ -123,6 +123,8 @@ import Testing
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
         #expect(history.problems.isEmpty, "\(history.problems)")
     }
+}
+
 }
 
 /// A TCP forwarder the test controls: `cut()` drops both sides and stops accepting (a partition).

@@ -4,11 +4,11 @@ import Glibc
 import Testing
 
 /// A pair that is not disturbed runs to the guest's end on both sides with the same state digest.
-@Suite(.serialized) struct LockstepTests {
+extension PairTests { @Suite struct LockstepTests {
     static func runPair(_ guest: String, memory: Int = 32, primaryArgs: [String] = [], secondaryArgs: [String] = []) throws -> (Child, Child) {
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let common = ["--key-file", ws.key, "--fence", ws.fence, "--status-interval-ms", "0"]
+        let common = PairFixture.common(ws)
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + common + secondaryArgs)
         let port = try sec.listeningPort()
         let pri = try Child("primary", ["primary", try PairFixture.guest(guest), "--peer", "127.0.0.1:\(port)", "--memory", "\(memory)",
@@ -29,12 +29,11 @@ import Testing
     }
 
     /// Tens of MiB dirtied under a timer: sync points carry many pages (20 ms bound keeps the log small).
-    /// Frames of tens of MiB take a debug build on two shared cores longer than 50 ms to decode: the failure
-    /// timeout is raised so the test checks lockstep, not scheduling.
+    /// Frames of tens of MiB take longer than the 50 ms failure timeout to send and decode: neither side
+    /// may mistake that for silence.
     @Test func dirtyGuestWithSyncPoints() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        _ = try Self.runPair("dirty", memory: 128, primaryArgs: ["--interrupt-latency-us", "20000", "--failure-timeout-ms", "2000"],
-                             secondaryArgs: ["--failure-timeout-ms", "2000"])
+        _ = try Self.runPair("dirty", memory: 128, primaryArgs: ["--interrupt-latency-us", "20000"])
     }
 
     @Test func timingGuestRepeatedlyInLockstep() throws {
@@ -49,17 +48,20 @@ import Testing
     }
 }
 
+}
+
 /// Bad peers: each is a clear error, the connection is dropped, and nothing running is harmed.
-@Suite(.serialized) struct BadPeerTests {
+extension PairTests { @Suite struct BadPeerTests {
     static func secondary(_ ws: (dir: String, key: String, fence: String), _ extra: [String] = []) throws -> (Child, UInt16) {
         let s = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none", "--key-file", ws.key,
-                                        "--status-interval-ms", "0"] + extra)
+                                        "--status-interval-ms", "0", "--failure-timeout-ms", PairFixture.failureTimeoutMs] + extra)
         return (s, try s.listeningPort())
     }
 
     static func primary(_ port: UInt16, key: String, _ extra: [String] = []) throws -> Child {
         try Child("primary", ["primary", try PairFixture.guest("hello"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
-                              "--serial", "none", "--key-file", key, "--status-interval-ms", "0"] + extra)
+                              "--serial", "none", "--key-file", key, "--status-interval-ms", "0",
+                              "--failure-timeout-ms", PairFixture.failureTimeoutMs] + extra)
     }
 
     /// After a bad peer, the secondary still pairs with a good primary and mirrors it to the end.
@@ -120,7 +122,7 @@ import Testing
 
     @Test func encryptedPairRunsInLockstep() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let (p, s) = try LockstepTests.runPair("timer-compute-short", primaryArgs: ["--encrypt", "required"], secondaryArgs: ["--encrypt", "required"])
+        let (p, s) = try PairTests.LockstepTests.runPair("timer-compute-short", primaryArgs: ["--encrypt", "required"], secondaryArgs: ["--encrypt", "required"])
         #expect(p.digest == s.digest)
     }
 
@@ -141,4 +143,5 @@ import Testing
         #expect(try bad.wait() == 64)
         #expect(bad.stderrText.contains("at least 16"), "\(bad.stderrText)")
     }
+}
 }

@@ -2,6 +2,9 @@ import Foundation
 import Glibc
 import Testing
 
+/// Every pair test runs one at a time: each starts processes that pin a vCPU thread, on two cores.
+@Suite(.serialized) struct PairTests {}
+
 /// Real `lockstep` processes for the pair tests: spawn, watch stderr for lines (event-driven, bounded),
 /// kill -9, reap with a bound.
 enum PairFixture {
@@ -46,6 +49,14 @@ enum PairFixture {
         for i in key.indices { key[i] = UInt8.random(in: 0...255) }
         FileManager.default.createFile(atPath: dir + "/key", contents: Data(key))
         return (dir, dir + "/key", dir + "/fence")
+    }
+
+    /// The tests share two cores with other suites: a 500 ms failure timeout keeps a descheduled peer from
+    /// being taken for dead (kill -9 is detected at once anyway, by the closed socket).
+    static let failureTimeoutMs = "500"
+
+    static func common(_ ws: (dir: String, key: String, fence: String)) -> [String] {
+        ["--key-file", ws.key, "--fence", ws.fence, "--status-interval-ms", "0", "--failure-timeout-ms", failureTimeoutMs]
     }
 
     /// A UDP port free right now (bound to 0 and released).
