@@ -88,7 +88,7 @@ public final class InputHooks: DeviceInputs {
         var t = lk_monotonic_ns() &- hostBase
         if t < lastClock { t = lastClock }
         lastClock = t
-        encoder?.append(Event(kind: kind, exit: exit, signature: signature, value: t))
+        log(kind, t)
         return t
     }
 
@@ -106,7 +106,7 @@ public final class InputHooks: DeviceInputs {
             return UInt8(truncatingIfNeeded: v)
         }
         guard let b = live() else { return nil }
-        encoder?.append(Event(kind: .serialInput, exit: exit, signature: signature, value: UInt64(b)))
+        log(.serialInput, UInt64(b))
         return b
     }
 
@@ -118,7 +118,7 @@ public final class InputHooks: DeviceInputs {
     @inline(__always) private func note(_ kind: EventKind, _ value: UInt64) {
         switch mode {
         case .run: return
-        case .record: encoder?.append(Event(kind: kind, exit: exit, signature: signature, value: value))
+        case .record: log(kind, value)
         case .replay:
             if let v = take(kind), v != value {
                 fail(expected: "\(kind) \(v) (from the log)", found: "\(kind) \(value) (recomputed by the replay)")
@@ -126,19 +126,31 @@ public final class InputHooks: DeviceInputs {
         }
     }
 
+    /// Record mode: appends one event at the current exit.
+    @inline(__always) private func log(_ kind: EventKind, _ value: UInt64) {
+        var sig = signature
+        if exit >= faultAtExit { sig = ExitSignature(raw: sig.raw ^ 0x10); faultAtExit = .max }
+        encoder?.append(Event(kind: kind, exit: exit, signature: sig, value: value))
+    }
+
+    /// Fault injection for tests of divergence handling: the first event logged at or after this exit carries a wrong
+    /// signature (the run itself is unchanged; only its log lies). Set from `LOCKSTEP_FAULT_SIGNATURE_AT_EXIT`.
+    public var faultAtExit: UInt64 = .max
+
     // MARK: replay cursor
 
     /// True when the next record is an event of `kind` at the current exit.
     @inline(__always) func pendingIs(_ kind: EventKind) -> Bool {
         settle()
-        guard pendingExit == exit, case .event(let e)? = pending else { return false }
+        // After a divergence the cursor no longer moves: nothing is pending, so no loop waits on it.
+        guard divergence == nil, pendingExit == exit, case .event(let e)? = pending else { return false }
         return e.kind == kind
     }
 
     /// The pending sync point at this exit, if the log has one next.
     func pendingSyncPoint() -> SyncPoint? {
         settle()
-        guard pendingExit == exit, case .syncPoint(let s)? = pending else { return nil }
+        guard divergence == nil, pendingExit == exit, case .syncPoint(let s)? = pending else { return nil }
         return s
     }
 

@@ -13,8 +13,12 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     enum End: Equatable {
         case trailer(LogTrailer)
         case goLive(String)
-        /// The primary is alive (it holds the fence) or stopped in an orderly way: do not go live.
-        case stop(String)
+        /// The primary is alive (it holds the fence): never go live.
+        case fenced(String)
+        /// The primary stopped in an orderly way (goodbye without a trailer): nothing to take over.
+        case primaryStopped(String)
+        /// This side cannot follow the log (bad frame, divergence): the primary is told and re-seeds it.
+        case resync(String)
     }
 
     let conn: Connection
@@ -93,7 +97,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 switch q.end {
                 case .trailer?: return .ended
                 case .goLive(let why)?: return .goLive(reason: why)
-                case .stop?: return .ended
+                case .fenced?, .primaryStopped?, .resync?: return .ended
                 case nil: return nil
                 }
             }
@@ -122,17 +126,14 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                     }
                 case .goodbye(let why):
                     // An orderly stop without a trailer: the primary is not failing, do not go live.
-                    if queue.withLock({ $0.end == nil }) { finish(.stop("the primary stopped: \(why)")) }
+                    if queue.withLock({ $0.end == nil }) { finish(.primaryStopped("the primary stopped: \(why)")) }
                 case .heartbeat, .ack, .bulk: break
                 }
                 lastHeard = lk_monotonic_ns()
             } catch ChannelError.timeout {
             } catch let e as LogError {
-                // A log the secondary cannot decode: tell the primary (it re-seeds) and stop replaying it.
-                var w = Wire(tag: PairMessage.divergence.rawValue)
-                w.raw(Array("bad log from the primary: \(e)".utf8))
-                try? conn.send(.status(w.out))
-                finish(.stop("bad log from the primary: \(e)"))
+                // A log the secondary cannot decode: stop following it and ask for a new seed.
+                reportDivergence("bad log from the primary: \(e)")
                 return
             } catch {
                 if queue.withLock({ $0.end == nil }) { primaryLost("channel: \(error)") }
@@ -180,6 +181,14 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         lk_eventfd_signal(wake)
     }
 
+    /// Tells the primary this side cannot follow its log (it drops the link and seeds this side again).
+    func reportDivergence(_ text: String) {
+        var w = Wire(tag: PairMessage.divergence.rawValue)
+        w.raw(Array(text.utf8.prefix(60_000)))
+        try? conn.send(.status(w.out))
+        finish(.resync(text))
+    }
+
     private func finish(_ e: End) {
         queue.withLock { $0.end = e }
         lk_eventfd_signal(wake)
@@ -197,7 +206,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 case .logWarning(let s): warn(s)
                 case .acquireFence: next += fsm.handle(acquireFence())
                 case .drainLogAndGoLive: finish(.goLive(why + (fenceToken.map { "; fence generation \($0.generation)" } ?? "; no fence")))
-                case .stop(let reason): finish(.stop(reason))
+                case .stop(let reason): finish(.fenced(reason))
                 default: break
                 }
             }

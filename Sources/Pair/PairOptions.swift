@@ -44,6 +44,8 @@ public enum PairError: Error, CustomStringConvertible {
     case peerRejected(String)
     /// Another side holds the fence: this side must not run as a primary.
     case fenced(String)
+    /// The primary stopped in an orderly way before the guest ended: nothing to take over.
+    case primaryStopped(String)
     /// The seed or the log from the peer is unusable.
     case badPeerData(String)
     case config(String)
@@ -53,6 +55,7 @@ public enum PairError: Error, CustomStringConvertible {
         case .peerUnreachable(let s): return "secondary unreachable: \(s)"
         case .peerRejected(let s): return "peer rejected: \(s)"
         case .fenced(let s): return "fenced: \(s)"
+        case .primaryStopped(let s): return s
         case .badPeerData(let s): return s
         case .config(let s): return s
         }

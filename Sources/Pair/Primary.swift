@@ -48,6 +48,10 @@ public final class PrimaryRunner: @unchecked Sendable {
         if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
         gate = OutputGate(backend: backend)
         do { session = try StreamRecordSession(image: image, config: config, output: gate) } catch { throw .config("\(error)") }
+        if let v = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_SIGNATURE_AT_EXIT"], let n = UInt64(v) {
+            warn("fault injection: the log lies about the signature of the first event at exit \(n) or later")
+            session.machine.hooks.faultAtExit = n
+        }
     }
 
     public var machine: Machine { session.machine }
@@ -77,6 +81,10 @@ public final class PrimaryRunner: @unchecked Sendable {
         let (result, trailer) = try session.finish(ending)
         finishLog(trailer)
         finished.store(true, ordering: .releasing)
+        if let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o }) {
+            try? c.send(.goodbye("the guest ended before this secondary was seeded"))
+            c.close()
+        }
         ticker?.stop()
         report()
         if let path = options.statsJSON { writeJSON(stats(), to: path) }

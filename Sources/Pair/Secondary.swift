@@ -30,29 +30,41 @@ public final class SecondaryRunner: @unchecked Sendable {
     public var port: UInt16 { listener.port }
 
     /// Accepts primaries until one completes the handshake and the seed (a bad peer is reported and dropped),
-    /// then replays until the guest ends or this side goes live and the guest ends.
+    /// then replays until the guest ends or this side goes live and the guest ends. A divergence while
+    /// replaying is reported to the primary, which seeds this side again.
     public func run(acceptTimeoutMs: Int = -1) throws -> SessionResult {
-        let cfg = ChannelConfig(key: options.key, role: .secondary, encryption: options.encryption, payload: [], handshakeTimeoutMs: 5000)
-        var conn: Connection
-        var seeded: (StandbySession, LiveLogSource)
+        defer { listener.close() }
         while true {
+            let (s, src) = try acceptSeeded(acceptTimeoutMs: acceptTimeoutMs)
+            if let r = try follow(s, src) { return r }
+        }
+    }
+
+    private func acceptSeeded(acceptTimeoutMs: Int) throws -> (StandbySession, LiveLogSource) {
+        let cfg = ChannelConfig(key: options.key, role: .secondary, encryption: options.encryption, payload: [], handshakeTimeoutMs: 5000)
+        while true {
+            let conn: Connection
             do { conn = try listener.accept(timeoutMs: acceptTimeoutMs, config: cfg) } catch {
                 if case ChannelError.timeout = error { throw PairError.peerUnreachable("no primary connected within \(acceptTimeoutMs) ms") }
                 warn("refused a peer: \(error)")
                 continue
             }
-            do { seeded = try receiveSeed(conn); break } catch let e as PairError {
+            do { return try receiveSeed(conn) } catch let e as PairError {
                 warn("\(e)")
                 try? conn.send(.error(.protocolViolation, "\(e)"))
                 conn.close()
+                // A primary that went away mid-seed is not a bad peer: keep waiting for one.
+                if case .peerUnreachable = e { continue }
                 throw e
             }
         }
-        listener.close()
-        let (s, src) = seeded
+    }
+
+    /// Replays one seeded stream. Returns the result when the guest ended; nil when this side must be seeded
+    /// again (it diverged or could not read the log).
+    private func follow(_ s: StandbySession, _ src: LiveLogSource) throws -> SessionResult? {
         session = s; source = src
-        let tStart = lk_monotonic_ns()
-        s.onGoLive = { [unowned self] reason in goLive(reason, since: tStart) }
+        s.onGoLive = { [unowned self] reason in goLive(reason) }
         src.start()
         let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
         defer { ticker?.stop() }
@@ -65,8 +77,19 @@ public final class SecondaryRunner: @unchecked Sendable {
             }
         } catch {
             s.stop()
+            if !wentLive {
+                if case .divergence(let d)? = error as? MachineError { src.reportDivergence(d.description) }
+                switch src.end {
+                case .fenced(let why)?: src.shutdown(goodbye: nil); throw PairError.fenced(why)
+                case .primaryStopped(let why)?: src.shutdown(goodbye: nil); throw PairError.primaryStopped(why)
+                case .resync(let why)?:
+                    src.shutdown(goodbye: nil)
+                    warn("secondary: cannot follow the primary (\(why.split(separator: "\n").first ?? "")); waiting for a new seed")
+                    return nil
+                default: break
+                }
+            }
             src.shutdown(goodbye: nil)
-            if case .stop(let why)? = src.end { throw PairError.fenced(why) }
             throw error
         }
         s.stop()
@@ -87,7 +110,7 @@ public final class SecondaryRunner: @unchecked Sendable {
     private func receiveSeed(_ conn: Connection) throws -> (StandbySession, LiveLogSource) {
         func part(_ want: SeedPart) throws -> [UInt8] {
             let m: Message
-            do { m = try conn.receiveMessage(timeoutMs: 10_000) } catch { throw PairError.badPeerData("the primary's seed did not arrive: \(error)") }
+            do { m = try conn.receiveMessage(timeoutMs: 10_000) } catch { throw PairError.peerUnreachable("the primary's seed did not arrive: \(error)") }
             guard case .bulk(let b) = m else { throw PairError.badPeerData("expected the seed (\(want)), got \(m)") }
             do { guard try SeedCodec.part(b) == want || want == .pages else { throw SeedError("expected \(want)") } } catch { throw PairError.badPeerData("\(error)") }
             return b
@@ -136,7 +159,7 @@ public final class SecondaryRunner: @unchecked Sendable {
     }
 
     /// vCPU thread, at the point the log stopped: the machine already samples live inputs.
-    private func goLive(_ reason: String, since start: UInt64) {
+    private func goLive(_ reason: String) {
         wentLive = true
         FileHandle.standardError.write(Data("live: \(reason)\n".utf8))
         source?.conn.close()

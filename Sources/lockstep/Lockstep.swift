@@ -4,6 +4,12 @@ import Machine
 
 @main
 struct Lockstep: ParsableCommand {
+    static func main() {
+        // A serial client or peer that hangs up must be an error on that socket, never the death of the VM.
+        signal(SIGPIPE, SIG_IGN)
+        main(nil)
+    }
+
     static let configuration = CommandConfiguration(
         commandName: "lockstep",
         abstract: "Fault-tolerant KVM virtual machines: record, replay, and a live lockstep pair.",

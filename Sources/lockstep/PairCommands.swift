@@ -42,6 +42,9 @@ func pairExit(_ e: Error) -> ExitCode {
     case .peerRejected, .badPeerData: return fail(p.description, .peerRejected)
     case .fenced: return fail(p.description, .fenced)
     case .config: return fail(p.description, .usage)
+    case .primaryStopped(let why):
+        stderr("lockstep: \(why); not going live")
+        return ExitCode.success
     }
 }
 

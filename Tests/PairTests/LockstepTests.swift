@@ -5,14 +5,15 @@ import Testing
 
 /// A pair that is not disturbed runs to the guest's end on both sides with the same state digest.
 extension PairTests { @Suite struct LockstepTests {
-    static func runPair(_ guest: String, memory: Int = 32, primaryArgs: [String] = [], secondaryArgs: [String] = []) throws -> (Child, Child) {
+    static func runPair(_ guest: String, memory: Int = 32, primaryArgs: [String] = [], secondaryArgs: [String] = [],
+                        primaryEnvironment: [String: String] = [:]) throws -> (Child, Child) {
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         let common = PairFixture.common(ws)
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + common + secondaryArgs)
         let port = try sec.listeningPort()
         let pri = try Child("primary", ["primary", try PairFixture.guest(guest), "--peer", "127.0.0.1:\(port)", "--memory", "\(memory)",
-                                        "--serial", "none"] + common + primaryArgs)
+                                        "--serial", "none"] + common + primaryArgs, environment: primaryEnvironment)
         let ps = try pri.wait(seconds: 240)
         let ss = try sec.wait(seconds: 60)
         #expect(ps == 0, "\(guest): primary ended with \(ps):\n\(pri.stderrText)")
@@ -34,6 +35,31 @@ extension PairTests { @Suite struct LockstepTests {
     @Test func dirtyGuestWithSyncPoints() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         _ = try Self.runPair("dirty", memory: 128, primaryArgs: ["--interrupt-latency-us", "20000"])
+    }
+
+    /// A log that lies (one event's signature altered in flight) makes the secondary diverge: it reports it,
+    /// the primary drops it and seeds it again from a snapshot, and the pair still ends in lockstep.
+    @Test func divergenceIsReportedAndRepairedByReseeding() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = PairFixture.freeUDPPort()
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws))
+        let port = try sec.listeningPort()
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
+                                        "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws),
+                            environment: ["LOCKSTEP_FAULT_SIGNATURE_AT_EXIT": "100"])
+        let client = EchoClient(port: udp)
+        #expect(client.request("REQ 1 a", expect: "REP 1 ") != nil)
+        try pri.waitForLine(containing: "diverged", seconds: 30)
+        try sec.waitForLine(containing: "waiting for a new seed", seconds: 30)
+        let reseeded = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 30)
+        #expect(!reseeded.contains("at exit 0 "), "\(reseeded)")
+        for seq in 2...4 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ") != nil) }
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec.digest, "primary \(pri.digest ?? "-"), secondary \(sec.digest ?? "-")")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") })
     }
 
     @Test func timingGuestRepeatedlyInLockstep() throws {
@@ -90,7 +116,7 @@ extension PairTests { @Suite struct BadPeerTests {
         let ws = try PairFixture.workspace()
         let (sec, port) = try Self.secondary(ws)
         let c = try Connection.connectRaw(host: "127.0.0.1", port: port, timeoutMs: 2000)
-        _ = Array("GET / HTTP/1.1\r\nHost: lockstep\r\n\r\n".utf8).withUnsafeBytes { write(c.fd, $0.baseAddress, $0.count) }
+        _ = Array("GET / HTTP/1.1\r\nHost: lockstep\r\n\r\n".utf8).withUnsafeBytes { send(c.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         try sec.waitForLine(containing: "refused a peer")
         c.close()
         try Self.stillServes(sec, port: port, key: ws.key)

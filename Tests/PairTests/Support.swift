@@ -87,10 +87,11 @@ final class Child: @unchecked Sendable {
     private var exited = false
     private var partial = Data()
 
-    init(_ name: String, _ args: [String]) throws {
+    init(_ name: String, _ args: [String], environment: [String: String] = [:]) throws {
         self.name = name
         process.executableURL = URL(fileURLWithPath: PairFixture.binary)
         process.arguments = args
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         let err = Pipe()
         process.standardError = err
         process.standardOutput = FileHandle.nullDevice
