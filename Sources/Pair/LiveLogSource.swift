@@ -102,6 +102,9 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 }
             }
             if let r { return r }
+            // Starved: everything received is replayed. Say so in acks, or a primary throttling on replay
+            // lag would wait for a position this side can only reach with records it has not sent yet.
+            replayed.store(exit, ordering: .releasing)
             // Bounded: the receiver thread always ends the stream within the failure timeout (+ fence wait).
             _ = lk_eventfd_wait(wake, lk_monotonic_ns() + 100_000_000)
         }
@@ -189,8 +192,9 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         finish(.resync(text))
     }
 
+    /// Ends the stream; the first reason stands (a replay error after a fence refusal is its consequence).
     private func finish(_ e: End) {
-        queue.withLock { $0.end = e }
+        queue.withLock { q in if q.end == nil { q.end = e } }
         lk_eventfd_signal(wake)
     }
 

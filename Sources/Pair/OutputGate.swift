@@ -98,7 +98,7 @@ public final class SuppressedOutput: SerialOutput, @unchecked Sendable {
     public func emit(_ byte: UInt8, exit: UInt64) {
         lock.lock(); defer { lock.unlock() }
         if let live { live.emit(byte, exit: exit); return }
-        if exit >= releasedBelow { held.append((exit, byte)) }
+        held.append((exit, byte))
     }
 
     public func flush() {
@@ -111,7 +111,11 @@ public final class SuppressedOutput: SerialOutput, @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         guard watermark > releasedBelow else { return }
         releasedBelow = watermark
-        if let i = held.firstIndex(where: { $0.exit >= watermark }) { held.removeFirst(i) } else { held.removeAll() }
+        // Drop released bytes only up to the last whole line: the primary's backend may still hold the partial
+        // line after it, and if the primary dies now that line must come from here (a duplicate at worst).
+        let i = held.firstIndex(where: { $0.exit >= watermark }) ?? held.count
+        if let nl = held[..<i].lastIndex(where: { $0.byte == 0x0A }) { held.removeFirst(nl + 1) }
+        else if i > 1 << 16 { held.removeFirst(i) }  // a "line" this long is not a line: bound the memory
     }
 
     /// Go-live: emits what the primary may not have released, then passes everything through. Returns the count.

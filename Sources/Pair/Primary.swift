@@ -31,12 +31,17 @@ public final class PrimaryRunner: @unchecked Sendable {
     private let connecting = Atomic<Bool>(false)
     private let finished = Atomic<Bool>(false)
     private var lastFlushNs: UInt64 = 0
+    /// Reused buffer for one batch (no allocation per flush in steady state).
+    private var batch: [UInt8] = []
+    private var sentWatermark: UInt64 = 0
     private var seeded = 0
     private var totalBytes: UInt64 = 0
     private var totalBatches: UInt64 = 0
     private var firstSequence: UInt32 = 0
     /// Log batching: send at least this often while records wait (lower = less lag, more syscalls).
     static let batchIntervalNs: UInt64 = 50_000
+    /// A bare watermark (no records) at most this often when no output waits for it.
+    static let watermarkIntervalNs: UInt64 = 1_000_000
 
     public init(image: PVHImage, config: MachineConfig, backend: SerialOutput, peer: String, options: PairOptions) throws(PairError) {
         guard let colon = peer.lastIndex(of: ":"), let port = UInt16(peer[peer.index(after: colon)...]), port > 0 else {
@@ -108,20 +113,29 @@ public final class PrimaryRunner: @unchecked Sendable {
         if l.mustSlowDown(now: now) { throttle(l, since: now) }
     }
 
+    /// Sends buffered records, or a bare watermark when none wait: output exits write no records, and held
+    /// output (or a secondary waiting for records at an exit the primary has passed) needs the watermark to move.
     private func flushLog(force: Bool) {
-        guard let l = link, session.encoder.bufferedBytes > 0 else { return }
+        guard let l = link else { return }
+        let exit = session.exit
         let now = lk_monotonic_ns()
-        guard force || session.encoder.shouldFlush || gate.waiting || now &- lastFlushNs >= Self.batchIntervalNs else { return }
+        if session.encoder.bufferedBytes > 0 {
+            guard force || session.encoder.shouldFlush || gate.waiting || now &- lastFlushNs >= Self.batchIntervalNs else { return }
+        } else {
+            guard exit > sentWatermark, gate.waiting || force || now &- lastFlushNs >= Self.watermarkIntervalNs else { return }
+        }
         lastFlushNs = now
-        send(l, watermark: session.exit)
+        send(l, watermark: exit)
     }
 
+    /// Sends everything buffered as ONE batch: its watermark holds only once all its frames are there (a
+    /// watermark on the first of several frames would let the secondary replay past a sync point in a later one).
     private func send(_ l: SecondaryLink, watermark: UInt64) {
-        // One batch per call: frames are small (32 KiB target) except sync points.
-        var ok = true
-        session.encoder.sealFrame { (b: UnsafeRawBufferPointer) in
-            if ok { ok = l.send(watermark: watermark, bytes: b) }
-        }
+        batch.removeAll(keepingCapacity: true)
+        session.encoder.sealFrame { (b: UnsafeRawBufferPointer) in batch.append(contentsOf: b) }
+        batch.withUnsafeBytes { _ = l.send(watermark: watermark, bytes: $0) }
+        sentWatermark = watermark
+        if batch.capacity > 4 << 20 { batch = [] }  // a large sync point passed: give the memory back
     }
 
     private func throttle(_ l: SecondaryLink, since start: UInt64) {
@@ -187,6 +201,7 @@ public final class PrimaryRunner: @unchecked Sendable {
             conn.close()
             throw PairError.from(error)
         }
+        sentWatermark = snap.exit
         let l = SecondaryLink(conn: conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics)
         gate.startGating(from: snap.exit)
         link = l
@@ -214,10 +229,9 @@ public final class PrimaryRunner: @unchecked Sendable {
     private func finishLog(_ trailer: LogTrailer) {
         guard let l = link, !l.lost.load(ordering: .acquiring) else { gate.stopGating(); return }
         let final = trailer.finalExit &+ 1
-        var ok = true
-        session.encoder.sealTrailer(trailer) { (b: UnsafeRawBufferPointer) in
-            if ok { ok = l.send(watermark: final, bytes: b) }
-        }
+        batch.removeAll(keepingCapacity: true)
+        session.encoder.sealTrailer(trailer) { (b: UnsafeRawBufferPointer) in batch.append(contentsOf: b) }
+        let ok = batch.withUnsafeBytes { l.send(watermark: final, bytes: $0) }
         let deadline = lk_monotonic_ns() + options.failureNs
         while ok, l.held.load(ordering: .acquiring) < final, !l.lost.load(ordering: .acquiring), lk_monotonic_ns() < deadline {
             _ = lk_eventfd_wait(l.ackEvent, deadline)
@@ -289,8 +303,8 @@ public final class PrimaryRunner: @unchecked Sendable {
 
     private func report() {
         let s = status()
+        if let p = options.statusJSON { writeJSON(s, to: p) }  // before the line: a reader of the line finds it current
         FileHandle.standardError.write(Data(("lockstep: " + s.line + "\n").utf8))
-        if let p = options.statusJSON { writeJSON(s, to: p) }
     }
 
     func stats() -> PairStats {

@@ -70,15 +70,19 @@ public final class SecondaryRunner: @unchecked Sendable {
         defer { ticker?.stop() }
         s.start()
         var ending: Ending = .stopped
+        // Fault injection for the flow-control test: a replayer this many µs slower per exit.
+        let delayUs = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_REPLAY_DELAY_US"].flatMap { UInt32($0) } ?? 0
         do {
             while true {
                 if case .finished(let e) = try s.step() { ending = e; break }
                 src.replayed.store(s.exit, ordering: .releasing)
+                if delayUs > 0, !wentLive { usleep(delayUs) }
             }
         } catch {
             s.stop()
             if !wentLive {
-                if case .divergence(let d)? = error as? MachineError { src.reportDivergence(d.description) }
+                // A replay that runs out of log because the stream ended is not a divergence of its own.
+                if src.end == nil, case .divergence(let d)? = error as? MachineError { src.reportDivergence(d.description) }
                 switch src.end {
                 case .fenced(let why)?: src.shutdown(goodbye: nil); throw PairError.fenced(why)
                 case .primaryStopped(let why)?: src.shutdown(goodbye: nil); throw PairError.primaryStopped(why)
@@ -97,7 +101,14 @@ public final class SecondaryRunner: @unchecked Sendable {
         if !wentLive {
             src.replayed.store(s.exit, ordering: .releasing)
             src.shutdown(goodbye: "replay finished")
-            guard case .trailer(let t)? = src.end else { throw PairError.badPeerData("replay ended without the primary's trailer") }
+            switch src.end {
+            case .fenced(let why)?: throw PairError.fenced(why)
+            case .primaryStopped(let why)?: throw PairError.primaryStopped(why)
+            case .resync?: return nil
+            case .trailer?: break
+            default: throw PairError.badPeerData("replay ended without the primary's trailer")
+            }
+            guard case .trailer(let t)? = src.end else { return nil }
             guard t.finalExit == s.exit, t.stateDigest == r.digest else {
                 throw MachineError.divergence(Divergence(exit: s.exit, expected: "the primary's end at exit \(t.finalExit), state \(StateDigest.hex(t.stateDigest))",
                                                          found: "exit \(s.exit), state \(r.digestHex)"))
@@ -191,7 +202,7 @@ public final class SecondaryRunner: @unchecked Sendable {
 
     private func report() {
         let s = status()
+        if let p = options.statusJSON { writeJSON(s, to: p) }  // before the line: a reader of the line finds it current
         FileHandle.standardError.write(Data(("lockstep: " + s.line + "\n").utf8))
-        if let p = options.statusJSON { writeJSON(s, to: p) }
     }
 }

@@ -14,6 +14,8 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Status line period on stderr (ms, 0 = none).") var statusIntervalMs: Int = 1000
     @Option(name: .long, help: "Rewrite this JSON file with the pair's status every period.") var statusJson: String?
     @Option(name: .long, help: "Write replication figures (lag histograms, bandwidth) as JSON here at the end.") var statsJson: String?
+    @Option(name: .long, help: "Flow control: slow the primary when the secondary's replay is this far behind (ms).") var maxLagMs: UInt64 = 2000
+    @Option(name: .long, help: "Flow control: slow the primary when this much log is not yet replayed (MiB).") var maxLagMib: UInt64 = 64
 
     func options() throws -> PairOptions {
         guard let mode = ["disabled": EncryptionMode.disabled, "opportunistic": .opportunistic, "required": .required][encrypt] else {
@@ -28,6 +30,7 @@ struct PairArguments: ParsableArguments {
         o.fenceDirectory = fence
         o.heartbeatMs = heartbeatMs; o.failureTimeoutMs = failureTimeoutMs; o.fenceWaitMs = fenceWaitMs
         o.statusIntervalMs = statusIntervalMs; o.statusJSON = statusJson; o.statsJSON = statsJson
+        o.maxLagMs = maxLagMs; o.maxLagBytes = maxLagMib << 20
         return o
     }
 }

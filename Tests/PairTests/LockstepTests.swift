@@ -171,3 +171,48 @@ extension PairTests { @Suite struct BadPeerTests {
     }
 }
 }
+
+/// What the operator sees, and what the primary does when the secondary cannot keep up.
+extension PairTests { @Suite struct StatusAndFlowTests {
+    /// A secondary slowed to 2 ms per exit falls behind; with a 50 ms bound the primary slows down to match,
+    /// its stats say for how long, and the pair still ends in lockstep.
+    @Test func slowSecondaryThrottlesThePrimary() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + PairFixture.common(ws),
+                            environment: ["LOCKSTEP_FAULT_REPLAY_DELAY_US": "2000"])
+        let port = try sec.listeningPort()
+        let stats = ws.dir + "/stats.json"
+        let pri = try Child("primary", ["primary", try PairFixture.guest("timer-compute-short"), "--peer", "127.0.0.1:\(port)",
+                                        "--memory", "32", "--serial", "none", "--max-lag-ms", "50", "--stats-json", stats] + PairFixture.common(ws))
+        #expect(try pri.wait(seconds: 120) == 0, "\(pri.stderrText)")
+        #expect(try sec.wait(seconds: 60) == 0, "\(sec.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec.digest)
+        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
+        let throttled = json?["throttledMs"] as? Double ?? 0
+        #expect(throttled > 100, "the primary should have waited for the slow secondary; throttledMs = \(throttled)")
+        let maxLag = (json?["replayLagUs"] as? [String: Any])?["max"] as? Double ?? .infinity
+        #expect(maxLag < 1_000_000, "replay lag should stay near the 50 ms bound, max \(maxLag) µs")
+    }
+
+    @Test func statusLineAndJSON() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = PairFixture.freeUDPPort()
+        let status = ws.dir + "/status.json"
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws))
+        let port = try sec.listeningPort()
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
+                                        "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws) + ["--status-interval-ms", "50", "--status-json", status])
+        try pri.waitForLine(containing: "status: primary primaryProtected protected", seconds: 30)
+        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: status))) as? [String: Any]
+        #expect(json?["protected"] as? Bool == true && json?["connected"] as? Bool == true, "\(String(describing: json))")
+        #expect(json?["role"] as? String == "primary")
+        sec.kill9()
+        try pri.waitForLine(containing: "status: primary primaryUnprotected UNPROTECTED", seconds: 30)
+        let after = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: status))) as? [String: Any]
+        #expect(after?["protected"] as? Bool == false, "\(String(describing: after))")
+        _ = EchoClient(port: udp).request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0)
+    }
+} }
