@@ -252,9 +252,11 @@ final class PairBench {
         var guestMs: Double
         var wallMs: Double
         var echo: EchoResult?
+        /// Why the secondary did not follow the primary to its end (nil when it did).
+        var problem: String?
         var json: [String: Any] {
             var o: [String: Any] = ["guest_elapsed_ms": guestMs, "primary_wall_ms": wallMs, "primary_digest": primaryDigest,
-                                    "secondary_digest": secondaryDigest, "stats": PairBench.jsonObject(stats)]
+                                    "secondary_digest": secondaryDigest, "stats": PairBench.jsonObject(stats), "problem": problem ?? NSNull()]
             o["echo"] = echo?.json
             return o
         }
@@ -292,9 +294,13 @@ final class PairBench {
         let tag = "\(g)-protected"
         progress("\(g): protected run")
         let stats = tempFile(tag, "stats.json")
-        let (sec, port) = try startSecondary(tag, serial: "none", fence: nil)
+        // A fence, as a real pair has: a secondary that wrongly presumes the primary failed then stops rather
+        // than running a second live copy of the guest (which nothing would ever end).
+        let fence = tempFile(tag, "fence")
+        try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
+        let (sec, port) = try startSecondary(tag, serial: "none", fence: fence)
         let (ser, udp) = try serial(g, tag)
-        let pri = try startPrimary(tag, guest: g, peer: port, serial: ser, fence: nil, stats: stats)
+        let pri = try startPrimary(tag, guest: g, peer: port, serial: ser, fence: fence, stats: stats)
         var echo: EchoResult?
         if let udp {
             let client = try UDPClient(port: udp)
@@ -303,14 +309,22 @@ final class PairBench {
             try quit(client, pri, [sec])
         }
         try finish(pri, [sec])
-        try finish(sec, within: 30_000_000_000, [pri])
-        guard let pd = pri.digest, let sd = sec.digest else { throw failure("\(g): a side printed no state-digest", [pri, sec]) }
+        guard sec.wait(until: monotonicNs() + 30_000_000_000) else { throw failure("\(g): the secondary did not end after the primary", [sec, pri]) }
+        // A secondary that lost the primary mid-run is a finding to report, not a reason to stop the bench.
+        var problem: String?
+        if sec.code != 0 {
+            let why = sec.stderrText.split(separator: "\n").first { $0.contains("presumed failed") || $0.contains("error") }
+            problem = "the secondary did not follow the primary to its end (\(sec.endText)): \(why ?? "")"
+            progress("\(g): \(problem!)\n\(sec.tail())\n\(pri.tail(6))")
+        }
+        guard let pd = pri.digest else { throw failure("\(g): the primary printed no state-digest", [pri, sec]) }
+        let sd = sec.digest ?? "none"
         guard let ms = pri.guestElapsedMs else { throw failure("\(g): no run time in the primary's --verbose line", [pri]) }
         let st: PairStats
         do { st = try JSONDecoder().decode(PairStats.self, from: Data(contentsOf: URL(fileURLWithPath: stats))) } catch {
             throw failure("\(g): cannot read the primary's --stats-json \(stats): \(error)", [pri])
         }
-        return Protected(stats: st, primaryDigest: pd, secondaryDigest: sd, guestMs: ms, wallMs: pri.wallMs, echo: echo)
+        return Protected(stats: st, primaryDigest: pd, secondaryDigest: sd, guestMs: ms, wallMs: pri.wallMs, echo: echo, problem: problem)
     }
 
     func unprotectedRun(_ g: String, requests: Int, window: Int) throws -> Unprotected {
@@ -466,6 +480,7 @@ extension PairBench {
             if !same { digestsMatch = false }
             notes.append("\(g): state digests \(same ? "equal" : "DIFFER"): primary \(prot.last!.primaryDigest.prefix(16))…, secondary \(prot.last!.secondaryDigest.prefix(16))…"
                          + (prot.count > 1 ? " (\(prot.count) runs)" : ""))
+            for p in prot { if let why = p.problem { notes.append("\(g): FAIL: \(why)") } }
             let s = prot.last!.stats
             if let dir = plotDir {
                 plotPaths += [writePlot(PairPlots.lagOverTime(guest: g, series: s.lagSeries, p50Target: Self.lagP50Target, p99Target: Self.lagP99Target), dir, "pair-lag-\(g).svg"),
@@ -501,7 +516,7 @@ extension PairBench {
         host["loadavg_start"] = loadStart
         host["loadavg_end"] = host["loadavg"]
         print("load average: \(loadStart) at start, \(host["loadavg"] ?? "") at end")
-        if !digestsMatch { print("FAIL: a secondary's state digest differs from its primary's") }
+        if !digestsMatch { print("FAIL: a secondary did not end with its primary's state digest (see above)") }
         if failed > 0 { print("FAIL: \(failed) of \(results.count) failover trials did not answer correctly") }
 
         var figuresJSON: [String: Any] = [:]
