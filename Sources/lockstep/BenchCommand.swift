@@ -3,14 +3,25 @@ import EventLog
 import Foundation
 import Machine
 
-/// `lockstep bench`: the performance figures of record/replay from one invocation.
+/// `lockstep bench`: `record` (the default, so `lockstep bench --repeat 5` keeps working) and `pair`.
+/// Why a parent with a default subcommand rather than `pair` under a command with its own options: a parent's
+/// options are parsed from the whole command line, so its --json/--guests would swallow the subcommand's.
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Measure performance: record/replay (`bench record`, the default) or the live pair (`bench pair`).",
+        subcommands: [BenchRecordCommand.self, BenchPairCommand.self],
+        defaultSubcommand: BenchRecordCommand.self)
+}
+
+/// `lockstep bench [record]`: the performance figures of record/replay from one invocation.
 ///
 /// Why a subcommand and not package-benchmark: it needs real guests on /dev/kvm, must run them one at a
 /// time on a shared host, and must check correctness (replay digest == record digest) while it measures.
 /// Every figure is printed in a table and written, with its target and pass/fail, as one JSON object.
-struct BenchCommand: ParsableCommand {
+struct BenchRecordCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench",
+        commandName: "record",
         abstract: "Measure exit cost, record/run throughput, log bytes per event, replay speed and sync points.",
         discussion: """
         Runs the guests in --guests (timer-compute, exit-heavy, clock) one at a time. Logs go to a temporary \
@@ -50,6 +61,13 @@ struct BenchCommand: ParsableCommand {
 }
 
 struct BenchFailure: Error { let message: String }
+
+/// A fresh private directory under the system's temporary directory (nil when it cannot be made).
+func makeTemporaryDirectory(_ prefix: String) -> String? {
+    var template = Array((NSTemporaryDirectory() as NSString).appendingPathComponent("\(prefix)-XXXXXX").utf8CString)
+    guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) != nil }) else { return nil }
+    return String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
 
 /// One measured figure with its (optional) target.
 struct Figure {
@@ -147,10 +165,8 @@ struct Bench {
     init(guestDir: String, memoryMiB: UInt32) throws(MachineError) {
         self.guestDir = guestDir
         self.memoryMiB = memoryMiB
-        var template = Array((NSTemporaryDirectory() + "/lockstep-bench-XXXXXX").utf8CString)
-        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) != nil }
-        guard made else { throw .config("cannot create a temporary directory in \(NSTemporaryDirectory())") }
-        tempDir = String(cString: template)
+        guard let dir = makeTemporaryDirectory("lockstep-bench") else { throw .config("cannot create a temporary directory in \(NSTemporaryDirectory())") }
+        tempDir = dir
     }
 
     func cleanUp() { try? FileManager.default.removeItem(atPath: tempDir) }
@@ -341,14 +357,19 @@ struct Bench {
     }
 
     func printTable(_ figures: [Figure]) {
-        let w = figures.map(\.label.count).max() ?? 0
         print("Lockstep bench (\(Self.hostInfo()["kernel"] ?? ""))")
+        Self.printRows(figures, passWord: "pass")
+        print("replay digests: all equal to their recordings")
+    }
+
+    /// The figure table (shared with `bench pair`): label, value, unit, target, pass/MISS.
+    static func printRows(_ figures: [Figure], passWord: String) {
+        let w = figures.map(\.label.count).max() ?? 0
         print("\("figure".padding(toLength: w, withPad: " ", startingAt: 0))  \("value".leftPad(12))  \("unit".padding(toLength: 8, withPad: " ", startingAt: 0))  target    result")
         for f in figures {
-            let result = f.pass.map { $0 ? "pass" : "MISS" } ?? ""
-            print("\(f.label.padding(toLength: w, withPad: " ", startingAt: 0))  \(Self.fmt(f.value).leftPad(12))  \(f.unit.padding(toLength: 8, withPad: " ", startingAt: 0))  \(f.targetText.padding(toLength: 8, withPad: " ", startingAt: 0))  \(result)")
+            let result = f.pass.map { $0 ? passWord : "MISS" } ?? ""
+            print("\(f.label.padding(toLength: w, withPad: " ", startingAt: 0))  \(fmt(f.value).leftPad(12))  \(f.unit.padding(toLength: 8, withPad: " ", startingAt: 0))  \(f.targetText.padding(toLength: 8, withPad: " ", startingAt: 0))  \(result)")
         }
-        print("replay digests: all equal to their recordings")
     }
 
     static func hostInfo() -> [String: Any] {

@@ -1,0 +1,219 @@
+import Foundation
+import Glibc
+
+// Child processes and the UDP client of `lockstep bench pair`. Every wait here has a deadline: the harness
+// must end even when a child hangs, and it kills what it started before it reports a failure.
+
+func monotonicNs() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// Pids of the children still running, so a SIGINT/SIGTERM of the harness can kill them (they would
+/// otherwise outlive it: an echo primary waits for input forever).
+enum LiveChildren {
+    nonisolated(unsafe) private static var pids: Set<pid_t> = []
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var sources: [DispatchSourceSignal] = []
+
+    static func add(_ p: pid_t) { lock.lock(); pids.insert(p); lock.unlock() }
+    static func remove(_ p: pid_t) { lock.lock(); pids.remove(p); lock.unlock() }
+
+    /// On SIGINT or SIGTERM: SIGKILL every live child, then exit 130.
+    static func killOnInterrupt() {
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler {
+                lock.lock(); let all = pids; lock.unlock()
+                for p in all { kill(p, SIGKILL) }
+                FileHandle.standardError.write(Data("bench pair: interrupted; killed \(all.count) children\n".utf8))
+                exit(130)
+            }
+            s.resume()
+            sources.append(s)
+        }
+    }
+}
+
+/// One spawned `lockstep` process; stdout and stderr go to files.
+final class Child {
+    let name: String
+    let pid: pid_t
+    let errPath: String
+    let startNs = monotonicNs()
+    private(set) var endNs: UInt64 = 0
+    /// Exit code, or nil when it was ended by `signal`.
+    private(set) var code: Int32?
+    private(set) var signal: Int32 = 0
+    private(set) var ended = false
+
+    init(name: String, exe: String, args: [String], outPath: String, errPath: String) throws {
+        self.name = name
+        self.errPath = errPath
+        var fa = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&fa)
+        defer { posix_spawn_file_actions_destroy(&fa) }
+        posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&fa, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_addopen(&fa, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        // The child starts as it would from a shell: no blocked signals, SIGPIPE at its default.
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var none = sigset_t(), dfl = sigset_t()
+        sigemptyset(&none); sigemptyset(&dfl)
+        for s in [SIGPIPE, SIGINT, SIGTERM] { sigaddset(&dfl, s) }
+        posix_spawnattr_setsigmask(&attr, &none)
+        posix_spawnattr_setsigdefault(&attr, &dfl)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        let argv: [UnsafeMutablePointer<CChar>?] = ([exe] + args).map { strdup($0) } + [nil]
+        defer { for a in argv { free(a) } }
+        let envp: [UnsafeMutablePointer<CChar>?] = ProcessInfo.processInfo.environment.map { strdup("\($0)=\($1)") } + [nil]
+        defer { for e in envp { free(e) } }
+        var p: pid_t = 0
+        let rc = posix_spawn(&p, exe, &fa, &attr, argv, envp)
+        guard rc == 0 else { throw BenchFailure(message: "cannot start \(name) (\(exe)): \(String(cString: strerror(rc)))") }
+        pid = p
+        LiveChildren.add(p)
+    }
+
+    /// Reaps without blocking; true once the child has ended.
+    @discardableResult func reap() -> Bool {
+        if ended { return true }
+        var st: Int32 = 0
+        let r = waitpid(pid, &st, WNOHANG)
+        guard r == pid else { return false }
+        endNs = monotonicNs()
+        ended = true
+        if st & 0x7f == 0 { code = (st >> 8) & 0xff } else { signal = st & 0x7f }
+        LiveChildren.remove(pid)
+        return true
+    }
+
+    func kill9() { if !reap() { kill(pid, SIGKILL) } }
+
+    /// Waits until the child ends or `deadline` passes; true if it ended.
+    func wait(until deadline: UInt64) -> Bool {
+        while !reap() {
+            if monotonicNs() >= deadline { return false }
+            usleep(1000)  // poll: waitpid has no timeout
+        }
+        return true
+    }
+
+    var wallMs: Double { Double((ended ? endNs : monotonicNs()) &- startNs) / 1e6 }
+    var endText: String { !ended ? "still running" : code.map { "exit status \($0)" } ?? "killed by signal \(signal)" }
+    var stderrText: String { (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "" }
+
+    /// The last lines of its stderr, for failure reports.
+    func tail(_ n: Int = 12) -> String {
+        let lines = stderrText.split(separator: "\n", omittingEmptySubsequences: false)
+        let t = lines.suffix(n + 1).joined(separator: "\n    ")
+        return "  \(name) (pid \(pid), \(endText)), stderr \(errPath):\n    \(t)"
+    }
+
+    /// `state-digest: <hex>` (the last such line of its stderr).
+    var digest: String? {
+        stderrText.split(separator: "\n").last { $0.hasPrefix("state-digest: ") }.map { String($0.dropFirst(14)) }
+    }
+
+    /// The guest's run time from `--verbose` ("… in 2243.1 ms"): first vCPU entry to the guest's exit.
+    var guestElapsedMs: Double? {
+        guard let line = stderrText.split(separator: "\n").last(where: { $0.contains(" kicks in ") }),
+              let r = line.range(of: " kicks in ") else { return nil }
+        return Double(line[r.upperBound...].split(separator: " ").first ?? "")
+    }
+}
+
+/// A UDP client of the echo guest: unconnected (so a dead server's ICMP errors do not fail the socket),
+/// one line per datagram.
+final class UDPClient {
+    let fd: Int32
+    private var addr = sockaddr_in()
+    private var buf = [UInt8](repeating: 0, count: 2048)
+    private var partial: [UInt8] = []
+    /// Datagrams received, and those that did not end with a newline (a line split across datagrams).
+    private(set) var datagrams = 0
+    private(set) var splitDatagrams = 0
+
+    init(port: UInt16) throws {
+        fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw BenchFailure(message: "UDP socket: \(String(cString: strerror(errno)))") }
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = port.bigEndian
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    }
+
+    deinit { close(fd) }
+
+    func send(_ line: String) {
+        let bytes = Array((line + "\n").utf8)
+        _ = withUnsafePointer(to: &addr) { a in
+            a.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, bytes, bytes.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+    }
+
+    /// The lines of the first datagram(s) that arrive before `deadline` (empty at the deadline).
+    func receive(until deadline: UInt64) -> [String] {
+        var lines: [String] = []
+        while lines.isEmpty {
+            let now = monotonicNs()
+            if now >= deadline { return [] }
+            // poll() has ms resolution (ppoll is not exported here): round up, the deadline is re-checked.
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let r = poll(&p, 1, Int32((deadline - now + 999_999) / 1_000_000))
+            if r <= 0 { continue }
+            // Drain what is queued without blocking. The serial port is a byte stream: a datagram may end
+            // inside a line (the pair's output gate releases up to an exit, not a line), so lines are reassembled.
+            while true {
+                let n = recv(fd, &buf, buf.count, Int32(MSG_DONTWAIT))
+                if n <= 0 { break }
+                datagrams += 1
+                if buf[n - 1] != 0x0A { splitDatagrams += 1 }
+                partial += buf[0..<n]
+                while let nl = partial.firstIndex(of: 0x0A) {
+                    lines.append(String(decoding: partial[..<nl], as: UTF8.self).trimmingCharacters(in: .whitespaces))
+                    partial.removeSubrange(...nl)
+                }
+            }
+        }
+        return lines
+    }
+
+    /// A UDP port on 127.0.0.1 that nobody holds right now (bind port 0, read it, release it).
+    static func freePort() throws -> UInt16 {
+        let s = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        guard s >= 0 else { throw BenchFailure(message: "UDP socket: \(String(cString: strerror(errno)))") }
+        defer { close(s) }
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &a) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, len) == 0 && getsockname(s, $0, &len) == 0 }
+        }
+        guard ok else { throw BenchFailure(message: "cannot find a free UDP port: \(String(cString: strerror(errno)))") }
+        return UInt16(bigEndian: a.sin_port)
+    }
+}
+
+/// A reply of the echo guest: `REP <seq> <n> <hash16>`.
+struct EchoReply {
+    var seq: UInt64
+    var n: UInt64
+    init?(_ line: String) {
+        let f = line.split(separator: " ")
+        guard f.count == 4, f[0] == "REP", let s = UInt64(f[1]), let n = UInt64(f[2]) else { return nil }
+        seq = s; self.n = n
+    }
+}
+
+/// Nearest-rank percentile of `xs` (nil when empty).
+func percentile(_ xs: [Double], _ p: Double) -> Double? {
+    guard !xs.isEmpty else { return nil }
+    let s = xs.sorted()
+    let rank = Int((p / 100 * Double(s.count)).rounded(.up))
+    return s[min(max(rank, 1), s.count) - 1]
+}

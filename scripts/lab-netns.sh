@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# lab-netns.sh - a two-host pair lab on one machine: the primary in network namespace lkA, the secondary
+# in lkB, their FT link a veth pair impaired with netem (delay, loss), then a kill -9 of the primary.
+# Why: loopback (`lockstep bench pair`) has no wire latency and never drops a packet; this shows what the
+# pair does over a link with both, and that failover works across hosts (separate network stacks).
+#
+# Topology (every address lives inside the lab's namespaces; the host's own network is not touched):
+#   lkA 10.77.0.1/24 --- lkvA ====FT link (netem)==== lkvB --- 10.77.0.2/24 lkB
+#   lkA 10.77.1.1/24 --- service link --- 10.77.1.3/24 lkC 10.77.2.3/24 --- service link --- 10.77.2.2/24 lkB
+# lkC holds the client: it talks to the service on both hosts (10.77.1.1 and 10.77.2.2, the same UDP port)
+# the way a client with two server addresses would, so only the FT link is impaired.
+#
+# Needs: root, iproute2 (ip, tc), a kernel with network namespaces, veth and (for --delay-ms/--loss-pct
+# other than 0) the netem qdisc; /dev/kvm; python3 (the echo client); a release build and the guests.
+# Usage: scripts/lab-netns.sh [--delay-ms N] [--loss-pct P] [--guest NAME] [--requests N]
+#                              [--kill-after-ms N] [--lockstep PATH] [--guests DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DELAY_MS=1 LOSS_PCT=0 GUEST=echo REQUESTS=200 KILL_AFTER_MS=1000 PORT=7000
+LOCKSTEP="" GUESTS=Guests/build
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 64; }
+die() { echo "lab-netns: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --delay-ms) DELAY_MS=$2; shift 2 ;;
+        --loss-pct) LOSS_PCT=$2; shift 2 ;;
+        --guest) GUEST=$2; shift 2 ;;
+        --requests) REQUESTS=$2; shift 2 ;;
+        --kill-after-ms) KILL_AFTER_MS=$2; shift 2 ;;
+        --lockstep) LOCKSTEP=$2; shift 2 ;;
+        --guests) GUESTS=$2; shift 2 ;;
+        -h|--help) usage ;;
+        *) echo "lab-netns: unknown option $1" >&2; usage ;;
+    esac
+done
+
+# --- what it needs, checked before anything is created
+[ "$(id -u)" -eq 0 ] || die "needs root (it creates network namespaces, veth pairs and a tc qdisc); run it with sudo"
+command -v ip >/dev/null && command -v tc >/dev/null || die "needs iproute2 (ip, tc): apt-get install iproute2"
+command -v python3 >/dev/null || die "needs python3 (the echo client)"
+[ -r /dev/kvm ] && [ -w /dev/kvm ] || die "/dev/kvm cannot be opened (KVM is required on this host)"
+if [ -z "$LOCKSTEP" ]; then
+    for c in .build-bench/release/lockstep .build/release/lockstep; do [ -x "$c" ] && { LOCKSTEP=$c; break; }; done
+fi
+[ -n "$LOCKSTEP" ] && [ -x "$LOCKSTEP" ] || die "no lockstep binary: build with 'swift build -c release' or pass --lockstep PATH"
+LOCKSTEP=$(readlink -f "$LOCKSTEP")
+IMAGE=$(readlink -f "$GUESTS/$GUEST.elf" 2>/dev/null) && [ -r "$IMAGE" ] || die "$GUESTS/$GUEST.elf not found: make -C Guests"
+for ns in lkA lkB lkC; do
+    ! ip netns list | grep -qw "$ns" || die "namespace $ns already exists (another lab running? remove it with: ip netns del $ns)"
+done
+
+WORK=$(mktemp -d /tmp/lab-netns-XXXXXX)
+PIDS=()
+cleanup() {
+    local rc=$?
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    for ns in lkA lkB lkC; do ip netns del "$ns" 2>/dev/null || true; done  # deleting a namespace deletes its veths
+    if [ $rc -ne 0 ]; then
+        echo "lab-netns: failed (status $rc); logs kept in $WORK:" >&2
+        for f in "$WORK"/*.err; do [ -f "$f" ] && { echo "--- $f" >&2; tail -8 "$f" >&2; }; done
+    else
+        rm -rf "$WORK"
+    fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- the namespaces and links
+ip netns add lkA 2>/dev/null || die "cannot create network namespaces (ip netns add failed: no CAP_SYS_ADMIN or no netns support)"
+ip netns add lkB; ip netns add lkC
+link() {  # link NS1 IF1 ADDR1 NS2 IF2 ADDR2
+    ip link add "$2" type veth peer name "$5" || die "cannot create a veth pair (kernel without veth?)"
+    ip link set "$2" netns "$1"; ip link set "$5" netns "$4"
+    ip -n "$1" addr add "$3" dev "$2"; ip -n "$4" addr add "$6" dev "$5"
+    ip -n "$1" link set "$2" up; ip -n "$4" link set "$5" up
+}
+link lkA lkvA 10.77.0.1/24 lkB lkvB 10.77.0.2/24     # FT link
+link lkA lksA 10.77.1.1/24 lkC lkcA 10.77.1.3/24     # service link to the primary
+link lkB lksB 10.77.2.2/24 lkC lkcB 10.77.2.3/24     # service link to the secondary
+for ns in lkA lkB lkC; do ip -n "$ns" link set lo up; done
+
+if [ "$DELAY_MS" != 0 ] || [ "$LOSS_PCT" != 0 ]; then
+    # Both directions: data one way, acks the other.
+    for side in "lkA lkvA" "lkB lkvB"; do
+        set -- $side
+        ip netns exec "$1" tc qdisc add dev "$2" root netem delay "${DELAY_MS}ms" loss "${LOSS_PCT}%" 2>"$WORK/tc.err" \
+            || die "tc netem failed ($(cat "$WORK/tc.err")): this kernel has no netem qdisc (sch_netem); rerun with --delay-ms 0 --loss-pct 0 for an unimpaired link"
+    done
+    echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 with netem delay ${DELAY_MS} ms, loss ${LOSS_PCT} % each way"
+else
+    echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 unimpaired (--delay-ms 0 --loss-pct 0)"
+fi
+
+# --- the pair
+head -c 32 /dev/urandom > "$WORK/psk"; chmod 600 "$WORK/psk"
+mkdir "$WORK/fence"  # both namespaces see this filesystem: it stands for a shared fence directory
+COMMON=(--key-file "$WORK/psk" --fence "$WORK/fence" --status-interval-ms 1000)
+if [ "$GUEST" = echo ]; then SERVE_A=udp:10.77.1.1:$PORT SERVE_B=udp:10.77.2.2:$PORT; else SERVE_A=file:$WORK/primary.serial SERVE_B=none; fi
+ip netns exec lkB "$LOCKSTEP" secondary --listen 10.77.0.2:7400 --serial "$SERVE_B" --accept-timeout-ms 30000 --verbose "${COMMON[@]}" \
+    >"$WORK/secondary.out" 2>"$WORK/secondary.err" &
+SEC=$!; PIDS+=("$SEC")
+for _ in $(seq 100); do grep -q "listening on" "$WORK/secondary.err" && break; sleep 0.05; done
+grep -q "listening on" "$WORK/secondary.err" || die "the secondary did not start listening"
+ip netns exec lkA "$LOCKSTEP" primary "$IMAGE" --peer 10.77.0.2:7400 --serial "$SERVE_A" --verbose \
+    --stats-json "$WORK/stats.json" "${COMMON[@]}" >"$WORK/primary.out" 2>"$WORK/primary.err" &
+PRI=$!; PIDS+=("$PRI")
+echo "lab-netns: secondary (pid $SEC) in lkB, primary (pid $PRI) in lkA running $GUEST"
+
+# reap PID SECONDS: waits for PID, killing it after SECONDS (a watchdog bounds the wait); sets STATUS.
+reap() {
+    ( sleep "$2"; kill -9 "$1" 2>/dev/null ) & local dog=$!
+    STATUS=0; { wait "$1"; } 2>/dev/null || STATUS=$?  # braces: also silence bash's "Killed" job notice
+    kill "$dog" 2>/dev/null || true; { wait "$dog"; } 2>/dev/null || true
+}
+
+if [ "$GUEST" = echo ]; then
+    # The client: REQUESTS requests to the primary, kill -9 of the primary, then REQ every 2 ms to both
+    # service addresses until one answers.
+    # The braces send the shell's own stderr to /dev/null while the client runs (bash would print a "Killed"
+    # notice for the primary the client kills); the client's stderr goes to fd 3, the real stderr.
+    { ip netns exec lkC python3 - "$PRI" "$PORT" "$REQUESTS" 2>&3 <<'PY'
+import os, signal, socket, sys, time
+pid, port, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+A, B = ("10.77.1.1", port), ("10.77.2.2", port)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+buf = b""
+def lines(timeout):
+    global buf
+    s.settimeout(timeout)
+    try: buf += s.recv(4096)
+    except (socket.timeout, ConnectionRefusedError): return []
+    out = buf.split(b"\n"); buf = out.pop()  # a datagram may end inside a line
+    return [l.decode(errors="replace").strip() for l in out]
+def ask(msg, want, to, limit):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        t = time.time(); s.sendto(msg, to)
+        while time.time() - t < 0.2:
+            if any(l.startswith(want) for l in lines(0.05)): return time.time() - t
+    sys.exit(f"lab-netns: no {want!r} from {to} within {limit} s")
+ask(b"PING\n", "PONG", A, 30)
+rtt = sorted(ask(b"REQ %d lab\n" % i, "REP %d " % i, A, 10) for i in range(1, n + 1))
+print(f"lab-netns: {n} requests through the primary: round trip p50 {rtt[n//2]*1e3:.2f} ms, p99 {rtt[min(n-1, int(n*0.99))]*1e3:.2f} ms")
+seq = n + 1
+t0 = time.time(); os.kill(pid, signal.SIGKILL)
+nxt = t0
+while time.time() - t0 < 10:
+    if time.time() >= nxt:
+        for to in (A, B): s.sendto(b"REQ %d failover\n" % seq, to)
+        nxt += 0.002
+    for l in lines(max(nxt - time.time(), 0.0001)):
+        f = l.split()
+        if len(f) == 4 and f[0] == "REP" and f[1] == str(seq):
+            print(f"lab-netns: kill -9 of the primary -> first survivor reply: {(time.time()-t0)*1e3:.1f} ms (n={f[2]}, expected {seq})")
+            ask(b"QUIT\n", "RESULT", B, 5)
+            sys.exit(0 if f[2] == str(seq) else 1)
+sys.exit("lab-netns: no reply from either address within 10 s of the kill")
+PY
+    } 3>&2 2>/dev/null
+else
+    sleep "$(awk "BEGIN{print $KILL_AFTER_MS/1000}")"
+    kill -9 "$PRI"
+    echo "lab-netns: killed the primary after ${KILL_AFTER_MS} ms"
+fi
+
+reap "$PRI" 5; echo "lab-netns: primary ended with status $STATUS (137: killed, as expected)"
+reap "$SEC" 120; SEC_STATUS=$STATUS
+grep -h "^live: \|went live" "$WORK/secondary.err" | sed 's/^/lab-netns:   /' || die "the secondary never went live"
+tail -1 "$WORK/secondary.err" | sed 's/^/lab-netns:   survivor /'
+[ "$SEC_STATUS" = 0 ] || die "the survivor ended with status $SEC_STATUS (137 after 120 s: it was still running and was killed)"
+echo "lab-netns: OK: the survivor took over and ran the guest to its end"
