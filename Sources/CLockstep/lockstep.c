@@ -90,6 +90,11 @@ int lk_pin_current_thread(int cpu) {
     return -r;
 }
 
+int lk_set_realtime_priority(int priority) {
+    struct sched_param sp = { .sched_priority = priority };
+    return -pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
+}
+
 uint64_t lk_monotonic_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -60,10 +60,14 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     var end: End? { queue.withLock { $0.end } }
 
     func start() {
-        let t = Thread { [self] in loop(); done.signal() }
+        let t = Thread { [self] in
+            _ = lk_set_realtime_priority(linkPriority)
+            loop()
+            done.signal()
+        }
         t.name = "lockstep-receive"
         t.start()
-        heartbeat = Ticker(ms: options.heartbeatMs, name: "lockstep-heartbeat") { [self] in
+        heartbeat = Ticker(ms: options.heartbeatMs, name: "lockstep-heartbeat", priority: linkPriority) { [self] in
             if lk_monotonic_ns() &- lastSentNs.load(ordering: .relaxed) >= options.heartbeatNs { sendAck() }
         }
     }

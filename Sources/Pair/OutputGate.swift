@@ -22,16 +22,29 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
 
     public init(backend: SerialOutput) { self.backend = backend }
 
-    /// Output is waiting for an ack (the primary then sends its log at once rather than batching).
-    @inline(__always) var waiting: Bool { heldCount.load(ordering: .relaxed) > 0 }
+    /// The last held byte ends a line: the backend sends whole lines, so that is when an ack is worth asking for.
+    private let lineHeld = Atomic<Bool>(false)
+    /// When the oldest held byte was emitted (0: none held).
+    private let oldestHeldNs = Atomic<UInt64>(0)
+
+    /// Held output needs the watermark now: a whole line waits, or a partial one has waited `patienceNs`.
+    /// (Asking per byte would cost a send per OUT exit for nothing: the backend sends per line.)
+    @inline(__always) func needsWatermark(now: UInt64, patienceNs: UInt64) -> Bool {
+        guard heldCount.load(ordering: .relaxed) > 0 else { return false }
+        if lineHeld.load(ordering: .relaxed) { return true }
+        let oldest = oldestHeldNs.load(ordering: .relaxed)
+        return oldest != 0 && now &- oldest >= patienceNs
+    }
 
     public func emit(_ byte: UInt8, exit: UInt64) {
         lock.lock(); defer { lock.unlock() }
         if !gating || (exit < releasedBelow && head == held.count) {
             backend.emit(byte, exit: exit)
         } else {
-            held.append((exit, byte, lk_monotonic_ns()))
-            heldCount.add(1, ordering: .relaxed)
+            let now = lk_monotonic_ns()
+            held.append((exit, byte, now))
+            if heldCount.add(1, ordering: .relaxed).newValue == 1 { oldestHeldNs.store(now, ordering: .relaxed) }
+            if byte == 0x0A { lineHeld.store(true, ordering: .relaxed) }
         }
     }
 
@@ -74,6 +87,10 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
             head += 1; n += 1
         }
         heldCount.subtract(n, ordering: .relaxed)
+        if n > 0 {
+            oldestHeldNs.store(head < held.count ? held[head].ns : 0, ordering: .relaxed)
+            lineHeld.store(held[head...].contains { $0.byte == 0x0A }, ordering: .relaxed)
+        }
         if head == held.count { held.removeAll(keepingCapacity: true); head = 0 } else if head > 4096 { held.removeFirst(head); head = 0 }
         if head == held.count, flushWhenDrained { flushWhenDrained = false; backend.flush() }
     }

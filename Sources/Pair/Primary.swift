@@ -119,10 +119,11 @@ public final class PrimaryRunner: @unchecked Sendable {
         guard let l = link else { return }
         let exit = session.exit
         let now = lk_monotonic_ns()
+        let outputWaits = gate.needsWatermark(now: now, patienceNs: Self.batchIntervalNs)
         if session.encoder.bufferedBytes > 0 {
-            guard force || session.encoder.shouldFlush || gate.waiting || now &- lastFlushNs >= Self.batchIntervalNs else { return }
+            guard force || session.encoder.shouldFlush || outputWaits || now &- lastFlushNs >= Self.batchIntervalNs else { return }
         } else {
-            guard exit > sentWatermark, gate.waiting || force || now &- lastFlushNs >= Self.watermarkIntervalNs else { return }
+            guard exit > sentWatermark, outputWaits || force || now &- lastFlushNs >= Self.watermarkIntervalNs else { return }
         }
         lastFlushNs = now
         send(l, watermark: exit)

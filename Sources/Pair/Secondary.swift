@@ -82,7 +82,7 @@ public final class SecondaryRunner: @unchecked Sendable {
             s.stop()
             if !wentLive {
                 // A replay that runs out of log because the stream ended is not a divergence of its own.
-                if src.end == nil, case .divergence(let d)? = error as? MachineError { src.reportDivergence(d.description) }
+                if src.end == nil, case .divergence(let d) = error { src.reportDivergence(d.description) }
                 switch src.end {
                 case .fenced(let why)?: src.shutdown(goodbye: nil); throw PairError.fenced(why)
                 case .primaryStopped(let why)?: src.shutdown(goodbye: nil); throw PairError.primaryStopped(why)

@@ -38,7 +38,11 @@ final class SecondaryLink: @unchecked Sendable {
     deinit { close(ackEvent) }
 
     func start() {
-        let t = Thread { [self] in loop(); done.signal() }
+        let t = Thread { [self] in
+            _ = lk_set_realtime_priority(linkPriority)
+            loop()
+            done.signal()
+        }
         t.name = "lockstep-link"
         t.start()
     }
@@ -164,6 +168,11 @@ final class SecondaryLink: @unchecked Sendable {
         lose("the secondary diverged and was dropped: \(text)")
     }
 }
+
+/// SCHED_FIFO priority of the link threads (acks, heartbeats): they sleep on I/O and must not wait a
+/// scheduler tick behind a vCPU thread in an emulated guest on the same core. Without CAP_SYS_NICE they
+/// run at normal priority.
+let linkPriority: Int32 = 10
 
 /// Status-frame messages of the pair (first body byte).
 enum PairMessage: UInt8 {

@@ -125,8 +125,9 @@ final class Ticker: @unchecked Sendable {
     private var stopped = false
     private let done = DispatchSemaphore(value: 0)
 
-    init(ms: Int, name: String, _ body: @escaping @Sendable () -> Void) {
+    init(ms: Int, name: String, priority: Int32 = 0, _ body: @escaping @Sendable () -> Void) {
         let t = Thread { [self] in
+            if priority > 0 { _ = lk_set_realtime_priority(priority) }
             while true {
                 _ = lk_eventfd_wait(wake, lk_monotonic_ns() + UInt64(ms) * 1_000_000)
                 running.lock(); let s = stopped; running.unlock()

@@ -101,6 +101,9 @@ void lk_kick_bind(struct kvm_run *run); // per vCPU thread
 int lk_kick(unsigned long pthread_id, int signo);
 unsigned long lk_thread_self(void);
 int lk_pin_current_thread(int cpu); // 0 or -errno; pins to one CPU when the machine has several
+// 0 or -errno (EPERM without CAP_SYS_NICE): SCHED_FIFO for the FT link threads, which only block on I/O and
+// must preempt a vCPU thread stuck in an emulated guest on the same core.
+int lk_set_realtime_priority(int priority);
 int lk_cpu_count(void);
 
 // ---- time (host; reaches guests only through the recording hooks) ----
