@@ -174,17 +174,17 @@ extension PairTests { @Suite struct BadPeerTests {
 
 /// What the operator sees, and what the primary does when the secondary cannot keep up.
 extension PairTests { @Suite struct StatusAndFlowTests {
-    /// A secondary slowed to 2 ms per exit falls behind; with a 50 ms bound the primary slows down to match,
+    /// A secondary slowed to 5 ms per step falls behind; with a 20 ms bound the primary slows down to match,
     /// its stats say for how long, and the pair still ends in lockstep.
     @Test func slowSecondaryThrottlesThePrimary() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + PairFixture.common(ws),
-                            environment: ["LOCKSTEP_FAULT_REPLAY_DELAY_US": "2000"])
+                            environment: ["LOCKSTEP_FAULT_REPLAY_DELAY_US": "5000"])
         let port = try sec.listeningPort()
         let stats = ws.dir + "/stats.json"
         let pri = try Child("primary", ["primary", try PairFixture.guest("timer-compute-short"), "--peer", "127.0.0.1:\(port)",
-                                        "--memory", "32", "--serial", "none", "--max-lag-ms", "50", "--stats-json", stats] + PairFixture.common(ws))
+                                        "--memory", "32", "--serial", "none", "--max-lag-ms", "20", "--stats-json", stats] + PairFixture.common(ws))
         #expect(try pri.wait(seconds: 120) == 0, "\(pri.stderrText)")
         #expect(try sec.wait(seconds: 60) == 0, "\(sec.stderrText)")
         #expect(pri.digest != nil && pri.digest == sec.digest)
