@@ -42,11 +42,17 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     let heldExit: Atomic<UInt64>
     let bytesReceived = Atomic<UInt64>(0)
     private let lastSentNs = Atomic<UInt64>(0)
+    /// The stream ended in a way that leaves nothing to replay toward (fenced, stopped, resync): the
+    /// replayer stops at once rather than finish what it holds.
+    let abandoned = Atomic<Bool>(false)
     /// Heartbeats come from their own thread: decoding a large sync point must not look like death.
     private var heartbeat: Ticker?
 
-    init(conn: Connection, startExit: UInt64, firstSequence: UInt32, options: PairOptions, output: SuppressedOutput) {
-        self.conn = conn; self.options = options; self.output = output
+    /// Names this secondary in the primary's pair record (see `PairRecord`).
+    let protectionID: UInt64
+
+    init(conn: Connection, startExit: UInt64, firstSequence: UInt32, protectionID: UInt64, options: PairOptions, output: SuppressedOutput) {
+        self.conn = conn; self.options = options; self.output = output; self.protectionID = protectionID
         queue = Mutex(Queue(horizon: startExit))
         replayed = Atomic(startExit)
         heldExit = Atomic(startExit)
@@ -199,6 +205,10 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     /// Ends the stream; the first reason stands (a replay error after a fence refusal is its consequence).
     private func finish(_ e: End) {
         queue.withLock { q in if q.end == nil { q.end = e } }
+        switch e {
+        case .fenced, .primaryStopped, .resync: abandoned.store(true, ordering: .releasing)
+        case .trailer, .goLive: break
+        }
         lk_eventfd_signal(wake)
     }
 
@@ -229,6 +239,12 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         while true {
             do {
                 if let t = try f.tryAcquire(identity: .current()) {
+                    // The fence is ours; the primary's last word decides whether this state may go live.
+                    let record = PairRecord.read(dir) ?? "(none)"
+                    guard record == PairRecord.protected(protectionID) else {
+                        try? f.release()
+                        return .fenceDenied(holder: "nobody, but the primary's pair record says '\(record)': it went on without this secondary, whose state is stale")
+                    }
                     fence = f
                     fenceToken = t
                     return .fenceAcquired(generation: t.generation)

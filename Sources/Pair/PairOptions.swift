@@ -1,6 +1,7 @@
 import Channel
 import Failover
 import Foundation
+import Glibc
 
 /// Settings shared by both sides of a pair.
 public struct PairOptions: Sendable {
@@ -19,6 +20,8 @@ public struct PairOptions: Sendable {
     public var maxLagBytes: UInt64 = 64 << 20
     /// ...or when the secondary's replay is this far behind in time.
     public var maxLagMs: UInt64 = 2000
+    /// A secondary whose replay does not move for this long while the primary waits for it is dropped.
+    public var replayStallMs: UInt64 = 5000
     /// How long the primary waits for its first secondary before failing.
     public var connectTimeoutMs: Int = 30_000
     /// Status line on stderr and `--status-json` rewrite period (0: none).
@@ -83,4 +86,35 @@ func takeFence(_ dir: String?) throws(PairError) -> Fence? {
         if try f.tryAcquire(identity: .current()) != nil { return f }
     } catch { throw .config("--fence \(dir): \(error)") }
     throw .fenced("the fence in \(dir) is held by \(f.holder?.description ?? "another process"): another primary is live")
+}
+
+/// The pair record: a file beside the fence (`DIR/lockstep.pair`) in which the live primary says which
+/// secondary, if any, may take over from it. Only the fence holder writes it. A secondary that wins the
+/// fence goes live only if the record names it: a primary that dropped it and went on unprotected, or
+/// whose guest ended, has made its state stale, and going live would contradict what the world saw.
+enum PairRecord {
+    static let fileName = "lockstep.pair"
+
+    static func protected(_ id: UInt64) -> String { "protected \(String(id, radix: 16))" }
+    static let unprotected = "unprotected"
+    static let ended = "ended"
+
+    /// Replaces the record atomically (temporary name, fsync, rename). Returns false on failure.
+    @discardableResult
+    static func write(_ dir: String?, _ text: String) -> Bool {
+        guard let dir else { return true }
+        let path = dir + "/" + fileName, tmp = path + ".\(getpid()).tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { warn("cannot write the pair record \(tmp): \(String(cString: strerror(errno)))"); return false }
+        let bytes = Array((text + "\n").utf8)
+        let ok = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } == bytes.count && fsync(fd) == 0
+        close(fd)
+        guard ok, rename(tmp, path) == 0 else { warn("cannot write the pair record \(path)"); unlink(tmp); return false }
+        return true
+    }
+
+    static func read(_ dir: String) -> String? {
+        guard let d = FileManager.default.contents(atPath: dir + "/" + fileName) else { return nil }
+        return String(decoding: d, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
 }

@@ -51,6 +51,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         self.image = image; self.config = config; self.options = options
         fence = try takeFence(options.fenceDirectory)
         if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
+        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
         gate = OutputGate(backend: backend)
         do { session = try StreamRecordSession(image: image, config: config, output: gate) } catch { throw .config("\(error)") }
         if let v = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_SIGNATURE_AT_EXIT"], let n = UInt64(v) {
@@ -139,9 +140,20 @@ public final class PrimaryRunner: @unchecked Sendable {
         if batch.capacity > 4 << 20 { batch = [] }  // a large sync point passed: give the memory back
     }
 
+    /// Waits for the secondary's replay to catch up. A replay that does not move for `replayStallMs` is stuck (a
+    /// guest loop the log cannot explain): the secondary is dropped and re-seeded, so it cannot stall the primary.
     private func throttle(_ l: SecondaryLink, since start: UInt64) {
+        let stallNs = options.replayStallMs * 1_000_000
+        var lastReplayed = l.replayed.load(ordering: .acquiring)
+        var movedAt = start
         while l.mustSlowDown(now: lk_monotonic_ns()) {
             _ = lk_eventfd_wait(l.ackEvent, lk_monotonic_ns() + 10_000_000)
+            let r = l.replayed.load(ordering: .acquiring), now = lk_monotonic_ns()
+            if r != lastReplayed { lastReplayed = r; movedAt = now }
+            if now &- movedAt > stallNs {
+                l.lose("the secondary's replay has not moved from exit \(r) for \((now &- movedAt) / 1_000_000) ms")
+                break
+            }
         }
         metrics.throttled(lk_monotonic_ns() &- start)
     }
@@ -174,6 +186,7 @@ public final class PrimaryRunner: @unchecked Sendable {
     /// Seeds a connected secondary with a snapshot (the guest pauses for it) and starts gating on its acks.
     private func attach(_ conn: Connection) throws {
         let t0 = lk_monotonic_ns()
+        let protectionID = UInt64.random(in: 1...UInt64.max)
         // Records before the snapshot are not needed by this secondary.
         session.encoder.sealFrame { _ in }
         let snap = try session.snapshot()
@@ -189,7 +202,8 @@ public final class PrimaryRunner: @unchecked Sendable {
             }
             try conn.send(.bulk(SeedCodec.end(SeedEnd(exit: snap.exit, signature: snap.signature, lastClock: snap.lastClock,
                                                       firstSequence: session.encoder.nextSequence, totalPages: UInt32(snap.pageNumbers.count),
-                                                      vcpuState: snap.vcpuState, deviceState: snap.deviceState, stateSHA256: digest))))
+                                                      vcpuState: snap.vcpuState, deviceState: snap.deviceState, stateSHA256: digest,
+                                                      protectionID: protectionID))))
             // The secondary loads the seed and checks its digest (a pass over its RAM) before it answers.
             let answer = try conn.receiveMessage(timeoutMs: 30_000)
             guard case .ack(let a) = answer, a.heldExitIndex == snap.exit else {
@@ -201,6 +215,11 @@ public final class PrimaryRunner: @unchecked Sendable {
         } catch {
             conn.close()
             throw PairError.from(error)
+        }
+        // From here this secondary may take over: say so where it will look after winning the fence.
+        guard PairRecord.write(options.fenceDirectory, PairRecord.protected(protectionID)) else {
+            conn.close()
+            throw PairError.config("cannot write the pair record in \(options.fenceDirectory ?? "")")
         }
         sentWatermark = snap.exit
         let l = SecondaryLink(conn: conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics)
@@ -228,7 +247,11 @@ public final class PrimaryRunner: @unchecked Sendable {
 
     /// Sends the trailer, waits (bounded) for the secondary to hold it, then releases all output.
     private func finishLog(_ trailer: LogTrailer) {
-        guard let l = link, !l.lost.load(ordering: .acquiring) else { gate.stopGating(); return }
+        guard let l = link, !l.lost.load(ordering: .acquiring) else {
+            PairRecord.write(options.fenceDirectory, PairRecord.ended)
+            gate.stopGating()
+            return
+        }
         let final = trailer.finalExit &+ 1
         batch.removeAll(keepingCapacity: true)
         session.encoder.sealTrailer(trailer) { (b: UnsafeRawBufferPointer) in batch.append(contentsOf: b) }
@@ -239,6 +262,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         }
         gate.stopGating()
         detach(goodbye: "guest exited")
+        PairRecord.write(options.fenceDirectory, PairRecord.ended)
     }
 
     // MARK: connecting

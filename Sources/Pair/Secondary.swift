@@ -76,6 +76,7 @@ public final class SecondaryRunner: @unchecked Sendable {
             while true {
                 if case .finished(let e) = try s.step() { ending = e; break }
                 src.replayed.store(s.exit, ordering: .releasing)
+                if !wentLive, src.abandoned.load(ordering: .acquiring) { break }
                 if delayUs > 0, !wentLive { usleep(delayUs) }
             }
         } catch {
@@ -97,6 +98,14 @@ public final class SecondaryRunner: @unchecked Sendable {
             throw error
         }
         s.stop()
+        if !wentLive, src.abandoned.load(ordering: .acquiring) {
+            src.shutdown(goodbye: nil)
+            switch src.end {
+            case .fenced(let why)?: throw PairError.fenced(why)
+            case .primaryStopped(let why)?: throw PairError.primaryStopped(why)
+            default: return nil  // resync: wait for a new seed
+            }
+        }
         let r = try s.result(ending)
         if !wentLive {
             src.replayed.store(s.exit, ordering: .releasing)
@@ -155,7 +164,8 @@ public final class SecondaryRunner: @unchecked Sendable {
         }
         guard end.totalPages == numbers.count else { throw PairError.badPeerData("the seed announced \(end.totalPages) pages and carried \(numbers.count)") }
         let output = SuppressedOutput()
-        let src = LiveLogSource(conn: conn, startExit: end.exit, firstSequence: end.firstSequence, options: options, output: output)
+        let src = LiveLogSource(conn: conn, startExit: end.exit, firstSequence: end.firstSequence, protectionID: end.protectionID,
+                                options: options, output: output)
         let s = try StandbySession(image: image, config: header.config, source: src, output: output)
         try s.load(Snapshot(exit: end.exit, signature: end.signature, lastClock: end.lastClock, vcpuState: end.vcpuState,
                             deviceState: end.deviceState, pageNumbers: numbers, pageData: data))

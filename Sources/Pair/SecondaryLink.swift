@@ -53,6 +53,9 @@ final class SecondaryLink: @unchecked Sendable {
     func lose(_ why: String) {
         guard !lost.exchange(true, ordering: .acquiringAndReleasing) else { return }
         lostReason.withLock { $0 = why }
+        // Before any held output leaves: this secondary's state is stale from now on, and it must not go
+        // live even if it wins the fence after this process ends.
+        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
         gate.stopGating()
         conn.close()
         lk_eventfd_signal(ackEvent)

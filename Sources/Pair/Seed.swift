@@ -7,7 +7,8 @@ import Machine
 ///             32 image SHA-256 | 32 CPUID table SHA-256 | u32 image length | image bytes
 ///     pages:  u32 count | count x u32 page number | count x 4096 page bytes      (zero or more)
 ///     end:    u64 exit | u32 signature | u64 last guest clock ns | u32 first log frame sequence |
-///             u32 total pages | u32 length + vCPU state | u32 length + device state | 32 state SHA-256
+///             u32 total pages | u32 length + vCPU state | u32 length + device state | 32 state SHA-256 |
+///             u64 protection id (names this secondary in the fence directory's pair record)
 ///
 /// The secondary loads the image itself; the pages are those the guest wrote since boot. After loading, its
 /// state digest must equal the one in `end`, or the pair does not start.
@@ -34,6 +35,7 @@ struct SeedEnd: Equatable {
     var vcpuState: [UInt8]
     var deviceState: [UInt8]
     var stateSHA256: [UInt8]
+    var protectionID: UInt64
 }
 
 struct SeedError: Error, CustomStringConvertible {
@@ -63,7 +65,7 @@ enum SeedCodec {
     static func end(_ e: SeedEnd) -> [UInt8] {
         var w = Wire(SeedPart.end)
         w.u64(e.exit); w.u32(e.signature); w.u64(e.lastClock); w.u32(e.firstSequence); w.u32(e.totalPages)
-        w.blob(e.vcpuState); w.blob(e.deviceState); w.raw(e.stateSHA256)
+        w.blob(e.vcpuState); w.blob(e.deviceState); w.raw(e.stateSHA256); w.u64(e.protectionID)
         return w.out
     }
 
@@ -98,7 +100,7 @@ enum SeedCodec {
         var r = WireReader(body, what: "seed end")
         let e = SeedEnd(exit: try r.u64(), signature: try r.u32(), lastClock: try r.u64(), firstSequence: try r.u32(),
                         totalPages: try r.u32(), vcpuState: try r.blob(limit: 1 << 20), deviceState: try r.blob(limit: 1 << 20),
-                        stateSHA256: try r.raw(32))
+                        stateSHA256: try r.raw(32), protectionID: try r.u64())
         try r.done()
         return e
     }

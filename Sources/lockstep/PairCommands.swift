@@ -16,6 +16,7 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Write replication figures (lag histograms, bandwidth) as JSON here at the end.") var statsJson: String?
     @Option(name: .long, help: "Flow control: slow the primary when the secondary's replay is this far behind (ms).") var maxLagMs: UInt64 = 2000
     @Option(name: .long, help: "Flow control: slow the primary when this much log is not yet replayed (MiB).") var maxLagMib: UInt64 = 64
+    @Option(name: .long, help: "Drop (and re-seed) a secondary whose replay has not moved for this long while the primary waits (ms).") var replayStallMs: UInt64 = 5000
 
     func options() throws -> PairOptions {
         guard let mode = ["disabled": EncryptionMode.disabled, "opportunistic": .opportunistic, "required": .required][encrypt] else {
@@ -30,7 +31,7 @@ struct PairArguments: ParsableArguments {
         o.fenceDirectory = fence
         o.heartbeatMs = heartbeatMs; o.failureTimeoutMs = failureTimeoutMs; o.fenceWaitMs = fenceWaitMs
         o.statusIntervalMs = statusIntervalMs; o.statusJSON = statusJson; o.statsJSON = statsJson
-        o.maxLagMs = maxLagMs; o.maxLagBytes = maxLagMib << 20
+        o.maxLagMs = maxLagMs; o.maxLagBytes = maxLagMib << 20; o.replayStallMs = replayStallMs
         return o
     }
 }

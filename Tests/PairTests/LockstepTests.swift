@@ -195,6 +195,23 @@ extension PairTests { @Suite struct StatusAndFlowTests {
         #expect(maxLag < 1_000_000, "replay lag should stay near the 50 ms bound, max \(maxLag) µs")
     }
 
+    /// A secondary whose replay stops moving must not stall the primary: it is dropped, and the primary
+    /// ends its guest unprotected. (The secondary, slowed to 2 s per step, then finds the fence held.)
+    @Test func stuckSecondaryIsDropped() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + PairFixture.common(ws),
+                            environment: ["LOCKSTEP_FAULT_REPLAY_DELAY_US": "2000000"])
+        let port = try sec.listeningPort()
+        let pri = try Child("primary", ["primary", try PairFixture.guest("timer-compute-short"), "--peer", "127.0.0.1:\(port)",
+                                        "--memory", "32", "--serial", "none", "--max-lag-ms", "20", "--replay-stall-ms", "300"]
+                                       + PairFixture.common(ws))
+        try pri.waitForLine(containing: "has not moved", seconds: 60)
+        #expect(try pri.wait(seconds: 120) == 0, "\(pri.stderrText)")
+        #expect(try sec.wait(seconds: 60) == 75, "\(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") })
+    }
+
     @Test func statusLineAndJSON() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()

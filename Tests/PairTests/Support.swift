@@ -85,6 +85,8 @@ final class Child: @unchecked Sendable {
     private let cond = NSCondition()
     private var lines: [String] = []
     private var exited = false
+    /// stderr reached end of file: every line the process wrote has been collected.
+    private var eof = false
     private var partial = Data()
 
     init(_ name: String, _ args: [String], environment: [String: String] = [:]) throws {
@@ -100,7 +102,7 @@ final class Child: @unchecked Sendable {
             let d = h.availableData
             guard let self else { return }
             self.cond.lock()
-            if d.isEmpty { h.readabilityHandler = nil } else { self.partial.append(d) }
+            if d.isEmpty { h.readabilityHandler = nil; self.eof = true } else { self.partial.append(d) }
             while let nl = self.partial.firstIndex(of: 0x0A) {
                 self.lines.append(String(decoding: self.partial[self.partial.startIndex..<nl], as: UTF8.self))
                 self.partial.removeSubrange(self.partial.startIndex...nl)
@@ -128,7 +130,7 @@ final class Child: @unchecked Sendable {
         while true {
             let hits = lines.filter { $0.contains(text) }
             if hits.count >= occurrence { return hits[occurrence - 1] }
-            if exited && partial.isEmpty { throw PairTestError("\(name) exited (status \(process.terminationStatus)) without printing '\(text)'; stderr:\n\(lines.suffix(20).joined(separator: "\n"))") }
+            if exited && eof { throw PairTestError("\(name) exited (status \(process.terminationStatus)) without printing '\(text)'; stderr:\n\(lines.suffix(20).joined(separator: "\n"))") }
             if !cond.wait(until: deadline) { throw PairTestError("\(name) did not print '\(text)' within \(seconds) s; stderr:\n\(lines.suffix(20).joined(separator: "\n"))") }
         }
     }
@@ -138,7 +140,7 @@ final class Child: @unchecked Sendable {
     func wait(seconds: Double = 60) throws -> Int32 {
         let deadline = Date().addingTimeInterval(seconds)
         cond.lock()
-        while !exited {
+        while !(exited && eof) {
             if !cond.wait(until: deadline) {
                 cond.unlock()
                 kill(process.processIdentifier, SIGKILL)
