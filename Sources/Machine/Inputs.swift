@@ -42,7 +42,9 @@ public final class InputHooks: DeviceInputs {
     public internal(set) var exit: UInt64 = 0
     public internal(set) var signature = ExitSignature(raw: 0)
     public let epochSeconds: UInt64
-    let encoder: LogEncoder?
+    private(set) var encoder: LogEncoder?
+    /// Where a standby machine records once it goes live (so a survivor can protect itself again); nil: run mode.
+    var liveEncoder: LogEncoder?
     let source: RecordSource?
     /// Guest time = host monotonic - hostBase (live). Moved on go-live so the guest clock stays monotonic.
     var hostBase: UInt64
@@ -251,7 +253,8 @@ public final class InputHooks: DeviceInputs {
     /// monotonically from the last value it saw.
     public func goLive() {
         hostBase = lk_monotonic_ns() &- lastClock
-        mode = .run
+        encoder = liveEncoder
+        mode = liveEncoder == nil ? .run : .record
         pending = nil
         pendingExit = .max
         ended = true

@@ -1,8 +1,28 @@
 import CLockstep
 import EventLog
 
+/// A machine that records into an in-memory encoder a pair can stream to a secondary: a primary, or a
+/// secondary that went live and protects itself again.
+public protocol RecordingSession: AnyObject {
+    var machine: Machine { get }
+    var encoder: LogEncoder { get }
+    /// The exit index: every record for an earlier exit is in the encoder.
+    var exit: UInt64 { get }
+    func snapshot() throws(MachineError) -> Snapshot
+    /// The run's result and the trailer that closes its log.
+    func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer)
+}
+
+extension Session {
+    func trailer(_ e: Ending, encoder: LogEncoder) throws(MachineError) -> (SessionResult, LogTrailer) {
+        let r = try result(e, events: encoder.eventCount, logBytes: 0)
+        return (r, LogTrailer(endReason: e.endReason, exitStatus: e.exitStatus, finalExit: machine.hooks.exit,
+                              eventCount: encoder.eventCount, syncPointCount: encoder.syncPointCount, stateDigest: r.digest))
+    }
+}
+
 /// A pair's primary: records into an in-memory encoder whose frames the pair streams to the secondary.
-public final class StreamRecordSession: Session {
+public final class StreamRecordSession: Session, RecordingSession {
     public let encoder: LogEncoder
 
     public init(image: PVHImage, config: MachineConfig, output: SerialOutput?, frameTarget: Int = 32 << 10) throws(MachineError) {
@@ -13,28 +33,30 @@ public final class StreamRecordSession: Session {
     public func start() { begin() }
     public func stop() { end() }
     public func step() throws(MachineError) -> Engine.State { try engine.step() }
-    /// The exit index: every record for an earlier exit is in the encoder.
     public var exit: UInt64 { machine.hooks.exit }
     public func snapshot() throws(MachineError) -> Snapshot { try machine.captureSnapshot() }
-
-    /// The run's result and the trailer that closes its log.
-    public func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer) {
-        let r = try result(e, events: encoder.eventCount, logBytes: 0)
-        return (r, LogTrailer(endReason: e.endReason, exitStatus: e.exitStatus, finalExit: machine.hooks.exit,
-                              eventCount: encoder.eventCount, syncPointCount: encoder.syncPointCount, stateDigest: r.digest))
-    }
+    public func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer) { try trailer(e, encoder: encoder) }
 }
 
-/// A pair's secondary: replays a live log as it arrives and can go live where the log stops.
-public final class StandbySession: Session {
-    public init(image: PVHImage, config: MachineConfig, source: RecordSource, output: SerialOutput?) throws(MachineError) {
+/// A pair's secondary: replays a live log as it arrives and can go live where the log stops. Live, it
+/// records into `encoder` (a `RecordingSession`), so it can seed a new secondary of its own.
+public final class StandbySession: Session, RecordingSession {
+    public let encoder = LogEncoder(frameTarget: 32 << 10)
+
+    /// `recordWhenLive`: after go-live, record (for a new secondary) rather than just run.
+    public init(image: PVHImage, config: MachineConfig, source: RecordSource, output: SerialOutput?, recordWhenLive: Bool = false) throws(MachineError) {
         super.init(machine: try Machine(image: image, config: config, mode: .replay, source: source, output: output, standby: true))
+        if recordWhenLive { machine.hooks.liveEncoder = encoder }
         machine.hooks.onGoLive = { [unowned self] reason in
-            // Inputs are live from here: the timers and wake-ups need the pacer.
+            // Inputs are live from here (and recorded): the timers and wake-ups need the pacer.
+            if recordWhenLive { machine.syncPoints?.encoder = encoder }
             startPacing()
             onGoLive?(reason)
         }
     }
+
+    public func snapshot() throws(MachineError) -> Snapshot { try machine.captureSnapshot() }
+    public func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer) { try trailer(e, encoder: encoder) }
 
     /// Called on the vCPU thread when the machine went live (after the pacer started).
     public var onGoLive: ((String) -> Void)?

@@ -8,7 +8,7 @@ import KVM
 final class SyncPointStore {
     let vm: VirtualMachine
     let memory: GuestMemory
-    let encoder: LogEncoder?
+    var encoder: LogEncoder?
     let msrs: [UInt32]
     let bitmap: UnsafeMutablePointer<UInt64>
     /// Every page the guest has written since boot (seeds a new secondary: the rest equals the loaded image).
@@ -89,6 +89,8 @@ final class SyncPointStore {
         // KVM finishes a pending I/O (the IN/OUT of the last exit) only on the next KVM_RUN. Complete it now,
         // without running guest code, so it cannot land on top of the loaded state.
         vcpu.completePendingIO()
+        // Written from user space, so the dirty log never sees them; a snapshot of this machine needs them.
+        for n in sp.pageNumbers { everDirty[Int(n) >> 6] |= 1 << UInt64(n & 63) }
         sp.pageNumbers.withUnsafeBufferPointer { pn in
             sp.pageData.withUnsafeBytes { pd in
                 // SAFETY: page numbers checked against RAM above; pd holds count * 4096 bytes.

@@ -38,7 +38,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     private var fsm = FailoverMachine.secondary()
     private let done = DispatchSemaphore(value: 0)
     private(set) var fenceToken: FenceToken?
-    private var fence: Fence?
+    /// The fence this side won (held for the rest of its life once live).
+    private(set) var fence: Fence?
     let heldExit: Atomic<UInt64>
     let bytesReceived = Atomic<UInt64>(0)
     private let lastSentNs = Atomic<UInt64>(0)

@@ -13,7 +13,9 @@ import Synchronization
 /// current secondary (acks, heartbeats, releases); a connector thread while no secondary is attached;
 /// the status ticker. The vCPU thread alone attaches and detaches secondaries, at step boundaries.
 public final class PrimaryRunner: @unchecked Sendable {
-    let session: StreamRecordSession
+    let session: RecordingSession
+    /// The session this runner created and drives (`lockstep primary`); nil when it protects a survivor's.
+    let own: StreamRecordSession?
     let image: PVHImage
     let config: MachineConfig
     let gate: OutputGate
@@ -53,48 +55,89 @@ public final class PrimaryRunner: @unchecked Sendable {
         if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
         PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
         gate = OutputGate(backend: backend)
-        do { session = try StreamRecordSession(image: image, config: config, output: gate) } catch { throw .config("\(error)") }
+        let s: StreamRecordSession
+        do { s = try StreamRecordSession(image: image, config: config, output: gate) } catch { throw .config("\(error)") }
+        session = s
+        own = s
         if let v = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_SIGNATURE_AT_EXIT"], let n = UInt64(v) {
             warn("fault injection: the log lies about the signature of the first event at exit \(n) or later")
             session.machine.hooks.faultAtExit = n
         }
     }
 
+    /// Protects a running machine that is already live and holds the fence (a secondary that went live):
+    /// unprotected until the connector finds a new secondary at `peer`. `gate` must already be its output.
+    init(adopting session: RecordingSession, image: PVHImage, config: MachineConfig, gate: OutputGate, peer: String,
+         options: PairOptions, fence: Fence?) throws(PairError) {
+        guard let colon = peer.lastIndex(of: ":"), let port = UInt16(peer[peer.index(after: colon)...]), port > 0 else {
+            throw .config("--peer \(peer): expected HOST:PORT")
+        }
+        peerHost = String(peer[..<colon]); peerPort = port
+        self.image = image; self.config = config; self.options = options; self.fence = fence
+        self.gate = gate
+        self.session = session
+        own = nil
+    }
+
     public var machine: Machine { session.machine }
+
+    /// A survivor's protection starts: it is live and unprotected; look for a new secondary.
+    func beginAdopted() {
+        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+        session.machine.onIdle = { [unowned self] in flushLog(force: true) }
+        startConnector()
+    }
+
+    @inline(__always) func stepAdopted() { afterStep() }
+
+    /// The survivor's guest ended: close the log to its secondary (if any) and release everything.
+    func endAdopted(_ ending: Ending) throws(MachineError) -> SessionResult {
+        let (result, trailer) = try session.finish(ending)
+        finishLog(trailer)
+        finished.store(true, ordering: .releasing)
+        dropOffer()
+        return result
+    }
 
     var state: FailoverState { fsm.withLock { $0.state } }
 
     /// Connects the first secondary (bounded by `connectTimeoutMs`), then runs the guest to its end.
     public func run() throws -> SessionResult {
+        guard let own else { throw PairError.config("run() drives its own session only") }
         let first = try connectInitial()
         try attach(first)
         session.machine.onIdle = { [unowned self] in flushLog(force: true) }
         let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
-        session.start()
+        own.start()
         var ending: Ending = .stopped
         do {
             while true {
-                if case .finished(let e) = try session.step() { ending = e; break }
+                if case .finished(let e) = try own.step() { ending = e; break }
                 afterStep()
             }
         } catch {
-            session.stop()
+            own.stop()
             ticker?.stop()
             detach(goodbye: "primary failed: \(error)")
             throw error
         }
-        session.stop()
+        own.stop()
         let (result, trailer) = try session.finish(ending)
         finishLog(trailer)
         finished.store(true, ordering: .releasing)
-        if let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o }) {
-            try? c.send(.goodbye("the guest ended before this secondary was seeded"))
-            c.close()
-        }
+        dropOffer()
         ticker?.stop()
         report()
         if let path = options.statsJSON { writeJSON(stats(), to: path) }
         return result
+    }
+
+    /// A secondary that connected but was never seeded is told why it is dropped.
+    private func dropOffer() {
+        if let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o }) {
+            try? c.send(.goodbye("the guest ended before this secondary was seeded"))
+            c.close()
+        }
     }
 
     // MARK: vCPU thread

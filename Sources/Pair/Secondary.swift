@@ -13,10 +13,17 @@ public final class SecondaryRunner: @unchecked Sendable {
     private var session: StandbySession?
     private var source: LiveLogSource?
     private var backend: SerialBackend?
+    /// Where a survivor looks for a secondary of its own (`--peer`); nil: it runs unprotected once live.
+    let reprotectPeer: String?
+    /// The survivor's protection (after go-live, with `--peer`).
+    private var protector: PrimaryRunner?
+    private var seedImage: PVHImage?
+    private var seedConfig = MachineConfig()
     /// How the run ended, for the exit status.
     public private(set) var wentLive = false
 
-    public init(listen: String, serial: SerialSpec, options: PairOptions) throws(PairError) {
+    public init(listen: String, serial: SerialSpec, options: PairOptions, reprotectPeer: String? = nil) throws(PairError) {
+        self.reprotectPeer = reprotectPeer
         guard let colon = listen.lastIndex(of: ":"), let port = UInt16(listen[listen.index(after: colon)...]) else {
             throw .config("--listen \(listen): expected HOST:PORT")
         }
@@ -75,6 +82,7 @@ public final class SecondaryRunner: @unchecked Sendable {
         do {
             while true {
                 if case .finished(let e) = try s.step() { ending = e; break }
+                if let p = protector { p.stepAdopted(); continue }
                 src.replayed.store(s.exit, ordering: .releasing)
                 if !wentLive, src.abandoned.load(ordering: .acquiring) { break }
                 if delayUs > 0, !wentLive { usleep(delayUs) }
@@ -106,7 +114,7 @@ public final class SecondaryRunner: @unchecked Sendable {
             default: return nil  // resync: wait for a new seed
             }
         }
-        let r = try s.result(ending)
+        let r = try protector?.endAdopted(ending) ?? s.result(ending)
         if !wentLive {
             src.replayed.store(s.exit, ordering: .releasing)
             src.shutdown(goodbye: "replay finished")
@@ -166,7 +174,9 @@ public final class SecondaryRunner: @unchecked Sendable {
         let output = SuppressedOutput()
         let src = LiveLogSource(conn: conn, startExit: end.exit, firstSequence: end.firstSequence, protectionID: end.protectionID,
                                 options: options, output: output)
-        let s = try StandbySession(image: image, config: header.config, source: src, output: output)
+        let s = try StandbySession(image: image, config: header.config, source: src, output: output, recordWhenLive: reprotectPeer != nil)
+        seedImage = image
+        seedConfig = header.config
         try s.load(Snapshot(exit: end.exit, signature: end.signature, lastClock: end.lastClock, vcpuState: end.vcpuState,
                             deviceState: end.deviceState, pageNumbers: numbers, pageData: data))
         let digest = try s.machine.stateDigest()
@@ -195,12 +205,30 @@ public final class SecondaryRunner: @unchecked Sendable {
         }
         guard let b, let s = session, let src = source else { return }
         backend = b
-        let resent = src.output.goLive(to: b)
+        // This side is the only live one now: no earlier secondary of anyone may take over from it.
+        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+        var out: SerialOutput = b
+        if let peer = reprotectPeer, let image = seedImage {
+            let gate = OutputGate(backend: b)
+            do {
+                let p = try PrimaryRunner(adopting: s, image: image, config: seedConfig, gate: gate, peer: peer, options: options, fence: src.fence)
+                protector = p
+                out = gate
+                p.beginAdopted()
+            } catch { warn("cannot protect the survivor: \(error); running unprotected") }
+        }
+        let resent = src.output.goLive(to: out)
         b.startInput(into: s.machine.input)
-        warn("secondary went live at exit \(s.exit) (\(resent) output bytes the primary may not have released are sent again)")
+        warn("secondary went live at exit \(s.exit) (\(resent) output bytes the primary may not have released are sent again)"
+             + (protector != nil ? "; looking for a new secondary at \(reprotectPeer!)" : ""))
     }
 
     public func status() -> PairStatus {
+        if let p = protector {
+            var st = p.status()
+            st.role = "survivor"
+            return st
+        }
         let held = source?.heldExit.load(ordering: .acquiring) ?? 0
         let replayed = source?.replayed.load(ordering: .acquiring) ?? 0
         let bytes = source?.bytesReceived.load(ordering: .relaxed) ?? 0

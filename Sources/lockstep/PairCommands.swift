@@ -85,13 +85,14 @@ struct SecondaryCommand: ParsableCommand {
     @Option(name: .long, help: "Serial backend used after going live (the primary's service address).") var serial: String = "stdio"
     @OptionGroup var pair: PairArguments
     @Option(name: .long, help: "Give up when no primary connects within this many ms (default: wait forever).") var acceptTimeoutMs: Int = -1
+    @Option(name: .long, help: "Once live, seed and protect itself with a new secondary listening here (HOST:PORT).") var peer: String?
     @Flag(name: .long, help: "Print run statistics.") var verbose = false
 
     func run() throws {
         let o = try pair.options()
         do {
             let spec = try SerialSpec.parse(serial)
-            let s = try SecondaryRunner(listen: listen, serial: spec, options: o)
+            let s = try SecondaryRunner(listen: listen, serial: spec, options: o, reprotectPeer: peer)
             FileHandle.standardError.write(Data("lockstep: secondary listening on \(listen.split(separator: ":").dropLast().joined(separator: ":")):\(s.port)\n".utf8))
             let r = try s.run(acceptTimeoutMs: acceptTimeoutMs)
             throw finish(r, verbose: verbose)

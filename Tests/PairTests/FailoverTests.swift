@@ -106,6 +106,39 @@ extension PairTests { @Suite struct FailoverTests {
         try? sec.wait(seconds: 10)
     }
 
+    /// A survivor given `--peer` protects itself: it seeds a new secondary from its running state, and
+    /// that one survives the survivor's own kill -9. Two failovers, one conversation.
+    @Test func survivorProtectsItselfAndFailsOverAgain() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = PairFixture.freeUDPPort()
+        let common = PairFixture.common(ws)
+        let third = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        let p2 = try third.listeningPort()
+        let second = try Child("secondary-1", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)",
+                                               "--peer", "127.0.0.1:\(p2)"] + common)
+        let p1 = try second.listeningPort()
+        let first = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(p1)", "--memory", "32",
+                                          "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        try first.waitForLine(containing: "protected: secondary")
+        let client = EchoClient(port: udp)
+        var history = History()
+        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        first.kill9()
+        #expect(client.request("REQ 4 b", expect: "REP 4 ", seen: { history.saw($0) }) != nil, "\(second.stderrText)")
+        let seeded = try second.waitForLine(containing: "protected: secondary at", seconds: 30)
+        #expect(!seeded.contains("at exit 0 "), "\(seeded)")
+        for seq in 5...6 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        second.kill9()
+        #expect(client.request("REQ 7 d", expect: "REP 7 ", seen: { history.saw($0) }) != nil, "\(third.stderrText)")
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try third.wait(seconds: 30) == 0, "\(third.stderrText)")
+        #expect(third.stderr.contains { $0.hasPrefix("live: ") })
+        #expect(history.problems.isEmpty, "\(history.problems)")
+        try first.wait(seconds: 10)
+        try second.wait(seconds: 10)
+    }
+
     @Test func partitionNeverGivesTwoPrimaries() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
