@@ -29,8 +29,8 @@ public final class KVMHost: @unchecked Sendable {
     public static func isAvailable(path: String = "/dev/kvm") -> Bool { access(path, R_OK | W_OK) == 0 }
 
     public init(path: String = "/dev/kvm") throws(KVMError) {
-        let r = lk_open(path, O_RDWR, 0)
-        guard r >= 0 else { throw .unavailable(path: path, errno: -r) }
+        let r: Int32
+        do { r = try Sys.open(path, O_RDWR) } catch { throw .unavailable(path: path, errno: error.errno) }
         fd = r
         do {
             let v = try Sys.ioctl(fd, LK_KVM_GET_API_VERSION, value: 0, "KVM_GET_API_VERSION")
@@ -42,9 +42,9 @@ public final class KVMHost: @unchecked Sendable {
             }
             vcpuMmapSize = try Sys.ioctl(fd, LK_KVM_GET_VCPU_MMAP_SIZE, value: 0, "KVM_GET_VCPU_MMAP_SIZE")
         } catch let e as KVMError {
-            Glibc.close(r); throw e
+            Sys.close(r); throw e
         } catch let e as SysError {
-            Glibc.close(r); throw .sys(e)
+            Sys.close(r); throw .sys(e)
         } catch { fatalError("unreachable") }
     }
 
