@@ -346,3 +346,36 @@ final class ThreadBody {
         }
     }
 }
+
+@Suite struct StateTests {
+    @Test func stateCarriesItsMSRsThroughARestore() throws {
+        let fake = FakeKVM()
+        fake.answers[LK_KVM_GET_MSRS] = msrAnswer(readable: [0x174, 0x277], value: { UInt64($0) + 0x1000 })
+        var restored: [(UInt32, UInt64)] = []
+        fake.answers[LK_KVM_SET_MSRS] = { arg in
+            let n = Int(arg!.assumingMemoryBound(to: kvm_msrs.self).pointee.nmsrs)
+            restored = UnsafeBufferPointer(start: (arg! + 8).assumingMemoryBound(to: kvm_msr_entry.self), count: n)
+                .map { ($0.index, $0.data) }
+            return n
+        }
+        try Sys.withHandler(fake) {
+            let vcpu = try makeVCPU(fake).2
+            let state = try vcpu.captureState(msrs: [0x174, 0x277])
+            #expect(state.bytes.count == VCPUState.fixedSize + 2 + 2 * 12)
+            try vcpu.restoreState(state)
+        }
+        #expect(restored.map(\.0) == [0x174, 0x277])
+        #expect(restored.map(\.1) == [0x1174, 0x1277])
+    }
+
+    /// captureState is given MSRs probed readable; if KVM then reads fewer, the state would silently lack
+    /// them (and a restore would keep the restorer's own values), so it is an error, like a short SET.
+    @Test func shortMSRReadFailsTheCapture() throws {
+        let fake = FakeKVM()
+        fake.answers[LK_KVM_GET_MSRS] = msrAnswer(readable: [0x174])
+        let e = try #require(throws: SysError.self) {
+            try Sys.withHandler(fake) { _ = try makeVCPU(fake).2.captureState(msrs: [0x174, 0x175, 0x176]) }
+        }
+        #expect(e == SysError("KVM_GET_MSRS (read 1 of 3)", errno: EINVAL))
+    }
+}
