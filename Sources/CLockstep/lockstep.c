@@ -52,6 +52,10 @@ void *lk_mmap(void *addr, size_t len, int prot, int flags, int fd, long off) {
 
 int lk_last_errno(void) { return lk_errno; }
 
+static __thread void *sys_handler;
+void *lk_sys_handler(void) { return sys_handler; }
+void lk_set_sys_handler(void *handler) { sys_handler = handler; }
+
 static __thread struct kvm_run *kick_run;
 
 static void kick_handler(int signo) {

@@ -29,8 +29,8 @@ public final class KVMHost: @unchecked Sendable {
     public static func isAvailable(path: String = "/dev/kvm") -> Bool { access(path, R_OK | W_OK) == 0 }
 
     public init(path: String = "/dev/kvm") throws(KVMError) {
-        let r = lk_open(path, O_RDWR, 0)
-        guard r >= 0 else { throw .unavailable(path: path, errno: -r) }
+        let r: Int32
+        do { r = try Sys.open(path, O_RDWR) } catch { throw .unavailable(path: path, errno: error.errno) }
         fd = r
         do {
             let v = try Sys.ioctl(fd, LK_KVM_GET_API_VERSION, value: 0, "KVM_GET_API_VERSION")
@@ -42,9 +42,9 @@ public final class KVMHost: @unchecked Sendable {
             }
             vcpuMmapSize = try Sys.ioctl(fd, LK_KVM_GET_VCPU_MMAP_SIZE, value: 0, "KVM_GET_VCPU_MMAP_SIZE")
         } catch let e as KVMError {
-            Glibc.close(r); throw e
+            Sys.close(r); throw e
         } catch let e as SysError {
-            Glibc.close(r); throw .sys(e)
+            Sys.close(r); throw .sys(e)
         } catch { fatalError("unreachable") }
     }
 
@@ -63,17 +63,12 @@ public final class KVMHost: @unchecked Sendable {
 
     /// The host's supported CPUID leaves, the base of the pinned guest table.
     public func supportedCPUID() throws(SysError) -> [kvm_cpuid_entry2] {
-        let max = 256
-        let bytes = MemoryLayout<kvm_cpuid2>.size + max * MemoryLayout<kvm_cpuid_entry2>.stride
-        let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
-        defer { raw.deallocate() }
-        raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-        // SAFETY: raw holds a kvm_cpuid2 header followed by room for `max` entries, as the ioctl expects.
-        raw.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent = UInt32(max)
-        _ = try Sys.ioctl(fd, LK_KVM_GET_SUPPORTED_CPUID, raw, "KVM_GET_SUPPORTED_CPUID")
-        let n = Int(raw.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent)
-        let entries = (raw + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-        return Array(UnsafeBufferPointer(start: entries, count: n))
+        try withIoctlArray(kvm_cpuid2.self, kvm_cpuid_entry2.self, count: \.nent, capacity: 256,
+                           name: "KVM_GET_SUPPORTED_CPUID") { (a) throws(SysError) -> [kvm_cpuid_entry2] in
+            _ = try Sys.ioctl(fd, LK_KVM_GET_SUPPORTED_CPUID, a.raw, "KVM_GET_SUPPORTED_CPUID")
+            // SAFETY: `filled` is the entries KVM reported, clamped to the 256 the buffer holds.
+            return Array(a.filled)
+        }
     }
 }
 

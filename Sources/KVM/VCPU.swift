@@ -72,41 +72,38 @@ public final class VCPU: @unchecked Sendable {
 
     /// Reads the given MSRs; returns the ones KVM could read, in order.
     public func msrs(_ indices: [UInt32]) throws(SysError) -> [(UInt32, UInt64)] {
-        try withMSRBuffer(indices.map { ($0, 0) }) { (buf, n) throws(SysError) -> [(UInt32, UInt64)] in
-            let got = try Sys.ioctl(fd, LK_KVM_GET_MSRS, buf, "KVM_GET_MSRS")
-            let entries = (buf + MemoryLayout<kvm_msrs>.size).assumingMemoryBound(to: kvm_msr_entry.self)
-            return (0..<min(got, n)).map { (entries[$0].index, entries[$0].data) }
+        try withMSRBuffer(indices.map { ($0, 0) }, "KVM_GET_MSRS") { (a) throws(SysError) -> [(UInt32, UInt64)] in
+            let got = try Sys.ioctl(fd, LK_KVM_GET_MSRS, a.raw, "KVM_GET_MSRS")
+            // SAFETY: KVM filled the first `got` entries; reads stay within the buffer's own entries.
+            return a.entries.prefix(min(got, a.entries.count)).map { ($0.index, $0.data) }
         }
     }
 
     public func setMSRs(_ values: [(UInt32, UInt64)]) throws(SysError) {
-        try withMSRBuffer(values) { (buf, n) throws(SysError) in
-            let set = try Sys.ioctl(fd, LK_KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+        try withMSRBuffer(values, "KVM_SET_MSRS") { (a) throws(SysError) in
+            let n = a.entries.count
+            let set = try Sys.ioctl(fd, LK_KVM_SET_MSRS, a.raw, "KVM_SET_MSRS")
             if set != n { throw SysError("KVM_SET_MSRS (set \(set) of \(n))", errno: EINVAL) }
         }
     }
 
-    private func withMSRBuffer<R>(_ values: [(UInt32, UInt64)], _ body: (UnsafeMutableRawPointer, Int) throws(SysError) -> R) throws(SysError) -> R {
-        let bytes = MemoryLayout<kvm_msrs>.size + values.count * MemoryLayout<kvm_msr_entry>.stride
-        let buf = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
-        defer { buf.deallocate() }
-        buf.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-        // SAFETY: buf is a kvm_msrs header followed by values.count entries, the layout KVM_{GET,SET}_MSRS expect.
-        buf.assumingMemoryBound(to: kvm_msrs.self).pointee.nmsrs = UInt32(values.count)
-        let entries = (buf + MemoryLayout<kvm_msrs>.size).assumingMemoryBound(to: kvm_msr_entry.self)
-        for (i, v) in values.enumerated() { entries[i].index = v.0; entries[i].data = v.1 }
-        return try body(buf, values.count)
+    /// A kvm_msrs buffer holding `values` as (index, data) entries.
+    private func withMSRBuffer<R>(_ values: [(UInt32, UInt64)], _ name: String,
+                                  _ body: (IoctlArray<kvm_msrs, kvm_msr_entry>) throws(SysError) -> R) throws(SysError) -> R {
+        try withIoctlArray(kvm_msrs.self, kvm_msr_entry.self, count: \.nmsrs, capacity: values.count, name: name) {
+            (a) throws(SysError) -> R in
+            // SAFETY: the buffer has room for exactly values.count entries.
+            for (i, v) in values.enumerated() { a.entries[i].index = v.0; a.entries[i].data = v.1 }
+            return try body(a)
+        }
     }
 
     public func setCPUID(_ entries: [kvm_cpuid_entry2]) throws(SysError) {
-        let bytes = MemoryLayout<kvm_cpuid2>.size + entries.count * MemoryLayout<kvm_cpuid_entry2>.stride
-        let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
-        defer { raw.deallocate() }
-        raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-        // SAFETY: header plus entries.count entries, as KVM_SET_CPUID2 expects.
-        raw.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent = UInt32(entries.count)
-        let dst = (raw + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-        for (i, e) in entries.enumerated() { dst[i] = e }
-        _ = try Sys.ioctl(fd, LK_KVM_SET_CPUID2, raw, "KVM_SET_CPUID2")
+        try withIoctlArray(kvm_cpuid2.self, kvm_cpuid_entry2.self, count: \.nent, capacity: entries.count,
+                           name: "KVM_SET_CPUID2") { (a) throws(SysError) in
+            // SAFETY: the buffer has room for exactly entries.count entries.
+            for (i, e) in entries.enumerated() { a.entries[i] = e }
+            _ = try Sys.ioctl(fd, LK_KVM_SET_CPUID2, a.raw, "KVM_SET_CPUID2")
+        }
     }
 }

@@ -1,4 +1,5 @@
 import CLockstep
+import Glibc
 
 /// Everything KVM holds for one vCPU, as one versioned byte blob (sync points, snapshots, migration).
 ///
@@ -51,6 +52,11 @@ extension VCPU {
         append(try events())
         append(try debugRegs())
         let values = try self.msrs(msrs)
+        // The list was probed readable: a short read here would leave MSRs out of the state, and whoever
+        // restores it would keep its own values for them and diverge without a word. Fail as setMSRs does.
+        if values.count != msrs.count {
+            throw SysError("KVM_GET_MSRS (read \(values.count) of \(msrs.count))", errno: EINVAL)
+        }
         out.append(UInt8(values.count & 0xFF)); out.append(UInt8(values.count >> 8))
         for (i, v) in values {
             withUnsafeBytes(of: i.littleEndian) { out.append(contentsOf: $0) }

@@ -68,6 +68,10 @@ long lk_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int lk_open(const char *path, int flags, int mode);
 void *lk_mmap(void *addr, size_t len, int prot, int flags, int fd, long off); // NULL on failure, errno in *err
 int lk_last_errno(void);
+// The calling thread's test handler for the chokepoint (an opaque retained Swift object; NULL in production).
+// Per thread, so a test's mock never reaches the threads of other tests running in the same process.
+void *lk_sys_handler(void);
+void lk_set_sys_handler(void *handler);
 
 // ---- kvm_run access (static inline: no call overhead from Swift) ----
 static inline uint32_t lk_run_exit_reason(const struct kvm_run *r) { return r->exit_reason; }
