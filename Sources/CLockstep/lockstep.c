@@ -21,6 +21,9 @@ _Static_assert(sizeof(struct kvm_debugregs) == 128, "kvm_debugregs layout");
 _Static_assert(sizeof(struct kvm_xsave) == 4096, "kvm_xsave layout");
 _Static_assert(sizeof(struct kvm_xcrs) == 392, "kvm_xcrs layout");
 _Static_assert(sizeof(struct kvm_msr_entry) == 16, "kvm_msr_entry layout");
+_Static_assert(sizeof(struct kvm_msrs) == 8, "kvm_msrs header (entries follow at 8)");
+_Static_assert(sizeof(struct kvm_cpuid2) == 8, "kvm_cpuid2 header (entries follow at 8)");
+_Static_assert(sizeof(struct kvm_cpuid_entry2) == 40, "kvm_cpuid_entry2 layout");
 _Static_assert(sizeof(struct kvm_userspace_memory_region) == 32, "memory region layout");
 
 
