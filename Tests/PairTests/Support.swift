@@ -140,13 +140,18 @@ final class Child: @unchecked Sendable {
     func wait(seconds: Double = 60) throws -> Int32 {
         let deadline = Date().addingTimeInterval(seconds)
         cond.lock()
-        while !(exited && eof) {
+        // Either sign of the end will do (Foundation delivers them independently): the termination handler,
+        // or end of file on stderr, which the process closes when it exits.
+        while !(exited || eof) {
             if !cond.wait(until: deadline) {
                 cond.unlock()
                 kill(process.processIdentifier, SIGKILL)
                 throw PairTestError("\(name) did not exit within \(seconds) s; stderr:\n\(stderr.suffix(20).joined(separator: "\n"))")
             }
         }
+        // Then the last lines: stderr to its end, briefly bounded.
+        let tail = Date().addingTimeInterval(2)
+        while !eof, cond.wait(until: tail) {}
         cond.unlock()
         process.waitUntilExit()
         return process.terminationStatus
