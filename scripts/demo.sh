@@ -70,6 +70,6 @@ r = ask("REQ 4 after", "REP 4 "); print("  survivor: ", r, "(%.1f ms after the k
 print("  survivor: ", ask("REQ 2 before", "REP 2 "), "(a retried request gets the same answer)")
 print("  survivor: ", ask("QUIT", "RESULT"))
 PY
-wait $PRI 2>/dev/null || true
+{ wait $PRI; } 2>/dev/null || true  # killed on purpose
 wait $SEC && echo "survivor exited 0"
 grep -E "^live:|state-digest" "$OUT/s.err"
