@@ -3,6 +3,7 @@ import Devices
 import EventLog
 import Glibc
 import KVM
+import Synchronization
 
 /// How a run ended.
 public enum Ending: Equatable, Sendable {
@@ -60,6 +61,11 @@ public final class Engine {
     public private(set) var windowExits: UInt64 = 0
     /// Exit indices between register digests in the log (divergence detection between events).
     static let digestInterval: UInt64 = 4096
+    /// Steps that got somewhere (natural exits, loaded sync points): what a watchdog watches.
+    let progress = Atomic<UInt64>(0)
+    /// Set (with a kick) to get the vCPU out of a replayed guest; `stall` says why, if it is an error.
+    let interruptRequested = Atomic<Bool>(false)
+    let stall = Mutex<String?>(nil)
 
     init(machine: Machine) {
         self.machine = machine
@@ -73,11 +79,14 @@ public final class Engine {
     /// One trip through the guest: deliver a due interrupt, enter, handle what came back.
     public func step() throws(MachineError) -> State {
         guard case .entering = state else { return state }
+        // The kick may have been absorbed by a KVM_RUN of our own (completing I/O): the flag decides.
+        if hooks.mode == .replay, interruptRequested.load(ordering: .acquiring) { return try interruptedReplay() }
         deliverInterrupt()
         if hooks.mode == .replay, let sp = hooks.pendingSyncPoint() {
             // The recorded run was kicked here: load its state instead of executing the gap.
             do { (ready, ifFlag) = try syncPoints!.apply(sp, vcpu: vcpu) } catch { throw .guestFault("cannot load sync point at exit \(sp.exit): \(error)") }
             hooks.consumeSyncPoint()
+            progress.add(1, ordering: .relaxed)
             serviceAsync()
             return try checked()
         }
@@ -87,6 +96,7 @@ public final class Engine {
         ifFlag = vcpu.interruptFlag
         switch outcome {
         case .interrupted:
+            if hooks.mode == .replay, interruptRequested.load(ordering: .acquiring) { return try interruptedReplay() }
             try asynchronousStop()
         case .exit(UInt32(LK_EXIT_IRQ_WINDOW_OPEN)):
             // Not a deterministic point on every KVM (PVM delivers it late): handled like a kick.
@@ -96,12 +106,23 @@ public final class Engine {
             try asynchronousStop()
         case .exit(let reason):
             hooks.exit &+= 1
+            progress.add(1, ordering: .relaxed)
             let rip = lk_run_rip(vcpu.run)
             hooks.signature = signature(reason: reason, rip: rip)
             hooks.checkNothingSkipped()
             try handleExit(reason)
             if case .entering = state { serviceAsync() }
             if hooks.exit % Engine.digestInterval == 0 { hooks.digest(registerDigest()) }
+        }
+        return try checked()
+    }
+
+    /// Someone asked for the replaying vCPU back: with a reason it is a stall (an error), without one the
+    /// caller just wants control (an abandoned stream).
+    private func interruptedReplay() throws(MachineError) -> State {
+        interruptRequested.store(false, ordering: .releasing)
+        if let why = stall.withLock({ $0 }) {
+            throw .divergence(report(Divergence(exit: hooks.exit, expected: hooks.describePending(), found: why)))
         }
         return try checked()
     }

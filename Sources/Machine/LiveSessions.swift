@@ -45,7 +45,7 @@ public final class StandbySession: Session, RecordingSession {
 
     /// `recordWhenLive`: after go-live, record (for a new secondary) rather than just run.
     public init(image: PVHImage, config: MachineConfig, source: RecordSource, output: SerialOutput?, recordWhenLive: Bool = false) throws(MachineError) {
-        super.init(machine: try Machine(image: image, config: config, mode: .replay, source: source, output: output, standby: true))
+        super.init(machine: try Machine(image: image, config: config, mode: .replay, source: source, output: output))
         if recordWhenLive { machine.hooks.liveEncoder = encoder }
         machine.hooks.onGoLive = { [unowned self] reason in
             // Inputs are live from here (and recorded): the timers and wake-ups need the pacer.

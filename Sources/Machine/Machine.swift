@@ -38,8 +38,7 @@ public final class Machine {
     private var unknownMMIO = Set<UInt64>()
 
     public init(image: PVHImage, config: MachineConfig, mode: InputHooks.Mode, encoder: LogEncoder? = nil,
-                source: RecordSource? = nil, output: SerialOutput?, keepTranscript: Bool = false,
-                standby: Bool = false) throws(MachineError) {
+                source: RecordSource? = nil, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
         self.config = config
         self.image = image
         guard config.memoryMiB >= 2, config.memoryMiB <= 65536 else { throw .config("--memory \(config.memoryMiB) MiB is outside 2...65536") }
@@ -64,8 +63,9 @@ public final class Machine {
         hooks = InputHooks(mode: mode, epochSeconds: config.epochSeconds, encoder: encoder, source: source)
         sink = UARTSink(hooks: hooks, output: output, keepTranscript: keepTranscript)
         devices = DeviceSet(inputs: hooks, serial: sink, ramSize: memory.size)
-        // A standby replayer (a pair's secondary) keeps a pacer ready, started only if it goes live.
-        pacer = mode == .replay && !standby ? nil : Pacer(latencyMicroseconds: config.interruptLatencyUs)
+        // A replayer's pacer is not started (no real time) unless it goes live (a pair's secondary); it is
+        // still the way to kick the replaying vCPU out of the guest (watchdog, abandoned stream).
+        pacer = Pacer(latencyMicroseconds: config.interruptLatencyUs)
         syncPoints = mode == .run ? nil : SyncPointStore(vm: vm, memory: memory, encoder: encoder, msrs: vcpu.readableMSRs())
         self.output = output
         input.pacer = pacer

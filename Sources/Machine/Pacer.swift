@@ -38,11 +38,18 @@ public final class Pacer: @unchecked Sendable {
 
     deinit { close(vcpuWake); close(pacerWake) }
 
-    /// Called on the vCPU thread before the first entry.
-    public func bindVCPUThread(run: UnsafeMutablePointer<kvm_run>) {
+    /// Called on the vCPU thread before the first entry. `pin`: keep it off the pacer's core (live runs; a
+    /// replayer, which has no pacer thread, is left to the scheduler).
+    public func bindVCPUThread(run: UnsafeMutablePointer<kvm_run>, pin: Bool = true) {
         lk_kick_bind(run)
         vcpuThread.store(lk_thread_self(), ordering: .releasing)
-        if lk_cpu_count() >= 2 { _ = lk_pin_current_thread(1) }
+        if pin, lk_cpu_count() >= 2 { _ = lk_pin_current_thread(1) }
+    }
+
+    /// Kicks the vCPU out of the guest now (from any thread), whatever is due.
+    public func kickNow() {
+        let t = vcpuThread.load(ordering: .acquiring)
+        if t != 0 { _ = lk_kick(t, kickSignal) }
     }
 
     public func start() {

@@ -1,6 +1,7 @@
 import CLockstep
 import EventLog
 import Foundation
+import Synchronization
 
 /// What a finished run reports.
 public struct SessionResult: Sendable {
@@ -18,7 +19,7 @@ public struct SessionResult: Sendable {
 }
 
 /// Shared driving of an engine on the current thread (which becomes the vCPU thread).
-public class Session {
+public class Session: @unchecked Sendable {  // requestStop, interruptReplay and progress are for other threads
     public let machine: Machine
     public let engine: Engine
     var started: UInt64 = 0
@@ -29,9 +30,20 @@ public class Session {
     }
 
     func begin(pacing: Bool = true) {
-        if pacing { startPacing() }
+        if pacing { startPacing() } else { machine.pacer?.bindVCPUThread(run: machine.vcpu.run, pin: false) }
         started = lk_monotonic_ns()
     }
+
+    /// Stops a replay that cannot go on (from any thread): the vCPU is kicked out of the guest, and the
+    /// step fails with a divergence naming `reason` (nil: the step just returns, for a caller that stops).
+    public func interruptReplay(_ reason: String?) {
+        if let reason { engine.stall.withLock { $0 = reason } }
+        engine.interruptRequested.store(true, ordering: .releasing)
+        machine.pacer?.kickNow()
+    }
+
+    /// Natural exits and sync points so far; a watchdog compares two readings.
+    public var progress: UInt64 { engine.progress.load(ordering: .relaxed) }
 
     /// Starts the pacer (timers, input wake-ups, kicks) with this thread as the vCPU thread.
     func startPacing() {
@@ -164,9 +176,14 @@ public final class ReplaySession: Session {
 
     public func step() throws(MachineError) -> Engine.State { try engine.step() }
 
+    /// A replay that makes no progress for this long is stuck (a log whose values were altered can steer the
+    /// guest into a loop with no exits): it fails as a divergence. 0: no watchdog.
+    public var stallSeconds: UInt64 = 60
+
     public func run() throws(MachineError) -> SessionResult {
-        begin()
-        defer { end() }
+        begin(pacing: false)
+        let watchdog = stallSeconds > 0 ? Watchdog(session: self, seconds: stallSeconds) : nil
+        defer { watchdog?.stop(); end() }
         while true {
             guard case .finished(let e) = try step() else { continue }
             let r = try result(e, events: reader.trailer.eventCount, logBytes: 0)
@@ -195,5 +212,38 @@ extension Ending {
     public var exitStatus: UInt32 {
         if case .guestExit(let s) = self { return UInt32(s) }
         return 0
+    }
+}
+
+/// Kicks a replay out of the guest when it has made no progress for `seconds`.
+final class Watchdog: @unchecked Sendable {
+    private let wake = lk_eventfd()
+    private let stopped = Atomic<Bool>(false)
+    private let done = DispatchSemaphore(value: 0)
+
+    init(session: Session, seconds: UInt64) {
+        let t = Thread { [self, unowned session] in
+            var last = session.progress
+            var since = lk_monotonic_ns()
+            while !stopped.load(ordering: .acquiring) {
+                _ = lk_eventfd_wait(wake, lk_monotonic_ns() + 1_000_000_000)
+                let p = session.progress, now = lk_monotonic_ns()
+                if p != last { last = p; since = now; continue }
+                if now &- since >= seconds * 1_000_000_000 {
+                    session.interruptReplay("no exit for \(seconds) s: the replayed guest is running where the recorded one was not (a loop its log cannot explain)")
+                    break
+                }
+            }
+            done.signal()
+        }
+        t.name = "lockstep-watchdog"
+        t.start()
+    }
+
+    func stop() {
+        stopped.store(true, ordering: .releasing)
+        lk_eventfd_signal(wake)
+        done.wait()
+        close(wake)
     }
 }

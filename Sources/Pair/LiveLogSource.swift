@@ -46,6 +46,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     /// The stream ended in a way that leaves nothing to replay toward (fenced, stopped, resync): the
     /// replayer stops at once rather than finish what it holds.
     let abandoned = Atomic<Bool>(false)
+    /// Called (from the receiver thread) when the stream is abandoned.
+    var onAbandon: (@Sendable () -> Void)?
     /// Heartbeats come from their own thread: decoding a large sync point must not look like death.
     private var heartbeat: Ticker?
 
@@ -207,7 +209,9 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     private func finish(_ e: End) {
         queue.withLock { q in if q.end == nil { q.end = e } }
         switch e {
-        case .fenced, .primaryStopped, .resync: abandoned.store(true, ordering: .releasing)
+        case .fenced, .primaryStopped, .resync:
+            abandoned.store(true, ordering: .releasing)
+            onAbandon?()  // a replayer deep in the guest must come back to see it
         case .trailer, .goLive: break
         }
         lk_eventfd_signal(wake)

@@ -72,6 +72,7 @@ public final class SecondaryRunner: @unchecked Sendable {
     private func follow(_ s: StandbySession, _ src: LiveLogSource) throws -> SessionResult? {
         session = s; source = src
         s.onGoLive = { [unowned self] reason in goLive(reason) }
+        src.onAbandon = { [weak s] in s?.interruptReplay(nil) }
         src.start()
         let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
         defer { ticker?.stop() }

@@ -142,6 +142,7 @@ struct ReplayCommand: ParsableCommand {
     @Argument(help: "The event log.") var log: String
     @Argument(help: "The guest image (optional: the log embeds it; if given it must match).") var guest: String?
     @Option(name: .long, help: "Serial backend for the reproduced output.") var serial: String = "stdio"
+    @Option(name: .long, help: "Fail (as a divergence) when the replay makes no progress for this long (s; 0 = never).") var stallTimeoutS: UInt64 = 60
     @Flag(name: .long, help: "Print run statistics.") var verbose = false
 
     func run() throws {
@@ -150,6 +151,7 @@ struct ReplayCommand: ParsableCommand {
             if let g = guest { override = try loadImage(g).bytes }
             let backend = try SerialBackend(try SerialSpec.parse(serial))
             let s = try ReplaySession(logPath: log, image: override, output: backend)
+            s.stallSeconds = stallTimeoutS
             let r = try s.run()
             backend.close()
             throw finish(r, verbose: verbose)
