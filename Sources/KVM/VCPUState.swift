@@ -35,21 +35,24 @@ public struct VCPUState: Sendable {
 
 extension VCPU {
     /// Captures the full state. `msrs` is the list that this KVM could read (probe once with `readableMSRs`).
-    public func captureState(msrs: [UInt32]) throws(SysError) -> VCPUState {
+    /// `fromRun`: take regs, sregs and events from kvm_run's sync area (valid right after a KVM_RUN return,
+    /// which is when sync points and snapshots are taken) instead of three ioctls.
+    public func captureState(msrs: [UInt32], fromRun: Bool = false) throws(SysError) -> VCPUState {
         var out = [UInt8]()
         out.reserveCapacity(VCPUState.fixedSize + 2 + msrs.count * 12)
         out.append(VCPUState.version)
         out.append((readyForInjection ? 1 : 0) | (interruptFlag ? 2 : 0))
         func append<T>(_ v: T) { withUnsafeBytes(of: v) { out.append(contentsOf: $0) } }
-        append(try regs())
-        append(try sregs())
+        // SAFETY: the sync area lives in the kvm_run page, mapped for the vCPU's lifetime.
+        append(fromRun ? lk_run_regs(run)!.pointee : try regs())
+        append(fromRun ? lk_run_sregs(run)!.pointee : try sregs())
         let xs = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
         defer { xs.deallocate() }
         xs.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
         try xsave(into: xs)
         out.append(contentsOf: UnsafeRawBufferPointer(start: xs, count: 4096))
         append(try xcrs())
-        append(try events())
+        append(fromRun ? lk_run_events(run)!.pointee : try events())
         append(try debugRegs())
         let values = try self.msrs(msrs)
         // The list was probed readable: a short read here would leave MSRs out of the state, and whoever

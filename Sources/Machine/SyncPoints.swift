@@ -38,7 +38,7 @@ final class SyncPointStore {
 
     /// Record side: captures and appends a sync point at the current exit.
     func capture(vcpu: VCPU, hooks: InputHooks) throws(SysError) {
-        let state = try vcpu.captureState(msrs: msrs)
+        let state = try vcpu.captureState(msrs: msrs, fromRun: true)
         let n = try collectDirtyPages()
         state.bytes.withUnsafeBytes { st in
             encoder?.appendSyncPoint(exit: hooks.exit, signature: hooks.signature, vcpuState: st,

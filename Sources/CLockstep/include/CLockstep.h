@@ -92,9 +92,16 @@ static inline uint8_t lk_run_mmio_is_write(const struct kvm_run *r) { return r->
 static inline uint32_t lk_run_internal_suberror(const struct kvm_run *r) { return r->internal.suberror; }
 static inline uint64_t lk_run_fail_entry_reason(const struct kvm_run *r) { return r->fail_entry.hardware_entry_failure_reason; }
 // Sync regs: KVM copies the GPRs into kvm_run on every exit, so the signature's RIP costs no ioctl.
-static inline void lk_run_enable_sync_regs(struct kvm_run *r) { r->kvm_valid_regs = KVM_SYNC_X86_REGS; r->kvm_dirty_regs = 0; }
+// KVM copies these into kvm_run on every return from KVM_RUN (EINTR included): the engine reads RIP there,
+// and a sync point takes regs, sregs and events from it instead of three ioctls (~6 µs each under PVM).
+static inline void lk_run_enable_sync_regs(struct kvm_run *r) {
+    r->kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
+    r->kvm_dirty_regs = 0;
+}
 static inline uint64_t lk_run_rip(const struct kvm_run *r) { return r->s.regs.regs.rip; }
 static inline const struct kvm_regs *lk_run_regs(const struct kvm_run *r) { return &r->s.regs.regs; }
+static inline const struct kvm_sregs *lk_run_sregs(const struct kvm_run *r) { return &r->s.regs.sregs; }
+static inline const struct kvm_vcpu_events *lk_run_events(const struct kvm_run *r) { return &r->s.regs.events; }
 static inline uint32_t lk_run_system_event_type(const struct kvm_run *r) { return r->system_event.type; }
 
 // ---- the vCPU kick ----
