@@ -132,6 +132,7 @@ public final class SecondaryRunner: @unchecked Sendable {
                                                          found: "exit \(s.exit), state \(r.digestHex)"))
             }
         }
+        if wentLive { src.shutdown(goodbye: nil) }  // the receiver and heartbeat threads of the old stream
         backend?.close()
         return r
     }
