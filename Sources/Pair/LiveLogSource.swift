@@ -123,6 +123,12 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         }
     }
 
+    /// After the replayed guest ended: waits for the stream's end (the trailer follows once the primary has
+    /// hashed its state). Bounded by the receiver, which ends the stream on the primary's failure.
+    func awaitEnd() {
+        while queue.withLock({ $0.end == nil }) { _ = lk_eventfd_wait(wake, lk_monotonic_ns() + 100_000_000) }
+    }
+
     // MARK: receiver thread
 
     private func loop() {

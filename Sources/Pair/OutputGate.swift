@@ -15,7 +15,8 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
     private var gating = false
     /// Bytes of exits below this may leave (the secondary's cumulative ack).
     private var releasedBelow: UInt64 = 0
-    /// Emit → release delay of gated bytes, ns.
+    /// What the gate adds, per line: the guest wrote the line's newline → the line was released, ns. (The
+    /// backend sends whole lines, so earlier bytes of a line could not leave sooner even unprotected.)
     private var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
     private let heldCount = Atomic<Int>(0)
     private var flushWhenDrained = false
@@ -83,7 +84,7 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
         while head < held.count, releasable(held[head].exit) {
             let h = held[head]
             backend.emit(h.byte, exit: h.exit)
-            _ = latency.record(now &- h.ns)
+            if h.byte == 0x0A { _ = latency.record(now &- h.ns) }
             head += 1; n += 1
         }
         heldCount.subtract(n, ordering: .relaxed)

@@ -40,8 +40,10 @@ public final class PrimaryRunner: @unchecked Sendable {
     private var totalBytes: UInt64 = 0
     private var totalBatches: UInt64 = 0
     private var firstSequence: UInt32 = 0
-    /// Log batching: send at least this often while records wait (lower = less lag, more syscalls).
+    /// Records wait at most this long for company: lower means less lag, more sends (each wakes the secondary).
     static let batchIntervalNs: UInt64 = 50_000
+    /// Held output asks for a watermark at once for a whole line, after this long for a partial one.
+    static let partialLinePatienceNs: UInt64 = 50_000
     /// A bare watermark (no records) at most this often when no output waits for it.
     static let watermarkIntervalNs: UInt64 = 1_000_000
 
@@ -92,6 +94,7 @@ public final class PrimaryRunner: @unchecked Sendable {
 
     /// The survivor's guest ended: close the log to its secondary (if any) and release everything.
     func endAdopted(_ ending: Ending) throws(MachineError) -> SessionResult {
+        releaseFinalOutput()
         let (result, trailer) = try session.finish(ending)
         finishLog(trailer)
         finished.store(true, ordering: .releasing)
@@ -122,6 +125,7 @@ public final class PrimaryRunner: @unchecked Sendable {
             throw error
         }
         own.stop()
+        releaseFinalOutput()
         let (result, trailer) = try session.finish(ending)
         finishLog(trailer)
         finished.store(true, ordering: .releasing)
@@ -130,6 +134,13 @@ public final class PrimaryRunner: @unchecked Sendable {
         report()
         if let path = options.statsJSON { writeJSON(stats(), to: path) }
         return result
+    }
+
+    /// The guest has ended, so its log is complete: a watermark past the last exit lets the secondary ack
+    /// (and the gate release) the last output now, not after the final state digest (a pass over all RAM).
+    private func releaseFinalOutput() {
+        guard let l = link, !l.lost.load(ordering: .acquiring) else { return }
+        send(l, watermark: session.exit &+ 1)
     }
 
     /// A secondary that connected but was never seeded is told why it is dropped.
@@ -163,7 +174,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         guard let l = link else { return }
         let exit = session.exit
         let now = lk_monotonic_ns()
-        let outputWaits = gate.needsWatermark(now: now, patienceNs: Self.batchIntervalNs)
+        let outputWaits = gate.needsWatermark(now: now, patienceNs: Self.partialLinePatienceNs)
         if session.encoder.bufferedBytes > 0 {
             guard force || session.encoder.shouldFlush || outputWaits || now &- lastFlushNs >= Self.batchIntervalNs else { return }
         } else {

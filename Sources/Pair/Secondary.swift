@@ -118,6 +118,7 @@ public final class SecondaryRunner: @unchecked Sendable {
         let r = try protector?.endAdopted(ending) ?? s.result(ending)
         if !wentLive {
             src.replayed.store(s.exit, ordering: .releasing)
+            src.awaitEnd()
             src.shutdown(goodbye: "replay finished")
             switch src.end {
             case .fenced(let why)?: throw PairError.fenced(why)

@@ -444,7 +444,7 @@ extension PairBench {
             Figure(key: "\(key)_replay_lag_p99_us", label: "\(g): replay lag p99", value: s.replayLagUs.p99, unit: "µs"),
         ]
         if s.gateLatencyUs.count > 0 {
-            f += [Figure(key: "\(key)_gate_latency_p50_us", label: "\(g): gate latency p50 (\(s.gateLatencyUs.count) B)", value: s.gateLatencyUs.p50, unit: "µs", goal: .atMost(Self.gateP50Target)),
+            f += [Figure(key: "\(key)_gate_latency_p50_us", label: "\(g): gate latency p50 (\(s.gateLatencyUs.count) lines)", value: s.gateLatencyUs.p50, unit: "µs", goal: .atMost(Self.gateP50Target)),
                   Figure(key: "\(key)_gate_latency_p99_us", label: "\(g): gate latency p99", value: s.gateLatencyUs.p99, unit: "µs")]
         }
         f += [Figure(key: "\(key)_log_bytes_per_second", label: "\(g): log bytes/s", value: Double(s.logBytes) / max(s.elapsedSeconds, 1e-9), unit: "B/s"),

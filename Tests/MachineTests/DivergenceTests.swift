@@ -36,7 +36,7 @@ struct DivergenceTests {
         let bad = Fixture.tempPath("div-bad-\(UUID().uuidString).log")
         defer { try? FileManager.default.removeItem(atPath: good); try? FileManager.default.removeItem(atPath: bad) }
         _ = try Fixture.onThread { try RecordSession(image: image, config: MachineConfig(), logPath: good, output: nil).run() }
-        _ = try Self.reencode(good, into: bad) { e in e.value = e.value &* 7 &+ 123_456_789 }
+        _ = try Self.reencode(good, into: bad, from: 200) { e in e.value = e.value &* 7 &+ 123_456_789 }
         #expect {
             _ = try Fixture.onThread(seconds: 60) {
                 let s = try ReplaySession(logPath: bad, output: nil)
@@ -68,15 +68,19 @@ struct DivergenceTests {
         }
     }
 
-    /// Copies a log, passing the 200th clock read through `alter`. Returns how many clock reads it holds.
-    static func reencode(_ from: String, into to: String, alter: (inout Event) -> Void) throws -> Int {
+    /// Copies a log, passing the 200th clock read (and with `from`, every one after it) through `alter`.
+    /// Returns how many clock reads it holds.
+    static func reencode(_ from: String, into to: String, from first: Int? = nil, alter: (inout Event) -> Void) throws -> Int {
         let reader = try LogFileReader(path: from)
         let writer = try LogFileWriter(path: to, header: reader.header)
         var clockReads = 0
         while let r = try reader.next() {
             switch r {
             case .event(var e):
-                if e.kind == .clockRead { clockReads += 1; if clockReads == 200 { alter(&e) } }
+                if e.kind == .clockRead {
+                    clockReads += 1
+                    if clockReads == 200 || (first.map { clockReads >= $0 } ?? false) { alter(&e) }
+                }
                 writer.encoder.append(e)
             case .syncPoint(let s):
                 s.vcpuState.withUnsafeBytes { v in
