@@ -56,9 +56,8 @@ public final class Pacer: @unchecked Sendable {
         let t = Thread { [self] in
             if lk_cpu_count() >= 2 { _ = lk_pin_current_thread(0) }
             _ = lk_set_timer_slack_ns(1)
-            // Above every other thread (the pair's link threads run at SCHED_FIFO 10): a late kick is a late
-            // interrupt for the guest. It only sleeps on its eventfd between deadlines.
-            _ = lk_set_realtime_priority(20)
+            // Not SCHED_FIFO: with a real-time pacer the timer-compute guest's ticks stopped landing inside its
+            // ring-3 compute in some runs on kvm_pvm (twenty recordings, one result); the cause is not understood.
             loop()
             done.signal()
         }

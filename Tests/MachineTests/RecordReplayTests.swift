@@ -44,15 +44,17 @@ struct RecordReplayTests {
     @Test func timerComputeIsNondeterministicAndEveryRecordingReplays() throws {
         var digests = Set<[UInt8]>()
         var results = Set<String>()
+        var lastOutput = ""
         for _ in 0..<20 {
             let rt = try recordAndReplay("timer-compute-short")
             check(rt, guest: "timer-compute-short")
             #expect(rt.record.syncPoints > 0, "a compute guest is interrupted by kicks, which need sync points")
             digests.insert(rt.record.digest)
             if let r = rt.recordOutput.split(separator: "\n").first(where: { $0.hasPrefix("RESULT") }) { results.insert(String(r)) }
+            lastOutput = rt.recordOutput + " / sync points \(rt.record.syncPoints), kicks \(rt.record.kicks), exits \(rt.record.exits)"
         }
         #expect(digests.count > 1, "20 recordings gave one digest: interrupt timing is not reaching the guest")
-        #expect(results.count > 1, "20 recordings printed one RESULT")
+        #expect(results.count > 1, "20 recordings printed one RESULT: \(results); last output: \(lastOutput)")
     }
 
     @Test func clockAndIdleReplayRepeatedly() throws {
