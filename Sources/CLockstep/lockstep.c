@@ -77,7 +77,15 @@ int lk_kick_install(int signo) {
     return 0;
 }
 
-void lk_kick_bind(struct kvm_run *run) { kick_run = run; }
+void lk_kick_bind(struct kvm_run *run, int signo) {
+    kick_run = run;
+    // Threads inherit their creator's signal mask, and thread pools (Dispatch, test runners) block signals:
+    // a blocked kick would stay pending and never interrupt KVM_RUN.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
 
 int lk_kick(unsigned long pthread_id, int signo) { return -pthread_kill((pthread_t)pthread_id, signo); }
 

@@ -41,7 +41,7 @@ public final class Pacer: @unchecked Sendable {
     /// Called on the vCPU thread before the first entry. `pin`: keep it off the pacer's core (live runs; a
     /// replayer, which has no pacer thread, is left to the scheduler).
     public func bindVCPUThread(run: UnsafeMutablePointer<kvm_run>, pin: Bool = true) {
-        lk_kick_bind(run)
+        lk_kick_bind(run, kickSignal)
         vcpuThread.store(lk_thread_self(), ordering: .releasing)
         if pin, lk_cpu_count() >= 2 { _ = lk_pin_current_thread(1) }
     }
@@ -56,8 +56,6 @@ public final class Pacer: @unchecked Sendable {
         let t = Thread { [self] in
             if lk_cpu_count() >= 2 { _ = lk_pin_current_thread(0) }
             _ = lk_set_timer_slack_ns(1)
-            // Not SCHED_FIFO: with a real-time pacer the timer-compute guest's ticks stopped landing inside its
-            // ring-3 compute in some runs on kvm_pvm (twenty recordings, one result); the cause is not understood.
             loop()
             done.signal()
         }

@@ -108,7 +108,7 @@ static inline uint32_t lk_run_system_event_type(const struct kvm_run *r) { retur
 // Installs a handler (no SA_RESTART) for signo that sets immediate_exit on the calling thread's kvm_run,
 // so a kick that lands between two KVM_RUN calls is not lost.
 int lk_kick_install(int signo);
-void lk_kick_bind(struct kvm_run *run); // per vCPU thread
+void lk_kick_bind(struct kvm_run *run, int signo); // per vCPU thread; also unblocks signo on it
 int lk_kick(unsigned long pthread_id, int signo);
 unsigned long lk_thread_self(void);
 int lk_pin_current_thread(int cpu); // 0 or -errno; pins to one CPU when the machine has several
