@@ -132,11 +132,10 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     // MARK: receiver thread
 
     private func loop() {
-        var lastHeard = lk_monotonic_ns()
+        var silence = Silence()
         while queue.withLock({ $0.end == nil }) {
             do {
                 let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
-                lastHeard = lk_monotonic_ns()
                 switch m {
                 case .log(let batch):
                     try received(batch)
@@ -151,7 +150,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                     if queue.withLock({ $0.end == nil }) { finish(.primaryStopped("the primary stopped: \(why)")) }
                 case .heartbeat, .ack, .bulk: break
                 }
-                lastHeard = lk_monotonic_ns()
+                silence.heard()
             } catch ChannelError.timeout {
             } catch let e as LogError {
                 // A log the secondary cannot decode: stop following it and ask for a new seed.
@@ -161,12 +160,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 if queue.withLock({ $0.end == nil }) { primaryLost("channel: \(error)") }
                 return
             }
-            let now = lk_monotonic_ns()
-            // Silence is time spent waiting for bytes: bytes of a large frame count as life, and so does
-            // the time this thread spent handling what it received.
-            lastHeard = max(lastHeard, conn.lastReceiveNs)
-            if now &- lastHeard >= options.failureNs {
-                primaryLost("no traffic from the primary for \((now &- lastHeard) / 1_000_000) ms")
+            if let ms = silence.reached(options.failureNs, conn: conn) {
+                primaryLost("no traffic from the primary for \(ms) ms")
                 return
             }
         }

@@ -92,8 +92,8 @@ public final class PrimaryRunner: @unchecked Sendable {
 
     @inline(__always) func stepAdopted() { afterStep() }
 
-    /// The survivor's guest ended: close the log to its secondary (if any) and release everything.
-    func endAdopted(_ ending: Ending) throws(MachineError) -> SessionResult {
+    /// The guest ended: close the log to the secondary (if any) and release everything.
+    func endRun(_ ending: Ending) throws(MachineError) -> SessionResult {
         releaseFinalOutput()
         let (result, trailer) = try session.finish(ending)
         finishLog(trailer)
@@ -125,11 +125,7 @@ public final class PrimaryRunner: @unchecked Sendable {
             throw error
         }
         own.stop()
-        releaseFinalOutput()
-        let (result, trailer) = try session.finish(ending)
-        finishLog(trailer)
-        finished.store(true, ordering: .releasing)
-        dropOffer()
+        let result = try endRun(ending)
         ticker?.stop()
         report()
         if let path = options.statsJSON { writeJSON(stats(), to: path) }

@@ -90,44 +90,25 @@ public final class SecondaryRunner: @unchecked Sendable {
             }
         } catch {
             s.stop()
-            if !wentLive {
-                // A replay that runs out of log because the stream ended is not a divergence of its own.
-                if src.end == nil, case .divergence(let d) = error { src.reportDivergence(d.description) }
-                switch src.end {
-                case .fenced(let why)?: src.shutdown(goodbye: nil); throw PairError.fenced(why)
-                case .primaryStopped(let why)?: src.shutdown(goodbye: nil); throw PairError.primaryStopped(why)
-                case .resync(let why)?:
-                    src.shutdown(goodbye: nil)
-                    warn("secondary: cannot follow the primary (\(why.split(separator: "\n").first ?? "")); waiting for a new seed")
-                    return nil
-                default: break
-                }
-            }
+            // A replay that runs out of log because the stream ended is not a divergence of its own.
+            if !wentLive, src.end == nil, case .divergence(let d) = error { src.reportDivergence(d.description) }
             src.shutdown(goodbye: nil)
+            if !wentLive, try stoppedShort(src) { return nil }
             throw error
         }
         s.stop()
         if !wentLive, src.abandoned.load(ordering: .acquiring) {
             src.shutdown(goodbye: nil)
-            switch src.end {
-            case .fenced(let why)?: throw PairError.fenced(why)
-            case .primaryStopped(let why)?: throw PairError.primaryStopped(why)
-            default: return nil  // resync: wait for a new seed
-            }
+            _ = try stoppedShort(src)
+            return nil
         }
-        let r = try protector?.endAdopted(ending) ?? s.result(ending)
+        let r = try protector?.endRun(ending) ?? s.result(ending)
         if !wentLive {
             src.replayed.store(s.exit, ordering: .releasing)
             src.awaitEnd()
             src.shutdown(goodbye: "replay finished")
-            switch src.end {
-            case .fenced(let why)?: throw PairError.fenced(why)
-            case .primaryStopped(let why)?: throw PairError.primaryStopped(why)
-            case .resync?: return nil
-            case .trailer?: break
-            default: throw PairError.badPeerData("replay ended without the primary's trailer")
-            }
-            guard case .trailer(let t)? = src.end else { return nil }
+            if try stoppedShort(src) { return nil }
+            guard case .trailer(let t)? = src.end else { throw PairError.badPeerData("replay ended without the primary's trailer") }
             guard t.finalExit == s.exit, t.stateDigest == r.digest else {
                 throw MachineError.divergence(Divergence(exit: s.exit, expected: "the primary's end at exit \(t.finalExit), state \(StateDigest.hex(t.stateDigest))",
                                                          found: "exit \(s.exit), state \(r.digestHex)"))
@@ -136,6 +117,19 @@ public final class SecondaryRunner: @unchecked Sendable {
         if wentLive { src.shutdown(goodbye: nil) }  // the receiver and heartbeat threads of the old stream
         backend?.close()
         return r
+    }
+
+    /// A stream that stopped short of the guest's end: a fence refusal or an orderly stop of the primary is
+    /// the error this side ends with; a resync returns true (wait for a new seed); false: it did not stop short.
+    private func stoppedShort(_ src: LiveLogSource) throws -> Bool {
+        switch src.end {
+        case .fenced(let why)?: throw PairError.fenced(why)
+        case .primaryStopped(let why)?: throw PairError.primaryStopped(why)
+        case .resync(let why)?:
+            warn("secondary: cannot follow the primary (\(why.split(separator: "\n").first ?? "")); waiting for a new seed")
+            return true
+        case .trailer?, .goLive?, nil: return false
+        }
     }
 
     private func receiveSeed(_ conn: Connection) throws -> (StandbySession, LiveLogSource) {

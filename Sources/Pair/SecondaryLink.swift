@@ -90,33 +90,29 @@ final class SecondaryLink: @unchecked Sendable {
     // MARK: link thread
 
     private func loop() {
-        var lastHeard = lk_monotonic_ns()
+        var silence = Silence()
         var lastReleaseReport: UInt64 = 0
         var reportedRelease: UInt64 = 0
         while !lost.load(ordering: .acquiring) {
             do {
                 let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
-                lastHeard = lk_monotonic_ns()
                 switch m {
-                case .ack(let a): acked(a, now: lastHeard)
+                case .ack(let a): acked(a, now: lk_monotonic_ns())
                 case .goodbye(let why): lose("the secondary said goodbye: \(why)")
                 case .status(let body): secondaryReported(body)
                 default: break
                 }
-                lastHeard = lk_monotonic_ns()
+                silence.heard()
             } catch ChannelError.timeout {
             } catch {
                 lose("channel error: \(error)")
                 break
             }
-            let now = lk_monotonic_ns()
-            // Silence is time spent waiting for bytes: bytes of a large frame count as life, and so does
-            // the time this thread spent handling what it received.
-            lastHeard = max(lastHeard, conn.lastReceiveNs)
-            if now &- lastHeard >= options.failureNs {
-                lose("no traffic from the secondary for \((now &- lastHeard) / 1_000_000) ms")
+            if let ms = silence.reached(options.failureNs, conn: conn) {
+                lose("no traffic from the secondary for \(ms) ms")
                 break
             }
+            let now = lk_monotonic_ns()
             // Tell the secondary what left the VM, so a go-live re-sends only what might not have.
             let released = gate.releasedWatermark
             if released > reportedRelease, now &- lastReleaseReport >= options.heartbeatNs {
@@ -169,6 +165,22 @@ final class SecondaryLink: @unchecked Sendable {
         guard let tag = body.first, tag == PairMessage.divergence.rawValue else { return }
         let text = String(decoding: body.dropFirst(), as: UTF8.self)
         lose("the secondary diverged and was dropped: \(text)")
+    }
+}
+
+/// How long the peer has been silent, as one link thread sees it: only time spent waiting for bytes counts.
+/// Bytes of a large frame still arriving are life, and so is the time the thread spent handling what it got.
+struct Silence {
+    private var lastHeard = lk_monotonic_ns()
+
+    /// A whole message was received and handled.
+    mutating func heard() { lastHeard = lk_monotonic_ns() }
+
+    /// The silence in ms once it reached `failureNs`; nil before.
+    mutating func reached(_ failureNs: UInt64, conn: Connection) -> UInt64? {
+        let now = lk_monotonic_ns()
+        lastHeard = max(lastHeard, conn.lastReceiveNs)
+        return now &- lastHeard >= failureNs ? (now &- lastHeard) / 1_000_000 : nil
     }
 }
 
