@@ -135,6 +135,19 @@ extension PairTests { @Suite struct BadPeerTests {
         try Self.stillServes(sec, port: port, key: ws.key)
     }
 
+    /// A peer that passes the handshake (it has the key) but sends a seed that is not one: exit 76, named.
+    @Test func badSeed() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let (sec, port) = try Self.secondary(ws)
+        let key = [UInt8](try Data(contentsOf: URL(fileURLWithPath: ws.key)))
+        let c = try Connection.connect(host: "127.0.0.1", port: port, timeoutMs: 2000, config: ChannelConfig(key: key, role: .primary))
+        try c.send(.bulk([0xEE, 1, 2, 3]))
+        #expect(try sec.wait() == 76)
+        #expect(sec.stderrText.contains("bad seed from the primary"), "\(sec.stderrText)")
+        c.close()
+    }
+
     @Test func requiredEncryptionAgainstDisabled() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
