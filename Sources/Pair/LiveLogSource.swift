@@ -138,8 +138,11 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
                 switch m {
                 case .log(let batch):
-                    try received(batch)
+                    // Ack first: the batch is here and its CRC checked. Decoding can still fail, but then
+                    // this side asks for a new seed and can never go live, so nothing released is contradicted.
+                    heldExit.store(batch.exitIndex, ordering: .releasing)
                     sendAck()
+                    try received(batch)
                 case .status(let body):
                     if body.first == PairMessage.released.rawValue, body.count == 9 {
                         var r = WireReader(body, what: "released")
@@ -189,7 +192,6 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
             }
         }
         bytesReceived.add(UInt64(batch.bytes.count), ordering: .relaxed)
-        heldExit.store(batch.exitIndex, ordering: .releasing)
         queue.withLock { q in
             q.records += records
             q.horizon = max(q.horizon, batch.exitIndex)
