@@ -38,6 +38,6 @@ let package = Package(
         .testTarget(name: "MachineTests", dependencies: ["Machine"]),
         .testTarget(name: "ChannelTests", dependencies: ["Channel"]),
         .testTarget(name: "FailoverTests", dependencies: ["Failover"]),
-        .testTarget(name: "PairTests", dependencies: ["Pair", "Channel"]),
+        .testTarget(name: "PairTests", dependencies: ["Pair", "Channel", "Machine"]),
     ]
 )

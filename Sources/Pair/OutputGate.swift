@@ -5,46 +5,37 @@ import Machine
 import Synchronization
 
 /// The output rule on the primary (VMware FT): a byte the guest wrote while handling exit E leaves the VM only
-/// once the secondary holds every record up to and including exit E (its ack watermark is > E). The guest is
-/// never stalled: held bytes wait here and are released from the link thread when the ack arrives.
+/// once the secondary holds every record of the exits before E (its ack watermark is ≥ E), the log that
+/// produced the byte. The guest is never stalled: held bytes wait here and are released from the link thread
+/// when the ack arrives.
 public final class OutputGate: SerialOutput, @unchecked Sendable {
     let backend: SerialOutput
     private let lock = NSLock()
     private var held: [(exit: UInt64, byte: UInt8, ns: UInt64)] = []
     private var head = 0
     private var gating = false
-    /// Bytes of exits below this may leave (the secondary's cumulative ack).
+    /// Bytes of exits below this may leave (one past the secondary's cumulative ack).
     private var releasedBelow: UInt64 = 0
     /// What the gate adds, per line: the guest wrote the line's newline → the line was released, ns. (The
     /// backend sends whole lines, so earlier bytes of a line could not leave sooner even unprotected.)
     private var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-    private let heldCount = Atomic<Int>(0)
     private var flushWhenDrained = false
 
     public init(backend: SerialOutput) { self.backend = backend }
 
-    /// The last held byte ends a line: the backend sends whole lines, so that is when an ack is worth asking for.
+    /// A held line is complete: the backend sends whole lines, so that is when the watermark must move at once.
+    /// A partial line does not ask (a send and two wake-ups per OUT exit, for bytes the backend would keep):
+    /// it leaves with its newline, on idle (the guest halts → a forced flush), or with the next batch.
     private let lineHeld = Atomic<Bool>(false)
-    /// When the oldest held byte was emitted (0: none held).
-    private let oldestHeldNs = Atomic<UInt64>(0)
 
-    /// Held output needs the watermark now: a whole line waits, or a partial one has waited `patienceNs`.
-    /// (Asking per byte would cost a send per OUT exit for nothing: the backend sends per line.)
-    @inline(__always) func needsWatermark(now: UInt64, patienceNs: UInt64) -> Bool {
-        guard heldCount.load(ordering: .relaxed) > 0 else { return false }
-        if lineHeld.load(ordering: .relaxed) { return true }
-        let oldest = oldestHeldNs.load(ordering: .relaxed)
-        return oldest != 0 && now &- oldest >= patienceNs
-    }
+    @inline(__always) var lineWaits: Bool { lineHeld.load(ordering: .relaxed) }
 
     public func emit(_ byte: UInt8, exit: UInt64) {
         lock.lock(); defer { lock.unlock() }
         if !gating || (exit < releasedBelow && head == held.count) {
             backend.emit(byte, exit: exit)
         } else {
-            let now = lk_monotonic_ns()
-            held.append((exit, byte, now))
-            if heldCount.add(1, ordering: .relaxed).newValue == 1 { oldestHeldNs.store(now, ordering: .relaxed) }
+            held.append((exit, byte, lk_monotonic_ns()))
             if byte == 0x0A { lineHeld.store(true, ordering: .relaxed) }
         }
     }
@@ -56,12 +47,16 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
         if head == held.count { backend.flush() } else { flushWhenDrained = true }
     }
 
-    /// The secondary now holds the log of every exit below `watermark`.
-    func release(below watermark: UInt64) {
+    /// The secondary acked `watermark`: it holds every record of the exits below it. A byte of exit E depends
+    /// only on those (an OUT consumes no input), so the bytes of exits up to and including the watermark leave.
+    func secondaryHolds(below watermark: UInt64) { release(below: watermark &+ 1) }
+
+    /// Bytes of exits below `bound` may leave.
+    private func release(below bound: UInt64) {
         lock.lock(); defer { lock.unlock() }
-        guard watermark > releasedBelow else { return }
-        releasedBelow = watermark
-        drain { $0 < watermark }
+        guard bound > releasedBelow else { return }
+        releasedBelow = bound
+        drain { $0 < bound }
     }
 
     /// Starts holding output for a secondary's acks (from its seed's exit on).
@@ -87,9 +82,7 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
             if h.byte == 0x0A { _ = latency.record(now &- h.ns) }
             head += 1; n += 1
         }
-        heldCount.subtract(n, ordering: .relaxed)
         if n > 0 {
-            oldestHeldNs.store(head < held.count ? held[head].ns : 0, ordering: .relaxed)
             lineHeld.store(held[head...].contains { $0.byte == 0x0A }, ordering: .relaxed)
         }
         if head == held.count { held.removeAll(keepingCapacity: true); head = 0 } else if head > 4096 { held.removeFirst(head); head = 0 }

@@ -40,10 +40,8 @@ public final class PrimaryRunner: @unchecked Sendable {
     private var totalBytes: UInt64 = 0
     private var totalBatches: UInt64 = 0
     private var firstSequence: UInt32 = 0
-    /// Records wait at most this long for company: lower means less lag, more sends (each wakes the secondary).
+    /// Records wait at most this long for company: lower means less replay lag, more sends (each wakes the secondary).
     static let batchIntervalNs: UInt64 = 50_000
-    /// Held output asks for a watermark at once for a whole line, after this long for a partial one.
-    static let partialLinePatienceNs: UInt64 = 50_000
     /// A bare watermark (no records) at most this often when no output waits for it.
     static let watermarkIntervalNs: UInt64 = 1_000_000
 
@@ -170,7 +168,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         guard let l = link else { return }
         let exit = session.exit
         let now = lk_monotonic_ns()
-        let outputWaits = gate.needsWatermark(now: now, patienceNs: Self.partialLinePatienceNs)
+        let outputWaits = gate.lineWaits
         if session.encoder.bufferedBytes > 0 {
             guard force || session.encoder.shouldFlush || outputWaits || now &- lastFlushNs >= Self.batchIntervalNs else { return }
         } else {

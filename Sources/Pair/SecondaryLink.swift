@@ -133,7 +133,7 @@ final class SecondaryLink: @unchecked Sendable {
     private func acked(_ a: Ack, now: UInt64) {
         held.store(a.heldExitIndex, ordering: .releasing)
         replayed.store(a.replayedExitIndex, ordering: .releasing)
-        gate.release(below: a.heldExitIndex)
+        gate.secondaryHolds(below: a.heldExitIndex)
         var replayLag: UInt64 = 0
         var replayedBytes: UInt64 = 0
         var oldest: UInt64 = 0

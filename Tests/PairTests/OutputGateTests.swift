@@ -1,0 +1,73 @@
+import Machine
+import Testing
+@testable import Pair
+
+/// The output rule without processes: which bytes the gate lets out for which ack, and what the secondary
+/// re-emits on go-live.
+@Suite struct OutputGateTests {
+    final class Sink: SerialOutput {
+        var bytes: [UInt8] = []
+        var flushes = 0
+        func emit(_ byte: UInt8, exit: UInt64) { bytes.append(byte) }
+        func flush() { flushes += 1 }
+        var text: String { String(decoding: bytes, as: UTF8.self) }
+    }
+
+    func emit(_ s: String, _ out: SerialOutput, from exit: UInt64) {
+        for (i, b) in s.utf8.enumerated() { out.emit(b, exit: exit + UInt64(i)) }
+    }
+
+    @Test func aByteLeavesOnceTheSecondaryHoldsTheRecordsBeforeItsExit() {
+        let sink = Sink(), gate = OutputGate(backend: sink)
+        gate.startGating(from: 10)
+        emit("ab\n", gate, from: 10)  // exits 10, 11, 12
+        gate.secondaryHolds(below: 9)
+        #expect(sink.text == "")
+        gate.secondaryHolds(below: 10)  // the OUT at exit 10 needs only records of exits < 10
+        #expect(sink.text == "a")
+        gate.secondaryHolds(below: 12)
+        #expect(sink.text == "ab\n")
+        #expect(gate.heldBytes == 0)
+    }
+
+    @Test func onlyAWholeLineAsksForTheWatermark() {
+        let sink = Sink(), gate = OutputGate(backend: sink)
+        gate.startGating(from: 0)
+        emit("partial", gate, from: 1)
+        #expect(!gate.lineWaits)
+        emit("\n", gate, from: 8)
+        #expect(gate.lineWaits)
+        gate.secondaryHolds(below: 8)
+        #expect(!gate.lineWaits && sink.text == "partial\n")
+    }
+
+    @Test func anIdleFlushWaitsUntilTheHeldBytesBeforeItLeft() {
+        let sink = Sink(), gate = OutputGate(backend: sink)
+        gate.startGating(from: 0)
+        emit("ok", gate, from: 1)
+        gate.flush()
+        #expect(sink.flushes == 0)  // flushing now would send the line in two datagrams
+        gate.secondaryHolds(below: 2)
+        #expect(sink.flushes == 1 && sink.text == "ok")
+    }
+
+    @Test func losingTheSecondaryReleasesEverythingAndStopsGating() {
+        let sink = Sink(), gate = OutputGate(backend: sink)
+        gate.startGating(from: 0)
+        emit("x\n", gate, from: 5)
+        gate.stopGating()
+        #expect(sink.text == "x\n")
+        emit("y", gate, from: 100)
+        #expect(sink.text == "x\ny")
+    }
+
+    @Test func theSecondaryReEmitsFromTheLastReleasedLineOnGoLive() {
+        let out = SuppressedOutput(), sink = Sink()
+        emit("one\ntw", out, from: 1)  // exits 1...6
+        out.primaryReleased(below: 6)  // "one\nt" left the primary; its backend may still hold "t"
+        #expect(out.goLive(to: sink) == 2)
+        #expect(sink.text == "tw")  // the partial line again, whole: a duplicate at worst, never a gap
+        emit("!", out, from: 7)
+        #expect(sink.text == "tw!")
+    }
+}
