@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Synchronization
 
 /// `--serial BACKEND`: where COM1 goes.
 public enum SerialSpec: Equatable, Sendable, CustomStringConvertible {
@@ -52,6 +53,8 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
     private var udpPeer: sockaddr_storage?
     private var udpPeerLen: socklen_t = 0
     private var closed = false
+    /// Bumped whenever the UDP client the backend answers changes (a pair's primary passes it on).
+    public let replyAddressChanges = Atomic<UInt64>(0)
     public var hasInput: Bool { switch spec { case .stdio, .tcp, .udp: return true; default: return false } }
 
     /// Opens the backend (binds sockets now, so address errors surface before the guest starts).
@@ -136,10 +139,45 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
                 var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
                 let n = withUnsafeMutablePointer(to: &from) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(outFD, &buf, buf.count, 0, $0, &len) } }
                 if n < 0 { if errno == EINTR { continue }; return }
-                lock.lock(); udpPeer = from; udpPeerLen = len; lock.unlock()
+                lock.lock()
+                let changed = udpPeer.map { SerialBackend.replyAddress($0) } != SerialBackend.replyAddress(from)
+                udpPeer = from; udpPeerLen = len
+                lock.unlock()
+                if changed { replyAddressChanges.add(1, ordering: .releasing) }
                 queue.push(buf[0..<n])
             }
         default: return
+        }
+    }
+
+    /// The UDP client output goes to: IPv4 address then port, network order (6 bytes); nil before any datagram.
+    public var replyAddress: [UInt8]? {
+        lock.lock(); defer { lock.unlock() }
+        return udpPeer.map { SerialBackend.replyAddress($0) }
+    }
+
+    /// A survivor answers the client its primary answered: output it sends again on go-live reaches that
+    /// client without waiting for it to send first. A client heard from here already wins.
+    public func adoptReplyAddress(_ a: [UInt8]) {
+        guard case .udp = spec, a.count == 6 else { return }
+        var sin = sockaddr_in()
+        sin.sin_family = sa_family_t(AF_INET)
+        withUnsafeMutableBytes(of: &sin.sin_addr) { $0.copyBytes(from: a[0..<4]) }
+        withUnsafeMutableBytes(of: &sin.sin_port) { $0.copyBytes(from: a[4..<6]) }
+        var ss = sockaddr_storage()
+        withUnsafeMutableBytes(of: &ss) { d in withUnsafeBytes(of: &sin) { d.copyMemory(from: $0) } }
+        lock.lock()
+        let adopt = udpPeer == nil
+        if adopt { udpPeer = ss; udpPeerLen = socklen_t(MemoryLayout<sockaddr_in>.size) }
+        lock.unlock()
+        if adopt { replyAddressChanges.add(1, ordering: .releasing) }
+    }
+
+    private static func replyAddress(_ ss: sockaddr_storage) -> [UInt8] {
+        var ss = ss
+        return withUnsafeBytes(of: &ss) { raw in
+            let sin = raw.load(as: sockaddr_in.self)
+            return withUnsafeBytes(of: sin.sin_addr) { Array($0) } + withUnsafeBytes(of: sin.sin_port) { Array($0) }
         }
     }
 

@@ -51,6 +51,9 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     /// Heartbeats come from their own thread: decoding a large sync point must not look like death.
     private var heartbeat: Ticker?
 
+    /// The client the primary's service answered last (for output re-sent on go-live); nil: none yet.
+    let replyAddress = Mutex<[UInt8]?>(nil)
+
     /// Names this secondary in the primary's pair record (see `PairRecord`).
     let protectionID: UInt64
 
@@ -147,6 +150,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                     if body.first == PairMessage.released.rawValue, body.count == 9 {
                         var r = WireReader(body, what: "released")
                         if let w = try? r.u64() { output.primaryReleased(below: w) }
+                    } else if body.first == PairMessage.replyAddress.rawValue, body.count == 7 {
+                        replyAddress.withLock { $0 = Array(body.dropFirst()) }
                     }
                 case .goodbye(let why):
                     // An orderly stop without a trailer: the primary is not failing, do not go live.

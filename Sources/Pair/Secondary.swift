@@ -202,6 +202,7 @@ public final class SecondaryRunner: @unchecked Sendable {
         }
         guard let b, let s = session, let src = source else { return }
         backend = b
+        if let a = src.replyAddress.withLock({ $0 }) { b.adoptReplyAddress(a) }
         // This side is the only live one now: no earlier secondary of anyone may take over from it.
         PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
         var out: SerialOutput = b

@@ -1,6 +1,7 @@
 import CLockstep
 import Channel
 import Foundation
+import Machine
 import Synchronization
 
 /// The primary's end of one secondary: its link thread reads acks and heartbeats, sends heartbeats when
@@ -93,6 +94,8 @@ final class SecondaryLink: @unchecked Sendable {
         var silence = Silence()
         var lastReleaseReport: UInt64 = 0
         var reportedRelease: UInt64 = 0
+        let service = gate.backend as? SerialBackend
+        var sentReplyAddress: UInt64 = 0
         while !lost.load(ordering: .acquiring) {
             do {
                 let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
@@ -121,6 +124,13 @@ final class SecondaryLink: @unchecked Sendable {
                 if (try? conn.send(.status(w.out))) != nil { lastSendNs.store(now, ordering: .releasing) }
                 reportedRelease = released
                 lastReleaseReport = now
+            }
+            // Tell it whom the service answers, so a survivor's re-sent output reaches that client.
+            if let service, case let v = service.replyAddressChanges.load(ordering: .acquiring), v != sentReplyAddress,
+               let a = service.replyAddress {
+                var w = Wire(tag: PairMessage.replyAddress.rawValue)
+                w.raw(a)
+                if (try? conn.send(.status(w.out))) != nil { sentReplyAddress = v; lastSendNs.store(now, ordering: .releasing) }
             }
             if now &- lastSendNs.load(ordering: .acquiring) >= options.heartbeatNs {
                 do { try conn.sendHeartbeat(Heartbeat(sentNs: now, echoNs: 0)) } catch { lose("cannot send a heartbeat: \(error)"); break }
@@ -195,4 +205,6 @@ enum PairMessage: UInt8 {
     case released = 1
     /// Secondary → primary: UTF-8 divergence report; the primary drops and re-seeds it.
     case divergence = 2
+    /// Primary → secondary: the UDP client the serial backend answers (IPv4 address, port; network order).
+    case replyAddress = 3
 }

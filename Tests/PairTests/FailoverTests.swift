@@ -78,6 +78,35 @@ extension PairTests { @Suite struct FailoverTests {
               + "p99 \(String(format: "%.1f", times[min(times.count - 1, times.count * 99 / 100)])) ms, max \(String(format: "%.1f", times.last!)) ms")
     }
 
+    /// Output the primary released after its last `released` report is still held by the secondary, which
+    /// sends it again on go-live: to the client the primary answered, without that client sending first.
+    @Test func survivorResendsTheLastReplyToTheClient() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = PairFixture.freeUDPPort()
+        // Reports at most every 200 ms: the reply to REQ 2 is released and not yet reported when the kill lands.
+        let (pri, sec, _) = try Self.startPair(ws, udp: udp, extraPrimary: ["--heartbeat-ms", "200"])
+        let client = EchoClient(port: udp)
+        var history = History()
+        #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
+        let reply = client.request("REQ 2 b", expect: "REP 2 ", seen: { history.saw($0) })
+        pri.kill9()
+        try sec.waitForLine(containing: "went live", seconds: 10)
+        // Nothing is sent now: the survivor must find the client on its own.
+        var again: [String] = []
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline, !again.contains(where: { $0.hasPrefix("REP 2 ") }) {
+            for l in client.receive(ms: 100) { history.saw(l); again.append(l) }
+        }
+        #expect(reply != nil && again.contains(reply!), "survivor re-sent \(again), wanted \(reply ?? "-"); secondary:\n\(sec.stderrText)")
+        #expect(client.request("REQ 3 c", expect: "REP 3 ", seen: { history.saw($0) }) != nil)
+        #expect(history.problems.isEmpty, "\(history.problems)")
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        try pri.wait(seconds: 10)
+        try? FileManager.default.removeItem(atPath: ws.dir)
+    }
+
     @Test func killSecondaryThenReprotect() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
