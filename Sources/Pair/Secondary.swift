@@ -21,6 +21,7 @@ public final class SecondaryRunner: @unchecked Sendable {
     private var seedConfig = MachineConfig()
     /// How the run ended, for the exit status.
     public private(set) var wentLive = false
+    private let startNs = lk_monotonic_ns()
 
     public init(listen: String, serial: SerialSpec, options: PairOptions, reprotectPeer: String? = nil) throws(PairError) {
         self.reprotectPeer = reprotectPeer
@@ -116,6 +117,7 @@ public final class SecondaryRunner: @unchecked Sendable {
         }
         if wentLive { src.shutdown(goodbye: nil) }  // the receiver and heartbeat threads of the old stream
         backend?.close()
+        if let path = options.statsJSON { writeJSON(stats(exits: s.exit), to: path) }
         return r
     }
 
@@ -234,6 +236,13 @@ public final class SecondaryRunner: @unchecked Sendable {
                           protected: false, exit: replayed, heldExit: held, replayedExit: replayed,
                           lagExits: held > replayed ? held - replayed : 0, lagMicroseconds: 0, logBytes: bytes,
                           logBytesPerSecond: 0, heldOutputBytes: 0, throttledMs: 0, secondariesSeeded: 0)
+    }
+
+    func stats(exits: UInt64) -> SecondaryStats {
+        SecondaryStats(role: wentLive ? "survivor" : "secondary", wentLive: wentLive,
+                       logBytesReceived: source?.bytesReceived.load(ordering: .relaxed) ?? 0, exits: exits,
+                       secondariesSeeded: protector?.status().secondariesSeeded ?? 0,
+                       elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9, asPrimary: protector?.stats())
     }
 
     private func report() {

@@ -64,6 +64,21 @@ public struct PairStats: Codable, Sendable {
     public var lagHistogram: [[Double]]
 }
 
+/// A secondary's figures at the end of its run (`secondary --stats-json`).
+public struct SecondaryStats: Codable, Sendable {
+    /// "secondary" (replayed to the primary's end) or "survivor" (went live).
+    public var role: String
+    public var wentLive: Bool
+    /// Log bytes received from the (last) primary.
+    public var logBytesReceived: UInt64
+    /// Where the replay stood when the run ended (the guest's final exit when it ran to the end).
+    public var exits: UInt64
+    public var secondariesSeeded: Int
+    public var elapsedSeconds: Double
+    /// A survivor that protected itself (`--peer`): its own figures as a primary.
+    public var asPrimary: PairStats?
+}
+
 /// Measurements the link thread and the vCPU thread both feed (under one lock; never on the per-exit path).
 final class PairMetrics: @unchecked Sendable {
     private let lock = NSLock()

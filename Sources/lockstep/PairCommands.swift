@@ -13,7 +13,7 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "How long a secondary retries a held fence before concluding the primary is alive (ms).") var fenceWaitMs: Int = 500
     @Option(name: .long, help: "Status line period on stderr (ms, 0 = none).") var statusIntervalMs: Int = 1000
     @Option(name: .long, help: "Rewrite this JSON file with the pair's status every period.") var statusJson: String?
-    @Option(name: .long, help: "Write replication figures (lag histograms, bandwidth) as JSON here at the end.") var statsJson: String?
+    @Option(name: .long, help: "Write figures as JSON here at the end (primary: lag histograms, bandwidth; secondary: bytes received, whether it went live, and as a survivor its figures as a primary).") var statsJson: String?
     @Option(name: .long, help: "Flow control: slow the primary when the secondary's replay is this far behind (ms).") var maxLagMs: UInt64 = 2000
     @Option(name: .long, help: "Flow control: slow the primary when this much log is not yet replayed (MiB).") var maxLagMib: UInt64 = 64
     @Option(name: .long, help: "Drop (and re-seed) a secondary whose replay has not moved for this long while the primary waits (ms).") var replayStallMs: UInt64 = 5000

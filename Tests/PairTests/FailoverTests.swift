@@ -142,7 +142,10 @@ extension PairTests { @Suite struct FailoverTests {
         let ws = try PairFixture.workspace()
         let udp = PairFixture.freeUDPPort()
         let common = PairFixture.common(ws)
-        let third = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        // The last survivor would protect itself too, but nobody listens at its --peer: it ends unprotected.
+        let stats = ws.dir + "/third-stats.json"
+        let third = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)",
+                                              "--peer", "127.0.0.1:\(PairFixture.freeUDPPort())", "--stats-json", stats] + common)
         let p2 = try third.listeningPort()
         let second = try Child("secondary-1", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)",
                                                "--peer", "127.0.0.1:\(p2)"] + common)
@@ -164,6 +167,10 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(try third.wait(seconds: 30) == 0, "\(third.stderrText)")
         #expect(third.stderr.contains { $0.hasPrefix("live: ") })
         #expect(history.problems.isEmpty, "\(history.problems)")
+        let figures = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
+        #expect(figures?["role"] as? String == "survivor" && figures?["wentLive"] as? Bool == true)
+        #expect((figures?["logBytesReceived"] as? Int ?? 0) > 0, "\(figures ?? [:])")
+        #expect((figures?["asPrimary"] as? [String: Any])?["exits"] as? Int == figures?["exits"] as? Int)
         try first.wait(seconds: 10)
         try second.wait(seconds: 10)
     }
