@@ -231,7 +231,10 @@ public final class PrimaryRunner: @unchecked Sendable {
         current.withLock { $0 = nil }
     }
 
-    /// Seeds a connected secondary with a snapshot (the guest pauses for it) and starts gating on its acks.
+    /// Seeds a connected secondary with a snapshot and starts gating on its acks. The guest pauses for the
+    /// snapshot, the digest and the sends only: the secondary's load and digest check (a pass over its RAM)
+    /// overlap the guest's run. Its first ack confirms the seed (see `SecondaryLink.confirm`); until then
+    /// the pair record does not name it and output stays held.
     private func attach(_ conn: Connection) throws {
         let t0 = lk_monotonic_ns()
         let protectionID = UInt64.random(in: 1...UInt64.max)
@@ -252,36 +255,27 @@ public final class PrimaryRunner: @unchecked Sendable {
                                                       firstSequence: session.encoder.nextSequence, totalPages: UInt32(snap.pageNumbers.count),
                                                       vcpuState: snap.vcpuState, deviceState: snap.deviceState, stateSHA256: digest,
                                                       protectionID: protectionID))))
-            // The secondary loads the seed and checks its digest (a pass over its RAM) before it answers.
-            let answer = try conn.receiveMessage(timeoutMs: 30_000)
-            guard case .ack(let a) = answer, a.heldExitIndex == snap.exit else {
-                throw PairError.badPeerData("the secondary answered the seed with \(answer)")
-            }
-        } catch let e as PairError {
-            conn.close()
-            throw e
         } catch {
             conn.close()
             throw PairError.from(error)
         }
-        // From here this secondary may take over: say so where it will look after winning the fence.
-        guard PairRecord.write(options.fenceDirectory, PairRecord.protected(protectionID)) else {
-            conn.close()
-            throw PairError.config("cannot write the pair record in \(options.fenceDirectory ?? "")")
+        let pause = lk_monotonic_ns() &- t0
+        let pages = snap.pageNumbers.count
+        let line = "protected: secondary at \(peerHost):\(peerPort) seeded at exit \(snap.exit) with \(pages) pages"
+            + " (guest paused \(String(format: "%.1f", Double(pause) / 1e6)) ms"
+        let confirmation = SecondaryLink.Unconfirmed(protectionID: protectionID, exit: snap.exit) { [weak self] in
+            _ = self?.fsm.withLock { $0.handle(.seedComplete) }
+            warn(line + "; confirmed \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the pause began)")
         }
         sentWatermark = snap.exit
-        let l = SecondaryLink(conn: conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics)
+        let l = SecondaryLink(conn: conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics, unconfirmed: confirmation)
         gate.startGating(from: snap.exit)
         link = l
         current.withLock { $0 = l }
+        _ = fsm.withLock { $0.handle(.handshakeOK) }
         l.start()
         seeded += 1
-        let pause = lk_monotonic_ns() &- t0
         metrics.seeded(pauseNs: pause)
-        let actions = fsm.withLock { f in f.handle(.handshakeOK) + f.handle(.seedComplete) }
-        _ = actions
-        warn("protected: secondary at \(peerHost):\(peerPort) seeded at exit \(snap.exit) with \(snap.pageNumbers.count) pages"
-             + " (guest paused \(String(format: "%.1f", Double(pause) / 1e6)) ms)")
     }
 
     private func adoptOffer() {

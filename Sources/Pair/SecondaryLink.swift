@@ -17,6 +17,8 @@ final class SecondaryLink: @unchecked Sendable {
     let replayed: Atomic<UInt64>
     let lost = Atomic<Bool>(false)
     private let lostReason = Mutex<String>("")
+    /// Orders this link's pair-record writes: a loss always writes last.
+    private let recordLock = NSLock()
     /// Signalled on every ack and on loss (flow control waits on it).
     let ackEvent = lk_eventfd()
     let lastSendNs = Atomic<UInt64>(lk_monotonic_ns())
@@ -30,8 +32,22 @@ final class SecondaryLink: @unchecked Sendable {
     private let oldestUnreplayedNs = Atomic<UInt64>(0)
     private(set) var batchCount: UInt64 = 0
 
-    init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics) {
+    /// A seeded secondary that has not yet said it loaded the seed and found the same state digest. Until it
+    /// does, the pair record does not name it (it may not go live) and no output is released on its acks.
+    struct Unconfirmed {
+        var protectionID: UInt64
+        var exit: UInt64
+        /// Called on the link thread once confirmed (the record names it).
+        var onConfirmed: @Sendable () -> Void
+    }
+    /// Touched by the link thread only (after `start`).
+    private var unconfirmed: Unconfirmed?
+    /// How long a secondary may take to load and check the seed (it hashes all its RAM) before it answers.
+    static let seedTimeoutNs: UInt64 = 30_000_000_000
+
+    init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics, unconfirmed: Unconfirmed? = nil) {
         self.conn = conn; self.options = options; self.gate = gate; self.metrics = metrics
+        self.unconfirmed = unconfirmed
         held = Atomic(startExit)
         replayed = Atomic(startExit)
     }
@@ -52,11 +68,16 @@ final class SecondaryLink: @unchecked Sendable {
 
     /// Marks the secondary lost (idempotent): releases everything gated and wakes a throttled vCPU.
     func lose(_ why: String) {
-        guard !lost.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        lostReason.withLock { $0 = why }
         // Before any held output leaves: this secondary's state is stale from now on, and it must not go
-        // live even if it wins the fence after this process ends.
-        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+        // live even if it wins the fence after this process ends. (Under the lock: a confirmation racing
+        // this loss must not write the record after it.)
+        let first = recordLock.withLock { () -> Bool in
+            guard !lost.exchange(true, ordering: .acquiringAndReleasing) else { return false }
+            PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+            return true
+        }
+        guard first else { return }
+        lostReason.withLock { $0 = why }
         gate.stopGating()
         conn.close()
         lk_eventfd_signal(ackEvent)
@@ -100,7 +121,9 @@ final class SecondaryLink: @unchecked Sendable {
             do {
                 let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
                 switch m {
-                case .ack(let a): acked(a, now: lk_monotonic_ns())
+                case .ack(let a):
+                    if unconfirmed != nil, !confirm(a) { break }
+                    acked(a, now: lk_monotonic_ns())
                 case .goodbye(let why): lose("the secondary said goodbye: \(why)")
                 case .status(let body): secondaryReported(body)
                 default: break
@@ -111,7 +134,7 @@ final class SecondaryLink: @unchecked Sendable {
                 lose("channel error: \(error)")
                 break
             }
-            if let ms = silence.reached(options.failureNs, conn: conn) {
+            if let ms = silence.reached(unconfirmed == nil ? options.failureNs : Self.seedTimeoutNs, conn: conn) {
                 lose("no traffic from the secondary for \(ms) ms")
                 break
             }
@@ -138,6 +161,27 @@ final class SecondaryLink: @unchecked Sendable {
             }
         }
         lk_eventfd_signal(ackEvent)
+    }
+
+    /// The secondary's first ack answers the seed: it holds the seed's exit and the same state. From here it
+    /// may take over, so the pair record names it now, before any output is released on its acks.
+    private func confirm(_ a: Ack) -> Bool {
+        guard let u = unconfirmed else { return true }
+        guard a.heldExitIndex == u.exit else {
+            lose("the secondary answered the seed of exit \(u.exit) with an ack of exit \(a.heldExitIndex)")
+            return false
+        }
+        let written = recordLock.withLock { () -> Bool? in
+            lost.load(ordering: .acquiring) ? nil : PairRecord.write(options.fenceDirectory, PairRecord.protected(u.protectionID))
+        }
+        guard let written else { return false }
+        guard written else {
+            lose("cannot write the pair record in \(options.fenceDirectory ?? "")")
+            return false
+        }
+        unconfirmed = nil
+        u.onConfirmed()
+        return true
     }
 
     private func acked(_ a: Ack, now: UInt64) {
