@@ -162,6 +162,7 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
         guard case .udp = spec, a.count == 6 else { return }
         var sin = sockaddr_in()
         sin.sin_family = sa_family_t(AF_INET)
+        // SAFETY: 4 and 2 bytes into fields of exactly those sizes; sockaddr_in fits in sockaddr_storage.
         withUnsafeMutableBytes(of: &sin.sin_addr) { $0.copyBytes(from: a[0..<4]) }
         withUnsafeMutableBytes(of: &sin.sin_port) { $0.copyBytes(from: a[4..<6]) }
         var ss = sockaddr_storage()
@@ -175,6 +176,7 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
 
     private static func replyAddress(_ ss: sockaddr_storage) -> [UInt8] {
         var ss = ss
+        // SAFETY: the backend's socket is AF_INET, so the storage holds a sockaddr_in (smaller, same alignment).
         return withUnsafeBytes(of: &ss) { raw in
             let sin = raw.load(as: sockaddr_in.self)
             return withUnsafeBytes(of: sin.sin_addr) { Array($0) } + withUnsafeBytes(of: sin.sin_port) { Array($0) }
