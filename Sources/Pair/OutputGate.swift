@@ -19,7 +19,9 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
     /// What the gate adds, per line: the guest wrote the line's newline → the line was released, ns. (The
     /// backend sends whole lines, so earlier bytes of a line could not leave sooner even unprotected.)
     private var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-    private var flushWhenDrained = false
+    /// An idle flush waits until the bytes held when it was asked for have left (index into `held`), and
+    /// then flushes at exactly that point: bytes released in the same drain belong to a later line.
+    private var flushMark: Int?
 
     public init(backend: SerialOutput) { self.backend = backend }
 
@@ -44,7 +46,7 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
     /// released part of a held line would split it across datagrams).
     public func flush() {
         lock.lock(); defer { lock.unlock() }
-        if head == held.count { backend.flush() } else { flushWhenDrained = true }
+        if head == held.count { backend.flush() } else { flushMark = held.count }
     }
 
     /// The secondary acked `watermark`: it holds every record of the exits below it. A byte of exit E depends
@@ -81,12 +83,14 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
             backend.emit(h.byte, exit: h.exit)
             if h.byte == 0x0A { _ = latency.record(now &- h.ns) }
             head += 1; n += 1
+            if head == flushMark { flushMark = nil; backend.flush() }
         }
         if n > 0 {
             lineHeld.store(held[head...].contains { $0.byte == 0x0A }, ordering: .relaxed)
         }
-        if head == held.count { held.removeAll(keepingCapacity: true); head = 0 } else if head > 4096 { held.removeFirst(head); head = 0 }
-        if head == held.count, flushWhenDrained { flushWhenDrained = false; backend.flush() }
+        if head == held.count { held.removeAll(keepingCapacity: true); head = 0 } else if head > 4096 {
+            held.removeFirst(head); flushMark = flushMark.map { $0 - head }; head = 0
+        }
     }
 
     var heldBytes: Int { lock.lock(); defer { lock.unlock() }; return held.count - head }

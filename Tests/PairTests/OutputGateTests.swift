@@ -51,6 +51,25 @@ import Testing
         #expect(sink.flushes == 1 && sink.text == "ok")
     }
 
+    /// The flush leaves where it was asked for: a later line released in the same drain is not cut in two.
+    @Test func aDeferredFlushDoesNotSplitTheNextLine() {
+        final class Lines: SerialOutput {
+            var pending: [UInt8] = [], datagrams: [String] = []
+            func emit(_ byte: UInt8, exit: UInt64) { pending.append(byte); if byte == 0x0A { flush() } }
+            func flush() { if !pending.isEmpty { datagrams.append(String(decoding: pending, as: UTF8.self)); pending = [] } }
+        }
+        let sink = Lines(), gate = OutputGate(backend: sink)
+        gate.startGating(from: 0)
+        emit("> ", gate, from: 1)  // a prompt, then the guest idles
+        gate.flush()
+        emit("REP 1 abc", gate, from: 3)  // half of the next line is released in the same drain
+        gate.secondaryHolds(below: 10)
+        #expect(sink.datagrams == ["> "])
+        emit("def\n", gate, from: 12)
+        gate.secondaryHolds(below: 20)
+        #expect(sink.datagrams == ["> ", "REP 1 abcdef\n"])
+    }
+
     @Test func losingTheSecondaryReleasesEverythingAndStopsGating() {
         let sink = Sink(), gate = OutputGate(backend: sink)
         gate.startGating(from: 0)
