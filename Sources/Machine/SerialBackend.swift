@@ -140,7 +140,7 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
                 let n = withUnsafeMutablePointer(to: &from) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(outFD, &buf, buf.count, 0, $0, &len) } }
                 if n < 0 { if errno == EINTR { continue }; return }
                 lock.lock()
-                let changed = udpPeer.map { SerialBackend.replyAddress($0) } != SerialBackend.replyAddress(from)
+                let changed = udpPeer.map { SerialBackend.sameClient($0, from) } != true
                 udpPeer = from; udpPeerLen = len
                 lock.unlock()
                 if changed { replyAddressChanges.add(1, ordering: .releasing) }
@@ -172,6 +172,13 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
         if adopt { udpPeer = ss; udpPeerLen = socklen_t(MemoryLayout<sockaddr_in>.size) }
         lock.unlock()
         if adopt { replyAddressChanges.add(1, ordering: .releasing) }
+    }
+
+    /// Same IPv4 address and port (no allocation: this runs for every datagram).
+    private static func sameClient(_ a: sockaddr_storage, _ b: sockaddr_storage) -> Bool {
+        // SAFETY: the backend's socket is AF_INET, so both storages hold a sockaddr_in (smaller, same alignment).
+        let x = withUnsafeBytes(of: a) { $0.load(as: sockaddr_in.self) }, y = withUnsafeBytes(of: b) { $0.load(as: sockaddr_in.self) }
+        return x.sin_addr.s_addr == y.sin_addr.s_addr && x.sin_port == y.sin_port
     }
 
     private static func replyAddress(_ ss: sockaddr_storage) -> [UInt8] {

@@ -72,13 +72,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     var end: End? { queue.withLock { $0.end } }
 
     func start() {
-        let t = Thread { [self] in
-            _ = lk_set_realtime_priority(linkPriority)
-            loop()
-            done.signal()
-        }
-        t.name = "lockstep-receive"
-        t.start()
+        startLinkThread("lockstep-receive", done: done) { [self] in loop() }
         heartbeat = Ticker(ms: options.heartbeatMs, name: "lockstep-heartbeat", priority: linkPriority) { [self] in
             if lk_monotonic_ns() &- lastSentNs.load(ordering: .relaxed) >= options.heartbeatNs { sendAck() }
         }

@@ -51,10 +51,8 @@ public final class OutputGate: SerialOutput, @unchecked Sendable {
 
     /// The secondary acked `watermark`: it holds every record of the exits below it. A byte of exit E depends
     /// only on those (an OUT consumes no input), so the bytes of exits up to and including the watermark leave.
-    func secondaryHolds(below watermark: UInt64) { release(below: watermark &+ 1) }
-
-    /// Bytes of exits below `bound` may leave.
-    private func release(below bound: UInt64) {
+    func secondaryHolds(below watermark: UInt64) {
+        let bound = watermark &+ 1
         lock.lock(); defer { lock.unlock() }
         guard bound > releasedBelow else { return }
         releasedBelow = bound

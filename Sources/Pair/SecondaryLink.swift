@@ -54,15 +54,7 @@ final class SecondaryLink: @unchecked Sendable {
 
     deinit { close(ackEvent) }
 
-    func start() {
-        let t = Thread { [self] in
-            _ = lk_set_realtime_priority(linkPriority)
-            loop()
-            done.signal()
-        }
-        t.name = "lockstep-link"
-        t.start()
-    }
+    func start() { startLinkThread("lockstep-link", done: done) { [self] in loop() } }
 
     var reason: String { lostReason.withLock { $0 } }
 
@@ -71,13 +63,15 @@ final class SecondaryLink: @unchecked Sendable {
         // Before any held output leaves: this secondary's state is stale from now on, and it must not go
         // live even if it wins the fence after this process ends. (Under the lock: a confirmation racing
         // this loss must not write the record after it.)
+        // The reason is stored before `lost` is set: a thread that sees `lost` reads it at once.
         let first = recordLock.withLock { () -> Bool in
-            guard !lost.exchange(true, ordering: .acquiringAndReleasing) else { return false }
+            guard !lost.load(ordering: .acquiring) else { return false }
+            lostReason.withLock { $0 = why }
+            lost.store(true, ordering: .releasing)
             PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
             return true
         }
         guard first else { return }
-        lostReason.withLock { $0 = why }
         gate.stopGating()
         conn.close()
         lk_eventfd_signal(ackEvent)
@@ -242,6 +236,17 @@ struct Silence {
 /// scheduler tick behind a vCPU thread in an emulated guest on the same core. Without CAP_SYS_NICE they
 /// run at normal priority.
 let linkPriority: Int32 = 10
+
+/// Starts a thread that blocks on the FT link at `linkPriority`; `done` is signalled when `body` returns.
+func startLinkThread(_ name: String, done: DispatchSemaphore, _ body: @escaping @Sendable () -> Void) {
+    let t = Thread {
+        _ = lk_set_realtime_priority(linkPriority)
+        body()
+        done.signal()
+    }
+    t.name = name
+    t.start()
+}
 
 /// Status-frame messages of the pair (first body byte).
 enum PairMessage: UInt8 {
