@@ -79,7 +79,14 @@ public final class Fence: Fencing, @unchecked Sendable {
     private var fd: Int32 = -1
 
     public init(directory: String) { self.directory = directory }
-    deinit { if fd >= 0 { _ = close(fd) } }
+    // Unlock before closing: a child forked by another thread (posix_spawn, before its exec closes
+    // the O_CLOEXEC fd) shares the open file description, and close alone would leave it locked.
+    deinit { if fd >= 0 { Fence.unlockAndClose(fd) } }
+
+    private static func unlockAndClose(_ f: Int32) {
+        _ = flock(f, LOCK_UN)
+        _ = close(f)
+    }
 
     /// The syscall chokepoint for the fence: retries EINTR, throws a FenceError naming the path.
     @discardableResult
@@ -131,7 +138,7 @@ public final class Fence: Fencing, @unchecked Sendable {
             holder = FenceHolder(generation: t.generation, identity: identity)
             return t
         } catch {
-            _ = close(f)   // drops the lock
+            Fence.unlockAndClose(f)
             throw error
         }
     }

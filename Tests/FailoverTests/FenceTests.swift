@@ -38,6 +38,25 @@ func tempDir() -> String {
         #expect(try Fence(directory: dir).tryAcquire(identity: other)?.generation == 2)
     }
 
+    /// A child forked by another thread shares the fence's open file description until its exec
+    /// closes it; dropping the Fence must release the lock anyway. A dup stands in for that child.
+    @Test func droppingTheFenceReleasesTheLockWhileAForkedCopyIsOpen() throws {
+        let dir = tempDir()
+        var copy: Int32 = -1
+        do {
+            let a = Fence(directory: dir)
+            _ = try #require(try a.tryAcquire(identity: me))
+            let fds = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")
+            let held = fds.compactMap(Int32.init).first { fd in
+                (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) == a.path
+            }
+            copy = dup(try #require(held))
+        }
+        defer { close(copy) }
+        #expect(copy >= 0)
+        #expect(try Fence(directory: dir).tryAcquire(identity: other)?.generation == 2)
+    }
+
     @Test func errorsNameTheDirectory() throws {
         let missing = "/nonexistent-lockstep-dir/x"
         #expect(throws: FenceError.directoryMissing(missing)) { try Fence(directory: missing).tryAcquire(identity: me) }
