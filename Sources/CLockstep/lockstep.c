@@ -158,6 +158,14 @@ void lk_scatter_pages(uint8_t *mem, const uint32_t *pages, size_t n, const uint8
     for (size_t i = 0; i < n; i++) memcpy(mem + (size_t)pages[i] * 4096, src + i * 4096, 4096);
 }
 
+int lk_page_is_zero(const void *page) {
+    const uint64_t *w = page;
+    uint64_t acc = 0;
+    for (size_t i = 0; i < 4096 / 8; i += 8)
+        acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+    return acc == 0;
+}
+
 // CRC32C (Castagnoli). SSE4.2 crc32 instructions when the CPU has them, else a table.
 static uint32_t crc_table[256];
 static int crc_ready;

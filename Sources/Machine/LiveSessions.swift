@@ -8,7 +8,6 @@ public protocol RecordingSession: AnyObject {
     var encoder: LogEncoder { get }
     /// The exit index: every record for an earlier exit is in the encoder.
     var exit: UInt64 { get }
-    func snapshot() throws(MachineError) -> Snapshot
     /// The run's result and the trailer that closes its log.
     func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer)
 }
@@ -34,7 +33,6 @@ public final class StreamRecordSession: Session, RecordingSession {
     public func stop() { end() }
     public func step() throws(MachineError) -> Engine.State { try engine.step() }
     public var exit: UInt64 { machine.hooks.exit }
-    public func snapshot() throws(MachineError) -> Snapshot { try machine.captureSnapshot() }
     public func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer) { try trailer(e, encoder: encoder) }
 }
 
@@ -55,7 +53,6 @@ public final class StandbySession: Session, RecordingSession {
         }
     }
 
-    public func snapshot() throws(MachineError) -> Snapshot { try machine.captureSnapshot() }
     public func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer) { try trailer(e, encoder: encoder) }
 
     /// Called on the vCPU thread when the machine went live (after the pacer started).

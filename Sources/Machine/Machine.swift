@@ -92,6 +92,20 @@ public final class Machine {
         do { return try StateDigest.compute(memory: memory, vcpu: vcpu, deviceState: devices.stateBytes()) } catch { throw .sys(error) }
     }
 
+    /// `StateDigest.seed` of this machine, from page hashes a pre-copy kept (32 bytes per page), or from
+    /// every page hashed now when nil (the secondary's check of a loaded seed).
+    public func seedDigest(pageHashes kept: UnsafeRawBufferPointer? = nil) throws(MachineError) -> [UInt8] {
+        do {
+            if let kept { return try StateDigest.seed(pageHashes: kept, vcpu: vcpu, deviceState: devices.stateBytes()) }
+            let n = memory.pageCount
+            let hashes = UnsafeMutableRawBufferPointer.allocate(byteCount: n * 32, alignment: 16)
+            defer { hashes.deallocate() }
+            // SAFETY: page i spans [i*4096, (i+1)*4096) of the mapping (i < pageCount); hashes holds n * 32 bytes.
+            for i in 0..<n { StateDigest.hashPage(memory.base + i * 4096, into: hashes.baseAddress! + i * 32) }
+            return try StateDigest.seed(pageHashes: UnsafeRawBufferPointer(hashes), vcpu: vcpu, deviceState: devices.stateBytes())
+        } catch { throw .sys(error) }
+    }
+
     public var syncPointCount: UInt64 { syncPoints?.captured ?? 0 }
     public var syncPointPages: UInt64 { syncPoints?.pagesCaptured ?? 0 }
 }

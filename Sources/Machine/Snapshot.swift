@@ -2,9 +2,10 @@ import CLockstep
 import EventLog
 import KVM
 
-/// A running machine's whole state, as a new secondary needs it: the pages written since boot (the rest
-/// equals the loaded image, which the secondary loads itself), the vCPU, the devices, and where the
-/// recording hooks are (exit index, last signature, last guest clock value).
+/// A running machine's whole state, as a new secondary loads it: the pages that differ from the loaded
+/// image (which the secondary loads itself), the vCPU, the devices, and where the recording hooks are
+/// (exit index, last signature, last guest clock value). A primary captures the state without pages
+/// (`captureState`): its pre-copy sends the pages while the guest runs.
 public struct Snapshot: Sendable {
     public var exit: UInt64
     public var signature: UInt32
@@ -22,17 +23,26 @@ public struct Snapshot: Sendable {
 }
 
 extension Machine {
-    /// Captures a snapshot between two exits (vCPU thread, guest not running).
-    func captureSnapshot() throws(MachineError) -> Snapshot {
+    /// The vCPU, devices and hooks between two exits, without pages (vCPU thread, guest not running): the
+    /// last step of a pre-copy seed, whose pages went ahead while the guest ran.
+    public func captureState() throws(MachineError) -> Snapshot {
         guard let store = syncPoints else { throw .config("snapshots need dirty tracking (record or replay mode)") }
         if hooks.exit > 0 { vcpu.completePendingIO() }
         do {
             let state = try vcpu.captureState(msrs: store.msrs)
-            let pages = try store.pagesSinceBoot()
             return Snapshot(exit: hooks.exit, signature: hooks.signature.raw, lastClock: hooks.lastClock,
-                            vcpuState: state.bytes, deviceState: devices.stateBytes(),
-                            pageNumbers: pages.numbers, pageData: pages.data)
+                            vcpuState: state.bytes, deviceState: devices.stateBytes(), pageNumbers: [], pageData: [])
         } catch { throw .sys(error) }
+    }
+
+    /// Words in a dirty bitmap of this machine's RAM (one bit per page).
+    public var dirtyBitmapWords: Int { (memory.pageCount + 63) / 64 }
+
+    /// Pre-copy seeding: the pages written since the previous call (since boot when `sinceBoot`) into
+    /// `into` (`dirtyBitmapWords` words). Any thread, while the guest runs; sync points still see every page.
+    public func takeDirtyPages(into: UnsafeMutablePointer<UInt64>, sinceBoot: Bool) throws(MachineError) {
+        guard let store = syncPoints else { throw .config("seeding needs dirty tracking (record or replay mode)") }
+        do { try store.takeDirty(into: into, sinceBoot: sinceBoot) } catch { throw .sys(error) }
     }
 
     /// Loads a snapshot into a freshly booted machine of the same image and config. Returns the

@@ -1,19 +1,28 @@
 import CLockstep
 import EventLog
 import KVM
+import Synchronization
 
 /// Sync points: the full vCPU state plus every page dirtied since the previous one (design notes §3).
 /// Recording captures one whenever the guest was stopped at a point replay cannot find by counting exits;
 /// replay loads it instead of executing the gap. Buffers are allocated once and reused.
-final class SyncPointStore {
+///
+/// KVM's dirty log has one reader: `harvest` fetches (and clears) it and ORs it into three sets, so sync
+/// points, snapshots and a pre-copy seed each see every write: `sinceSync` (the next sync point's pages),
+/// `everDirty` (pages that differ from the loaded image) and `sinceTaken` (the seeding thread's). The
+/// seeding thread harvests while the guest runs, so the sets are behind `dirtyLock`.
+final class SyncPointStore: @unchecked Sendable {
     let vm: VirtualMachine
     let memory: GuestMemory
     var encoder: LogEncoder?
     let msrs: [UInt32]
-    let bitmap: UnsafeMutablePointer<UInt64>
-    /// Every page the guest has written since boot (seeds a new secondary: the rest equals the loaded image).
-    let everDirty: UnsafeMutablePointer<UInt64>
     let words: Int
+    private let dirtyLock = Mutex(())
+    private let fetched: UnsafeMutablePointer<UInt64>
+    private let sinceSync: UnsafeMutablePointer<UInt64>
+    /// Every page the guest has written since boot (seeds a new secondary: the rest equals the loaded image).
+    private let everDirty: UnsafeMutablePointer<UInt64>
+    private let sinceTaken: UnsafeMutablePointer<UInt64>
     let pageNumbers: UnsafeMutablePointer<UInt32>
     var pageData: UnsafeMutableRawPointer
     var pageDataCapacity: Int
@@ -22,18 +31,31 @@ final class SyncPointStore {
 
     init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32]) {
         self.vm = vm; self.memory = memory; self.encoder = encoder; self.msrs = msrs
-        words = (memory.pageCount + 63) / 64
-        bitmap = .allocate(capacity: words)
-        bitmap.initialize(repeating: 0, count: words)
-        everDirty = .allocate(capacity: words)
-        everDirty.initialize(repeating: 0, count: words)
+        let words = (memory.pageCount + 63) / 64
+        self.words = words
+        func bitmap() -> UnsafeMutablePointer<UInt64> {
+            let b = UnsafeMutablePointer<UInt64>.allocate(capacity: words)
+            b.initialize(repeating: 0, count: words)
+            return b
+        }
+        fetched = bitmap(); sinceSync = bitmap(); everDirty = bitmap(); sinceTaken = bitmap()
         pageNumbers = .allocate(capacity: memory.pageCount)
         pageDataCapacity = 1 << 20
         pageData = .allocate(byteCount: pageDataCapacity, alignment: 4096)
     }
 
     deinit {
-        bitmap.deallocate(); everDirty.deallocate(); pageNumbers.deallocate(); pageData.deallocate()
+        fetched.deallocate(); sinceSync.deallocate(); everDirty.deallocate(); sinceTaken.deallocate()
+        pageNumbers.deallocate(); pageData.deallocate()
+    }
+
+    /// Fetches and clears KVM's log into the three sets. Caller holds `dirtyLock`.
+    private func harvest() throws(SysError) {
+        try vm.fetchDirtyLog(into: fetched)
+        for i in 0..<words {
+            let w = fetched[i]
+            everDirty[i] |= w; sinceSync[i] |= w; sinceTaken[i] |= w
+        }
     }
 
     /// Record side: captures and appends a sync point at the current exit.
@@ -49,32 +71,32 @@ final class SyncPointStore {
         pagesCaptured += UInt64(n)
     }
 
-    /// Fetches (and clears) the dirty log and copies the dirty pages out; returns how many.
+    /// Copies the pages dirtied since the last sync point (or snapshot) out and forgets them; returns how many.
     func collectDirtyPages() throws(SysError) -> Int {
-        try vm.fetchDirtyLog(into: bitmap)
-        for i in 0..<words { everDirty[i] |= bitmap[i] }
-        let n = lk_bitmap_pages(bitmap, memory.pageCount, pageNumbers, memory.pageCount)
+        let n = try dirtyLock.withLock { _ throws(SysError) -> Int in
+            try harvest()
+            let n = lk_bitmap_pages(sinceSync, memory.pageCount, pageNumbers, memory.pageCount)
+            sinceSync.update(repeating: 0, count: words)
+            return n
+        }
         if n * 4096 > pageDataCapacity {
             pageData.deallocate()
             pageDataCapacity = max(n * 4096, pageDataCapacity * 2)
             pageData = .allocate(byteCount: pageDataCapacity, alignment: 4096)
         }
-        // SAFETY: every page number comes from the bitmap of this slot, so it is < pageCount.
+        // SAFETY: every page number comes from a bitmap of this slot, so it is < pageCount.
         lk_gather_pages(memory.base.assumingMemoryBound(to: UInt8.self), pageNumbers, n, pageData.assumingMemoryBound(to: UInt8.self))
         return n
     }
 
-    /// Every page written since boot (after harvesting the current dirty log), with its contents.
-    func pagesSinceBoot() throws(SysError) -> (numbers: [UInt32], data: [UInt8]) {
-        _ = try collectDirtyPages()
-        let n = lk_bitmap_pages(everDirty, memory.pageCount, pageNumbers, memory.pageCount)
-        let numbers = Array(UnsafeBufferPointer(start: pageNumbers, count: n))
-        var data = [UInt8](repeating: 0, count: n * 4096)
-        data.withUnsafeMutableBytes { d in
-            // SAFETY: page numbers come from this slot's bitmap (< pageCount); d holds n * 4096 bytes.
-            lk_gather_pages(memory.base.assumingMemoryBound(to: UInt8.self), pageNumbers, n, d.baseAddress!.assumingMemoryBound(to: UInt8.self))
+    /// Seeding: copies into `into` (`words` words) the pages written since the last call, or since boot when
+    /// `sinceBoot`, and starts the next interval. Any thread; the guest may be running.
+    func takeDirty(into: UnsafeMutablePointer<UInt64>, sinceBoot: Bool) throws(SysError) {
+        try dirtyLock.withLock { _ throws(SysError) in
+            try harvest()
+            into.update(from: sinceBoot ? everDirty : sinceTaken, count: words)
+            sinceTaken.update(repeating: 0, count: words)
         }
-        return (numbers, data)
     }
 
     /// Replay side: writes the pages and loads the vCPU state. Returns the injection readiness recorded with it.
@@ -90,7 +112,7 @@ final class SyncPointStore {
         // without running guest code, so it cannot land on top of the loaded state.
         vcpu.completePendingIO()
         // Written from user space, so the dirty log never sees them; a snapshot of this machine needs them.
-        for n in sp.pageNumbers { everDirty[Int(n) >> 6] |= 1 << UInt64(n & 63) }
+        dirtyLock.withLock { _ in for n in sp.pageNumbers { everDirty[Int(n) >> 6] |= 1 << UInt64(n & 63) } }
         sp.pageNumbers.withUnsafeBufferPointer { pn in
             sp.pageData.withUnsafeBytes { pd in
                 // SAFETY: page numbers checked against RAM above; pd holds count * 4096 bytes.

@@ -26,6 +26,8 @@ public final class PrimaryRunner: @unchecked Sendable {
     let fence: Fence?
     private let fsm = Mutex(FailoverMachine.primary())
     private var link: SecondaryLink?
+    /// A secondary being seeded while the guest runs (vCPU thread only).
+    private var seeding: Precopy?
     /// `link` for other threads (status); written only by the vCPU thread.
     private let current = Mutex<SecondaryLink?>(nil)
     private let offered = Mutex<Connection?>(nil)
@@ -92,6 +94,7 @@ public final class PrimaryRunner: @unchecked Sendable {
 
     /// The guest ended: close the log to the secondary (if any) and release everything.
     func endRun(_ ending: Ending) throws(MachineError) -> SessionResult {
+        dropSeeding("the guest ended before this secondary was seeded")
         releaseFinalOutput()
         let (result, trailer) = try session.finish(ending)
         finishLog(trailer)
@@ -105,7 +108,9 @@ public final class PrimaryRunner: @unchecked Sendable {
     /// Connects the first secondary (bounded by `connectTimeoutMs`), then runs the guest to its end.
     public func run() throws -> SessionResult {
         guard let own else { throw PairError.config("run() drives its own session only") }
-        let first = try connectInitial()
+        // Before the guest runs there is nothing to overlap: the rounds run here.
+        let first = seed(try connectInitial())
+        try first.copyHere()
         try attach(first)
         session.machine.onIdle = { [unowned self] in flushLog(force: true) }
         let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
@@ -119,6 +124,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         } catch {
             own.stop()
             ticker?.stop()
+            dropSeeding("primary failed: \(error)")
             detach(goodbye: "primary failed: \(error)")
             throw error
         }
@@ -151,6 +157,7 @@ public final class PrimaryRunner: @unchecked Sendable {
     /// secondary's replay is too far behind.
     @inline(__always) private func afterStep() {
         if hasOffer.load(ordering: .relaxed) { adoptOffer() }
+        if let p = seeding { seedStep(p) }
         guard let l = link else {
             // Unprotected: nobody needs the records (a new secondary gets a snapshot).
             if session.encoder.bufferedBytes > 0 { session.encoder.sealFrame { _ in } }
@@ -231,60 +238,80 @@ public final class PrimaryRunner: @unchecked Sendable {
         current.withLock { $0 = nil }
     }
 
-    /// Seeds a connected secondary with a snapshot and starts gating on its acks. The guest pauses for the
-    /// snapshot, the digest and the sends only: the secondary's load and digest check (a pass over its RAM)
-    /// overlap the guest's run. Its first ack confirms the seed (see `SecondaryLink.confirm`); until then
-    /// the pair record does not name it and output stays held.
-    private func attach(_ conn: Connection) throws {
+    /// Starts seeding a connected secondary (see `Precopy`).
+    private func seed(_ conn: Connection) -> Precopy {
+        let header = SeedHeader(config: config, imageSHA256: StateDigest.sha256(image.bytes), cpuidSHA256: session.machine.cpuidDigest, image: image.bytes)
+        return Precopy(conn: conn, machine: session.machine, header: header)
+    }
+
+    /// Between two steps while a seed's rounds run: once they are done, pause and finish it; a peer that
+    /// stopped taking the seed is dropped.
+    private func seedStep(_ p: Precopy) {
+        var state = p.state
+        if state == .copying {
+            guard lk_monotonic_ns() &- p.progressNs.load(ordering: .acquiring) > SecondaryLink.seedTimeoutNs else { return }
+            p.cancel("the secondary took no seed data for \(SecondaryLink.seedTimeoutNs / 1_000_000_000) s")
+            state = .failed
+        }
+        seeding = nil
+        do {
+            guard state == .ready else { throw PairError.peerUnreachable(p.reason) }
+            try attach(p)
+        } catch {
+            p.conn.close()
+            warn("could not seed the new secondary: \(error); continuing unprotected")
+            startConnector()
+        }
+    }
+
+    /// The run ends while a seed's rounds run: stop them and tell the secondary why.
+    private func dropSeeding(_ why: String) {
+        guard let p = seeding else { return }
+        seeding = nil
+        try? p.conn.send(.goodbye(why))
+        p.cancel(why)
+    }
+
+    /// Ends a seed whose rounds are done, then gates output on the secondary's acks. The guest pauses for the
+    /// pages written since the last round, the machine state and the seed digest only: the secondary's load
+    /// and digest check (a pass over its RAM) overlap the guest's run. Its first ack confirms the seed (see
+    /// `SecondaryLink.confirm`); until then the pair record does not name it and output stays held.
+    private func attach(_ p: Precopy) throws {
         let t0 = lk_monotonic_ns()
         let protectionID = UInt64.random(in: 1...UInt64.max)
-        // Records before the snapshot are not needed by this secondary.
+        // Records before the seed's exit are not needed by this secondary.
         session.encoder.sealFrame { _ in }
-        let snap = try session.snapshot()
-        let digest = try session.machine.stateDigest()
-        let header = SeedHeader(config: config, imageSHA256: StateDigest.sha256(image.bytes), cpuidSHA256: session.machine.cpuidDigest, image: image.bytes)
-        do {
-            try conn.send(.bulk(SeedCodec.header(header)))
-            var i = 0
-            while i < snap.pageNumbers.count {
-                let n = min(seedPagesPerFrame, snap.pageNumbers.count - i)
-                try conn.send(.bulk(SeedCodec.pages(snap.pageNumbers[i..<i + n], data: snap.pageData[i * 4096..<(i + n) * 4096])))
-                i += n
-            }
-            try conn.send(.bulk(SeedCodec.end(SeedEnd(exit: snap.exit, signature: snap.signature, lastClock: snap.lastClock,
-                                                      firstSequence: session.encoder.nextSequence, totalPages: UInt32(snap.pageNumbers.count),
-                                                      vcpuState: snap.vcpuState, deviceState: snap.deviceState, stateSHA256: digest,
-                                                      protectionID: protectionID))))
-        } catch {
-            conn.close()
+        let snap: Snapshot
+        do { snap = try p.finish(protectionID: protectionID, firstSequence: session.encoder.nextSequence) } catch {
+            p.conn.close()
             throw PairError.from(error)
         }
         let pause = lk_monotonic_ns() &- t0
-        let pages = snap.pageNumbers.count
-        let line = "protected: secondary at \(peerHost):\(peerPort) seeded at exit \(snap.exit) with \(pages) pages"
-            + " (guest paused \(String(format: "%.1f", Double(pause) / 1e6)) ms"
+        let ms: @Sendable (UInt64) -> String = { String(format: "%.1f", Double($0) / 1e6) }
+        let line = "protected: secondary at \(peerHost):\(peerPort) seeded at exit \(snap.exit):"
+            + " \(p.pagesSent - p.pagesInPause) pages in \(p.rounds) rounds (\(ms(t0 &- p.startNs)) ms),"
+            + " then \(p.pagesInPause) with the guest paused \(ms(pause)) ms"
         let confirmation = SecondaryLink.Unconfirmed(protectionID: protectionID, exit: snap.exit) { [weak self] in
             _ = self?.fsm.withLock { $0.handle(.seedComplete) }
-            warn(line + "; confirmed \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the pause began)")
+            warn(line + " (confirmed \(ms(lk_monotonic_ns() &- t0)) ms after the pause began)")
         }
         sentWatermark = snap.exit
-        let l = SecondaryLink(conn: conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics, unconfirmed: confirmation)
+        let l = SecondaryLink(conn: p.conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics, unconfirmed: confirmation)
         gate.startGating(from: snap.exit)
         link = l
         current.withLock { $0 = l }
         _ = fsm.withLock { $0.handle(.handshakeOK) }
         l.start()
         seeded += 1
-        metrics.seeded(pauseNs: pause)
+        metrics.seeded(pauseNs: pause, totalNs: lk_monotonic_ns() &- p.startNs)
     }
 
     private func adoptOffer() {
         hasOffer.store(false, ordering: .relaxed)
         guard let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o }) else { return }
-        do { try attach(c) } catch {
-            warn("could not seed the new secondary: \(error); continuing unprotected")
-            startConnector()
-        }
+        let p = seed(c)
+        seeding = p
+        p.start()
     }
 
     /// Sends the trailer, waits (bounded) for the secondary to hold it, then releases all output.

@@ -152,8 +152,8 @@ public final class SecondaryRunner: @unchecked Sendable {
         }
         let image: PVHImage
         do { image = try PVHImage(bytes: header.image) } catch { throw PairError.badPeerData("the primary's guest image: \(error)") }
-        var numbers: [UInt32] = []
-        var data: [UInt8] = []
+        let pages: SeedPages
+        do { pages = try SeedPages(memoryMiB: header.config.memoryMiB) } catch { throw PairError.badPeerData(error.description) }
         var end: SeedEnd
         while true {
             let b = try part(.pages)
@@ -161,7 +161,7 @@ public final class SecondaryRunner: @unchecked Sendable {
                 switch try SeedCodec.part(b) {
                 case .pages:
                     let (n, d) = try SeedCodec.decodePages(b)
-                    numbers += n; data += d
+                    try pages.add(numbers: n, data: d)
                     continue
                 case .end: end = try SeedCodec.decodeEnd(b)
                 case .header: throw SeedError("a second header")
@@ -169,7 +169,8 @@ public final class SecondaryRunner: @unchecked Sendable {
             } catch let e as SeedError { throw PairError.badPeerData(e.description) }
             break
         }
-        guard end.totalPages == numbers.count else { throw PairError.badPeerData("the seed announced \(end.totalPages) pages and carried \(numbers.count)") }
+        guard end.totalPages == pages.received else { throw PairError.badPeerData("the seed announced \(end.totalPages) pages and carried \(pages.received)") }
+        let (numbers, data) = pages.collect()
         let output = SuppressedOutput()
         let src = LiveLogSource(conn: conn, startExit: end.exit, firstSequence: end.firstSequence, protectionID: end.protectionID,
                                 options: options, output: output)
@@ -178,13 +179,13 @@ public final class SecondaryRunner: @unchecked Sendable {
         seedConfig = header.config
         try s.load(Snapshot(exit: end.exit, signature: end.signature, lastClock: end.lastClock, vcpuState: end.vcpuState,
                             deviceState: end.deviceState, pageNumbers: numbers, pageData: data))
-        let digest = try s.machine.stateDigest()
+        let digest = try s.machine.seedDigest()
         guard digest == end.stateSHA256 else {
             throw PairError.badPeerData("after loading the seed this side's state digest is \(StateDigest.hex(digest)), the primary's is \(StateDigest.hex(end.stateSHA256)): the two hosts cannot run in lockstep")
         }
         // The seed is loaded: the primary may release output up to here.
         try conn.sendAck(Ack(heldExitIndex: end.exit, replayedExitIndex: end.exit))
-        warn("secondary: seeded at exit \(end.exit) (\(numbers.count) pages, state \(StateDigest.hex(digest).prefix(16))…); replaying")
+        warn("secondary: seeded at exit \(end.exit) (\(numbers.count) pages, \(pages.received) sent; state \(StateDigest.hex(digest).prefix(16))…); replaying")
         return (s, src)
     }
 

@@ -1,3 +1,5 @@
+import CLockstep
+import Glibc
 import Machine
 
 /// The seed: what a primary sends a new secondary right after the handshake, in `bulk` frames, so both start
@@ -5,13 +7,17 @@ import Machine
 ///
 ///     header: u16 seed version | u32 memory MiB | u32 interrupt latency µs | u64 epoch seconds |
 ///             32 image SHA-256 | 32 CPUID table SHA-256 | u32 image length | image bytes
-///     pages:  u32 count | count x u32 page number | count x 4096 page bytes      (zero or more)
+///     pages:  u32 count | count x u32 page number | count x 4096 page bytes      (zero or more; built
+///             in place by `Precopy.sendPending`)
 ///     end:    u64 exit | u32 signature | u64 last guest clock ns | u32 first log frame sequence |
-///             u32 total pages | u32 length + vCPU state | u32 length + device state | 32 state SHA-256 |
+///             u32 total pages | u32 length + vCPU state | u32 length + device state | 32 seed digest |
 ///             u64 protection id (names this secondary in the fence directory's pair record)
 ///
-/// The secondary loads the image itself; the pages are those the guest wrote since boot. After loading, its
-/// state digest must equal the one in `end`, or the pair does not start.
+/// The secondary loads the image itself; the pages are those the guest wrote since boot, a page again each
+/// time pre-copy found it written since it was sent (the last copy wins; `total pages` counts every copy).
+/// After loading, its `StateDigest.seed` must equal the one in `end`, or the pair does not start.
+/// Version 2: pre-copy (pages repeat) and the per-page seed digest; version 1 sent each page once and a
+/// digest over RAM as one stream.
 enum SeedPart: UInt8 {
     case header = 1
     case pages = 2
@@ -19,7 +25,7 @@ enum SeedPart: UInt8 {
 }
 
 struct SeedHeader: Equatable {
-    static let version: UInt16 = 1
+    static let version: UInt16 = 2
     var config: MachineConfig
     var imageSHA256: [UInt8]
     var cpuidSHA256: [UInt8]
@@ -54,14 +60,6 @@ enum SeedCodec {
         return w.out
     }
 
-    static func pages(_ numbers: ArraySlice<UInt32>, data: ArraySlice<UInt8>) -> [UInt8] {
-        var w = Wire(SeedPart.pages)
-        w.u32(UInt32(numbers.count))
-        for n in numbers { w.u32(n) }
-        w.raw(data)
-        return w.out
-    }
-
     static func end(_ e: SeedEnd) -> [UInt8] {
         var w = Wire(SeedPart.end)
         w.u64(e.exit); w.u32(e.signature); w.u64(e.lastClock); w.u32(e.firstSequence); w.u32(e.totalPages)
@@ -88,9 +86,12 @@ enum SeedCodec {
         var r = WireReader(body, what: "seed pages")
         let n = Int(try r.u32())
         guard n <= seedPagesPerFrame else { throw SeedError("a page chunk of \(n) pages (at most \(seedPagesPerFrame))") }
-        var numbers: [UInt32] = []
-        numbers.reserveCapacity(n)
-        for _ in 0..<n { numbers.append(try r.u32()) }
+        let table = try r.raw(n * 4)
+        let numbers = n == 0 ? [] : [UInt32](unsafeUninitializedCapacity: n) { b, count in
+            // SAFETY: table holds n little-endian u32s; b holds n (x86-64 is little-endian).
+            table.withUnsafeBytes { UnsafeMutableRawPointer(b.baseAddress!).copyMemory(from: $0.baseAddress!, byteCount: n * 4) }
+            count = n
+        }
         let data = try r.raw(n * 4096)
         try r.done()
         return (numbers, data)
@@ -146,5 +147,63 @@ struct WireReader {
     }
     func done() throws(SeedError) {
         guard pos == data.count else { throw SeedError("\(what) has \(data.count - pos) unexpected trailing bytes") }
+    }
+}
+
+/// The secondary's copy of the pages a seed carries: the last copy of each page (pre-copy sends a page again
+/// when the guest wrote it after it was sent). Staged in an anonymous mapping the size of guest RAM, so only
+/// the pages sent take memory; every copy is one C page loop.
+final class SeedPages {
+    let pageCount: Int
+    private let staging: UnsafeMutableRawPointer
+    private let present: UnsafeMutablePointer<UInt64>
+    private let words: Int
+    /// Every page copy received (the seed's `total pages`).
+    private(set) var received = 0
+
+    init(memoryMiB: UInt32) throws(SeedError) {
+        guard (2...65536).contains(memoryMiB) else { throw SeedError("guest memory of \(memoryMiB) MiB is outside 2...65536") }
+        pageCount = Int(memoryMiB) * 256
+        words = (pageCount + 63) / 64
+        guard let p = mmap(nil, pageCount * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), p != MAP_FAILED else {
+            throw SeedError("cannot map \(memoryMiB) MiB to stage the seed's pages (errno \(errno))")
+        }
+        staging = p
+        present = .allocate(capacity: words)
+        present.initialize(repeating: 0, count: words)
+    }
+
+    deinit {
+        munmap(staging, pageCount * 4096)
+        present.deallocate()
+    }
+
+    func add(numbers: [UInt32], data: [UInt8]) throws(SeedError) {
+        if let bad = numbers.first(where: { Int($0) >= pageCount }) {
+            throw SeedError("page \(bad) is beyond RAM (\(pageCount) pages)")
+        }
+        numbers.withUnsafeBufferPointer { n in
+            data.withUnsafeBytes { d in
+                // SAFETY: every number was checked < pageCount above; d holds n.count pages (decodePages).
+                lk_scatter_pages(staging.assumingMemoryBound(to: UInt8.self), n.baseAddress, n.count, d.baseAddress?.assumingMemoryBound(to: UInt8.self))
+            }
+        }
+        for p in numbers { present[Int(p) >> 6] |= 1 << UInt64(p & 63) }
+        received += numbers.count
+    }
+
+    /// The distinct pages, in page order, with their last contents.
+    func collect() -> (numbers: [UInt32], data: [UInt8]) {
+        var numbers = [UInt32](repeating: 0, count: pageCount)
+        let n = numbers.withUnsafeMutableBufferPointer { lk_bitmap_pages(present, pageCount, $0.baseAddress, pageCount) }
+        numbers.removeLast(pageCount - n)
+        var data = [UInt8](repeating: 0, count: n * 4096)
+        data.withUnsafeMutableBytes { d in
+            numbers.withUnsafeBufferPointer { nb in
+                // SAFETY: the numbers come from `present` (< pageCount); d holds n pages.
+                lk_gather_pages(staging.assumingMemoryBound(to: UInt8.self), nb.baseAddress, n, d.baseAddress?.assumingMemoryBound(to: UInt8.self))
+            }
+        }
+        return (numbers, data)
     }
 }

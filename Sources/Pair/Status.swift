@@ -57,7 +57,9 @@ public struct PairStats: Codable, Sendable {
     public var exits: UInt64
     public var elapsedSeconds: Double
     public var throttledMs: Double
+    /// Per seed: how long the guest paused, and the whole seed from connection to the pause's end.
     public var seedPauseMs: [Double]
+    public var seedTotalMs: [Double]
     /// (seconds since start, replication lag µs) samples for the lag-over-time plot.
     public var lagSeries: [[Double]]
     /// Replication lag histogram buckets: (upper bound µs, count), for the histogram plot.
@@ -91,6 +93,7 @@ final class PairMetrics: @unchecked Sendable {
     var lastReplayLagNs: UInt64 = 0
     var throttledNs: UInt64 = 0
     var seedPausesMs: [Double] = []
+    var seedTotalsMs: [Double] = []
 
     func replicated(lagNs: UInt64, at now: UInt64) {
         lock.lock(); defer { lock.unlock() }
@@ -109,7 +112,11 @@ final class PairMetrics: @unchecked Sendable {
     }
 
     func throttled(_ ns: UInt64) { lock.lock(); throttledNs &+= ns; lock.unlock() }
-    func seeded(pauseNs: UInt64) { lock.lock(); seedPausesMs.append(Double(pauseNs) / 1e6); lock.unlock() }
+    func seeded(pauseNs: UInt64, totalNs: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        seedPausesMs.append(Double(pauseNs) / 1e6)
+        seedTotalsMs.append(Double(totalNs) / 1e6)
+    }
 
     func stats(gate: Histogram<UInt64>, logBytes: UInt64, events: UInt64, batches: UInt64, syncPoints: UInt64, exits: UInt64) -> PairStats {
         lock.lock(); defer { lock.unlock() }
@@ -120,7 +127,7 @@ final class PairMetrics: @unchecked Sendable {
         return PairStats(replicationLagUs: .init(replication), replayLagUs: .init(replay), gateLatencyUs: .init(gate),
                          replayLagExitsMax: replayLagExitsMax, logBytes: logBytes, events: events, batches: batches,
                          syncPoints: syncPoints, exits: exits, elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9,
-                         throttledMs: Double(throttledNs) / 1e6, seedPauseMs: seedPausesMs, lagSeries: series, lagHistogram: buckets)
+                         throttledMs: Double(throttledNs) / 1e6, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs, lagSeries: series, lagHistogram: buckets)
     }
 }
 

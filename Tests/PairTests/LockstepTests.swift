@@ -37,6 +37,37 @@ extension PairTests { @Suite struct LockstepTests {
         _ = try Self.runPair("dirty", memory: 128, primaryArgs: ["--interrupt-latency-us", "20000"])
     }
 
+    /// A secondary seeded while the guest rewrites 32 MiB under a timer: pre-copy sends pages while they
+    /// change, so the pause carries the last writes; the new secondary replays to the end with the primary's
+    /// digest, so no page it holds is stale.
+    @Test func precopySeedWhileTheGuestDirtiesMemory() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let common = PairFixture.common(ws)
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + common)
+        let port = try sec.listeningPort()
+        let pri = try Child("primary", ["primary", try PairFixture.guest("dirty"), "--peer", "127.0.0.1:\(port)", "--memory", "128",
+                                        "--serial", "none", "--interrupt-latency-us", "20000"] + common)
+        try pri.waitForLine(containing: "protected: secondary")
+        sec.kill9()
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "none"] + common)
+        let line = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 60)
+        #expect(!line.contains("at exit 0:"), "\(line)")
+        // "… N pages in R rounds (T ms), then M with the guest paused P ms"
+        let words = line.split(separator: " ")
+        let sent = words.firstIndex(of: "pages").flatMap { Int(words[$0 - 1]) } ?? 0
+        let paused = words.firstIndex(of: "then").flatMap { Int(words[$0 + 1]) } ?? 0
+        #expect(sent >= 8192, "round 0 carries the 32 MiB the guest wrote: \(line)")
+        #expect(paused > 0, "the guest writes while pages are sent: \(line)")
+        #expect(try pri.wait(seconds: 240) == 0, "\(pri.stderrText)")
+        #expect(try sec2.wait(seconds: 60) == 0, "\(sec2.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec2.digest, "primary \(pri.digest ?? "-"), secondary \(sec2.digest ?? "-")")
+        #expect(!sec2.stderr.contains { $0.hasPrefix("live: ") }, "\(sec2.stderrText)")
+        try? sec.wait(seconds: 10)
+    }
+
     /// A log that lies (one event's signature altered in flight) makes the secondary diverge: it reports it,
     /// the primary drops it and seeds it again from a snapshot, and the pair still ends in lockstep.
     @Test func divergenceIsReportedAndRepairedByReseeding() throws {

@@ -132,6 +132,8 @@ size_t lk_bitmap_pages(const uint64_t *bitmap, size_t nbits, uint32_t *out, size
 void lk_gather_pages(const uint8_t *mem, const uint32_t *pages, size_t n, uint8_t *dst);
 // Scatters 4096-byte pages from src into mem at page numbers pages[i].
 void lk_scatter_pages(uint8_t *mem, const uint32_t *pages, size_t n, const uint8_t *src);
+// 1 when the 4096-byte page holds only zero bytes (most of a fresh guest's RAM: hashed as a constant).
+int lk_page_is_zero(const void *page);
 
 // ---- checksums ----
 uint32_t lk_crc32c(uint32_t crc, const void *data, size_t len); // Castagnoli, hardware when available

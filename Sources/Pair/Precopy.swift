@@ -1,0 +1,181 @@
+import CLockstep
+import Channel
+import Dispatch
+import Foundation
+import Machine
+import Synchronization
+
+/// Seeds a new secondary by pre-copy (design notes §7). The seeding thread sends the image and every page
+/// that differs from it while the guest runs, then round after round the pages written meanwhile, until
+/// what is left is small or stops shrinking. The vCPU thread then pauses the guest (`finish`) to send the
+/// rest with the vCPU and device state.
+///
+/// The seed digest (`StateDigest.seed`) hashes each page. The seeding thread keeps the hash of every page
+/// it sent (taken from the bytes sent) and of every page it did not (taken from RAM). A page written after
+/// its hash was taken is in a later dirty set, so it is sent and hashed again, at the latest in the pause:
+/// at the pause every kept hash is the page's. The pause hashes only that last set.
+final class Precopy: @unchecked Sendable {
+    enum Phase: UInt8 {
+        case copying = 1
+        /// The rounds are done; the vCPU thread may `finish`.
+        case ready = 2
+        case failed = 3
+    }
+
+    /// What is left for the pause: at most this many pages (1 MiB) ends the rounds.
+    static let pausePages = 256
+    static let maxRounds = 30
+
+    let conn: Connection
+    private let machine: Machine
+    private let header: SeedHeader
+    private let pageCount: Int
+    private let words: Int
+    /// Pages still to send (the seeding thread's until `ready`, then the vCPU thread's).
+    private let pending: UnsafeMutablePointer<UInt64>
+    private let taken: UnsafeMutablePointer<UInt64>
+    private let numbers: UnsafeMutablePointer<UInt32>
+    /// SHA-256 of every page (32 bytes each), as the secondary will have it.
+    private let hashes: UnsafeMutableRawPointer
+    let phase = Atomic<UInt8>(Phase.copying.rawValue)
+    private let failure = Mutex<String>("")
+    /// When the seeding thread last sent something (a peer that stops reading stalls it).
+    let progressNs = Atomic<UInt64>(lk_monotonic_ns())
+    let startNs = lk_monotonic_ns()
+    private(set) var rounds = 0
+    private(set) var pagesSent = 0
+    private(set) var pagesInPause = 0
+    private let done = DispatchSemaphore(value: 0)
+
+    init(conn: Connection, machine: Machine, header: SeedHeader) {
+        self.conn = conn; self.machine = machine; self.header = header
+        pageCount = machine.memory.pageCount
+        words = machine.dirtyBitmapWords
+        pending = .allocate(capacity: words)
+        pending.initialize(repeating: 0, count: words)
+        taken = .allocate(capacity: words)
+        taken.initialize(repeating: 0, count: words)
+        numbers = .allocate(capacity: pageCount)
+        hashes = .allocate(byteCount: pageCount * 32, alignment: 16)
+    }
+
+    deinit {
+        pending.deallocate(); taken.deallocate(); numbers.deallocate(); hashes.deallocate()
+    }
+
+    var state: Phase { Phase(rawValue: phase.load(ordering: .acquiring)) ?? .failed }
+    var reason: String { failure.withLock { $0 } }
+
+    /// Runs the rounds on a thread of their own (the guest keeps running).
+    func start() {
+        let t = Thread { [self] in
+            copy()
+            done.signal()
+        }
+        t.name = "lockstep-seed"
+        t.start()
+    }
+
+    /// Runs the rounds on the calling thread (before the guest first runs there is nothing to overlap).
+    func copyHere() throws {
+        copy()
+        done.signal()
+        if state == .failed { throw PairError.peerUnreachable(reason) }
+    }
+
+    /// Stops the rounds (the run ended, or the peer stopped reading) and waits for the thread.
+    func cancel(_ why: String) {
+        failure.withLock { if $0.isEmpty { $0 = why } }
+        conn.close()
+        done.wait()
+        done.signal()
+    }
+
+    private func copy() {
+        do {
+            try conn.send(.bulk(SeedCodec.header(header)))
+            progressNs.store(lk_monotonic_ns(), ordering: .releasing)
+            // Round 0: every page that differs from the image; the others are hashed where they are.
+            try machine.takeDirtyPages(into: pending, sinceBoot: true)
+            hashUnsent()
+            var n = try sendPending()
+            rounds = 1
+            while true {
+                try machine.takeDirtyPages(into: pending, sinceBoot: false)
+                let left = count(pending)
+                if left <= Self.pausePages || rounds >= Self.maxRounds || left >= n { break }
+                n = try sendPending()
+                rounds += 1
+            }
+            phase.store(Phase.ready.rawValue, ordering: .releasing)
+        } catch {
+            failure.withLock { if $0.isEmpty { $0 = "cannot send the seed: \(error)" } }
+            conn.close()
+            phase.store(Phase.failed.rawValue, ordering: .releasing)
+        }
+    }
+
+    /// vCPU thread, guest paused between two exits, after `ready`: sends the pages written since the last
+    /// round, the machine state and the seed digest. Returns the state (its exit is the seed's).
+    func finish(protectionID: UInt64, firstSequence: UInt32) throws -> Snapshot {
+        done.wait()
+        done.signal()
+        let state = try machine.captureState()
+        try machine.takeDirtyPages(into: taken, sinceBoot: false)
+        for i in 0..<words { pending[i] |= taken[i] }
+        pagesInPause = try sendPending()
+        let digest = try machine.seedDigest(pageHashes: UnsafeRawBufferPointer(start: hashes, count: pageCount * 32))
+        try conn.send(.bulk(SeedCodec.end(SeedEnd(exit: state.exit, signature: state.signature, lastClock: state.lastClock,
+                                                  firstSequence: firstSequence, totalPages: UInt32(pagesSent),
+                                                  vcpuState: state.vcpuState, deviceState: state.deviceState,
+                                                  stateSHA256: digest, protectionID: protectionID))))
+        return state
+    }
+
+    private func count(_ bitmap: UnsafeMutablePointer<UInt64>) -> Int {
+        var n = 0
+        for i in 0..<words { n += bitmap[i].nonzeroBitCount }
+        return n
+    }
+
+    /// Hashes, from RAM, every page not in `pending` (round 0: the pages still equal to the image, unless
+    /// written since; such a write is in the next dirty set).
+    private func hashUnsent() {
+        let base = machine.memory.base
+        for p in 0..<pageCount where pending[p >> 6] & (1 << UInt64(p & 63)) == 0 {
+            // SAFETY: p < pageCount, so the page lies inside the mapping; hashes holds pageCount * 32 bytes.
+            StateDigest.hashPage(base + p * 4096, into: hashes + p * 32)
+        }
+    }
+
+    /// Sends the pages in `pending` in chunks (copied out of RAM into the frame, hashed from the copy) and
+    /// clears it. Returns how many.
+    private func sendPending() throws -> Int {
+        let n = lk_bitmap_pages(pending, pageCount, numbers, pageCount)
+        pending.update(repeating: 0, count: words)
+        let base = machine.memory.base.assumingMemoryBound(to: UInt8.self)
+        var i = 0
+        while i < n {
+            let k = min(seedPagesPerFrame, n - i)
+            // The layout of `SeedCodec.pages`, built in place: the pages are copied once, from RAM into the frame.
+            let size = 5 + k * 4 + k * 4096
+            let frame = [UInt8](unsafeUninitializedCapacity: size) { b, count in
+                // SAFETY: b holds `size` bytes; page numbers come from a bitmap of this RAM (< pageCount); the
+                // numbers are stored as they are in memory, little-endian on x86-64.
+                let p = UnsafeMutableRawPointer(b.baseAddress!)
+                p.storeBytes(of: SeedPart.pages.rawValue, as: UInt8.self)
+                p.storeBytes(of: UInt32(k).littleEndian, toByteOffset: 1, as: UInt32.self)
+                (p + 5).copyMemory(from: numbers + i, byteCount: k * 4)
+                let dst = p + 5 + k * 4
+                lk_gather_pages(base, numbers + i, k, dst.assumingMemoryBound(to: UInt8.self))
+                for j in 0..<k { StateDigest.hashPage(dst + j * 4096, into: hashes + Int(numbers[i + j]) * 32) }
+                count = size
+            }
+            try conn.send(.bulk(frame))
+            progressNs.store(lk_monotonic_ns(), ordering: .releasing)
+            i += k
+        }
+        pagesSent += n
+        return n
+    }
+}
