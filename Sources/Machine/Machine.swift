@@ -66,7 +66,8 @@ public final class Machine {
         // A replayer's pacer is not started (no real time) unless it goes live (a pair's secondary); it is
         // still the way to kick the replaying vCPU out of the guest (watchdog, abandoned stream).
         pacer = Pacer(latencyMicroseconds: config.interruptLatencyUs)
-        syncPoints = mode == .run ? nil : SyncPointStore(vm: vm, memory: memory, encoder: encoder, msrs: vcpu.readableMSRs())
+        syncPoints = mode == .run ? nil : SyncPointStore(vm: vm, memory: memory, encoder: encoder, msrs: vcpu.readableMSRs(),
+                                                         loaded: PVHLoader.writtenPages(image))
         self.output = output
         input.pacer = pacer
         devices.bus.onUnknownPort = { [unowned self] port, isWrite in
@@ -94,14 +95,26 @@ public final class Machine {
 
     /// `StateDigest.seed` of this machine, from page hashes a pre-copy kept (32 bytes per page), or from
     /// every page hashed now when nil (the secondary's check of a loaded seed).
+    /// Pages nobody wrote (not loaded, not in the dirty log, not written from user space) are zero and are not
+    /// read: reading untouched RAM costs a page fault per page.
     public func seedDigest(pageHashes kept: UnsafeRawBufferPointer? = nil) throws(MachineError) -> [UInt8] {
+        guard let store = syncPoints else { throw .config("the seed digest needs dirty tracking (record or replay mode)") }
         do {
             if let kept { return try StateDigest.seed(pageHashes: kept, vcpu: vcpu, deviceState: devices.stateBytes()) }
             let n = memory.pageCount
             let hashes = UnsafeMutableRawBufferPointer.allocate(byteCount: n * 32, alignment: 16)
             defer { hashes.deallocate() }
-            // SAFETY: page i spans [i*4096, (i+1)*4096) of the mapping (i < pageCount); hashes holds n * 32 bytes.
-            for i in 0..<n { StateDigest.hashPage(memory.base + i * 4096, into: hashes.baseAddress! + i * 32) }
+            let written = UnsafeMutablePointer<UInt64>.allocate(capacity: dirtyBitmapWords)
+            defer { written.deallocate() }
+            try store.writtenSinceBoot(into: written)
+            for i in 0..<n {
+                // SAFETY: page i spans [i*4096, (i+1)*4096) of the mapping (i < pageCount); hashes holds n * 32 bytes.
+                if written[i >> 6] & (1 << UInt64(i & 63)) != 0 {
+                    StateDigest.hashPage(memory.base + i * 4096, into: hashes.baseAddress! + i * 32)
+                } else {
+                    StateDigest.copyZeroPageHash(into: hashes.baseAddress! + i * 32)
+                }
+            }
             return try StateDigest.seed(pageHashes: UnsafeRawBufferPointer(hashes), vcpu: vcpu, deviceState: devices.stateBytes())
         } catch { throw .sys(error) }
     }

@@ -137,6 +137,19 @@ public enum PVHLoader {
         } catch { throw .doesNotFit(segmentEnd: memmapAddress + 72, memory: mem.size) }
     }
 
+    /// The pages `load` writes (segment file bytes, boot structures). Every other page of a freshly loaded
+    /// machine is zero: RAM is an anonymous mapping.
+    static func writtenPages(_ image: PVHImage) -> [Int] {
+        var pages: [Int] = []
+        func span(_ start: UInt64, _ length: UInt64) {
+            guard length > 0 else { return }
+            pages += Int(start / 4096)...Int((start + length - 1) / 4096)
+        }
+        for s in image.segments { span(s.paddr, UInt64(s.fileSize)) }
+        span(startInfoAddress, memmapAddress + 72 - startInfoAddress)
+        return pages
+    }
+
     /// The PVH boot vCPU state: flat 32-bit protected mode, paging off, interrupts off.
     public static func bootState(vcpu: VCPU, entry: UInt32) throws(SysError) {
         var sregs = try vcpu.sregs()

@@ -35,6 +35,12 @@ extension Machine {
         } catch { throw .sys(error) }
     }
 
+    /// The pages the loader wrote into `into` (`dirtyBitmapWords` words); other pages not in the dirty log are zero.
+    public func loadedPages(into: UnsafeMutablePointer<UInt64>) throws(MachineError) {
+        guard let store = syncPoints else { throw .config("seeding needs dirty tracking (record or replay mode)") }
+        into.update(from: store.loaded, count: dirtyBitmapWords)
+    }
+
     /// Words in a dirty bitmap of this machine's RAM (one bit per page).
     public var dirtyBitmapWords: Int { (memory.pageCount + 63) / 64 }
 

@@ -48,12 +48,15 @@ public enum StateDigest {
     /// the hash of zeros.
     @inline(__always) public static func hashPage(_ page: UnsafeRawPointer, into out: UnsafeMutableRawPointer) {
         if lk_page_is_zero(page) != 0 {
-            zeroPageHash.withUnsafeBytes { out.copyMemory(from: $0.baseAddress!, byteCount: 32) }
+            copyZeroPageHash(into: out)
         } else {
             _ = SHA256(page.assumingMemoryBound(to: UInt8.self), 4096, out.assumingMemoryBound(to: UInt8.self))
         }
     }
     static let zeroPageHash = sha256([UInt8](repeating: 0, count: 4096))
+    @inline(__always) public static func copyZeroPageHash(into out: UnsafeMutableRawPointer) {
+        zeroPageHash.withUnsafeBytes { out.copyMemory(from: $0.baseAddress!, byteCount: 32) }
+    }
 
     public static func sha256(_ bytes: [UInt8]) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)

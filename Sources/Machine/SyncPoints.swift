@@ -23,13 +23,15 @@ final class SyncPointStore: @unchecked Sendable {
     /// Every page the guest has written since boot (seeds a new secondary: the rest equals the loaded image).
     private let everDirty: UnsafeMutablePointer<UInt64>
     private let sinceTaken: UnsafeMutablePointer<UInt64>
+    /// The pages the loader wrote (immutable): with `everDirty`, every page that may not be zero.
+    let loaded: UnsafeMutablePointer<UInt64>
     let pageNumbers: UnsafeMutablePointer<UInt32>
     var pageData: UnsafeMutableRawPointer
     var pageDataCapacity: Int
     private(set) var captured: UInt64 = 0
     private(set) var pagesCaptured: UInt64 = 0
 
-    init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32]) {
+    init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32], loaded pages: [Int]) {
         self.vm = vm; self.memory = memory; self.encoder = encoder; self.msrs = msrs
         let words = (memory.pageCount + 63) / 64
         self.words = words
@@ -38,14 +40,15 @@ final class SyncPointStore: @unchecked Sendable {
             b.initialize(repeating: 0, count: words)
             return b
         }
-        fetched = bitmap(); sinceSync = bitmap(); everDirty = bitmap(); sinceTaken = bitmap()
+        fetched = bitmap(); sinceSync = bitmap(); everDirty = bitmap(); sinceTaken = bitmap(); loaded = bitmap()
+        for p in pages where p < memory.pageCount { loaded[p >> 6] |= 1 << UInt64(p & 63) }
         pageNumbers = .allocate(capacity: memory.pageCount)
         pageDataCapacity = 1 << 20
         pageData = .allocate(byteCount: pageDataCapacity, alignment: 4096)
     }
 
     deinit {
-        fetched.deallocate(); sinceSync.deallocate(); everDirty.deallocate(); sinceTaken.deallocate()
+        fetched.deallocate(); sinceSync.deallocate(); everDirty.deallocate(); sinceTaken.deallocate(); loaded.deallocate()
         pageNumbers.deallocate(); pageData.deallocate()
     }
 
@@ -96,6 +99,14 @@ final class SyncPointStore: @unchecked Sendable {
             try harvest()
             into.update(from: sinceBoot ? everDirty : sinceTaken, count: words)
             sinceTaken.update(repeating: 0, count: words)
+        }
+    }
+
+    /// Every page that may not be zero: loaded, or written since (guest or user space). Any thread.
+    func writtenSinceBoot(into: UnsafeMutablePointer<UInt64>) throws(SysError) {
+        try dirtyLock.withLock { _ throws(SysError) in
+            try harvest()
+            for i in 0..<words { into[i] = everDirty[i] | loaded[i] }
         }
     }
 

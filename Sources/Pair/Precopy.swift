@@ -45,6 +45,9 @@ final class Precopy: @unchecked Sendable {
     private(set) var rounds = 0
     private(set) var pagesSent = 0
     private(set) var pagesInPause = 0
+    /// Fault injection for the seed-check test (`LOCKSTEP_FAULT_SEED_PAGE`): the first page this process sends
+    /// carries one wrong byte after it was hashed, as a copy gone wrong would.
+    private static let corruptNextPage = Atomic<Bool>(ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_SEED_PAGE"] != nil)
     private let done = DispatchSemaphore(value: 0)
 
     init(conn: Connection, machine: Machine, header: SeedHeader) {
@@ -97,7 +100,7 @@ final class Precopy: @unchecked Sendable {
             progressNs.store(lk_monotonic_ns(), ordering: .releasing)
             // Round 0: every page that differs from the image; the others are hashed where they are.
             try machine.takeDirtyPages(into: pending, sinceBoot: true)
-            hashUnsent()
+            try hashUnsent()
             var n = try sendPending()
             rounds = 1
             while true {
@@ -138,13 +141,19 @@ final class Precopy: @unchecked Sendable {
         return n
     }
 
-    /// Hashes, from RAM, every page not in `pending` (round 0: the pages still equal to the image, unless
-    /// written since; such a write is in the next dirty set).
-    private func hashUnsent() {
+    /// Hashes every page not in `pending` (round 0: the pages still equal to the image, unless written
+    /// since; such a write is in the next dirty set). A loaded page is read; any other is zero (nothing
+    /// wrote it), and reading it would only cost a page fault.
+    private func hashUnsent() throws {
+        try machine.loadedPages(into: taken)
         let base = machine.memory.base
         for p in 0..<pageCount where pending[p >> 6] & (1 << UInt64(p & 63)) == 0 {
             // SAFETY: p < pageCount, so the page lies inside the mapping; hashes holds pageCount * 32 bytes.
-            StateDigest.hashPage(base + p * 4096, into: hashes + p * 32)
+            if taken[p >> 6] & (1 << UInt64(p & 63)) != 0 {
+                StateDigest.hashPage(base + p * 4096, into: hashes + p * 32)
+            } else {
+                StateDigest.copyZeroPageHash(into: hashes + p * 32)
+            }
         }
     }
 
@@ -169,6 +178,7 @@ final class Precopy: @unchecked Sendable {
                 let dst = p + 5 + k * 4
                 lk_gather_pages(base, numbers + i, k, dst.assumingMemoryBound(to: UInt8.self))
                 for j in 0..<k { StateDigest.hashPage(dst + j * 4096, into: hashes + Int(numbers[i + j]) * 32) }
+                if Self.corruptNextPage.exchange(false, ordering: .relaxed) { dst.storeBytes(of: ~dst.load(as: UInt8.self), as: UInt8.self) }
                 count = size
             }
             try conn.send(.bulk(frame))

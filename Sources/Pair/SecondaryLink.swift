@@ -125,7 +125,7 @@ final class SecondaryLink: @unchecked Sendable {
                 silence.heard()
             } catch ChannelError.timeout {
             } catch {
-                lose("channel error: \(error)")
+                lose("\(error)")  // the failover machine names it a channel error
                 break
             }
             if let ms = silence.reached(unconfirmed == nil ? options.failureNs : Self.seedTimeoutNs, conn: conn) {

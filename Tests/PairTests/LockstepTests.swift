@@ -179,6 +179,39 @@ extension PairTests { @Suite struct BadPeerTests {
         c.close()
     }
 
+    /// A seed whose pages load to another state than the primary's (one byte changed after it was hashed,
+    /// `LOCKSTEP_FAULT_SEED_PAGE`): the secondary refuses it by its digest (76) and never acks it; the primary
+    /// stays unprotected, and the next secondary gets a good seed.
+    @Test func aSeedThatLoadsToAnotherStateIsRefused() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = PairFixture.freeUDPPort()
+        let common = PairFixture.common(ws)
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + common)
+        let port = try sec.listeningPort()
+        // The first seed, at exit 0, carries no pages: the fault waits for the next one.
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
+                                        "--serial", "udp:127.0.0.1:\(udp)"] + common, environment: ["LOCKSTEP_FAULT_SEED_PAGE": "1"])
+        try pri.waitForLine(containing: "protected: secondary")
+        let client = EchoClient(port: udp)
+        #expect(client.request("REQ 1 a", expect: "REP 1 ") != nil)
+        sec.kill9()
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        let bad = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "none"] + common)
+        #expect(try bad.wait(seconds: 30) == 76)
+        #expect(bad.stderrText.contains("after loading the seed this side's state digest is"), "\(bad.stderrText)")
+        try pri.waitForLine(containing: "continuing unprotected", occurrence: 2, seconds: 10)
+        #expect(pri.stderr.filter { $0.contains("protected: secondary") }.count == 1, "\(pri.stderrText)")
+        let good = try Child("secondary-3", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "none"] + common)
+        try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
+        #expect(client.request("REQ 2 b", expect: "REP 2 ") != nil)
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(try good.wait(seconds: 30) == 0, "\(good.stderrText)")
+        #expect(pri.digest != nil && pri.digest == good.digest)
+        try? sec.wait(seconds: 10)
+    }
+
     @Test func requiredEncryptionAgainstDisabled() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
