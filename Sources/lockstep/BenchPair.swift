@@ -24,6 +24,7 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "Write every figure as one JSON object to this file.") var json: String?
     @Option(name: .long, help: "Directory for the SVG plots (default: the --json file's directory; none without either).") var plots: String?
     @Option(name: .long, help: "kill -9 failover trials.") var trials: Int = 20
+    @Option(name: .long, help: "Re-seeds of the running echo guest (kill -9 of the secondary, a new one seeded by pre-copy).") var reseeds: Int = 5
     @Option(name: .long, help: "Echo requests per throughput run.") var requests: Int = 2000
     @Option(name: .long, help: "Echo requests in flight at once (1: closed loop, one request per round trip).") var window: Int = 1
     @Option(name: .long, help: "Protected/unprotected run pairs per guest (medians are reported).") var `repeat`: Int = 1
@@ -32,8 +33,8 @@ struct BenchPairCommand: ParsableCommand {
     @Flag(name: .long, help: "Keep the temporary directory (children's stderr, stats JSON, key) even on success.") var keepTemp = false
 
     func validate() throws {
-        guard trials >= 0, requests >= 1, window >= 1, `repeat` >= 1, timeoutS >= 10 else {
-            throw ValidationError("need --trials ≥ 0, --requests ≥ 1, --window ≥ 1, --repeat ≥ 1, --timeout-s ≥ 10")
+        guard trials >= 0, reseeds >= 0, requests >= 1, window >= 1, `repeat` >= 1, timeoutS >= 10 else {
+            throw ValidationError("need --trials ≥ 0, --reseeds ≥ 0, --requests ≥ 1, --window ≥ 1, --repeat ≥ 1, --timeout-s ≥ 10")
         }
     }
 
@@ -48,7 +49,7 @@ struct BenchPairCommand: ParsableCommand {
         let plotDir = plots ?? json.map { ($0 as NSString).deletingLastPathComponent }.map { $0.isEmpty ? "." : $0 }
         var report: [String: Any]
         do {
-            report = try h.measure(requests: requests, window: window, repeats: `repeat`, trials: trials, plotDir: plotDir)
+            report = try h.measure(requests: requests, window: window, repeats: `repeat`, trials: trials, reseeds: reseeds, plotDir: plotDir)
         } catch let e as BenchFailure {
             print("FAIL: \(e.message)")
             if let json { try? Bench.writeJSON(["ok": false, "failure": e.message, "host": Bench.hostInfo()], to: json) }
@@ -154,8 +155,8 @@ final class PairBench {
     var common: [String] { ["--key-file", keyPath, "--status-interval-ms", "0"] }
 
     /// A secondary listening on an ephemeral port; returns it and the port it printed.
-    func startSecondary(_ tag: String, serial: String, fence: String?) throws -> (Child, UInt16) {
-        let s = try spawn("\(tag)-secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", serial, "--verbose",
+    func startSecondary(_ tag: String, serial: String, fence: String?, listen: String = "127.0.0.1:0") throws -> (Child, UInt16) {
+        let s = try spawn("\(tag)-secondary", ["secondary", "--listen", listen, "--serial", serial, "--verbose",
                                                 "--accept-timeout-ms", "30000"] + common + (fence.map { ["--fence", $0] } ?? []))
         let line = try awaitLine(s, containing: "listening on")
         guard let port = line.split(separator: ":").last.flatMap({ UInt16($0) }) else { throw failure("cannot read the port in: \(line)", [s]) }
@@ -461,7 +462,7 @@ extension PairBench {
         } catch { progress("cannot write \(path): \(error.localizedDescription)"); return nil }
     }
 
-    func measure(requests: Int, window: Int, repeats: Int, trials: Int, plotDir: String?) throws -> [String: Any] {
+    func measure(requests: Int, window: Int, repeats: Int, trials: Int, reseeds: Int, plotDir: String?) throws -> [String: Any] {
         let loadStart = Bench.hostInfo()["loadavg"] ?? ""
         var figures: [Figure] = [], notes: [String] = [], plotPaths: [String] = []
         var guestsJSON: [String: Any] = [:]
@@ -490,6 +491,18 @@ extension PairBench {
             if s.throttledMs > 0 { notes.append("\(g): the primary was throttled \(Bench.fmt(s.throttledMs)) ms (secondary's replay too far behind)") }
             guestsJSON[g] = ["throughput_ratio": ratio, "protected": prot.map(\.json), "unprotected": unprot.map(\.json),
                              "digests_match": same] as [String: Any]
+        }
+
+        var reseed: ReseedResult?
+        if reseeds > 0 {
+            let r = try reseedTrials(reseeds)
+            reseed = r
+            if !r.digestsMatch { digestsMatch = false }
+            figures += [Figure(key: "reseed_pause_p50_ms", label: "re-seed (pre-copy): guest paused p50", value: percentile(r.pauseMs, 50) ?? .infinity, unit: "ms"),
+                        Figure(key: "reseed_pause_max_ms", label: "re-seed (pre-copy): guest paused max", value: r.pauseMs.max() ?? .infinity, unit: "ms"),
+                        Figure(key: "reseed_total_p50_ms", label: "re-seed (pre-copy): connected → protected p50", value: percentile(r.totalMs, 50) ?? .infinity, unit: "ms"),
+                        Figure(key: "reseed_echo_rtt_max_us", label: "re-seed: echo round trip max while seeding", value: r.rttUs.max() ?? .infinity, unit: "µs")]
+            notes.append("re-seed: \(r.pauseMs.count) secondaries seeded from the running echo guest (\(memory) MiB); the last ended with the primary's digest: \(r.digestsMatch ? "yes" : "NO")")
         }
 
         var results: [Trial] = []
@@ -524,12 +537,13 @@ extension PairBench {
         let targets = figures.compactMap(\.pass)
         return [
             "ok": digestsMatch && failed == 0, "digests_match": digestsMatch, "failover_trials_failed": failed,
-            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "memory_mib": memory,
+            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory,
                          "warm_requests_before_kill": Self.warmRequests] as [String: Any],
             "host": host, "figures": figuresJSON, "notes": notes, "plots": plotPaths,
             "targets_met": targets.filter { $0 }.count, "targets_total": targets.count, "all_targets_pass": targets.allSatisfy { $0 },
             "guests": guestsJSON,
             "failover": ["trials": results.map(\.json), "kill_to_reply_ms": times] as [String: Any],
+            "reseed": reseed?.json ?? NSNull(),
             "definitions": [
                 "throughput_ratio": "echo: protected requests/s / unprotected requests/s (closed loop when window is 1); others: unprotected guest run time / protected guest run time (first vCPU entry to guest exit, from --verbose)",
                 "replication_lag": "primary's --stats-json: log batch sent → the secondary's ack that it holds it",
@@ -538,6 +552,8 @@ extension PairBench {
                 "log_bytes_per_second": "stats logBytes / elapsedSeconds (includes sync point frames)",
                 "failover_kill_to_reply": "SIGKILL of the primary → first REP to a request the client resends every 2 ms to the service address",
                 "failover_kill_to_live": "upper bound: the harness polls the secondary's stderr for `live:` every 2 ms",
+                "reseed_pause": "primary's seedPauseMs: the guest paused for the last pages, the machine state and the seed digest (pre-copy rounds run beside the guest)",
+                "reseed_total": "primary's seedTotalMs: a connected secondary → the pause's end",
             ],
         ]
     }

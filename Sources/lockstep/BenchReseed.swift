@@ -1,0 +1,76 @@
+import Foundation
+import Glibc
+import Pair
+
+// MARK: re-seeding a running guest
+
+extension PairBench {
+    struct ReseedResult {
+        /// Per re-seed, from the primary's --stats-json (its first seed, at exit 0, is left out).
+        var pauseMs: [Double]
+        var totalMs: [Double]
+        /// Echo round trips while each new secondary was being seeded.
+        var rttUs: [Double]
+        var digestsMatch: Bool
+        var json: [String: Any] {
+            ["pause_ms": pauseMs, "total_ms": totalMs, "rtt_us_p50": percentile(rttUs, 50) ?? 0,
+             "rtt_us_max": rttUs.max() ?? 0, "digests_match": digestsMatch]
+        }
+    }
+
+    /// One echo pair; `count` times: kill -9 the secondary, start a new one on the same address and keep
+    /// the client's requests going while the primary seeds it (pre-copy), until it is protected again.
+    /// The last secondary must end with the primary's state digest.
+    func reseedTrials(_ count: Int) throws -> ReseedResult {
+        let tag = "reseed"
+        progress("echo: \(count) re-seeds of the running guest")
+        let stats = tempFile(tag, "stats.json")
+        let fence = tempFile(tag, "fence")
+        try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
+        let udp = try UDPClient.freePort()
+        let serial = "udp:127.0.0.1:\(udp)"
+        var (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
+        let pri = try startPrimary(tag, guest: "echo", peer: port, serial: serial, fence: fence, stats: stats)
+        let client = try UDPClient(port: udp)
+        try ping(client, [pri, sec])
+        var next: UInt64 = 1
+        var rtt: [Double] = []
+        for i in 1...count {
+            sec.kill9()
+            _ = sec.wait(until: monotonicNs() + 5_000_000_000)
+            try awaitLines(pri, containing: "continuing unprotected", count: i, [pri])
+            sec = try startSecondary("\(tag)\(i)", serial: "none", fence: fence, listen: "127.0.0.1:\(port)").0
+            // Requests until the primary is protected again (the seed runs beside them), bounded.
+            let deadline = monotonicNs() + timeoutNs
+            while lineCount(pri, "protected: secondary") < i + 1 {
+                if monotonicNs() >= deadline { throw failure("re-seed \(i): the primary was not protected again in time", [pri, sec]) }
+                let r = try drive(client, count: 20, window: 1, first: next, [pri, sec])
+                next += 20
+                rtt += r.rttUs
+            }
+        }
+        try quit(client, pri, [sec])
+        try finish(pri, [sec])
+        guard sec.wait(until: monotonicNs() + 30_000_000_000) else { throw failure("re-seed: the last secondary did not end", [sec, pri]) }
+        let st: PairStats
+        do { st = try JSONDecoder().decode(PairStats.self, from: Data(contentsOf: URL(fileURLWithPath: stats))) } catch {
+            throw failure("re-seed: cannot read the primary's --stats-json \(stats): \(error)", [pri])
+        }
+        return ReseedResult(pauseMs: Array(st.seedPauseMs.dropFirst()), totalMs: Array(st.seedTotalMs.dropFirst()), rttUs: rtt,
+                            digestsMatch: sec.code == 0 && pri.digest != nil && pri.digest == sec.digest)
+    }
+
+    func lineCount(_ c: Child, _ text: String) -> Int {
+        c.stderrText.split(separator: "\n").filter { $0.contains(text) }.count
+    }
+
+    /// Waits (bounded) until `c` printed `count` lines containing `text`.
+    func awaitLines(_ c: Child, containing text: String, count: Int, _ alive: [Child]) throws {
+        let deadline = monotonicNs() + timeoutNs
+        while lineCount(c, text) < count {
+            if c.reap() { throw failure("\(c.name) ended before printing \"\(text)\" \(count) times", alive) }
+            if monotonicNs() >= deadline { throw failure("\(c.name) did not print \"\(text)\" \(count) times in time", alive) }
+            usleep(2000)  // poll the stderr file
+        }
+    }
+}
