@@ -6,31 +6,22 @@ import KVM
 /// Record and replay of one run must print the same value.
 public enum StateDigest {
     public static func compute(memory: GuestMemory, vcpu: VCPU, deviceState: [UInt8]) throws(SysError) -> [UInt8] {
-        let ctx = EVP_MD_CTX_new()
-        defer { EVP_MD_CTX_free(ctx) }
-        EVP_DigestInit_ex(ctx, EVP_sha256(), nil)
-        EVP_DigestUpdate(ctx, memory.base, Int(memory.size))
-        var regs = try vcpu.regs()
-        withUnsafeBytes(of: &regs) { _ = EVP_DigestUpdate(ctx, $0.baseAddress, $0.count) }
-        var sregs = try vcpu.sregs()
-        withUnsafeBytes(of: &sregs) { _ = EVP_DigestUpdate(ctx, $0.baseAddress, $0.count) }
-        var fpu = try vcpu.fpu()
-        withUnsafeBytes(of: &fpu) { _ = EVP_DigestUpdate(ctx, $0.baseAddress, $0.count) }
-        deviceState.withUnsafeBytes { _ = EVP_DigestUpdate(ctx, $0.baseAddress, $0.count) }
-        var out = [UInt8](repeating: 0, count: 32)
-        var len: UInt32 = 32
-        EVP_DigestFinal_ex(ctx, &out, &len)
-        return out
+        try digest(UnsafeRawBufferPointer(start: memory.base, count: Int(memory.size)), vcpu: vcpu, deviceState: deviceState)
     }
 
     /// The seed's digest: SHA-256 over the SHA-256 of each page (`pageHashes`, 32 bytes per page, in page
     /// order), then the vCPU and device state. A primary seeding by pre-copy keeps the page hashes as it
     /// sends the pages, so its pause rehashes only the pages written since; the secondary hashes all of RAM.
     public static func seed(pageHashes: UnsafeRawBufferPointer, vcpu: VCPU, deviceState: [UInt8]) throws(SysError) -> [UInt8] {
+        try digest(pageHashes, vcpu: vcpu, deviceState: deviceState)
+    }
+
+    /// SHA-256 over `memory` (RAM or its page hashes), the registers, special registers, FPU and devices.
+    private static func digest(_ memory: UnsafeRawBufferPointer, vcpu: VCPU, deviceState: [UInt8]) throws(SysError) -> [UInt8] {
         let ctx = EVP_MD_CTX_new()
         defer { EVP_MD_CTX_free(ctx) }
         EVP_DigestInit_ex(ctx, EVP_sha256(), nil)
-        EVP_DigestUpdate(ctx, pageHashes.baseAddress, pageHashes.count)
+        EVP_DigestUpdate(ctx, memory.baseAddress, memory.count)
         var regs = try vcpu.regs()
         withUnsafeBytes(of: &regs) { _ = EVP_DigestUpdate(ctx, $0.baseAddress, $0.count) }
         var sregs = try vcpu.sregs()

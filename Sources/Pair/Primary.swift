@@ -264,11 +264,12 @@ public final class PrimaryRunner: @unchecked Sendable {
         }
     }
 
-    /// The run ends while a seed's rounds run: stop them and tell the secondary why.
+    /// The run ends while a seed's rounds run: stop them. No goodbye: the seeding thread may be blocked in a
+    /// send to a peer that stopped reading, and the vCPU thread must not wait behind it; the secondary sees
+    /// the connection close mid-seed and waits for another primary.
     private func dropSeeding(_ why: String) {
         guard let p = seeding else { return }
         seeding = nil
-        try? p.conn.send(.goodbye(why))
         p.cancel(why)
     }
 

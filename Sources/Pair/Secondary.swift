@@ -138,6 +138,7 @@ public final class SecondaryRunner: @unchecked Sendable {
         func part(_ want: SeedPart) throws -> [UInt8] {
             let m: Message
             do { m = try conn.receiveMessage(timeoutMs: 10_000) } catch { throw PairError.peerUnreachable("the primary's seed did not arrive: \(error)") }
+            if case .goodbye(let why) = m { throw PairError.primaryStopped("the primary stopped before the seed was complete: \(why)") }
             guard case .bulk(let b) = m else { throw PairError.badPeerData("expected the seed (\(want)), got \(m)") }
             do { guard try SeedCodec.part(b) == want || want == .pages else { throw SeedError("expected \(want)") } } catch { throw PairError.badPeerData("\(error)") }
             return b
