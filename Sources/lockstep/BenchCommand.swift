@@ -40,7 +40,7 @@ struct BenchRecordCommand: ParsableCommand {
 
     func run() throws {
         var bench: Bench
-        do { bench = try Bench(guestDir: guests, memoryMiB: memory) } catch let e as MachineError { throw engineExit(e) }
+        do { bench = try Bench(guestDir: guests, memoryMiB: memory) } catch { throw engineExit(error) }
         defer { bench.cleanUp() }
         let report: [String: Any]
         do { report = try bench.measure(repeats: `repeat`) } catch let e as MachineError {

@@ -20,6 +20,6 @@ struct InspectCommand: ParsableCommand {
             try inspector.run { line in
                 print(json ? line.json : line.text)
             }
-        } catch let e as MachineError { throw engineExit(e) }
+        } catch { throw engineExit(error) }
     }
 }
