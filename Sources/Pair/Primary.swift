@@ -28,6 +28,8 @@ public final class PrimaryRunner: @unchecked Sendable {
     private var link: SecondaryLink?
     /// A secondary being seeded while the guest runs (vCPU thread only).
     private var seeding: Precopy?
+    /// `seeding != nil`, for the status thread.
+    private let seedingNow = Atomic<Bool>(false)
     /// `link` for other threads (status); written only by the vCPU thread.
     private let current = Mutex<SecondaryLink?>(nil)
     private let offered = Mutex<Connection?>(nil)
@@ -254,6 +256,7 @@ public final class PrimaryRunner: @unchecked Sendable {
             state = .failed
         }
         seeding = nil
+        seedingNow.store(false, ordering: .relaxed)
         do {
             guard state == .ready else { throw PairError.peerUnreachable(p.reason) }
             try attach(p)
@@ -270,6 +273,7 @@ public final class PrimaryRunner: @unchecked Sendable {
     private func dropSeeding(_ why: String) {
         guard let p = seeding else { return }
         seeding = nil
+        seedingNow.store(false, ordering: .relaxed)
         p.cancel(why)
     }
 
@@ -312,6 +316,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         guard let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o }) else { return }
         let p = seed(c)
         seeding = p
+        seedingNow.store(true, ordering: .relaxed)
         p.start()
     }
 
@@ -393,7 +398,8 @@ public final class PrimaryRunner: @unchecked Sendable {
                           protected: state.gatesOutput, exit: exit, heldExit: held, replayedExit: replayed,
                           lagExits: exit > replayed && l != nil ? exit - replayed : 0, lagMicroseconds: Double(metrics.lastReplayLagNs) / 1000,
                           logBytes: bytes, logBytesPerSecond: Double(bytes) / secs, heldOutputBytes: gate.heldBytes,
-                          throttledMs: Double(metrics.throttledNs) / 1e6, secondariesSeeded: seeded)
+                          throttledMs: Double(metrics.throttledNs) / 1e6, secondariesSeeded: seeded,
+                          seeding: seedingNow.load(ordering: .relaxed))
     }
 
     private func report() {

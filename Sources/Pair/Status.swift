@@ -19,9 +19,11 @@ public struct PairStatus: Codable, Sendable {
     public var heldOutputBytes: Int
     public var throttledMs: Double
     public var secondariesSeeded: Int
+    /// Primary: a new secondary's pre-copy rounds are running (still unprotected).
+    public var seeding: Bool = false
 
     var line: String {
-        "status: \(role) \(state) \(protected ? "protected" : "UNPROTECTED") exit=\(exit) held=\(heldExit) replayed=\(replayedExit) "
+        "status: \(role) \(state) \(protected ? "protected" : seeding ? "UNPROTECTED (seeding a secondary)" : "UNPROTECTED") exit=\(exit) held=\(heldExit) replayed=\(replayedExit) "
             + "lag=\(lagExits) exits/\(String(format: "%.0f", lagMicroseconds)) µs log=\(String(format: "%.1f", logBytesPerSecond / 1024)) KiB/s "
             + "gated=\(heldOutputBytes) B"
     }
