@@ -74,7 +74,9 @@ final class SyncPointStore: @unchecked Sendable {
         pagesCaptured += UInt64(n)
     }
 
-    /// Copies the pages dirtied since the last sync point (or snapshot) out and forgets them; returns how many.
+    /// Copies the pages dirtied since the last sync point out and forgets them; returns how many. (A seed does
+    /// not clear them: the next sync point may carry pages from before the seed, which the secondary rewrites
+    /// with the same bytes.)
     func collectDirtyPages() throws(SysError) -> Int {
         let n = try dirtyLock.withLock { _ throws(SysError) -> Int in
             try harvest()

@@ -179,6 +179,7 @@ final class SeedPages {
     }
 
     func add(numbers: [UInt32], data: [UInt8]) throws(SeedError) {
+        guard data.count == numbers.count * 4096 else { throw SeedError("\(data.count) bytes for \(numbers.count) pages") }
         if let bad = numbers.first(where: { Int($0) >= pageCount }) {
             throw SeedError("page \(bad) is beyond RAM (\(pageCount) pages)")
         }
