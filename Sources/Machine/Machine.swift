@@ -93,14 +93,14 @@ public final class Machine {
         do { return try StateDigest.compute(memory: memory, vcpu: vcpu, deviceState: devices.stateBytes()) } catch { throw .sys(error) }
     }
 
-    /// `StateDigest.seed` of this machine, from page hashes a pre-copy kept (32 bytes per page), or from
+    /// `StateDigest.seed` of this machine, from the chunk hashes a pre-copy kept (32 bytes per chunk), or from
     /// every page hashed now when nil (the secondary's check of a loaded seed).
     /// Pages nobody wrote (not loaded, not in the dirty log, not written from user space) are zero and are not
     /// read: reading untouched RAM costs a page fault per page.
-    public func seedDigest(pageHashes kept: UnsafeRawBufferPointer? = nil) throws(MachineError) -> [UInt8] {
+    public func seedDigest(chunkHashes kept: UnsafeRawBufferPointer? = nil) throws(MachineError) -> [UInt8] {
         guard let store = syncPoints else { throw .config("the seed digest needs dirty tracking (record or replay mode)") }
         do {
-            if let kept { return try StateDigest.seed(pageHashes: kept, vcpu: vcpu, deviceState: devices.stateBytes()) }
+            if let kept { return try StateDigest.seed(chunkHashes: kept, vcpu: vcpu, deviceState: devices.stateBytes()) }
             let n = memory.pageCount
             let hashes = UnsafeMutableRawBufferPointer.allocate(byteCount: n * 32, alignment: 16)
             defer { hashes.deallocate() }
@@ -115,7 +115,11 @@ public final class Machine {
                     StateDigest.copyZeroPageHash(into: hashes.baseAddress! + i * 32)
                 }
             }
-            return try StateDigest.seed(pageHashes: UnsafeRawBufferPointer(hashes), vcpu: vcpu, deviceState: devices.stateBytes())
+            let chunks = StateDigest.chunkCount(pages: n)
+            let chunkHashes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunks * 32, alignment: 16)
+            defer { chunkHashes.deallocate() }
+            for c in 0..<chunks { StateDigest.chunkHash(c, pageHashes: hashes.baseAddress!, pages: n, into: chunkHashes.baseAddress! + c * 32) }
+            return try StateDigest.seed(chunkHashes: UnsafeRawBufferPointer(chunkHashes), vcpu: vcpu, deviceState: devices.stateBytes())
         } catch { throw .sys(error) }
     }
 

@@ -9,11 +9,23 @@ public enum StateDigest {
         try digest(UnsafeRawBufferPointer(start: memory.base, count: Int(memory.size)), vcpu: vcpu, deviceState: deviceState)
     }
 
-    /// The seed's digest: SHA-256 over the SHA-256 of each page (`pageHashes`, 32 bytes per page, in page
-    /// order), then the vCPU and device state. A primary seeding by pre-copy keeps the page hashes as it
-    /// sends the pages, so its pause rehashes only the pages written since; the secondary hashes all of RAM.
-    public static func seed(pageHashes: UnsafeRawBufferPointer, vcpu: VCPU, deviceState: [UInt8]) throws(SysError) -> [UInt8] {
-        try digest(pageHashes, vcpu: vcpu, deviceState: deviceState)
+    /// The seed's digest, a two-level tree: SHA-256 over the chunk hashes (`chunkHashes`, 32 bytes per chunk
+    /// of `pagesPerChunk` pages, in order), then the vCPU and device state. A chunk hash is the SHA-256 of
+    /// its pages' SHA-256s (`chunkHash`). A primary seeding by pre-copy keeps both as it sends the pages, so
+    /// its pause rehashes only the pages written since and their chunks; the secondary hashes all of RAM.
+    public static func seed(chunkHashes: UnsafeRawBufferPointer, vcpu: VCPU, deviceState: [UInt8]) throws(SysError) -> [UInt8] {
+        try digest(chunkHashes, vcpu: vcpu, deviceState: deviceState)
+    }
+
+    /// 512 pages (2 MiB of RAM, 16 KiB of page hashes) per chunk: at 16 GiB the root hashes 256 KiB.
+    public static let pagesPerChunk = 512
+
+    public static func chunkCount(pages: Int) -> Int { (pages + pagesPerChunk - 1) / pagesPerChunk }
+
+    /// The hash of chunk `chunk` from the page hashes of all `pages` pages (the last chunk may be short).
+    public static func chunkHash(_ chunk: Int, pageHashes: UnsafeRawPointer, pages: Int, into out: UnsafeMutableRawPointer) {
+        let first = chunk * pagesPerChunk, n = min(pagesPerChunk, pages - first)
+        _ = SHA256((pageHashes + first * 32).assumingMemoryBound(to: UInt8.self), n * 32, out.assumingMemoryBound(to: UInt8.self))
     }
 
     /// SHA-256 over `memory` (RAM or its page hashes), the registers, special registers, FPU and devices.

@@ -10,10 +10,12 @@ import Synchronization
 /// what is left is small or stops shrinking. The vCPU thread then pauses the guest (`finish`) to send the
 /// rest with the vCPU and device state.
 ///
-/// The seed digest (`StateDigest.seed`) hashes each page. The seeding thread keeps the hash of every page
-/// it sent (taken from the bytes sent) and of every page it did not (taken from RAM). A page written after
+/// The seed digest (`StateDigest.seed`) hashes each page, then each chunk of page hashes. The seeding thread
+/// keeps the hash of every page it sent (taken from the bytes sent) and of every page it did not (taken
+/// from RAM), and after each round the hashes of the chunks whose page hashes changed. A page written after
 /// its hash was taken is in a later dirty set, so it is sent and hashed again, at the latest in the pause:
-/// at the pause every kept hash is the page's. The pause hashes only that last set.
+/// at the pause every kept hash is the page's. The pause hashes only that last set, its chunks, and the
+/// chunk hashes (32 bytes per 2 MiB of RAM).
 final class Precopy: @unchecked Sendable {
     enum Phase: UInt8 {
         case copying = 1
@@ -37,6 +39,10 @@ final class Precopy: @unchecked Sendable {
     private let numbers: UnsafeMutablePointer<UInt32>
     /// SHA-256 of every page (32 bytes each), as the secondary will have it.
     private let hashes: UnsafeMutableRawPointer
+    /// SHA-256 of each chunk of page hashes, and which chunks have page hashes newer than their hash.
+    private let chunkCount: Int
+    private let chunkHashes: UnsafeMutableRawPointer
+    private var staleChunks: [Bool]
     let phase = Atomic<UInt8>(Phase.copying.rawValue)
     private let failure = Mutex<String>("")
     /// When the seeding thread last sent something (a peer that stops reading stalls it).
@@ -60,10 +66,13 @@ final class Precopy: @unchecked Sendable {
         taken.initialize(repeating: 0, count: words)
         numbers = .allocate(capacity: pageCount)
         hashes = .allocate(byteCount: pageCount * 32, alignment: 16)
+        chunkCount = StateDigest.chunkCount(pages: pageCount)
+        chunkHashes = .allocate(byteCount: chunkCount * 32, alignment: 16)
+        staleChunks = [Bool](repeating: true, count: chunkCount)
     }
 
     deinit {
-        pending.deallocate(); taken.deallocate(); numbers.deallocate(); hashes.deallocate()
+        pending.deallocate(); taken.deallocate(); numbers.deallocate(); hashes.deallocate(); chunkHashes.deallocate()
     }
 
     var state: Phase { Phase(rawValue: phase.load(ordering: .acquiring)) ?? .failed }
@@ -102,12 +111,14 @@ final class Precopy: @unchecked Sendable {
             try machine.takeDirtyPages(into: pending, sinceBoot: true)
             try hashUnsent()
             var n = try sendPending()
+            rehashStaleChunks()
             rounds = 1
             while true {
                 try machine.takeDirtyPages(into: pending, sinceBoot: false)
                 let left = count(pending)
                 if left <= Self.pausePages || rounds >= Self.maxRounds || left >= n { break }
                 n = try sendPending()
+                rehashStaleChunks()
                 rounds += 1
             }
             phase.store(Phase.ready.rawValue, ordering: .releasing)
@@ -127,12 +138,20 @@ final class Precopy: @unchecked Sendable {
         try machine.takeDirtyPages(into: taken, sinceBoot: false)
         for i in 0..<words { pending[i] |= taken[i] }
         pagesInPause = try sendPending()
-        let digest = try machine.seedDigest(pageHashes: UnsafeRawBufferPointer(start: hashes, count: pageCount * 32))
+        rehashStaleChunks()
+        let digest = try machine.seedDigest(chunkHashes: UnsafeRawBufferPointer(start: chunkHashes, count: chunkCount * 32))
         try conn.send(.bulk(SeedCodec.end(SeedEnd(exit: state.exit, signature: state.signature, lastClock: state.lastClock,
                                                   firstSequence: firstSequence, totalPages: UInt32(pagesSent),
                                                   vcpuState: state.vcpuState, deviceState: state.deviceState,
                                                   stateSHA256: digest, protectionID: protectionID))))
         return state
+    }
+
+    private func rehashStaleChunks() {
+        for c in 0..<chunkCount where staleChunks[c] {
+            StateDigest.chunkHash(c, pageHashes: hashes, pages: pageCount, into: chunkHashes + c * 32)
+            staleChunks[c] = false
+        }
     }
 
     private func count(_ bitmap: UnsafeMutablePointer<UInt64>) -> Int {
@@ -177,7 +196,11 @@ final class Precopy: @unchecked Sendable {
                 (p + 5).copyMemory(from: numbers + i, byteCount: k * 4)
                 let dst = p + 5 + k * 4
                 lk_gather_pages(base, numbers + i, k, dst.assumingMemoryBound(to: UInt8.self))
-                for j in 0..<k { StateDigest.hashPage(dst + j * 4096, into: hashes + Int(numbers[i + j]) * 32) }
+                for j in 0..<k {
+                    let page = Int(numbers[i + j])
+                    StateDigest.hashPage(dst + j * 4096, into: hashes + page * 32)
+                    staleChunks[page / StateDigest.pagesPerChunk] = true
+                }
                 if Self.corruptNextPage.exchange(false, ordering: .relaxed) { dst.storeBytes(of: ~dst.load(as: UInt8.self), as: UInt8.self) }
                 count = size
             }

@@ -16,8 +16,8 @@ import Machine
 /// The secondary loads the image itself; the pages are those the guest wrote since boot, a page again each
 /// time pre-copy found it written since it was sent (the last copy wins; `total pages` counts every copy).
 /// After loading, its `StateDigest.seed` must equal the one in `end`, or the pair does not start.
-/// Version 2: pre-copy (pages repeat) and the per-page seed digest; version 1 sent each page once and a
-/// digest over RAM as one stream.
+/// Version 3: pre-copy (pages repeat) and the two-level seed digest (pages, chunks of 512 pages); version 2
+/// hashed the page hashes as one list, version 1 sent each page once with a digest over RAM as one stream.
 enum SeedPart: UInt8 {
     case header = 1
     case pages = 2
@@ -25,7 +25,7 @@ enum SeedPart: UInt8 {
 }
 
 struct SeedHeader: Equatable {
-    static let version: UInt16 = 2
+    static let version: UInt16 = 3
     var config: MachineConfig
     var imageSHA256: [UInt8]
     var cpuidSHA256: [UInt8]
