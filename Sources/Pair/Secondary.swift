@@ -153,6 +153,7 @@ public final class SecondaryRunner: @unchecked Sendable {
         }
         let image: PVHImage
         do { image = try PVHImage(bytes: header.image) } catch { throw PairError.badPeerData("the primary's guest image: \(error)") }
+        warn("secondary: receiving a seed (\(header.config.memoryMiB) MiB guest, image \(header.image.count) bytes)")
         let pages: SeedPages
         do { pages = try SeedPages(memoryMiB: header.config.memoryMiB) } catch { throw PairError.badPeerData(error.description) }
         var end: SeedEnd
