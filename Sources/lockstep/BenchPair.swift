@@ -11,10 +11,11 @@ import Pair
 struct BenchPairCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pair",
-        abstract: "Measure the live pair: protected/unprotected throughput, replication lag, output gate latency, kill -9 failover time.",
+        abstract: "Measure the live pair: protected/unprotected throughput, replication lag, output gate latency, re-seed pause, kill -9 failover time.",
         discussion: """
         Spawns this lockstep executable on 127.0.0.1, one guest at a time: for timer-compute, exit-heavy and echo a \
-        protected run (secondary + primary) and an unprotected `lockstep run`; then --trials kill -9 failovers of echo. \
+        protected run (secondary + primary) and an unprotected `lockstep run`; then --reseeds re-seeds of a running \
+        echo (pre-copy pause, connected → protected) and --trials kill -9 failovers of echo. \
         Children's stderr, the key and the stats files live in a temporary directory (kept and named when something \
         fails). Exits 1 (FAIL) when a run fails, the two sides' state digests differ or a failover gets no reply; a \
         missed performance target is reported (MISS), not an error.
