@@ -21,7 +21,7 @@ extension Session {
 }
 
 /// A pair's primary: records into an in-memory encoder whose frames the pair streams to the secondary.
-public final class StreamRecordSession: Session, RecordingSession {
+public final class StreamRecordSession: Session, RecordingSession, @unchecked Sendable {
     public let encoder: LogEncoder
 
     public init(image: PVHImage, config: MachineConfig, output: SerialOutput?, frameTarget: Int = 32 << 10) throws(MachineError) {
@@ -38,7 +38,7 @@ public final class StreamRecordSession: Session, RecordingSession {
 
 /// A pair's secondary: replays a live log as it arrives and can go live where the log stops. Live, it
 /// records into `encoder` (a `RecordingSession`), so it can seed a new secondary of its own.
-public final class StandbySession: Session, RecordingSession {
+public final class StandbySession: Session, RecordingSession, @unchecked Sendable {
     public let encoder = LogEncoder(frameTarget: 32 << 10)
 
     /// `recordWhenLive`: after go-live, record (for a new secondary) rather than just run.

@@ -70,7 +70,7 @@ public class Session: @unchecked Sendable {  // requestStop, interruptReplay and
 }
 
 /// `lockstep run`: the guest, unprotected, no log.
-public final class RunSession: Session {
+public final class RunSession: Session, @unchecked Sendable {
     public init(image: PVHImage, config: MachineConfig, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
         super.init(machine: try Machine(image: image, config: config, mode: .run, output: output, keepTranscript: keepTranscript))
     }
@@ -87,7 +87,7 @@ public final class RunSession: Session {
 }
 
 /// `lockstep record`: the guest with every nondeterministic input written to a log.
-public final class RecordSession: Session {
+public final class RecordSession: Session, @unchecked Sendable {
     public let writer: LogFileWriter
 
     public init(image: PVHImage, config: MachineConfig, logPath: String, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
@@ -149,7 +149,7 @@ final class FileRecordSource: RecordSource {
 }
 
 /// `lockstep replay`: re-executes a log with no real clock and no real input.
-public final class ReplaySession: Session {
+public final class ReplaySession: Session, @unchecked Sendable {
     public let reader: LogFileReader
 
     /// `image` overrides the embedded one; it must be the recorded image.
