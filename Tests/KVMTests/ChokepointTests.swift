@@ -299,7 +299,7 @@ import Testing
     @Test func withHandlerRestoresThePreviousOneEvenOnThrow() throws {
         #expect(Sys.handler == nil)
         let outer = Answers(1), inner = Answers(2)
-        try Sys.withHandler(outer) {
+        Sys.withHandler(outer) {
             #expect(Sys.handler === outer)
             #expect(throws: SysError.self) {
                 try Sys.withHandler(inner) { () throws(SysError) in

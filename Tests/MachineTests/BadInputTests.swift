@@ -93,7 +93,7 @@ struct BadLogTests {
 
     func replay(_ bytes: [UInt8], image: [UInt8]? = nil) throws -> SessionResult {
         let p = Fixture.tempPath("bad-\(UUID().uuidString).log")
-        FileManager.default.createFile(atPath: p, contents: Data(bytes))
+        _ = FileManager.default.createFile(atPath: p, contents: Data(bytes))
         defer { try? FileManager.default.removeItem(atPath: p) }
         return try Fixture.onThread { try ReplaySession(logPath: p, image: image, output: nil).run() }
     }

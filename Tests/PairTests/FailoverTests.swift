@@ -137,7 +137,7 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(try sec2.wait(seconds: 30) == 0, "\(sec2.stderrText)")
         #expect(history.problems.isEmpty, "\(history.problems)")
         try pri.wait(seconds: 10)
-        try? sec.wait(seconds: 10)
+        _ = try? sec.wait(seconds: 10)
     }
 
     /// A survivor given `--peer` protects itself: it seeds a new secondary from its running state, and

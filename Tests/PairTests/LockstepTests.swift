@@ -37,13 +37,9 @@ extension PairTests { @Suite struct LockstepTests {
         _ = try Self.runPair("dirty", memory: 128, primaryArgs: ["--interrupt-latency-us", "20000"])
     }
 
-    /// A secondary seeded while the guest rewrites 32 MiB under a timer: pre-copy sends pages while they
-    /// change, so the pause carries the last writes; the new secondary replays to the end with the primary's
-    /// digest, so no page it holds is stale.
-    @Test func precopySeedWhileTheGuestDirtiesMemory() throws {
-        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let ws = try PairFixture.workspace()
-        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+    /// The `dirty` guest (128 MiB) protected, its secondary killed with kill -9, and a new one started on the
+    /// same address, which the primary then seeds while the guest writes. Returns (primary, old, new).
+    static func dirtyGuestWithANewSecondary(_ ws: (dir: String, key: String, fence: String)) throws -> (Child, Child, Child) {
         let common = PairFixture.common(ws)
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + common)
         let port = try sec.listeningPort()
@@ -53,6 +49,17 @@ extension PairTests { @Suite struct LockstepTests {
         sec.kill9()
         try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
         let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "none"] + common)
+        return (pri, sec, sec2)
+    }
+
+    /// A secondary seeded while the guest rewrites 32 MiB under a timer: pre-copy sends pages while they
+    /// change, so the pause carries the last writes; the new secondary replays to the end with the primary's
+    /// digest, so no page it holds is stale.
+    @Test func precopySeedWhileTheGuestDirtiesMemory() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let (pri, sec, sec2) = try Self.dirtyGuestWithANewSecondary(ws)
         let line = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 60)
         #expect(!line.contains("at exit 0:"), "\(line)")
         // "… N pages in R rounds (T ms), then M with the guest paused P ms"
@@ -65,7 +72,7 @@ extension PairTests { @Suite struct LockstepTests {
         #expect(try sec2.wait(seconds: 60) == 0, "\(sec2.stderrText)")
         #expect(pri.digest != nil && pri.digest == sec2.digest, "primary \(pri.digest ?? "-"), secondary \(sec2.digest ?? "-")")
         #expect(!sec2.stderr.contains { $0.hasPrefix("live: ") }, "\(sec2.stderrText)")
-        try? sec.wait(seconds: 10)
+        _ = try? sec.wait(seconds: 10)
     }
 
     /// kill -9 of the primary while it seeds a new secondary: that secondary holds no confirmed seed (the pair
@@ -74,15 +81,7 @@ extension PairTests { @Suite struct LockstepTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let common = PairFixture.common(ws)
-        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + common)
-        let port = try sec.listeningPort()
-        let pri = try Child("primary", ["primary", try PairFixture.guest("dirty"), "--peer", "127.0.0.1:\(port)", "--memory", "128",
-                                        "--serial", "none", "--interrupt-latency-us", "20000"] + common)
-        try pri.waitForLine(containing: "protected: secondary")
-        sec.kill9()
-        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
-        let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "none"] + common)
+        let (pri, sec, sec2) = try Self.dirtyGuestWithANewSecondary(ws)
         try sec2.waitForLine(containing: "receiving a seed", seconds: 30)
         pri.kill9()
         _ = try? pri.wait(seconds: 10)
@@ -166,7 +165,7 @@ extension PairTests { @Suite struct BadPeerTests {
         let ws = try PairFixture.workspace()
         let (sec, port) = try Self.secondary(ws)
         let other = ws.dir + "/other-key"
-        FileManager.default.createFile(atPath: other, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
+        _ = FileManager.default.createFile(atPath: other, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
         let bad = try Self.primary(port, key: other)
         #expect(try bad.wait() == 76)
         #expect(bad.stderrText.contains("authentication"), "\(bad.stderrText)")
@@ -241,7 +240,7 @@ extension PairTests { @Suite struct BadPeerTests {
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
         #expect(try good.wait(seconds: 30) == 0, "\(good.stderrText)")
         #expect(pri.digest != nil && pri.digest == good.digest)
-        try? sec.wait(seconds: 10)
+        _ = try? sec.wait(seconds: 10)
     }
 
     @Test func requiredEncryptionAgainstDisabled() throws {
@@ -273,7 +272,7 @@ extension PairTests { @Suite struct BadPeerTests {
     @Test func shortKeyFile() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
-        FileManager.default.createFile(atPath: ws.dir + "/short", contents: Data([1, 2, 3]))
+        _ = FileManager.default.createFile(atPath: ws.dir + "/short", contents: Data([1, 2, 3]))
         let bad = try Self.primary(1, key: ws.dir + "/short")
         #expect(try bad.wait() == 64)
         #expect(bad.stderrText.contains("at least 16"), "\(bad.stderrText)")

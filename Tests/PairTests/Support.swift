@@ -47,7 +47,7 @@ enum PairFixture {
         try FileManager.default.createDirectory(atPath: dir + "/fence", withIntermediateDirectories: true)
         var key = [UInt8](repeating: 0, count: 32)
         for i in key.indices { key[i] = UInt8.random(in: 0...255) }
-        FileManager.default.createFile(atPath: dir + "/key", contents: Data(key))
+        _ = FileManager.default.createFile(atPath: dir + "/key", contents: Data(key))
         return (dir, dir + "/key", dir + "/fence")
     }
 
