@@ -124,11 +124,11 @@ extension PairTests { @Suite struct FailoverTests {
         try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
         // Unprotected: output is not held for anyone.
         for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
-        // A new secondary on the same address is seeded from the running guest (snapshot) and protects it.
+        // A new secondary on the same address is seeded from the running guest (pre-copy) and protects it.
         let common = PairFixture.common(ws)
         let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "udp:127.0.0.1:\(udp)"] + common)
         let seeded = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 20)
-        #expect(!seeded.contains("at exit 0 "), "the new secondary must be seeded from the running state: \(seeded)")
+        #expect(!seeded.contains("at exit 0:"), "the new secondary must be seeded from the running state: \(seeded)")
         for seq in 7...9 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
         // And it can take over.
         pri.kill9()
@@ -164,7 +164,7 @@ extension PairTests { @Suite struct FailoverTests {
         first.kill9()
         #expect(client.request("REQ 4 b", expect: "REP 4 ", seen: { history.saw($0) }) != nil, "\(second.stderrText)")
         let seeded = try second.waitForLine(containing: "protected: secondary at", seconds: 30)
-        #expect(!seeded.contains("at exit 0 "), "\(seeded)")
+        #expect(!seeded.contains("at exit 0:"), "\(seeded)")
         for seq in 5...6 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
         second.kill9()
         #expect(client.request("REQ 7 d", expect: "REP 7 ", seen: { history.saw($0) }) != nil, "\(third.stderrText)")
