@@ -8,7 +8,7 @@ import Synchronization
 /// replay loads it instead of executing the gap. Buffers are allocated once and reused.
 ///
 /// KVM's dirty log has one reader: `harvest` fetches (and clears) it and ORs it into three sets, so sync
-/// points, snapshots and a pre-copy seed each see every write: `sinceSync` (the next sync point's pages),
+/// points, the since-boot set and a pre-copy seed each see every write: `sinceSync` (the next sync point's pages),
 /// `everDirty` (pages that differ from the loaded image) and `sinceTaken` (the seeding thread's). The
 /// seeding thread harvests while the guest runs, so the sets are behind `dirtyLock`.
 final class SyncPointStore: @unchecked Sendable {
@@ -124,7 +124,7 @@ final class SyncPointStore: @unchecked Sendable {
         // KVM finishes a pending I/O (the IN/OUT of the last exit) only on the next KVM_RUN. Complete it now,
         // without running guest code, so it cannot land on top of the loaded state.
         vcpu.completePendingIO()
-        // Written from user space, so the dirty log never sees them; a snapshot of this machine needs them.
+        // Written from user space, so the dirty log never sees them; a seed taken from this machine needs them.
         dirtyLock.withLock { _ in for n in sp.pageNumbers { everDirty[Int(n) >> 6] |= 1 << UInt64(n & 63) } }
         sp.pageNumbers.withUnsafeBufferPointer { pn in
             sp.pageData.withUnsafeBytes { pd in

@@ -143,7 +143,7 @@ final class Precopy: @unchecked Sendable {
         try conn.send(.bulk(SeedCodec.end(SeedEnd(exit: state.exit, signature: state.signature, lastClock: state.lastClock,
                                                   firstSequence: firstSequence, totalPages: UInt32(pagesSent),
                                                   vcpuState: state.vcpuState, deviceState: state.deviceState,
-                                                  stateSHA256: digest, protectionID: protectionID))))
+                                                  seedDigest: digest, protectionID: protectionID))))
         return state
     }
 

@@ -161,7 +161,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         if hasOffer.load(ordering: .relaxed) { adoptOffer() }
         if let p = seeding { seedStep(p) }
         guard let l = link else {
-            // Unprotected: nobody needs the records (a new secondary gets a snapshot).
+            // Unprotected: nobody needs the records (a new secondary gets a seed).
             if session.encoder.bufferedBytes > 0 { session.encoder.sealFrame { _ in } }
             return
         }

@@ -182,8 +182,8 @@ public final class SecondaryRunner: @unchecked Sendable {
         try s.load(Snapshot(exit: end.exit, signature: end.signature, lastClock: end.lastClock, vcpuState: end.vcpuState,
                             deviceState: end.deviceState, pageNumbers: numbers, pageData: data))
         let digest = try s.machine.seedDigest()
-        guard digest == end.stateSHA256 else {
-            throw PairError.badPeerData("after loading the seed this side's state digest is \(StateDigest.hex(digest)), the primary's is \(StateDigest.hex(end.stateSHA256)): the two hosts cannot run in lockstep")
+        guard digest == end.seedDigest else {
+            throw PairError.badPeerData("after loading the seed this side's state digest is \(StateDigest.hex(digest)), the primary's is \(StateDigest.hex(end.seedDigest)): the two hosts cannot run in lockstep")
         }
         // The seed is loaded: the primary may release output up to here.
         try conn.sendAck(Ack(heldExitIndex: end.exit, replayedExitIndex: end.exit))

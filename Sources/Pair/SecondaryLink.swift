@@ -32,7 +32,7 @@ final class SecondaryLink: @unchecked Sendable {
     private let oldestUnreplayedNs = Atomic<UInt64>(0)
     private(set) var batchCount: UInt64 = 0
 
-    /// A seeded secondary that has not yet said it loaded the seed and found the same state digest. Until it
+    /// A seeded secondary that has not yet said it loaded the seed and found the same seed digest. Until it
     /// does, the pair record does not name it (it may not go live) and no output is released on its acks.
     struct Unconfirmed {
         var protectionID: UInt64

@@ -40,7 +40,7 @@ struct SeedEnd: Equatable {
     var totalPages: UInt32
     var vcpuState: [UInt8]
     var deviceState: [UInt8]
-    var stateSHA256: [UInt8]
+    var seedDigest: [UInt8]
     var protectionID: UInt64
 }
 
@@ -63,7 +63,7 @@ enum SeedCodec {
     static func end(_ e: SeedEnd) -> [UInt8] {
         var w = Wire(SeedPart.end)
         w.u64(e.exit); w.u32(e.signature); w.u64(e.lastClock); w.u32(e.firstSequence); w.u32(e.totalPages)
-        w.blob(e.vcpuState); w.blob(e.deviceState); w.raw(e.stateSHA256); w.u64(e.protectionID)
+        w.blob(e.vcpuState); w.blob(e.deviceState); w.raw(e.seedDigest); w.u64(e.protectionID)
         return w.out
     }
 
@@ -101,7 +101,7 @@ enum SeedCodec {
         var r = WireReader(body, what: "seed end")
         let e = SeedEnd(exit: try r.u64(), signature: try r.u32(), lastClock: try r.u64(), firstSequence: try r.u32(),
                         totalPages: try r.u32(), vcpuState: try r.blob(limit: 1 << 20), deviceState: try r.blob(limit: 1 << 20),
-                        stateSHA256: try r.raw(32), protectionID: try r.u64())
+                        seedDigest: try r.raw(32), protectionID: try r.u64())
         try r.done()
         return e
     }
