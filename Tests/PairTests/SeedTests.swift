@@ -34,6 +34,9 @@ import Testing
         #expect(throws: SeedError.self) { try pages.add(numbers: n, data: d) }
         do { try pages.add(numbers: n, data: d) } catch { #expect(error.description.contains("page 512 is beyond RAM (512 pages)")) }
         #expect(pages.received == 0)
+        do { try pages.add(numbers: [1], data: [0]); Issue.record("a chunk short of its pages was accepted") } catch {
+            #expect(error.description.contains("1 bytes for 1 pages"), "\(error)")
+        }
     }
 
     @Test func damagedPartsAreNamed() throws {
