@@ -12,8 +12,14 @@
  *        followed by '\n'), printed as 16 hex digits.
  *        A seq found among the last 256 distinct requests gets its cached reply resent.
  *   QUIT              -> RESULT echo <hash16>, exit 0
- *   anything else     -> ERR <reason> */
+ *   anything else     -> ERR <reason>
+ * Built twice: echo (TICK_HZ 100) and echo-tickless (TICK_HZ 0), which sleeps in HLT until a byte
+ * arrives, with nothing else to wake it: a primary must still seed a new secondary then. */
 #include "lk.h"
+
+#ifndef TICK_HZ
+#define TICK_HZ 100
+#endif
 
 #define MAXLINE 200
 #define CACHE 256
@@ -75,7 +81,7 @@ static void handle_line(void) {
 
 void kmain(void) {
     serial_init(1);                         /* re-init with the RX interrupt on */
-    tick_start(100, NULL);
+    if (TICK_HZ) tick_start(TICK_HZ, NULL);
     kprintf("READY\n");
     for (;;) {
         cli();

@@ -43,7 +43,9 @@ public enum MachineError: Error, CustomStringConvertible {
 /// through `handleExit`. Record, replay and run share this code; the mode only changes what the
 /// recording hooks (`InputHooks`) do and whether sync points are written or loaded.
 public final class Engine {
-    public enum State: Equatable { case entering, finished(Ending) }
+    /// `halted`: the guest executed HLT and waits for an interrupt; each step is one wait, so the runner gets
+    /// the thread between two (to attach or seed a secondary while the guest sleeps).
+    public enum State: Equatable { case entering, halted, finished(Ending) }
 
     public let machine: Machine
     public private(set) var state: State = .entering
@@ -78,7 +80,11 @@ public final class Engine {
 
     /// One trip through the guest: deliver a due interrupt, enter, handle what came back.
     public func step() throws(MachineError) -> State {
-        guard case .entering = state else { return state }
+        switch state {
+        case .entering: break
+        case .halted: return try haltedStep()
+        case .finished: return state
+        }
         // The kick may have been absorbed by a KVM_RUN of our own (completing I/O): the flag decides.
         if hooks.mode == .replay, interruptRequested.load(ordering: .acquiring) { return try interruptedReplay() }
         deliverInterrupt()
@@ -111,10 +117,15 @@ public final class Engine {
             hooks.signature = signature(reason: reason, rip: rip)
             hooks.checkNothingSkipped()
             try handleExit(reason)
-            if case .entering = state { serviceAsync() }
-            if hooks.exit % Engine.digestInterval == 0 { hooks.digest(registerDigest()) }
+            if state != .halted { exitHandled() }
         }
         return try checked()
+    }
+
+    /// The end of an exit's handling (for HLT: once the halt is over).
+    @inline(__always) private func exitHandled() {
+        if case .entering = state { serviceAsync() }
+        if hooks.exit % Engine.digestInterval == 0 { hooks.digest(registerDigest()) }
     }
 
     /// Someone asked for the replaying vCPU back: with a reason it is a stall (an error), without one the
@@ -215,7 +226,7 @@ public final class Engine {
         switch Int(reason) {
         case Int(LK_EXIT_IO): handleIO()
         case Int(LK_EXIT_MMIO): handleMMIO()
-        case Int(LK_EXIT_HLT): try handleHalt()
+        case Int(LK_EXIT_HLT): handleHalt()
         case Int(LK_EXIT_SHUTDOWN):
             state = .finished(.shutdown("the guest triple-faulted (KVM_EXIT_SHUTDOWN) at exit \(hooks.exit), RIP 0x\(String(lk_run_rip(vcpu.run), radix: 16))"))
         case Int(LK_EXIT_SYSTEM_EVENT):
@@ -266,37 +277,52 @@ public final class Engine {
         }
     }
 
-    /// HLT: the vCPU sleeps until an interrupt is deliverable. KVM returns RIP after the HLT, so the loop
-    /// must not re-enter before one is pending.
-    private func handleHalt() throws(MachineError) {
+    /// HLT: the vCPU sleeps until an interrupt is deliverable. KVM returns RIP after the HLT, so the engine
+    /// must not re-enter before one is pending: it stays `halted`, one wait per step.
+    private func handleHalt() {
         machine.output?.flush()
-        while !(devices.pic.interruptPending && ifFlag) {
-            if stopRequested { state = .finished(.stopped); return }
-            if hooks.mode == .replay {
-                let has = hooks.hasPendingAtExit  // a live source blocks here until the primary moves on
-                if hooks.mode != .replay { continue }  // the secondary went live while halted
-                if !has {
-                    if hooks.logEnded && !ifFlag { state = .finished(.haltedForever); return }
+        if !(devices.pic.interruptPending && ifFlag) { state = .halted }
+    }
+
+    /// A seeded secondary whose primary was halted at the seed's exit continues the halt.
+    func resumeHalted() {
+        vcpu.completePendingIO()  // fills kvm_run's register area, which the halt's end may digest
+        state = .halted
+    }
+
+    /// One wait of a halted vCPU: for the log's next record at this exit (replay), or for something due.
+    private func haltedStep() throws(MachineError) -> State {
+        if stopRequested {
+            state = .finished(.stopped)
+        } else if hooks.mode == .replay {
+            let has = hooks.hasPendingAtExit  // a live source blocks here until the primary moves on
+            if hooks.mode != .replay {
+                // The secondary went live while halted: the next step waits as a live machine.
+            } else if !has {
+                if hooks.logEnded && !ifFlag {
+                    state = .finished(.haltedForever)
+                } else {
                     throw .divergence(report(Divergence(exit: hooks.exit, expected: hooks.describePending(),
                                                         found: "the guest halted at exit \(hooks.exit) with nothing in the log to wake it")))
                 }
+            } else {
                 let before = hooks.pendingExit
                 serviceAsync()
                 if let d = hooks.divergence { throw .divergence(report(d)) }
-                if before == hooks.pendingExit, hooks.hasPendingAtExit, !devices.pic.interruptPending {
-                    // A record that is neither time nor input while halted: let the loop consume it.
-                    return
-                }
-            } else {
-                if !ifFlag {
-                    // cli; hlt: only an NMI could wake a real CPU, and this machine has no NMI source.
-                    state = .finished(.haltedForever); return
-                }
-                machine.onIdle?()
-                pacer!.waitUntilDue()
-                serviceAsync()
+                // A record that is neither time nor input while halted: let the loop consume it.
+                if before == hooks.pendingExit, hooks.hasPendingAtExit, !devices.pic.interruptPending { state = .entering }
             }
+        } else if !ifFlag {
+            // cli; hlt: only an NMI could wake a real CPU, and this machine has no NMI source.
+            state = .finished(.haltedForever)
+        } else {
+            machine.onIdle?()
+            pacer!.waitUntilDue()
+            serviceAsync()
         }
+        if state == .halted, devices.pic.interruptPending && ifFlag { state = .entering }
+        if state != .halted { exitHandled() }
+        return try checked()
     }
 
     /// Adds where the guest is: the last exit's signature, RIP, and the instructions there.

@@ -10,6 +10,12 @@ public protocol RecordingSession: AnyObject {
     var exit: UInt64 { get }
     /// The run's result and the trailer that closes its log.
     func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer)
+    /// The engine waits in a HLT (between two of its steps).
+    var isHalted: Bool { get }
+}
+
+extension Session {
+    public var isHalted: Bool { engine.state == .halted }
 }
 
 extension Session {
@@ -61,6 +67,7 @@ public final class StandbySession: Session, RecordingSession, @unchecked Sendabl
     /// Loads the primary's snapshot (before the first step).
     public func load(_ s: Snapshot) throws(MachineError) {
         (engine.ready, engine.ifFlag) = try machine.applySnapshot(s)
+        if s.halted { engine.resumeHalted() }
     }
 
     public func start() { begin(pacing: false) }

@@ -12,6 +12,9 @@ public final class Pacer: @unchecked Sendable {
         public static let timer = Due(rawValue: 1)
         public static let input = Due(rawValue: 2)
         public static let stop = Due(rawValue: 4)
+        /// The runner needs the vCPU thread between two steps (a secondary to attach, a seed to finish):
+        /// nothing for the devices, it only ends a halt's wait or (after the latency bound) a long guest run.
+        public static let boundary = Due(rawValue: 8)
     }
 
     let due = Atomic<UInt32>(0)

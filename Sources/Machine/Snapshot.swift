@@ -14,24 +14,27 @@ public struct Snapshot: Sendable {
     public var deviceState: [UInt8]
     public var pageNumbers: [UInt32]
     public var pageData: [UInt8]
+    /// The guest waits in HLT (the exit is the HLT's): the engine continues the halt, it does not enter.
+    public var halted: Bool
 
     public init(exit: UInt64, signature: UInt32, lastClock: UInt64, vcpuState: [UInt8], deviceState: [UInt8],
-                pageNumbers: [UInt32], pageData: [UInt8]) {
+                pageNumbers: [UInt32], pageData: [UInt8], halted: Bool) {
         self.exit = exit; self.signature = signature; self.lastClock = lastClock; self.vcpuState = vcpuState
-        self.deviceState = deviceState; self.pageNumbers = pageNumbers; self.pageData = pageData
+        self.deviceState = deviceState; self.pageNumbers = pageNumbers; self.pageData = pageData; self.halted = halted
     }
 }
 
 extension Machine {
-    /// The vCPU, devices and hooks between two exits, without pages (vCPU thread, guest not running): the
-    /// last step of a pre-copy seed, whose pages went ahead while the guest ran.
-    public func captureState() throws(MachineError) -> Snapshot {
+    /// The vCPU, devices and hooks between two exits or in a halt (`halted`, the engine's state), without
+    /// pages (vCPU thread, guest not running): the last step of a pre-copy seed, whose pages went ahead while
+    /// the guest ran.
+    public func captureState(halted: Bool) throws(MachineError) -> Snapshot {
         guard let store = syncPoints else { throw .config("snapshots need dirty tracking (record or replay mode)") }
         if hooks.exit > 0 { vcpu.completePendingIO() }
         do {
             let state = try vcpu.captureState(msrs: store.msrs)
             return Snapshot(exit: hooks.exit, signature: hooks.signature.raw, lastClock: hooks.lastClock,
-                            vcpuState: state.bytes, deviceState: devices.stateBytes(), pageNumbers: [], pageData: [])
+                            vcpuState: state.bytes, deviceState: devices.stateBytes(), pageNumbers: [], pageData: [], halted: halted)
         } catch { throw .sys(error) }
     }
 

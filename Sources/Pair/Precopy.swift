@@ -122,6 +122,8 @@ final class Precopy: @unchecked Sendable {
                 rounds += 1
             }
             phase.store(Phase.ready.rawValue, ordering: .releasing)
+            // The pause comes at the vCPU thread's next step boundary: get one now, even from a halted guest.
+            machine.pacer?.raise(.boundary)
         } catch {
             failure.withLock { if $0.isEmpty { $0 = "cannot send the seed: \(error)" } }
             conn.close()
@@ -131,10 +133,10 @@ final class Precopy: @unchecked Sendable {
 
     /// vCPU thread, guest paused between two exits, after `ready`: sends the pages written since the last
     /// round, the machine state and the seed digest. Returns the state (its exit is the seed's).
-    func finish(protectionID: UInt64, firstSequence: UInt32) throws -> Snapshot {
+    func finish(protectionID: UInt64, firstSequence: UInt32, halted: Bool) throws -> Snapshot {
         done.wait()
         done.signal()
-        let state = try machine.captureState()
+        let state = try machine.captureState(halted: halted)
         try machine.takeDirtyPages(into: taken, sinceBoot: false)
         for i in 0..<words { pending[i] |= taken[i] }
         pagesInPause = try sendPending()
@@ -143,7 +145,8 @@ final class Precopy: @unchecked Sendable {
         try conn.send(.bulk(SeedCodec.end(SeedEnd(exit: state.exit, signature: state.signature, lastClock: state.lastClock,
                                                   firstSequence: firstSequence, totalPages: UInt32(pagesSent),
                                                   vcpuState: state.vcpuState, deviceState: state.deviceState,
-                                                  seedDigest: digest, protectionID: protectionID))))
+                                                  seedDigest: digest, protectionID: protectionID,
+                                                  runState: halted ? .halted : .running))))
         return state
     }
 

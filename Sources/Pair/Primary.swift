@@ -287,7 +287,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         // Records before the seed's exit are not needed by this secondary.
         session.encoder.sealFrame { _ in }
         let snap: Snapshot
-        do { snap = try p.finish(protectionID: protectionID, firstSequence: session.encoder.nextSequence) } catch {
+        do { snap = try p.finish(protectionID: protectionID, firstSequence: session.encoder.nextSequence, halted: session.isHalted) } catch {
             p.conn.close()
             throw PairError.from(error)
         }
@@ -295,13 +295,16 @@ public final class PrimaryRunner: @unchecked Sendable {
         let ms: @Sendable (UInt64) -> String = { String(format: "%.1f", Double($0) / 1e6) }
         let line = "protected: secondary at \(peerHost):\(peerPort) seeded at exit \(snap.exit):"
             + " \(p.pagesSent - p.pagesInPause) pages in \(p.rounds) rounds (\(ms(t0 &- p.startNs)) ms),"
-            + " then \(p.pagesInPause) with the guest paused \(ms(pause)) ms"
+            + " then \(p.pagesInPause) with the guest paused \(ms(pause)) ms" + (snap.halted ? " while halted" : "")
         let confirmation = SecondaryLink.Unconfirmed(protectionID: protectionID, exit: snap.exit) { [weak self] in
             _ = self?.fsm.withLock { $0.handle(.seedComplete) }
             warn(line + " (confirmed \(ms(lk_monotonic_ns() &- t0)) ms after the pause began)")
         }
         sentWatermark = snap.exit
-        let l = SecondaryLink(conn: p.conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics, unconfirmed: confirmation)
+        let pacer = session.machine.pacer
+        let l = SecondaryLink(conn: p.conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics, unconfirmed: confirmation) {
+            pacer?.raise(.boundary)  // a halted guest's vCPU thread detaches it and looks for a new one now
+        }
         gate.startGating(from: snap.exit)
         link = l
         current.withLock { $0 = l }
@@ -373,6 +376,7 @@ public final class PrimaryRunner: @unchecked Sendable {
                     let c = try Connection.connect(host: peerHost, port: peerPort, timeoutMs: 1000, config: config(role: .primary))
                     offered.withLock { $0 = c }
                     hasOffer.store(true, ordering: .releasing)
+                    session.machine.pacer?.raise(.boundary)  // a halted guest's vCPU thread adopts it now
                     break
                 } catch {
                     if case .peerRejected(let why) = PairError.from(error) { warn("a would-be secondary was refused: \(why)"); delayMs = 1000 }

@@ -45,9 +45,14 @@ final class SecondaryLink: @unchecked Sendable {
     /// How long a secondary may take to load and check the seed (it hashes all its RAM) before it answers.
     static let seedTimeoutNs: UInt64 = 30_000_000_000
 
-    init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics, unconfirmed: Unconfirmed? = nil) {
+    /// Wakes the vCPU thread (`lose`): it detaches this link at its next step boundary.
+    private let wakeVCPU: @Sendable () -> Void
+
+    init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics, unconfirmed: Unconfirmed? = nil,
+         wakeVCPU: @escaping @Sendable () -> Void = {}) {
         self.conn = conn; self.options = options; self.gate = gate; self.metrics = metrics
         self.unconfirmed = unconfirmed
+        self.wakeVCPU = wakeVCPU
         held = Atomic(startExit)
         replayed = Atomic(startExit)
     }
@@ -75,6 +80,7 @@ final class SecondaryLink: @unchecked Sendable {
         gate.stopGating()
         conn.close()
         lk_eventfd_signal(ackEvent)
+        wakeVCPU()
     }
 
     /// Stops the link thread (after `lose` or at the end of the run).

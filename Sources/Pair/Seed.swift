@@ -11,21 +11,31 @@ import Machine
 ///             in place by `Precopy.sendPending`)
 ///     end:    u64 exit | u32 signature | u64 last guest clock ns | u32 first log frame sequence |
 ///             u32 total pages | u32 length + vCPU state | u32 length + device state | 32 seed digest |
-///             u64 protection id (names this secondary in the fence directory's pair record)
+///             u64 protection id (names this secondary in the fence directory's pair record) |
+///             u8 run state (`SeedRunState`: halted when the primary's guest waited in HLT at the seed)
 ///
 /// The secondary loads the image itself; the pages are those the guest wrote since boot, a page again each
 /// time pre-copy found it written since it was sent (the last copy wins; `total pages` counts every copy).
 /// After loading, its `StateDigest.seed` must equal the one in `end`, or the pair does not start.
-/// Version 3: pre-copy (pages repeat) and the two-level seed digest (pages, chunks of 512 pages); version 2
-/// hashed the page hashes as one list, version 1 sent each page once with a digest over RAM as one stream.
+/// Version 4: the run state (a seed may be taken while the guest halts). Version 3: pre-copy (pages repeat)
+/// and the two-level seed digest (pages, chunks of 512 pages); version 2 hashed the page hashes as one list,
+/// version 1 sent each page once with a digest over RAM as one stream.
 enum SeedPart: UInt8 {
     case header = 1
     case pages = 2
     case end = 3
 }
 
+/// Where the primary's vCPU was at the seed's exit.
+enum SeedRunState: UInt8 {
+    /// Between two exits: the secondary enters the guest next.
+    case running = 1
+    /// In HLT, waiting for an interrupt (the seed's exit is the HLT's): the secondary waits too.
+    case halted = 2
+}
+
 struct SeedHeader: Equatable {
-    static let version: UInt16 = 3
+    static let version: UInt16 = 4
     var config: MachineConfig
     var imageSHA256: [UInt8]
     var cpuidSHA256: [UInt8]
@@ -42,6 +52,7 @@ struct SeedEnd: Equatable {
     var deviceState: [UInt8]
     var seedDigest: [UInt8]
     var protectionID: UInt64
+    var runState: SeedRunState
 }
 
 struct SeedError: Error, CustomStringConvertible {
@@ -63,7 +74,7 @@ enum SeedCodec {
     static func end(_ e: SeedEnd) -> [UInt8] {
         var w = Wire(SeedPart.end)
         w.u64(e.exit); w.u32(e.signature); w.u64(e.lastClock); w.u32(e.firstSequence); w.u32(e.totalPages)
-        w.blob(e.vcpuState); w.blob(e.deviceState); w.raw(e.seedDigest); w.u64(e.protectionID)
+        w.blob(e.vcpuState); w.blob(e.deviceState); w.raw(e.seedDigest); w.u64(e.protectionID); w.u8(e.runState.rawValue)
         return w.out
     }
 
@@ -97,11 +108,16 @@ enum SeedCodec {
         return (numbers, data)
     }
 
+    private static func runState(_ b: UInt8) throws(SeedError) -> SeedRunState {
+        guard let s = SeedRunState(rawValue: b) else { throw SeedError("unknown run state \(b) in the seed end") }
+        return s
+    }
+
     static func decodeEnd(_ body: [UInt8]) throws(SeedError) -> SeedEnd {
         var r = WireReader(body, what: "seed end")
         let e = SeedEnd(exit: try r.u64(), signature: try r.u32(), lastClock: try r.u64(), firstSequence: try r.u32(),
                         totalPages: try r.u32(), vcpuState: try r.blob(limit: 1 << 20), deviceState: try r.blob(limit: 1 << 20),
-                        seedDigest: try r.raw(32), protectionID: try r.u64())
+                        seedDigest: try r.raw(32), protectionID: try r.u64(), runState: try runState(r.u8()))
         try r.done()
         return e
     }
@@ -112,6 +128,7 @@ struct Wire {
     var out: [UInt8] = []
     init(_ part: SeedPart) { out.append(part.rawValue) }
     init(tag: UInt8) { out.append(tag) }
+    mutating func u8(_ v: UInt8) { out.append(v) }
     mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) } }
     mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) } }
     mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) } }
@@ -137,6 +154,7 @@ struct WireReader {
         for (i, x) in b.enumerated() { v |= T(x) << (8 * i) }
         return v
     }
+    mutating func u8() throws(SeedError) -> UInt8 { try int(UInt8.self) }
     mutating func u16() throws(SeedError) -> UInt16 { try int(UInt16.self) }
     mutating func u32() throws(SeedError) -> UInt32 { try int(UInt32.self) }
     mutating func u64() throws(SeedError) -> UInt64 { try int(UInt64.self) }

@@ -5,13 +5,13 @@ import Testing
 /// kill -9 and partitions against real `lockstep primary` / `lockstep secondary` processes on loopback.
 extension PairTests { @Suite struct FailoverTests {
     /// Starts a secondary and a primary running the echo guest, both with `--serial udp:127.0.0.1:PORT`.
-    static func startPair(_ ws: (dir: String, key: String, fence: String), udp: UInt16, extraPrimary: [String] = [],
+    static func startPair(_ ws: (dir: String, key: String, fence: String), udp: UInt16, guest: String = "echo", extraPrimary: [String] = [],
                           peerOverride: ((UInt16) throws -> UInt16)? = nil) throws -> (Child, Child, UInt16) {
         let common = PairFixture.common(ws)
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
         let port = try sec.listeningPort()
         let peer = try peerOverride?(port) ?? port
-        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(peer)", "--memory", "32",
+        let pri = try Child("primary", ["primary", try PairFixture.guest(guest), "--peer", "127.0.0.1:\(peer)", "--memory", "32",
                                         "--serial", "udp:127.0.0.1:\(udp)"] + common + extraPrimary)
         try pri.waitForLine(containing: "protected: secondary")
         return (pri, sec, port)
@@ -137,6 +137,33 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(try sec2.wait(seconds: 30) == 0, "\(sec2.stderrText)")
         #expect(history.problems.isEmpty, "\(history.problems)")
         try pri.wait(seconds: 10)
+        _ = try? sec.wait(seconds: 10)
+    }
+
+    /// `echo-tickless` sleeps in HLT with no timer: nothing wakes it but a request. A new secondary is still
+    /// seeded at once (the seed wakes the vCPU thread and is taken mid-halt), continues the halt, and replays
+    /// the requests that end it to the primary's final state.
+    @Test func aHaltedGuestIsSeededWithoutWaitingForInput() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = PairFixture.freeUDPPort()
+        let (pri, sec, port) = try Self.startPair(ws, udp: udp, guest: "echo-tickless")
+        let client = EchoClient(port: udp)
+        var history = History()
+        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        sec.kill9()
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws))
+        // No request until the primary says it is protected: the guest stays halted throughout.
+        let seeded = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 20)
+        #expect(seeded.contains(" ms while halted"), "\(seeded)")
+        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(try sec2.wait(seconds: 30) == 0, "\(sec2.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec2.digest, "primary \(pri.digest ?? "-"), secondary \(sec2.digest ?? "-")")
+        #expect(history.problems.isEmpty, "\(history.problems)")
         _ = try? sec.wait(seconds: 10)
     }
 

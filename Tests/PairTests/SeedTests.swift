@@ -54,4 +54,15 @@ import Testing
         }
         #expect(throws: SeedError.self) { try SeedPages(memoryMiB: 1) }
     }
+
+    @Test func theEndRoundTripsItsRunStateAndRefusesAnUnknownOne() throws {
+        let end = SeedEnd(exit: 250, signature: 7, lastClock: 1_000, firstSequence: 3, totalPages: 9, vcpuState: [1, 2],
+                          deviceState: [3], seedDigest: [UInt8](repeating: 5, count: 32), protectionID: 42, runState: .halted)
+        var bytes = SeedCodec.end(end)
+        #expect(try SeedCodec.decodeEnd(bytes) == end)
+        bytes[bytes.count - 1] = 0  // 0 is never a run state
+        do { _ = try SeedCodec.decodeEnd(bytes); Issue.record("run state 0 was accepted") } catch {
+            #expect(error.description.contains("unknown run state 0"), "\(error)")
+        }
+    }
 }
