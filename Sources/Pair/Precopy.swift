@@ -10,6 +10,11 @@ import Synchronization
 /// what is left is small or stops shrinking. The vCPU thread then pauses the guest (`finish`) to send the
 /// rest with the vCPU and device state.
 ///
+/// Auto-converge: a guest that writes pages at least half as fast as the rounds send them is throttled (the
+/// vCPU thread sleeps a share of its time at step boundaries, `throttleSleepNs`), starting at 30 % and 20
+/// points more each round that still does not converge, up to 90 %. The rounds end when even that does not
+/// shrink the set. Without it, such a guest's pause carried its whole working set.
+///
 /// The seed digest (`StateDigest.seed`) hashes each page, then each chunk of page hashes. The seeding thread
 /// keeps the hash of every page it sent (taken from the bytes sent) and of every page it did not (taken
 /// from RAM), and after each round the hashes of the chunks whose page hashes changed. A page written after
@@ -27,6 +32,9 @@ final class Precopy: @unchecked Sendable {
     /// What is left for the pause: at most this many pages (1 MiB) ends the rounds.
     static let pausePages = 256
     static let maxRounds = 30
+    static let throttleStart: UInt8 = 30, throttleStep: UInt8 = 20, throttleMax: UInt8 = 90
+    /// While throttling, the vCPU thread is asked for a step boundary this often (a guest with no exits of its own).
+    static let throttleTickMs = 5
 
     let conn: Connection
     private let machine: Machine
@@ -51,6 +59,11 @@ final class Precopy: @unchecked Sendable {
     private(set) var rounds = 0
     private(set) var pagesSent = 0
     private(set) var pagesInPause = 0
+    /// Share of the guest's time the vCPU thread sleeps (percent, 0: not throttled); the highest it reached.
+    let throttle = Atomic<UInt8>(0)
+    private(set) var throttleReached: UInt8 = 0
+    /// vCPU thread: when the guest last resumed from a throttle sleep.
+    private var ranSince: UInt64 = 0
     /// Fault injection for the seed-check test (`LOCKSTEP_FAULT_SEED_PAGE`): the first page this process sends
     /// carries one wrong byte after it was hashed, as a copy gone wrong would.
     private static let corruptNextPage = Atomic<Bool>(ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_SEED_PAGE"] != nil)
@@ -113,10 +126,25 @@ final class Precopy: @unchecked Sendable {
             var n = try sendPending()
             rehashStaleChunks()
             rounds = 1
+            var ticker: Ticker?
+            defer { ticker?.stop(); throttle.store(0, ordering: .releasing) }
             while true {
                 try machine.takeDirtyPages(into: pending, sinceBoot: false)
                 let left = count(pending)
-                if left <= Self.pausePages || rounds >= Self.maxRounds || left >= n { break }
+                if left <= Self.pausePages || rounds >= Self.maxRounds { break }
+                if left >= n / 2 {
+                    // Not converging: throttle harder, or stop where even the most throttle does not shrink it.
+                    let t = throttle.load(ordering: .relaxed)
+                    if t == Self.throttleMax { if left >= n { break } } else {
+                        let next = t == 0 ? Self.throttleStart : min(t + Self.throttleStep, Self.throttleMax)
+                        throttle.store(next, ordering: .releasing)
+                        throttleReached = next
+                        if ticker == nil {
+                            let pacer = machine.pacer
+                            ticker = Ticker(ms: Self.throttleTickMs, name: "lockstep-throttle") { pacer?.raise(.boundary) }
+                        }
+                    }
+                }
                 n = try sendPending()
                 rehashStaleChunks()
                 rounds += 1
@@ -129,6 +157,19 @@ final class Precopy: @unchecked Sendable {
             conn.close()
             phase.store(Phase.failed.rawValue, ordering: .releasing)
         }
+    }
+
+    /// vCPU thread, at a step boundary during the rounds: sleeps the throttle's share of the time the guest
+    /// ran since the last sleep (at most 20 ms at a time, so a cancel or the end is not held up).
+    func throttleGuest(now: UInt64) {
+        let t = UInt64(throttle.load(ordering: .acquiring))
+        guard t > 0 else { ranSince = 0; return }
+        if ranSince == 0 { ranSince = now; return }
+        let ran = now &- ranSince
+        guard ran >= 1_000_000 else { return }  // sleep in slices of at least 1 ms of guest time
+        let until = now + min(ran * t / (100 - t), 20_000_000)
+        while lk_sleep_until(until) == -EINTR {}  // the pacer's kicks land here too
+        ranSince = lk_monotonic_ns()
     }
 
     /// vCPU thread, guest paused between two exits, after `ready`: sends the pages written since the last

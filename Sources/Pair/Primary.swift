@@ -251,7 +251,8 @@ public final class PrimaryRunner: @unchecked Sendable {
     private func seedStep(_ p: Precopy) {
         var state = p.state
         if state == .copying {
-            guard lk_monotonic_ns() &- p.progressNs.load(ordering: .acquiring) > SecondaryLink.seedTimeoutNs else { return }
+            let now = lk_monotonic_ns()
+            guard now &- p.progressNs.load(ordering: .acquiring) > SecondaryLink.seedTimeoutNs else { p.throttleGuest(now: now); return }
             p.cancel("the secondary took no seed data for \(SecondaryLink.seedTimeoutNs / 1_000_000_000) s")
             state = .failed
         }
@@ -294,7 +295,8 @@ public final class PrimaryRunner: @unchecked Sendable {
         let pause = lk_monotonic_ns() &- t0
         let ms: @Sendable (UInt64) -> String = { String(format: "%.1f", Double($0) / 1e6) }
         let line = "protected: secondary at \(peerHost):\(peerPort) seeded at exit \(snap.exit):"
-            + " \(p.pagesSent - p.pagesInPause) pages in \(p.rounds) rounds (\(ms(t0 &- p.startNs)) ms),"
+            + " \(p.pagesSent - p.pagesInPause) pages in \(p.rounds) rounds (\(ms(t0 &- p.startNs)) ms"
+            + (p.throttleReached > 0 ? ", guest throttled up to \(p.throttleReached) %)," : "),")
             + " then \(p.pagesInPause) with the guest paused \(ms(pause)) ms" + (snap.halted ? " while halted" : "")
         let confirmation = SecondaryLink.Unconfirmed(protectionID: protectionID, exit: snap.exit) { [weak self] in
             _ = self?.fsm.withLock { $0.handle(.seedComplete) }
@@ -311,7 +313,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         _ = fsm.withLock { $0.handle(.handshakeOK) }
         l.start()
         seeded += 1
-        metrics.seeded(pauseNs: pause, totalNs: lk_monotonic_ns() &- p.startNs)
+        metrics.seeded(pauseNs: pause, totalNs: lk_monotonic_ns() &- p.startNs, throttlePercent: p.throttleReached)
     }
 
     private func adoptOffer() {

@@ -62,6 +62,8 @@ public struct PairStats: Codable, Sendable {
     /// Per seed: how long the guest paused, and the whole seed from connection to the pause's end.
     public var seedPauseMs: [Double]
     public var seedTotalMs: [Double]
+    /// Per seed: the highest auto-converge throttle the rounds reached (percent of the guest's time asleep).
+    public var seedThrottlePercent: [Int]
     /// (seconds since start, replication lag µs) samples for the lag-over-time plot.
     public var lagSeries: [[Double]]
     /// Replication lag histogram buckets: (upper bound µs, count), for the histogram plot.
@@ -96,6 +98,7 @@ final class PairMetrics: @unchecked Sendable {
     var throttledNs: UInt64 = 0
     var seedPausesMs: [Double] = []
     var seedTotalsMs: [Double] = []
+    var seedThrottles: [Int] = []
 
     func replicated(lagNs: UInt64, at now: UInt64) {
         lock.lock(); defer { lock.unlock() }
@@ -114,8 +117,9 @@ final class PairMetrics: @unchecked Sendable {
     }
 
     func throttled(_ ns: UInt64) { lock.lock(); throttledNs &+= ns; lock.unlock() }
-    func seeded(pauseNs: UInt64, totalNs: UInt64) {
+    func seeded(pauseNs: UInt64, totalNs: UInt64, throttlePercent: UInt8) {
         lock.lock(); defer { lock.unlock() }
+        seedThrottles.append(Int(throttlePercent))
         seedPausesMs.append(Double(pauseNs) / 1e6)
         seedTotalsMs.append(Double(totalNs) / 1e6)
     }
@@ -129,7 +133,8 @@ final class PairMetrics: @unchecked Sendable {
         return PairStats(replicationLagUs: .init(replication), replayLagUs: .init(replay), gateLatencyUs: .init(gate),
                          replayLagExitsMax: replayLagExitsMax, logBytes: logBytes, events: events, batches: batches,
                          syncPoints: syncPoints, exits: exits, elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9,
-                         throttledMs: Double(throttledNs) / 1e6, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs, lagSeries: series, lagHistogram: buckets)
+                         throttledMs: Double(throttledNs) / 1e6, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs,
+                         seedThrottlePercent: seedThrottles, lagSeries: series, lagHistogram: buckets)
     }
 }
 

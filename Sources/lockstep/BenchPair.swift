@@ -15,7 +15,8 @@ struct BenchPairCommand: ParsableCommand {
         discussion: """
         Spawns this lockstep executable on 127.0.0.1, one guest at a time: for timer-compute, exit-heavy and echo a \
         protected run (secondary + primary) and an unprotected `lockstep run`; then --reseeds re-seeds of a running \
-        echo (pre-copy pause, connected → protected) and --trials kill -9 failovers of echo. \
+        echo (pre-copy pause, connected → protected), one of the dirty guest (auto-converge; skipped with \
+        --reseeds 0) and --trials kill -9 failovers of echo. \
         Children's stderr, the key and the stats files live in a temporary directory (kept and named when something \
         fails). Exits 1 (FAIL) when a run fails, the two sides' state digests differ or a failover gets no reply; a \
         missed performance target is reported (MISS), not an error.
@@ -25,7 +26,7 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "Write every figure as one JSON object to this file.") var json: String?
     @Option(name: .long, help: "Directory for the SVG plots (default: the --json file's directory; none without either).") var plots: String?
     @Option(name: .long, help: "kill -9 failover trials.") var trials: Int = 20
-    @Option(name: .long, help: "Re-seeds of the running echo guest (kill -9 of the secondary, a new one seeded by pre-copy).") var reseeds: Int = 5
+    @Option(name: .long, help: "Re-seeds of the running echo guest (kill -9 of the secondary, a new one seeded by pre-copy); above 0, one of the dirty guest too.") var reseeds: Int = 5
     @Option(name: .long, help: "Echo requests per throughput run.") var requests: Int = 2000
     @Option(name: .long, help: "Echo requests in flight at once (1: closed loop, one request per round trip).") var window: Int = 1
     @Option(name: .long, help: "Protected/unprotected run pairs per guest (medians are reported).") var `repeat`: Int = 1
@@ -495,6 +496,7 @@ extension PairBench {
         }
 
         var reseed: ReseedResult?
+        var dirty: DirtyReseedResult?
         if reseeds > 0 {
             let r = try reseedTrials(reseeds)
             reseed = r
@@ -504,6 +506,13 @@ extension PairBench {
                         Figure(key: "reseed_total_p50_ms", label: "re-seed (pre-copy): connected → protected p50", value: percentile(r.totalMs, 50) ?? .infinity, unit: "ms"),
                         Figure(key: "reseed_echo_rtt_max_us", label: "re-seed: echo round trip max while seeding", value: r.rttUs.max() ?? .infinity, unit: "µs")]
             notes.append("re-seed: \(r.pauseMs.count) secondaries seeded from the running echo guest (\(memory) MiB); the last ended with the primary's digest: \(r.digestsMatch ? "yes" : "NO")")
+            let d = try dirtyReseed()
+            dirty = d
+            if !d.digestsMatch { digestsMatch = false }
+            figures += [Figure(key: "reseed_dirty_pause_ms", label: "re-seed, dirty guest: guest paused", value: d.pauseMs, unit: "ms"),
+                        Figure(key: "reseed_dirty_total_ms", label: "re-seed, dirty guest: connected → protected", value: d.totalMs, unit: "ms"),
+                        Figure(key: "reseed_dirty_throttle_percent", label: "re-seed, dirty guest: auto-converge throttle reached", value: Double(d.throttlePercent), unit: "%")]
+            notes.append("re-seed, dirty guest: \(d.line.range(of: "seeded at").map { String(d.line[$0.lowerBound...]) } ?? d.line); the new secondary ended with the primary's digest: \(d.digestsMatch ? "yes" : "NO")")
         }
 
         var results: [Trial] = []
@@ -545,6 +554,7 @@ extension PairBench {
             "guests": guestsJSON,
             "failover": ["trials": results.map(\.json), "kill_to_reply_ms": times] as [String: Any],
             "reseed": reseed?.json ?? NSNull(),
+            "reseed_dirty": dirty?.json ?? NSNull(),
             "definitions": [
                 "throughput_ratio": "echo: protected requests/s / unprotected requests/s (closed loop when window is 1); others: unprotected guest run time / protected guest run time (first vCPU entry to guest exit, from --verbose)",
                 "replication_lag": "primary's --stats-json: log batch sent → the secondary's ack that it holds it",
@@ -555,6 +565,7 @@ extension PairBench {
                 "failover_kill_to_live": "upper bound: the harness polls the secondary's stderr for `live:` every 2 ms",
                 "reseed_pause": "primary's seedPauseMs: the guest paused for the last pages, the machine state and the seed digest (pre-copy rounds run beside the guest)",
                 "reseed_total": "primary's seedTotalMs: a connected secondary → the pause's end",
+                "reseed_dirty_throttle": "primary's seedThrottlePercent: the share of its time the guest slept at the most during the rounds (auto-converge)",
             ],
         ]
     }

@@ -60,6 +60,47 @@ extension PairBench {
                             digestsMatch: sec.code == 0 && pri.digest != nil && pri.digest == sec.digest)
     }
 
+    struct DirtyReseedResult {
+        var pauseMs: Double
+        var totalMs: Double
+        var throttlePercent: Int
+        /// The primary's `protected:` line for it (pages per round, pages in the pause).
+        var line: String
+        var digestsMatch: Bool
+        var json: [String: Any] {
+            ["pause_ms": pauseMs, "total_ms": totalMs, "throttle_percent": throttlePercent, "line": line, "digests_match": digestsMatch]
+        }
+    }
+
+    /// The `dirty` guest rewrites 32 MiB over and over, faster than pre-copy sends it: one re-seed shows
+    /// auto-converge (the rounds throttle the guest until what is left fits a short pause). The new
+    /// secondary must end with the primary's state digest.
+    func dirtyReseed() throws -> DirtyReseedResult {
+        let tag = "reseed-dirty"
+        progress("dirty: a re-seed while the guest rewrites 32 MiB")
+        let stats = tempFile(tag, "stats.json")
+        let fence = tempFile(tag, "fence")
+        try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
+        let (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
+        let pri = try startPrimary(tag, guest: "dirty", peer: port, serial: "none", fence: fence, stats: stats)
+        try awaitLines(pri, containing: "protected: secondary", count: 1, [pri, sec])
+        sec.kill9()
+        _ = sec.wait(until: monotonicNs() + 5_000_000_000)
+        try awaitLines(pri, containing: "continuing unprotected", count: 1, [pri])
+        let sec2 = try startSecondary("\(tag)1", serial: "none", fence: fence, listen: "127.0.0.1:\(port)").0
+        try awaitLines(pri, containing: "protected: secondary", count: 2, [pri, sec2])
+        try finish(pri, [sec2])
+        guard sec2.wait(until: monotonicNs() + 30_000_000_000) else { throw failure("dirty re-seed: the new secondary did not end", [sec2, pri]) }
+        let st: PairStats
+        do { st = try JSONDecoder().decode(PairStats.self, from: Data(contentsOf: URL(fileURLWithPath: stats))) } catch {
+            throw failure("dirty re-seed: cannot read the primary's --stats-json \(stats): \(error)", [pri])
+        }
+        guard st.seedPauseMs.count == 2, st.seedThrottlePercent.count == 2 else { throw failure("dirty re-seed: the primary reports \(st.seedPauseMs.count) seeds, not 2", [pri]) }
+        let line = pri.stderrText.split(separator: "\n").filter { $0.contains("protected: secondary") }.last.map(String.init) ?? ""
+        return DirtyReseedResult(pauseMs: st.seedPauseMs[1], totalMs: st.seedTotalMs[1], throttlePercent: st.seedThrottlePercent[1], line: line,
+                                 digestsMatch: sec2.code == 0 && pri.digest != nil && pri.digest == sec2.digest)
+    }
+
     func lineCount(_ c: Child, _ text: String) -> Int {
         c.stderrText.split(separator: "\n").filter { $0.contains(text) }.count
     }
