@@ -2,6 +2,9 @@
 #include "CLockstep.h"
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <time.h>
@@ -41,3 +44,31 @@ int lk_eventfd_wait(int fd, uint64_t deadline_ns) {
 }
 
 int lk_set_timer_slack_ns(unsigned long ns) { return prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0) < 0 ? -errno : 0; }
+
+// One eventfd per signal number that lk_signal_eventfd routed (a handler may only write(2)).
+static int signal_fds[65];
+
+static void signal_to_eventfd(int signo) {
+    int saved = errno;
+    if (signo > 0 && signo < 65 && signal_fds[signo] > 0) lk_eventfd_signal(signal_fds[signo]);
+    errno = saved;
+}
+
+int lk_signal_eventfd(int signo) {
+    if (signo <= 0 || signo >= 65) return -EINVAL;
+    int fd = lk_eventfd();
+    if (fd < 0) return fd;
+    signal_fds[signo] = fd;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = signal_to_eventfd;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART; // whichever thread takes it, its blocking calls go on
+    if (sigaction(signo, &sa, NULL) < 0) { int e = errno; close(fd); signal_fds[signo] = 0; return -e; }
+    // A parent (a test runner, a thread pool) may have left it blocked: this thread, and those it starts, take it.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    return fd;
+}

@@ -20,12 +20,15 @@ public enum FailoverState: UInt8, Sendable, Equatable, CaseIterable {
     case fenced = 9
     /// Stopped (guest exited, operator, or nothing to go live with). Terminal.
     case stopped = 10
+    /// Primary that stopped its guest where the secondary holds the whole log, gave up the fence and told
+    /// the secondary to take over (a planned switchover); it waits to see the fence taken.
+    case primaryHandingOver = 11
 
-    public var isPrimarySide: Bool { [.primaryUnprotected, .primarySyncing, .primaryProtected, .live].contains(self) }
+    public var isPrimarySide: Bool { [.primaryUnprotected, .primarySyncing, .primaryProtected, .primaryHandingOver, .live].contains(self) }
     public var isSecondarySide: Bool { [.secondaryConnecting, .secondarySeeding, .secondaryReplaying, .secondaryFencing].contains(self) }
     public var isTerminal: Bool { self == .fenced || self == .stopped }
     /// Whether a secondary is attached whose acks gate outputs.
-    public var gatesOutput: Bool { self == .primarySyncing || self == .primaryProtected }
+    public var gatesOutput: Bool { self == .primarySyncing || self == .primaryProtected || self == .primaryHandingOver }
 }
 
 public enum FailoverEvent: Sendable, Equatable {
@@ -46,12 +49,19 @@ public enum FailoverEvent: Sendable, Equatable {
     case fenceDenied(holder: String)
     case guestExited
     case operatorStop
+    /// The operator asks the primary to hand the guest over to its secondary (the secondary holds the log
+    /// through the primary's stopped exit).
+    case handoverRequested
+    /// Primary handing over: the secondary took the fence.
+    case peerTookOver
+    /// Secondary: the primary handed over (it stopped, sent all its log, and gave up the fence).
+    case peerHandover
 
     /// One representative of every case (for exhaustive tests).
     public static let representatives: [FailoverEvent] = [
         .connected, .handshakeOK, .seedComplete, .heartbeatReceived, .logReceived, .peerGoodbye,
         .peerSilent(ms: 10), .peerSilent(ms: 1000), .channelError("reset"), .fenceAcquired(generation: 7),
-        .fenceDenied(holder: "hostA pid 1"), .guestExited, .operatorStop,
+        .fenceDenied(holder: "hostA pid 1"), .guestExited, .operatorStop, .handoverRequested, .peerTookOver, .peerHandover,
     ]
 }
 
@@ -72,6 +82,9 @@ public enum FailoverAction: Sendable, Equatable {
     /// Listen for a new secondary (re-protection).
     case acceptNewSecondary
     case logWarning(String)
+    /// Planned switchover: with the guest stopped and the log held by the secondary, give up the fence and
+    /// tell the secondary to take over.
+    case handOver
 
     /// Actions only a secondary may perform.
     public var isSecondaryAction: Bool {
@@ -138,6 +151,19 @@ public struct FailoverMachine: Sendable, Equatable {
             return (.primarySyncing, [.startProtection])
         case (.primarySyncing, .seedComplete):
             return (.primaryProtected, [])
+        case (.primaryProtected, .handoverRequested):
+            return (.primaryHandingOver, [.handOver])
+        case (.primaryUnprotected, .handoverRequested), (.primarySyncing, .handoverRequested), (.live, .handoverRequested):
+            return (state, [.logWarning("handover refused: no secondary holds this guest's state yet")])
+        case (.primaryHandingOver, .peerTookOver):
+            return (.stopped, [.releaseGatedOutput, .stop(reason: "handed over to the secondary")])
+        case (.primaryHandingOver, .fenceAcquired):
+            // The secondary did not take the fence in time, and this side took it back: it never went live.
+            return (.primaryUnprotected, [.releaseGatedOutput, .dropProtection,
+                                          .logWarning("the secondary did not take over; continuing unprotected"), .acceptNewSecondary])
+        case (.primaryHandingOver, _):
+            // The secondary closing the link is part of the handover; the fence decides the outcome.
+            return (state, [])
         case (.primarySyncing, _), (.primaryProtected, _):
             if lostPeer || event == .peerGoodbye {
                 return (.primaryUnprotected, [.releaseGatedOutput, .dropProtection,
@@ -160,6 +186,8 @@ public struct FailoverMachine: Sendable, Equatable {
             return (.stopped, [.stop(reason: "primary lost during seeding (\(reason)); nothing to go live with")])
         case (.secondaryReplaying, .peerGoodbye):
             return (.stopped, [.stop(reason: "primary stopped in an orderly way")])
+        case (.secondaryReplaying, .peerHandover):
+            return (.secondaryFencing, [.logWarning("the primary hands the guest over; taking the fence"), .acquireFence])
         case (.secondaryReplaying, _) where lostPeer:
             return (.secondaryFencing, [.logWarning("primary presumed failed (\(reason)); taking the fence"), .acquireFence])
         case (.secondaryFencing, .fenceAcquired(let g)):

@@ -56,6 +56,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
 
     /// Names this secondary in the primary's pair record (see `PairRecord`).
     let protectionID: UInt64
+    /// Fault injection for the handover test (`LOCKSTEP_FAULT_IGNORE_HANDOVER`): a secondary that never takes over.
+    private static let ignoreHandover = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_IGNORE_HANDOVER"] != nil
 
     init(conn: Connection, startExit: UInt64, firstSequence: UInt32, protectionID: UInt64, options: PairOptions, output: SuppressedOutput) {
         self.conn = conn; self.options = options; self.output = output; self.protectionID = protectionID
@@ -146,6 +148,17 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                         if let w = try? r.u64() { output.primaryReleased(below: w) }
                     } else if body.first == PairMessage.replyAddress.rawValue, body.count == 7 {
                         replyAddress.withLock { $0 = Array(body.dropFirst()) }
+                    } else if body.first == PairMessage.handover.rawValue, body.count == 9, !Self.ignoreHandover {
+                        var r = WireReader(body, what: "handover")
+                        let exit = (try? r.u64()) ?? 0
+                        let held = heldExit.load(ordering: .acquiring)
+                        guard held >= exit else {
+                            // Its log is not all here: taking over would lose what the primary released.
+                            reportDivergence("the primary hands over at exit \(exit) but this side holds the log only to exit \(held)")
+                            return
+                        }
+                        takeOver(.peerHandover, why: "the primary handed the guest over at exit \(exit)")
+                        return
                     }
                 case .goodbye(let why):
                     // An orderly stop without a trailer: the primary is not failing, do not go live.
@@ -221,9 +234,13 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
 
     /// The primary is presumed failed: take the fence (retrying for `fenceWaitMs`, since a dead holder's lock
     /// may be released a moment after its socket), then go live, or stop if the fence stays held.
-    private func primaryLost(_ why: String) {
+    private func primaryLost(_ why: String) { takeOver(.channelError(why), why: why) }
+
+    /// Takes the fence and goes live (`drainLogAndGoLive`), or stops if the fence stays held: on the primary's
+    /// failure, or when it hands the guest over.
+    private func takeOver(_ event: FailoverEvent, why: String) {
         conn.close()
-        var actions = fsm.handle(.channelError(why))
+        var actions = fsm.handle(event)
         while !actions.isEmpty {
             var next: [FailoverAction] = []
             for a in actions {

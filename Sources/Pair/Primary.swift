@@ -36,6 +36,10 @@ public final class PrimaryRunner: @unchecked Sendable {
     private let hasOffer = Atomic<Bool>(false)
     private let connecting = Atomic<Bool>(false)
     private let finished = Atomic<Bool>(false)
+    /// An operator asked for a planned switchover (`requestHandover`, any thread).
+    private let handoverWanted = Atomic<Bool>(false)
+    /// The secondary took the guest over: the run ends without a trailer (vCPU thread).
+    private(set) var handedOver = false
     private var lastFlushNs: UInt64 = 0
     /// Reused buffer for one batch (no allocation per flush in steady state).
     private var batch: [UInt8] = []
@@ -94,12 +98,13 @@ public final class PrimaryRunner: @unchecked Sendable {
 
     @inline(__always) func stepAdopted() { afterStep() }
 
-    /// The guest ended: close the log to the secondary (if any) and release everything.
+    /// The guest ended: close the log to the secondary (if any) and release everything. After a handover
+    /// the log has no end: the secondary runs the guest on, and the pair record is its to write.
     func endRun(_ ending: Ending) throws(MachineError) -> SessionResult {
         dropSeeding("the guest ended before this secondary was seeded")
-        releaseFinalOutput()
+        if !handedOver { releaseFinalOutput() }
         let (result, trailer) = try session.finish(ending)
-        finishLog(trailer)
+        if handedOver { detachTakenOver() } else { finishLog(trailer) }
         finished.store(true, ordering: .releasing)
         dropOffer()
         return result
@@ -122,6 +127,7 @@ public final class PrimaryRunner: @unchecked Sendable {
             while true {
                 if case .finished(let e) = try own.step() { ending = e; break }
                 afterStep()
+                if handedOver { break }
             }
         } catch {
             own.stop()
@@ -158,6 +164,7 @@ public final class PrimaryRunner: @unchecked Sendable {
     /// After each step: attach an offered secondary, drop a lost one, push the log, and slow down if the
     /// secondary's replay is too far behind.
     @inline(__always) private func afterStep() {
+        if handoverWanted.load(ordering: .relaxed) { handOver(); if handedOver { return } }
         if hasOffer.load(ordering: .relaxed) { adoptOffer() }
         if let p = seeding { seedStep(p) }
         guard let l = link else {
@@ -169,6 +176,86 @@ public final class PrimaryRunner: @unchecked Sendable {
         flushLog(force: false)
         let now = lk_monotonic_ns()
         if l.mustSlowDown(now: now) { throttle(l, since: now) }
+    }
+
+    // MARK: planned switchover
+
+    /// Asks for a planned switchover (any thread; the CLI's SIGUSR2): at its next step boundary the primary
+    /// hands the guest to its secondary, or says why it cannot.
+    public func requestHandover() {
+        handoverWanted.store(true, ordering: .releasing)
+        session.machine.pacer?.raise(.boundary)
+    }
+
+    /// vCPU thread, guest stopped between two steps. The secondary gets the log through this exit and acks
+    /// it (so all output is released), then this side gives up the fence and sends `handover`. The fence
+    /// decides: a new holder means the secondary took over (this run ends); none in time, and this side
+    /// takes it back and goes on unprotected (the secondary, denied the fence, stops).
+    private func handOver() {
+        handoverWanted.store(false, ordering: .relaxed)
+        guard state == .primaryProtected, let l = link, !l.lost.load(ordering: .acquiring) else {
+            for case .logWarning(let w) in fsm.withLock({ $0.handle(.handoverRequested) }) { warn(w) }
+            return
+        }
+        flushLog(force: true)
+        let exit = session.exit
+        let ackBy = lk_monotonic_ns() + max(options.failureNs, 1_000_000_000)
+        while l.held.load(ordering: .acquiring) < exit, !l.lost.load(ordering: .acquiring), lk_monotonic_ns() < ackBy {
+            _ = lk_eventfd_wait(l.ackEvent, ackBy)
+        }
+        guard l.held.load(ordering: .acquiring) >= exit, !l.lost.load(ordering: .acquiring) else {
+            warn("handover refused: the secondary did not acknowledge the log through exit \(exit)")
+            return
+        }
+        guard fsm.withLock({ $0.handle(.handoverRequested) }).contains(.handOver) else { return }
+        // Everything through `exit` is released now: say so, or the secondary would send the last line again.
+        var released = Wire(tag: PairMessage.released.rawValue)
+        released.u64(gate.releasedWatermark)
+        var handover = Wire(tag: PairMessage.handover.rawValue)
+        handover.u64(exit)
+        let generation = fence?.token?.generation ?? 0
+        l.beginHandover()
+        try? fence?.release()
+        let t0 = lk_monotonic_ns()
+        do { try l.conn.send([.status(released.out), .status(handover.out)]) } catch { warn("handover: cannot tell the secondary: \(error)") }
+        // The secondary takes the fence within its fence wait; allow that and a failure timeout.
+        let until = t0 + UInt64(options.fenceWaitMs) * 1_000_000 + options.failureNs + 1_000_000_000
+        var taken = false
+        while !taken, lk_monotonic_ns() < until {
+            if let f = fence { taken = (f.readHolder()?.generation ?? 0) > generation } else { taken = l.lost.load(ordering: .acquiring) }
+            if !taken { usleep(1000) }  // poll the fence file
+        }
+        // Not taken in time: take the fence back. Held by someone else by now (or unusable), this side must stop.
+        if !taken, let f = fence {
+            let back = (try? f.tryAcquire(identity: .current())) ?? nil
+            taken = back == nil
+        }
+        if taken {
+            _ = fsm.withLock { $0.handle(.peerTookOver) }
+            handedOver = true
+            warn("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side stops")
+        } else {
+            _ = fsm.withLock { $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) }
+            warn("handover failed: the secondary did not take the fence in time; continuing unprotected")
+            l.lose("it did not take over when handed the guest")
+            PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+            totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
+            l.join()
+            link = nil
+            current.withLock { $0 = nil }
+            startConnector()
+        }
+    }
+
+    /// After a handover: the link is the secondary's to close; only the threads are left to end.
+    private func detachTakenOver() {
+        finished.store(true, ordering: .releasing)
+        guard let l = link else { return }
+        totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
+        l.lose("the secondary took the guest over")
+        l.join()
+        link = nil
+        current.withLock { $0 = nil }
     }
 
     /// Sends buffered records, or a bare watermark when none wait: output exits write no records, and held

@@ -3,6 +3,7 @@ import Channel
 import EventLog
 import Foundation
 import Machine
+import Synchronization
 
 /// `lockstep secondary`: waits for a primary, loads its seed, replays its log in lockstep, and goes live
 /// (fence, drain, live devices, service address) when the primary fails.
@@ -16,7 +17,9 @@ public final class SecondaryRunner: @unchecked Sendable {
     /// Where a survivor looks for a secondary of its own (`--peer`); nil: it runs unprotected once live.
     let reprotectPeer: String?
     /// The survivor's protection (after go-live, with `--peer`).
-    private var protector: PrimaryRunner?
+    private var protector: PrimaryRunner? { didSet { protectorForSignals.withLock { $0 = protector } } }
+    /// `protector` for the thread that asks for a handover.
+    private let protectorForSignals = Mutex<PrimaryRunner?>(nil)
     private var seedImage: PVHImage?
     private var seedConfig = MachineConfig()
     /// How the run ended, for the exit status.
@@ -68,6 +71,14 @@ public final class SecondaryRunner: @unchecked Sendable {
         }
     }
 
+    /// A planned switchover (any thread): only once live and protecting itself does this side have a guest to
+    /// hand over.
+    public func requestHandover() {
+        if let p = protectorForSignals.withLock({ $0 }) { p.requestHandover() } else {
+            warn("handover refused: this side is not a protected primary (a secondary hands nothing over; a live one needs --peer and a seeded secondary)")
+        }
+    }
+
     /// Replays one seeded stream. Returns the result when the guest ended; nil when this side must be seeded
     /// again (it diverged or could not read the log).
     private func follow(_ s: StandbySession, _ src: LiveLogSource) throws -> SessionResult? {
@@ -84,7 +95,11 @@ public final class SecondaryRunner: @unchecked Sendable {
         do {
             while true {
                 if case .finished(let e) = try s.step() { ending = e; break }
-                if let p = protector { p.stepAdopted(); continue }
+                if let p = protector {
+                    p.stepAdopted()
+                    if p.handedOver { break }
+                    continue
+                }
                 src.replayed.store(s.exit, ordering: .releasing)
                 if !wentLive, src.abandoned.load(ordering: .acquiring) { break }
                 if delayUs > 0, !wentLive { usleep(delayUs) }

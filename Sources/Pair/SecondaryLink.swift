@@ -19,6 +19,7 @@ final class SecondaryLink: @unchecked Sendable {
     private let lostReason = Mutex<String>("")
     /// Orders this link's pair-record writes: a loss always writes last.
     private let recordLock = NSLock()
+    private var handingOver = false  // under recordLock
     /// Signalled on every ack and on loss (flow control waits on it).
     let ackEvent = lk_eventfd()
     let lastSendNs = Atomic<UInt64>(lk_monotonic_ns())
@@ -64,6 +65,10 @@ final class SecondaryLink: @unchecked Sendable {
     var reason: String { lostReason.withLock { $0 } }
 
     /// Marks the secondary lost (idempotent): releases everything gated and wakes a throttled vCPU.
+    /// From here the pair record names this secondary until it takes the fence: a handover is under way,
+    /// and the link's end (the secondary closes it to take over) must not un-name it.
+    func beginHandover() { recordLock.withLock { handingOver = true } }
+
     func lose(_ why: String) {
         // Before any held output leaves: this secondary's state is stale from now on, and it must not go
         // live even if it wins the fence after this process ends. (Under the lock: a confirmation racing
@@ -73,7 +78,7 @@ final class SecondaryLink: @unchecked Sendable {
             guard !lost.load(ordering: .acquiring) else { return false }
             lostReason.withLock { $0 = why }
             lost.store(true, ordering: .releasing)
-            PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+            if !handingOver { PairRecord.write(options.fenceDirectory, PairRecord.unprotected) }
             return true
         }
         guard first else { return }
@@ -262,4 +267,7 @@ enum PairMessage: UInt8 {
     case divergence = 2
     /// Primary → secondary: the UDP client the serial backend answers (IPv4 address, port; network order).
     case replyAddress = 3
+    /// Primary → secondary: u64 exit; the primary stopped its guest there (the secondary holds the whole log),
+    /// gave up the fence, and hands the guest over (a planned switchover).
+    case handover = 4
 }

@@ -176,3 +176,14 @@ final class Ticker: @unchecked Sendable {
         close(wake)
     }
 }
+
+/// Calls `body` on a thread of its own each time `signo` arrives (the CLI's SIGUSR2: a planned switchover).
+public func onSignal(_ signo: Int32, _ body: @escaping @Sendable () -> Void) {
+    let fd = lk_signal_eventfd(signo)
+    guard fd >= 0 else { warn("cannot catch signal \(signo) (errno \(-fd)); it will not ask for a handover"); return }
+    let t = Thread {
+        while true { if lk_eventfd_wait(fd, .max) == 1 { body() } }
+    }
+    t.name = "lockstep-signal"
+    t.start()
+}

@@ -71,6 +71,7 @@ struct PrimaryCommand: ParsableCommand {
             let p = try PrimaryRunner(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs),
                                       backend: backend, peer: peer, options: o)
             backend.startInput(into: p.machine.input)
+            onSignal(SIGUSR2) { p.requestHandover() }
             let r = try p.run()
             backend.close()
             throw finish(r, verbose: options.verbose)
@@ -93,6 +94,7 @@ struct SecondaryCommand: ParsableCommand {
         do {
             let spec = try SerialSpec.parse(serial)
             let s = try SecondaryRunner(listen: listen, serial: spec, options: o, reprotectPeer: peer)
+            onSignal(SIGUSR2) { s.requestHandover() }
             FileHandle.standardError.write(Data("lockstep: secondary listening on \(listen.split(separator: ":").dropLast().joined(separator: ":")):\(s.port)\n".utf8))
             let r = try s.run(acceptTimeoutMs: acceptTimeoutMs)
             throw finish(r, verbose: verbose)

@@ -7,7 +7,7 @@ typealias S = FailoverState
 let E = FailoverEvent.representatives
 let evConnected = 0, evHandshake = 1, evSeed = 2, evHeartbeat = 3, evLog = 4, evGoodbye = 5,
     evShortSilence = 6, evSilence = 7, evChannelError = 8, evFenceOK = 9, evFenceDenied = 10,
-    evGuestExited = 11, evOperatorStop = 12
+    evGuestExited = 11, evOperatorStop = 12, evHandoverRequested = 13, evPeerTookOver = 14, evPeerHandover = 15
 
 /// The expected next state for every (state, event) pair; pairs not listed keep the state.
 let expectedNext: [S: [Int: S]] = [
@@ -15,12 +15,14 @@ let expectedNext: [S: [Int: S]] = [
     .primarySyncing: [evSeed: .primaryProtected, evGoodbye: .primaryUnprotected, evSilence: .primaryUnprotected,
                       evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped],
     .primaryProtected: [evGoodbye: .primaryUnprotected, evSilence: .primaryUnprotected,
-                        evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped],
+                        evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped,
+                        evHandoverRequested: .primaryHandingOver],
+    .primaryHandingOver: [evPeerTookOver: .stopped, evFenceOK: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped],
     .secondaryConnecting: [evHandshake: .secondarySeeding, evGuestExited: .stopped, evOperatorStop: .stopped],
     .secondarySeeding: [evSeed: .secondaryReplaying, evGoodbye: .stopped, evSilence: .stopped, evChannelError: .stopped,
                         evGuestExited: .stopped, evOperatorStop: .stopped],
     .secondaryReplaying: [evGoodbye: .stopped, evSilence: .secondaryFencing, evChannelError: .secondaryFencing,
-                          evGuestExited: .stopped, evOperatorStop: .stopped],
+                          evGuestExited: .stopped, evOperatorStop: .stopped, evPeerHandover: .secondaryFencing],
     .secondaryFencing: [evFenceOK: .live, evFenceDenied: .fenced, evGuestExited: .stopped, evOperatorStop: .stopped],
     .live: [evHandshake: .primarySyncing, evGuestExited: .stopped, evOperatorStop: .stopped],
     .fenced: [:],
@@ -32,7 +34,7 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
 @Suite struct FailoverMachineTests {
     @Test func rawValuesAreExplicitAndNonZero() {
         #expect(FailoverState(rawValue: 0) == nil)
-        #expect(S.allCases.map(\.rawValue) == Array(1...10))
+        #expect(S.allCases.map(\.rawValue) == Array(1...11))
     }
 
     @Test(arguments: S.allCases)
@@ -41,8 +43,10 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
             let (next, actions) = FailoverMachine.transition(state, event)
             let want = expectedNext[state]?[i] ?? state
             #expect(next == want, "\(state) + \(event)")
+            // A handover asked of a primary no secondary protects is refused with a warning.
+            let refusedHandover = i == evHandoverRequested && [.primaryUnprotected, .primarySyncing, .live].contains(state)
             if next == state && !(state == .secondaryConnecting && (i == evSilence || i == evChannelError))
-                && !(state.gatesOutput && i == evLog) {
+                && !(state.gatesOutput && state != .primaryHandingOver && i == evLog) && !refusedHandover {
                 #expect(actions.isEmpty, "\(state) + \(event) -> \(actions)")
             }
             // Invariants, pair by pair.
@@ -58,7 +62,26 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
             if next == .stopped || next == .fenced, state != next { #expect(hasStop(actions)) }
             if actions.contains(.drainLogAndGoLive) { #expect(next == .live && actions.contains(.bindServiceAddress)) }
             if actions.contains(.acquireFence) { #expect(next == .secondaryFencing) }
+            if refusedHandover { #expect(actions.count == 1 && !actions.contains(.handOver), "\(state) + \(event) -> \(actions)") }
+            // Only a protected primary hands over, and a handover ends only on the fence's say.
+            if actions.contains(.handOver) { #expect(state == .primaryProtected && next == .primaryHandingOver) }
+            if state == .primaryHandingOver && next != state { #expect([evPeerTookOver, evFenceOK, evGuestExited, evOperatorStop].contains(i)) }
         }
+    }
+
+    @Test func plannedHandover() {
+        var p = FailoverMachine(state: .primaryProtected)
+        #expect(p.handle(.handoverRequested) == [.handOver])
+        // The secondary closes the link as it takes over: no loss of protection is declared.
+        #expect(p.handle(.channelError("peer closed")) == [] && p.state == .primaryHandingOver)
+        #expect(p.handle(.peerTookOver) == [.releaseGatedOutput, .stop(reason: "handed over to the secondary")])
+        var s = FailoverMachine(state: .secondaryReplaying)
+        #expect(s.handle(.peerHandover).last == .acquireFence)
+        #expect(s.handle(.fenceAcquired(generation: 2)).first == .drainLogAndGoLive && s.state == .live)
+        // A secondary that never takes the fence: the primary takes it back and goes on unprotected.
+        var q = FailoverMachine(state: .primaryHandingOver)
+        let a = q.handle(.fenceAcquired(generation: 3))
+        #expect(q.state == .primaryUnprotected && a.first == .releaseGatedOutput && a.contains(.acceptNewSecondary))
     }
 
     @Test func goLiveOrder() {

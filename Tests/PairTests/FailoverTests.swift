@@ -140,6 +140,65 @@ extension PairTests { @Suite struct FailoverTests {
         _ = try? sec.wait(seconds: 10)
     }
 
+    /// A planned switchover (SIGUSR2 to the primary): it stops where the secondary holds its whole log, gives
+    /// up the fence, and the secondary goes live at once. The conversation goes on with no request lost or
+    /// answered twice differently; the old primary ends with status 0. A side with nothing to hand over
+    /// refuses and keeps running.
+    @Test func plannedHandoverKeepsTheConversation() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = PairFixture.freeUDPPort()
+        let (pri, sec, _) = try Self.startPair(ws, udp: udp)
+        let client = EchoClient(port: udp)
+        var history = History()
+        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        let t0 = Date()
+        pri.signal(SIGUSR2)
+        let live = try sec.waitForLine(containing: "live: ", seconds: 10)
+        #expect(live.contains("handed the guest over at exit"), "\(live)")
+        try pri.waitForLine(containing: "handed over to the secondary at exit", seconds: 10)
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(client.request("REQ 4 b", expect: "REP 4 ", seen: { history.saw($0) }) != nil, "secondary:\n\(sec.stderrText)")
+        print("handover: SIGUSR2 → the survivor's first reply in \(String(format: "%.1f", Date().timeIntervalSince(t0) * 1000)) ms")
+        // The survivor has no secondary: it refuses and serves on.
+        sec.signal(SIGUSR2)
+        try sec.waitForLine(containing: "handover refused", seconds: 10)
+        for seq in 5...6 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        #expect(history.problems.isEmpty, "\(history.problems)")
+        // Every reply was released before the handover, and the secondary was told: it sends none again.
+        let went = sec.stderr.first { $0.contains("went live at exit") } ?? ""
+        #expect(went.contains("(0 output bytes"), "nothing released may be sent again: \(went)")
+    }
+
+    /// A secondary that ignores the handover (fault injection): the primary, seeing nobody take the fence,
+    /// takes it back and serves on unprotected; the secondary then finds the fence held and never goes live.
+    @Test func aHandoverNobodyTakesLeavesThePrimaryServing() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = PairFixture.freeUDPPort()
+        let common = PairFixture.common(ws)
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common,
+                            environment: ["LOCKSTEP_FAULT_IGNORE_HANDOVER": "1"])
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(try sec.listeningPort())",
+                                        "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        try pri.waitForLine(containing: "protected: secondary")
+        let client = EchoClient(port: udp)
+        var history = History()
+        #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
+        pri.signal(SIGUSR2)
+        try pri.waitForLine(containing: "handover failed", seconds: 20)
+        #expect(try sec.wait(seconds: 20) == 75, "the secondary must stop, fenced: \(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        for seq in 2...3 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(history.problems.isEmpty, "\(history.problems)")
+    }
+
     /// `echo-tickless` sleeps in HLT with no timer: nothing wakes it but a request. A new secondary is still
     /// seeded at once (the seed wakes the vCPU thread and is taken mid-halt), continues the halt, and replays
     /// the requests that end it to the primary's final state.

@@ -158,6 +158,7 @@ final class Child: @unchecked Sendable {
     }
 
     func kill9() { kill(process.processIdentifier, SIGKILL) }
+    func signal(_ signo: Int32) { kill(process.processIdentifier, signo) }
 
     /// The `state-digest:` value printed at the end.
     var digest: String? { stderr.last(where: { $0.hasPrefix("state-digest: ") }).map { String($0.dropFirst(14)) } }

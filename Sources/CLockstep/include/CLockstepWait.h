@@ -8,4 +8,6 @@ void lk_eventfd_signal(int fd);
 // Returns 1 when signalled, 0 on deadline, -errno on error (EINTR is retried).
 int lk_eventfd_wait(int fd, uint64_t deadline_ns);
 int lk_set_timer_slack_ns(unsigned long ns);
+// Routes a signal to an eventfd (returned, or -errno): the handler only signals it, whichever thread it lands on.
+int lk_signal_eventfd(int signo);
 #endif
