@@ -111,6 +111,9 @@ public final class SuppressedOutput: SerialOutput, @unchecked Sendable {
     public func emit(_ byte: UInt8, exit: UInt64) {
         lock.lock(); defer { lock.unlock() }
         if let live { live.emit(byte, exit: exit); return }
+        // A line the replay finishes after the primary reported it released has left already (exits only grow,
+        // so every byte held before it is older still).
+        if byte == 0x0A, exit < releasedBelow { held.removeAll(keepingCapacity: true); return }
         held.append((exit, byte))
     }
 

@@ -200,10 +200,11 @@ public final class PrimaryRunner: @unchecked Sendable {
         flushLog(force: true)
         let exit = session.exit
         let ackBy = lk_monotonic_ns() + max(options.failureNs, 1_000_000_000)
-        while l.held.load(ordering: .acquiring) < exit, !l.lost.load(ordering: .acquiring), lk_monotonic_ns() < ackBy {
-            _ = lk_eventfd_wait(l.ackEvent, ackBy)
+        // The link thread stores the ack, then releases the gate: wait for the release itself.
+        while gate.releasedWatermark <= exit, !l.lost.load(ordering: .acquiring), lk_monotonic_ns() < ackBy {
+            _ = lk_eventfd_wait(l.ackEvent, min(ackBy, lk_monotonic_ns() + 1_000_000))
         }
-        guard l.held.load(ordering: .acquiring) >= exit, !l.lost.load(ordering: .acquiring) else {
+        guard gate.releasedWatermark > exit, !l.lost.load(ordering: .acquiring) else {
             warn("handover refused: the secondary did not acknowledge the log through exit \(exit)")
             return
         }
@@ -233,6 +234,8 @@ public final class PrimaryRunner: @unchecked Sendable {
         if taken {
             _ = fsm.withLock { $0.handle(.peerTookOver) }
             handedOver = true
+            // The survivor binds the service address now: free it before this side's digest and exit.
+            (gate.backend as? SerialBackend)?.close()
             warn("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side stops")
         } else {
             _ = fsm.withLock { $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) }

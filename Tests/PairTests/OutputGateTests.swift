@@ -89,4 +89,12 @@ import Testing
         emit("!", out, from: 7)
         #expect(sink.text == "tw!")
     }
+
+    @Test func aLineTheReplayFinishesAfterItWasReportedReleasedIsNotSentAgain() {
+        let out = SuppressedOutput(), sink = Sink()
+        out.primaryReleased(below: 10)  // the report can overtake a lagging replay
+        emit("ok\nnext", out, from: 5)  // exits 5...11: "ok\n" below 10, "next" from exit 8 (its end is not)
+        #expect(out.goLive(to: sink) == 4)
+        #expect(sink.text == "next")
+    }
 }
