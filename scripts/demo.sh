@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo: builds Lockstep and its guests, records a guest whose result depends on where timer
-# interrupts land, replays it bit-exactly, shows the log, and shows that a second recording differs.
+# interrupts land, replays it bit-exactly, shows the log, and shows that a second recording differs;
+# then the live pair: kill -9 of the primary (failover), and SIGUSR2 (a planned switchover).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -73,3 +74,33 @@ PY
 { wait $PRI; } 2>/dev/null || true  # killed on purpose
 wait $SEC && echo "survivor exited 0"
 grep -E "^live:|state-digest" "$OUT/s.err"
+echo "== 7. a planned switchover: SIGUSR2 makes the primary hand the guest to its secondary, nothing lost or repeated"
+PAIR=(--key-file "$OUT/key" --fence "$OUT/fence" --serial udp:127.0.0.1:5557 --status-interval-ms 0)
+$L secondary --listen 127.0.0.1:7701 "${PAIR[@]}" 2>"$OUT/s2.err" &
+SEC=$!
+$L primary Guests/build/echo-tickless.elf --peer 127.0.0.1:7701 --memory 64 "${PAIR[@]}" 2>"$OUT/p2.err" &
+PRI=$!
+python3 - "$PRI" <<'PY'
+import os, signal, socket, sys, time
+pri = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.01)
+def ask(line, want, limit=20.0):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        s.sendto(line.encode() + b"\n", ("127.0.0.1", 5557))
+        try:
+            r = s.recv(200).decode().strip()
+            if r.startswith(want): return r
+        except socket.timeout:
+            pass
+    sys.exit("demo: no reply to %r" % line)
+for i in range(1, 4): print("  primary:  ", ask("REQ %d before" % i, "REP %d " % i))
+os.kill(pri, signal.SIGUSR2); t0 = time.time()
+print("  kill -USR2 primary (the guest sleeps in HLT with no timer)")
+r = ask("REQ 4 after", "REP 4 "); print("  answer:   ", r, "(%.1f ms after the signal)" % ((time.time() - t0) * 1000))
+print("  survivor: ", ask("QUIT", "RESULT"))
+PY
+wait $PRI && echo "old primary exited 0"
+wait $SEC && echo "new primary exited 0"
+grep -E "handed over" "$OUT/p2.err"
+grep -E "^live:" "$OUT/s2.err"
