@@ -43,21 +43,23 @@ PY
 wait $REC || true
 $L replay "$OUT/e.log" --serial none 2>&1 | tail -1
 tail -1 "$OUT/e.err"
-echo "== 6. the live pair: a secondary replays the primary in lockstep; kill -9 the primary; the survivor answers"
-head -c 32 /dev/urandom > "$OUT/key"; mkdir -p "$OUT/fence"
-PAIR=(--key-file "$OUT/key" --fence "$OUT/fence" --serial udp:127.0.0.1:5556 --status-interval-ms 0)
-$L secondary --listen 127.0.0.1:7700 "${PAIR[@]}" 2>"$OUT/s.err" &
-SEC=$!
-$L primary Guests/build/echo.elf --peer 127.0.0.1:7700 --memory 64 "${PAIR[@]}" 2>"$OUT/p.err" &
-PRI=$!
-python3 - "$PRI" <<'PY'
+# A pair on loopback running GUEST with the service on UDP port UDP: three requests, then signal SIG to the
+# primary (KILL: a failure; USR2: a planned switchover), then requests to whoever holds the guest.
+pair_demo() {
+    local tag=$1 link=$2 udp=$3 guest=$4 sig=$5
+    local pair=(--key-file "$OUT/key" --fence "$OUT/fence" --serial "udp:127.0.0.1:$udp" --status-interval-ms 0)
+    $L secondary --listen "127.0.0.1:$link" "${pair[@]}" 2>"$OUT/s$tag.err" &
+    SEC=$!
+    $L primary "Guests/build/$guest.elf" --peer "127.0.0.1:$link" --memory 64 "${pair[@]}" 2>"$OUT/p$tag.err" &
+    PRI=$!
+    python3 - "$PRI" "$udp" "$sig" <<'PY'
 import os, signal, socket, sys, time
-pri = int(sys.argv[1])
+pri, port, sig = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.01)
 def ask(line, want, limit=20.0):
     deadline = time.time() + limit
     while time.time() < deadline:
-        s.sendto(line.encode() + b"\n", ("127.0.0.1", 5556))
+        s.sendto(line.encode() + b"\n", ("127.0.0.1", port))
         try:
             r = s.recv(200).decode().strip()
             if r.startswith(want): return r
@@ -65,41 +67,23 @@ def ask(line, want, limit=20.0):
             pass
     sys.exit("demo: no reply to %r" % line)
 for i in range(1, 4): print("  primary:  ", ask("REQ %d before" % i, "REP %d " % i))
-os.kill(pri, signal.SIGKILL); t0 = time.time()
-print("  kill -9 primary")
-r = ask("REQ 4 after", "REP 4 "); print("  survivor: ", r, "(%.1f ms after the kill)" % ((time.time() - t0) * 1000))
+os.kill(pri, getattr(signal, "SIG" + sig)); t0 = time.time()
+print("  kill -%s primary" % ("9" if sig == "KILL" else sig))
+r = ask("REQ 4 after", "REP 4 "); print("  answer:   ", r, "(%.1f ms after the signal)" % ((time.time() - t0) * 1000))
 print("  survivor: ", ask("REQ 2 before", "REP 2 "), "(a retried request gets the same answer)")
 print("  survivor: ", ask("QUIT", "RESULT"))
 PY
+}
+
+head -c 32 /dev/urandom > "$OUT/key"; mkdir -p "$OUT/fence"
+echo "== 6. the live pair: a secondary replays the primary in lockstep; kill -9 the primary; the survivor answers"
+pair_demo 1 7700 5556 echo KILL
 { wait $PRI; } 2>/dev/null || true  # killed on purpose
 wait $SEC && echo "survivor exited 0"
-grep -E "^live:|state-digest" "$OUT/s.err"
+grep -E "^live:|state-digest" "$OUT/s1.err"
 echo "== 7. a planned switchover: SIGUSR2 makes the primary hand the guest to its secondary, nothing lost or repeated"
-PAIR=(--key-file "$OUT/key" --fence "$OUT/fence" --serial udp:127.0.0.1:5557 --status-interval-ms 0)
-$L secondary --listen 127.0.0.1:7701 "${PAIR[@]}" 2>"$OUT/s2.err" &
-SEC=$!
-$L primary Guests/build/echo-tickless.elf --peer 127.0.0.1:7701 --memory 64 "${PAIR[@]}" 2>"$OUT/p2.err" &
-PRI=$!
-python3 - "$PRI" <<'PY'
-import os, signal, socket, sys, time
-pri = int(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.01)
-def ask(line, want, limit=20.0):
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        s.sendto(line.encode() + b"\n", ("127.0.0.1", 5557))
-        try:
-            r = s.recv(200).decode().strip()
-            if r.startswith(want): return r
-        except socket.timeout:
-            pass
-    sys.exit("demo: no reply to %r" % line)
-for i in range(1, 4): print("  primary:  ", ask("REQ %d before" % i, "REP %d " % i))
-os.kill(pri, signal.SIGUSR2); t0 = time.time()
-print("  kill -USR2 primary (the guest sleeps in HLT with no timer)")
-r = ask("REQ 4 after", "REP 4 "); print("  answer:   ", r, "(%.1f ms after the signal)" % ((time.time() - t0) * 1000))
-print("  survivor: ", ask("QUIT", "RESULT"))
-PY
+echo "   (echo-tickless sleeps in HLT with no timer between requests)"
+pair_demo 2 7701 5557 echo-tickless USR2
 wait $PRI && echo "old primary exited 0"
 wait $SEC && echo "new primary exited 0"
 grep -E "handed over" "$OUT/p2.err"
