@@ -193,10 +193,11 @@ public final class PrimaryRunner: @unchecked Sendable {
     /// takes it back and goes on unprotected (the secondary, denied the fence, stops).
     private func handOver() {
         handoverWanted.store(false, ordering: .relaxed)
-        guard state == .primaryProtected, let l = link, !l.lost.load(ordering: .acquiring) else {
+        guard state == .primaryProtected else {
             for case .logWarning(let w) in fsm.withLock({ $0.handle(.handoverRequested) }) { warn(w) }
             return
         }
+        guard let l = link, !l.lost.load(ordering: .acquiring) else { warn("handover refused: the secondary's link is down"); return }
         flushLog(force: true)
         let exit = session.exit
         let ackBy = lk_monotonic_ns() + max(options.failureNs, 1_000_000_000)
@@ -238,15 +239,20 @@ public final class PrimaryRunner: @unchecked Sendable {
             (gate.backend as? SerialBackend)?.close()
             warn("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side stops")
         } else {
-            _ = fsm.withLock { $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) }
-            warn("handover failed: the secondary did not take the fence in time; continuing unprotected")
-            l.lose("it did not take over when handed the guest")
+            // This side holds the fence again: the secondary never went live, and it is denied from here on.
+            l.lose("it did not take the fence when handed the guest")
             PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
             totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
             l.join()
             link = nil
             current.withLock { $0 = nil }
-            startConnector()
+            for a in fsm.withLock({ $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) }) {
+                switch a {
+                case .logWarning(let w): warn("handover failed: " + w)
+                case .acceptNewSecondary: startConnector()
+                default: break  // output: released when the link was lost
+                }
+            }
         }
     }
 
