@@ -11,7 +11,7 @@ import Synchronization
 /// rest with the vCPU and device state.
 ///
 /// Auto-converge: a guest that writes pages at least half as fast as the rounds send them is throttled (the
-/// vCPU thread sleeps a share of its time at step boundaries, `throttleSleepNs`), starting at 30 % and 20
+/// vCPU thread sleeps a share of its time at step boundaries, `throttleGuest`), starting at 30 % and 20
 /// points more each round that still does not converge, up to 90 %. The rounds end when even that does not
 /// shrink the set. Without it, such a guest's pause carried its whole working set.
 ///

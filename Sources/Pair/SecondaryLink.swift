@@ -64,11 +64,11 @@ final class SecondaryLink: @unchecked Sendable {
 
     var reason: String { lostReason.withLock { $0 } }
 
-    /// Marks the secondary lost (idempotent): releases everything gated and wakes a throttled vCPU.
     /// From here the pair record names this secondary until it takes the fence: a handover is under way,
     /// and the link's end (the secondary closes it to take over) must not un-name it.
     func beginHandover() { recordLock.withLock { handingOver = true } }
 
+    /// Marks the secondary lost (idempotent): releases everything gated and wakes a throttled vCPU.
     func lose(_ why: String) {
         // Before any held output leaves: this secondary's state is stale from now on, and it must not go
         // live even if it wins the fence after this process ends. (Under the lock: a confirmation racing
