@@ -16,9 +16,7 @@ public protocol RecordingSession: AnyObject {
 
 extension Session {
     public var isHalted: Bool { engine.state == .halted }
-}
 
-extension Session {
     func trailer(_ e: Ending, encoder: LogEncoder) throws(MachineError) -> (SessionResult, LogTrailer) {
         let r = try result(e, events: encoder.eventCount, logBytes: 0)
         return (r, LogTrailer(endReason: e.endReason, exitStatus: e.exitStatus, finalExit: machine.hooks.exit,

@@ -107,14 +107,8 @@ public final class Machine {
             let written = UnsafeMutablePointer<UInt64>.allocate(capacity: dirtyBitmapWords)
             defer { written.deallocate() }
             try store.writtenSinceBoot(into: written)
-            for i in 0..<n {
-                // SAFETY: page i spans [i*4096, (i+1)*4096) of the mapping (i < pageCount); hashes holds n * 32 bytes.
-                if written[i >> 6] & (1 << UInt64(i & 63)) != 0 {
-                    StateDigest.hashPage(memory.base + i * 4096, into: hashes.baseAddress! + i * 32)
-                } else {
-                    StateDigest.copyZeroPageHash(into: hashes.baseAddress! + i * 32)
-                }
-            }
+            // SAFETY: RAM holds n pages; hashes holds n * 32 bytes.
+            StateDigest.hashPages(memory.base, count: n, read: written, into: hashes.baseAddress!)
             let chunks = StateDigest.chunkCount(pages: n)
             let chunkHashes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunks * 32, alignment: 16)
             defer { chunkHashes.deallocate() }

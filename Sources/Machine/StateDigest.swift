@@ -56,6 +56,19 @@ public enum StateDigest {
             _ = SHA256(page.assumingMemoryBound(to: UInt8.self), 4096, out.assumingMemoryBound(to: UInt8.self))
         }
     }
+    /// Hashes pages 0..<`count` at `base` into `hashes` (32 bytes each), leaving those set in `skip` as they
+    /// are: a page set in `read` is read and hashed; any other was never written and is zero, and reading it
+    /// would only cost a page fault.
+    public static func hashPages(_ base: UnsafeRawPointer, count: Int, read: UnsafePointer<UInt64>, skip: UnsafePointer<UInt64>? = nil,
+                                 into hashes: UnsafeMutableRawPointer) {
+        for p in 0..<count {
+            let word = p >> 6, bit: UInt64 = 1 << UInt64(p & 63)
+            if let skip, skip[word] & bit != 0 { continue }
+            // SAFETY: the caller's mapping holds `count` pages and `hashes` count * 32 bytes; p < count.
+            if read[word] & bit != 0 { hashPage(base + p * 4096, into: hashes + p * 32) } else { copyZeroPageHash(into: hashes + p * 32) }
+        }
+    }
+
     static let zeroPageHash = sha256([UInt8](repeating: 0, count: 4096))
     @inline(__always) public static func copyZeroPageHash(into out: UnsafeMutableRawPointer) {
         zeroPageHash.withUnsafeBytes { out.copyMemory(from: $0.baseAddress!, byteCount: 32) }

@@ -209,15 +209,8 @@ final class Precopy: @unchecked Sendable {
     /// wrote it), and reading it would only cost a page fault.
     private func hashUnsent() throws {
         try machine.loadedPages(into: taken)
-        let base = machine.memory.base
-        for p in 0..<pageCount where pending[p >> 6] & (1 << UInt64(p & 63)) == 0 {
-            // SAFETY: p < pageCount, so the page lies inside the mapping; hashes holds pageCount * 32 bytes.
-            if taken[p >> 6] & (1 << UInt64(p & 63)) != 0 {
-                StateDigest.hashPage(base + p * 4096, into: hashes + p * 32)
-            } else {
-                StateDigest.copyZeroPageHash(into: hashes + p * 32)
-            }
-        }
+        // SAFETY: RAM holds pageCount pages; hashes holds pageCount * 32 bytes.
+        StateDigest.hashPages(machine.memory.base, count: pageCount, read: taken, skip: pending, into: hashes)
     }
 
     /// Sends the pages in `pending` in chunks (copied out of RAM into the frame, hashed from the copy) and
