@@ -160,7 +160,8 @@ public struct FailoverMachine: Sendable, Equatable {
         case (.primaryHandingOver, .fenceAcquired):
             // The secondary did not take the fence in time, and this side took it back: it never went live.
             return (.primaryUnprotected, [.releaseGatedOutput, .dropProtection,
-                                          .logWarning("the secondary did not take over; continuing unprotected"), .acceptNewSecondary])
+                                          .logWarning("handover failed: the secondary did not take the fence in time; continuing unprotected"),
+                                          .acceptNewSecondary])
         case (.primaryHandingOver, _):
             // The secondary closing the link is part of the handover; the fence decides the outcome.
             return (state, [])

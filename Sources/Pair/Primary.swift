@@ -210,16 +210,12 @@ public final class PrimaryRunner: @unchecked Sendable {
             return
         }
         guard fsm.withLock({ $0.handle(.handoverRequested) }).contains(.handOver) else { return }
-        // Everything through `exit` is released now: say so, or the secondary would send the last line again.
-        var released = Wire(tag: PairMessage.released.rawValue)
-        released.u64(gate.releasedWatermark)
-        var handover = Wire(tag: PairMessage.handover.rawValue)
-        handover.u64(exit)
         let generation = fence?.token?.generation ?? 0
         l.beginHandover()
         try? fence?.release()
         let t0 = lk_monotonic_ns()
-        do { try l.conn.send([.status(released.out), .status(handover.out)]) } catch { warn("handover: cannot tell the secondary: \(error)") }
+        // Everything through `exit` is released now: say so, or the secondary would send the last line again.
+        do { try l.conn.send([PairMessage.released.status(gate.releasedWatermark), PairMessage.handover.status(exit)]) } catch { warn("handover: cannot tell the secondary: \(error)") }
         // The secondary takes the fence within its fence wait; allow that and a failure timeout.
         let until = t0 + UInt64(options.fenceWaitMs) * 1_000_000 + options.failureNs + 1_000_000_000
         var taken = false
@@ -240,31 +236,16 @@ public final class PrimaryRunner: @unchecked Sendable {
             warn("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side stops")
         } else {
             // This side holds the fence again: the secondary never went live, and it is denied from here on.
-            l.lose("it did not take the fence when handed the guest")
+            dropLink(l, losing: "it did not take the fence when handed the guest")
             PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
-            totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
-            l.join()
-            link = nil
-            current.withLock { $0 = nil }
-            for a in fsm.withLock({ $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) }) {
-                switch a {
-                case .logWarning(let w): warn("handover failed: " + w)
-                case .acceptNewSecondary: startConnector()
-                default: break  // output: released when the link was lost
-                }
-            }
+            carryOut(fsm.withLock { $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) })
         }
     }
 
     /// After a handover: the link is the secondary's to close; only the threads are left to end.
     private func detachTakenOver() {
         finished.store(true, ordering: .releasing)
-        guard let l = link else { return }
-        totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
-        l.lose("the secondary took the guest over")
-        l.join()
-        link = nil
-        current.withLock { $0 = nil }
+        if let l = link { dropLink(l, losing: "the secondary took the guest over") }
     }
 
     /// Sends buffered records, or a bare watermark when none wait: output exits write no records, and held
@@ -313,10 +294,28 @@ public final class PrimaryRunner: @unchecked Sendable {
 
     private func detachLost(_ l: SecondaryLink) {
         let actions = fsm.withLock { $0.handle(.channelError(l.reason)) }
+        dropLink(l)
+        carryOut(actions)
+    }
+
+    private func detach(goodbye: String) {
+        guard let l = link else { return }
+        try? l.conn.send(.goodbye(goodbye))
+        dropLink(l, losing: goodbye)
+    }
+
+    /// Ends `l`'s link thread (after losing it for `why`, when given) and forgets it; its bytes stay in the totals.
+    private func dropLink(_ l: SecondaryLink, losing why: String? = nil) {
         totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
+        if let why { l.lose(why) }
         l.join()
         link = nil
         current.withLock { $0 = nil }
+    }
+
+    /// The failover machine's actions for a primary left without its secondary (held output was released
+    /// when the link was lost).
+    private func carryOut(_ actions: [FailoverAction]) {
         for a in actions {
             switch a {
             case .logWarning(let s): warn(s)
@@ -324,16 +323,6 @@ public final class PrimaryRunner: @unchecked Sendable {
             default: break
             }
         }
-    }
-
-    private func detach(goodbye: String) {
-        guard let l = link else { return }
-        totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
-        try? l.conn.send(.goodbye(goodbye))
-        l.lose(goodbye)
-        l.join()
-        link = nil
-        current.withLock { $0 = nil }
     }
 
     /// Starts seeding a connected secondary (see `Precopy`).

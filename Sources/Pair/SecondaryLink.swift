@@ -147,9 +147,7 @@ final class SecondaryLink: @unchecked Sendable {
             // Tell the secondary what left the VM, so a go-live re-sends only what might not have.
             let released = gate.releasedWatermark
             if released > reportedRelease, now &- lastReleaseReport >= options.heartbeatNs {
-                var w = Wire(tag: PairMessage.released.rawValue)
-                w.u64(released)
-                if (try? conn.send(.status(w.out))) != nil { lastSendNs.store(now, ordering: .releasing) }
+                if (try? conn.send(PairMessage.released.status(released))) != nil { lastSendNs.store(now, ordering: .releasing) }
                 reportedRelease = released
                 lastReleaseReport = now
             }
@@ -270,4 +268,11 @@ enum PairMessage: UInt8 {
     /// Primary → secondary: u64 exit; the primary stopped its guest there (the secondary holds the whole log),
     /// gave up the fence, and hands the guest over (a planned switchover).
     case handover = 4
+
+    /// A status frame of this message carrying one `u64` (released, handover).
+    func status(_ value: UInt64) -> Frame {
+        var w = Wire(tag: rawValue)
+        w.u64(value)
+        return .status(w.out)
+    }
 }
