@@ -77,14 +77,18 @@ int lk_kick_install(int signo) {
     return 0;
 }
 
-void lk_kick_bind(struct kvm_run *run, int signo) {
-    kick_run = run;
-    // Threads inherit their creator's signal mask, and thread pools (Dispatch, test runners) block signals:
-    // a blocked kick would stay pending and never interrupt KVM_RUN.
+void lk_unblock_signal(int signo) {
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, signo);
     pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
+void lk_kick_bind(struct kvm_run *run, int signo) {
+    kick_run = run;
+    // Threads inherit their creator's signal mask, and thread pools (Dispatch, test runners) block signals:
+    // a blocked kick would stay pending and never interrupt KVM_RUN.
+    lk_unblock_signal(signo);
 }
 
 int lk_kick(unsigned long pthread_id, int signo) { return -pthread_kill((pthread_t)pthread_id, signo); }

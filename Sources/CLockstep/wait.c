@@ -2,7 +2,6 @@
 #include "CLockstep.h"
 #include <errno.h>
 #include <poll.h>
-#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -66,9 +65,6 @@ int lk_signal_eventfd(int signo) {
     sa.sa_flags = SA_RESTART; // whichever thread takes it, its blocking calls go on
     if (sigaction(signo, &sa, NULL) < 0) { int e = errno; close(fd); signal_fds[signo] = 0; return -e; }
     // A parent (a test runner, a thread pool) may have left it blocked: this thread, and those it starts, take it.
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, signo);
-    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    lk_unblock_signal(signo);
     return fd;
 }

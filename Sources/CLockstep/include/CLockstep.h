@@ -109,6 +109,7 @@ static inline uint32_t lk_run_system_event_type(const struct kvm_run *r) { retur
 // so a kick that lands between two KVM_RUN calls is not lost.
 int lk_kick_install(int signo);
 void lk_kick_bind(struct kvm_run *run, int signo); // per vCPU thread; also unblocks signo on it
+void lk_unblock_signal(int signo);                 // on the calling thread (and the threads it starts)
 int lk_kick(unsigned long pthread_id, int signo);
 unsigned long lk_thread_self(void);
 int lk_pin_current_thread(int cpu); // 0 or -errno; pins to one CPU when the machine has several
