@@ -287,6 +287,20 @@ final class PairBench {
         return "\(tempDir)/\(String(format: "%03d", counter))-\(tag).\(ext)"
     }
 
+    /// A fresh fence directory for one pair.
+    func fenceDirectory(_ tag: String) throws -> String {
+        let fence = tempFile(tag, "fence")
+        try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
+        return fence
+    }
+
+    /// The primary's `--stats-json` file, written when it ended (`what` names the run in the error).
+    func primaryStats(_ path: String, _ what: String, _ pri: Child) throws -> PairStats {
+        do { return try JSONDecoder().decode(PairStats.self, from: Data(contentsOf: URL(fileURLWithPath: path))) } catch {
+            throw failure("\(what): cannot read the primary's --stats-json \(path): \(error)", [pri])
+        }
+    }
+
     /// Serial backend of a throughput run: echo talks UDP to the harness; the others write a file.
     func serial(_ g: String, _ tag: String) throws -> (String, UInt16?) {
         if g == "echo" { let p = try UDPClient.freePort(); return ("udp:127.0.0.1:\(p)", p) }
@@ -299,8 +313,7 @@ final class PairBench {
         let stats = tempFile(tag, "stats.json")
         // A fence, as a real pair has: a secondary that wrongly presumes the primary failed then stops rather
         // than running a second live copy of the guest (which nothing would ever end).
-        let fence = tempFile(tag, "fence")
-        try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
+        let fence = try fenceDirectory(tag)
         let (sec, port) = try startSecondary(tag, serial: "none", fence: fence)
         let (ser, udp) = try serial(g, tag)
         let pri = try startPrimary(tag, guest: g, peer: port, serial: ser, fence: fence, stats: stats)
@@ -323,10 +336,7 @@ final class PairBench {
         guard let pd = pri.digest else { throw failure("\(g): the primary printed no state-digest", [pri, sec]) }
         let sd = sec.digest ?? "none"
         guard let ms = pri.guestElapsedMs else { throw failure("\(g): no run time in the primary's --verbose line", [pri]) }
-        let st: PairStats
-        do { st = try JSONDecoder().decode(PairStats.self, from: Data(contentsOf: URL(fileURLWithPath: stats))) } catch {
-            throw failure("\(g): cannot read the primary's --stats-json \(stats): \(error)", [pri])
-        }
+        let st = try primaryStats(stats, g, pri)
         return Protected(stats: st, primaryDigest: pd, secondaryDigest: sd, guestMs: ms, wallMs: pri.wallMs, echo: echo, problem: problem)
     }
 

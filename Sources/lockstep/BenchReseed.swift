@@ -25,8 +25,7 @@ extension PairBench {
         let tag = "reseed"
         progress("echo: \(count) re-seeds of the running guest")
         let stats = tempFile(tag, "stats.json")
-        let fence = tempFile(tag, "fence")
-        try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
+        let fence = try fenceDirectory(tag)
         let udp = try UDPClient.freePort()
         let serial = "udp:127.0.0.1:\(udp)"
         var (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
@@ -52,10 +51,7 @@ extension PairBench {
         try quit(client, pri, [sec])
         try finish(pri, [sec])
         guard sec.wait(until: monotonicNs() + 30_000_000_000) else { throw failure("re-seed: the last secondary did not end", [sec, pri]) }
-        let st: PairStats
-        do { st = try JSONDecoder().decode(PairStats.self, from: Data(contentsOf: URL(fileURLWithPath: stats))) } catch {
-            throw failure("re-seed: cannot read the primary's --stats-json \(stats): \(error)", [pri])
-        }
+        let st = try primaryStats(stats, "re-seed", pri)
         return ReseedResult(pauseMs: Array(st.seedPauseMs.dropFirst()), totalMs: Array(st.seedTotalMs.dropFirst()), rttUs: rtt,
                             digestsMatch: sec.code == 0 && pri.digest != nil && pri.digest == sec.digest)
     }
@@ -79,8 +75,7 @@ extension PairBench {
         let tag = "reseed-dirty"
         progress("dirty: a re-seed while the guest rewrites 32 MiB")
         let stats = tempFile(tag, "stats.json")
-        let fence = tempFile(tag, "fence")
-        try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
+        let fence = try fenceDirectory(tag)
         let (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
         let pri = try startPrimary(tag, guest: "dirty", peer: port, serial: "none", fence: fence, stats: stats)
         try awaitLines(pri, containing: "protected: secondary", count: 1, [pri, sec])
@@ -91,10 +86,7 @@ extension PairBench {
         try awaitLines(pri, containing: "protected: secondary", count: 2, [pri, sec2])
         try finish(pri, [sec2])
         guard sec2.wait(until: monotonicNs() + 30_000_000_000) else { throw failure("dirty re-seed: the new secondary did not end", [sec2, pri]) }
-        let st: PairStats
-        do { st = try JSONDecoder().decode(PairStats.self, from: Data(contentsOf: URL(fileURLWithPath: stats))) } catch {
-            throw failure("dirty re-seed: cannot read the primary's --stats-json \(stats): \(error)", [pri])
-        }
+        let st = try primaryStats(stats, "dirty re-seed", pri)
         guard st.seedPauseMs.count == 2, st.seedThrottlePercent.count == 2 else { throw failure("dirty re-seed: the primary reports \(st.seedPauseMs.count) seeds, not 2", [pri]) }
         let line = pri.stderrText.split(separator: "\n").filter { $0.contains("protected: secondary") }.last.map(String.init) ?? ""
         return DirtyReseedResult(pauseMs: st.seedPauseMs[1], totalMs: st.seedTotalMs[1], throttlePercent: st.seedThrottlePercent[1], line: line,
