@@ -257,9 +257,13 @@ final class PairBench {
         var echo: EchoResult?
         /// Why the secondary did not follow the primary to its end (nil when it did).
         var problem: String?
+        /// Peak resident sets (MiB) of the two processes.
+        var primaryRSSMiB: Double
+        var secondaryRSSMiB: Double
         var json: [String: Any] {
             var o: [String: Any] = ["guest_elapsed_ms": guestMs, "primary_wall_ms": wallMs, "primary_digest": primaryDigest,
-                                    "secondary_digest": secondaryDigest, "stats": PairBench.jsonObject(stats), "problem": problem ?? NSNull()]
+                                    "secondary_digest": secondaryDigest, "stats": PairBench.jsonObject(stats), "problem": problem ?? NSNull(),
+                                    "primary_max_rss_mib": primaryRSSMiB, "secondary_max_rss_mib": secondaryRSSMiB]
             o["echo"] = echo?.json
             return o
         }
@@ -270,8 +274,9 @@ final class PairBench {
         var guestMs: Double
         var wallMs: Double
         var echo: EchoResult?
+        var rssMiB: Double
         var json: [String: Any] {
-            var o: [String: Any] = ["guest_elapsed_ms": guestMs, "wall_ms": wallMs, "digest": digest]
+            var o: [String: Any] = ["guest_elapsed_ms": guestMs, "wall_ms": wallMs, "digest": digest, "max_rss_mib": rssMiB]
             o["echo"] = echo?.json
             return o
         }
@@ -337,7 +342,8 @@ final class PairBench {
         let sd = sec.digest ?? "none"
         guard let ms = pri.guestElapsedMs else { throw failure("\(g): no run time in the primary's --verbose line", [pri]) }
         let st = try primaryStats(stats, g, pri)
-        return Protected(stats: st, primaryDigest: pd, secondaryDigest: sd, guestMs: ms, wallMs: pri.wallMs, echo: echo, problem: problem)
+        return Protected(stats: st, primaryDigest: pd, secondaryDigest: sd, guestMs: ms, wallMs: pri.wallMs, echo: echo, problem: problem,
+                         primaryRSSMiB: pri.maxRSSMiB, secondaryRSSMiB: sec.maxRSSMiB)
     }
 
     func unprotectedRun(_ g: String, requests: Int, window: Int) throws -> Unprotected {
@@ -354,7 +360,7 @@ final class PairBench {
         }
         try finish(c)
         guard let d = c.digest, let ms = c.guestElapsedMs else { throw failure("\(g): no state-digest or run time from `lockstep run`", [c]) }
-        return Unprotected(digest: d, guestMs: ms, wallMs: c.wallMs, echo: echo)
+        return Unprotected(digest: d, guestMs: ms, wallMs: c.wallMs, echo: echo, rssMiB: c.maxRSSMiB)
     }
 
     // MARK: failover
@@ -462,6 +468,11 @@ extension PairBench {
         }
         f += [Figure(key: "\(key)_log_bytes_per_second", label: "\(g): log bytes/s", value: Double(s.logBytes) / max(s.elapsedSeconds, 1e-9), unit: "B/s"),
               Figure(key: "\(key)_log_bytes_per_event", label: "\(g): log bytes/event", value: s.events == 0 ? 0 : Double(s.logBytes) / Double(s.events), unit: "B/event")]
+        // Memory: peak resident sets (medians over the runs), the protected primary's against the unprotected run.
+        let runRSS = Self.median(unprot.map(\.rssMiB)), primaryRSS = Self.median(prot.map(\.primaryRSSMiB))
+        f += [Figure(key: "\(key)_rss_ratio", label: "\(g): peak RSS, protected primary / unprotected", value: primaryRSS / max(runRSS, 1e-9), unit: "×"),
+              Figure(key: "\(key)_rss_unprotected_mib", label: "\(g): peak RSS unprotected", value: runRSS, unit: "MiB"),
+              Figure(key: "\(key)_rss_secondary_mib", label: "\(g): peak RSS secondary", value: Self.median(prot.map(\.secondaryRSSMiB)), unit: "MiB")]
         return (ratio, f)
     }
 
@@ -521,7 +532,8 @@ extension PairBench {
             if !d.digestsMatch { digestsMatch = false }
             figures += [Figure(key: "reseed_dirty_pause_ms", label: "re-seed, dirty guest: guest paused", value: d.pauseMs, unit: "ms"),
                         Figure(key: "reseed_dirty_total_ms", label: "re-seed, dirty guest: connected → protected", value: d.totalMs, unit: "ms"),
-                        Figure(key: "reseed_dirty_throttle_percent", label: "re-seed, dirty guest: auto-converge throttle reached", value: Double(d.throttlePercent), unit: "%")]
+                        Figure(key: "reseed_dirty_throttle_percent", label: "re-seed, dirty guest: auto-converge throttle reached", value: Double(d.throttlePercent), unit: "%"),
+                        Figure(key: "reseed_dirty_secondary_rss_ratio", label: "re-seed, dirty guest: peak RSS, new secondary / primary", value: d.secondaryRSSMiB / max(d.primaryRSSMiB, 1e-9), unit: "×")]
             notes.append("re-seed, dirty guest: \(d.line.range(of: "seeded at").map { String(d.line[$0.lowerBound...]) } ?? d.line); the new secondary ended with the primary's digest: \(d.digestsMatch ? "yes" : "NO")")
         }
 

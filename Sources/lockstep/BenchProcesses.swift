@@ -48,6 +48,8 @@ final class Child {
     private(set) var code: Int32?
     private(set) var signal: Int32 = 0
     private(set) var ended = false
+    /// Peak resident set (KiB) once it ended: guest RAM it touched, buffers, the process itself.
+    private(set) var maxRSSKiB = 0
 
     init(name: String, exe: String, args: [String], outPath: String, errPath: String) throws {
         self.name = name
@@ -83,10 +85,12 @@ final class Child {
     @discardableResult func reap() -> Bool {
         if ended { return true }
         var st: Int32 = 0
-        let r = waitpid(pid, &st, WNOHANG)
+        var usage = rusage()
+        let r = wait4(pid, &st, WNOHANG, &usage)
         guard r == pid else { return false }
         endNs = monotonicNs()
         ended = true
+        maxRSSKiB = usage.ru_maxrss
         if st & 0x7f == 0 { code = (st >> 8) & 0xff } else { signal = st & 0x7f }
         LiveChildren.remove(pid)
         return true
@@ -103,6 +107,7 @@ final class Child {
         return true
     }
 
+    var maxRSSMiB: Double { Double(maxRSSKiB) / 1024 }
     var wallMs: Double { Double((ended ? endNs : monotonicNs()) &- startNs) / 1e6 }
     var endText: String { !ended ? "still running" : code.map { "exit status \($0)" } ?? "killed by signal \(signal)" }
     var stderrText: String { (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "" }

@@ -63,8 +63,12 @@ extension PairBench {
         /// The primary's `protected:` line for it (pages per round, pages in the pause).
         var line: String
         var digestsMatch: Bool
+        /// Peak resident sets (MiB): the seed's copy of 32 MiB of written pages shows in the new secondary's.
+        var primaryRSSMiB: Double
+        var secondaryRSSMiB: Double
         var json: [String: Any] {
-            ["pause_ms": pauseMs, "total_ms": totalMs, "throttle_percent": throttlePercent, "line": line, "digests_match": digestsMatch]
+            ["pause_ms": pauseMs, "total_ms": totalMs, "throttle_percent": throttlePercent, "line": line, "digests_match": digestsMatch,
+             "primary_max_rss_mib": primaryRSSMiB, "secondary_max_rss_mib": secondaryRSSMiB]
         }
     }
 
@@ -90,7 +94,8 @@ extension PairBench {
         guard st.seedPauseMs.count == 2, st.seedThrottlePercent.count == 2 else { throw failure("dirty re-seed: the primary reports \(st.seedPauseMs.count) seeds, not 2", [pri]) }
         let line = pri.stderrText.split(separator: "\n").filter { $0.contains("protected: secondary") }.last.map(String.init) ?? ""
         return DirtyReseedResult(pauseMs: st.seedPauseMs[1], totalMs: st.seedTotalMs[1], throttlePercent: st.seedThrottlePercent[1], line: line,
-                                 digestsMatch: sec2.code == 0 && pri.digest != nil && pri.digest == sec2.digest)
+                                 digestsMatch: sec2.code == 0 && pri.digest != nil && pri.digest == sec2.digest,
+                                 primaryRSSMiB: pri.maxRSSMiB, secondaryRSSMiB: sec2.maxRSSMiB)
     }
 
     func lineCount(_ c: Child, _ text: String) -> Int {
