@@ -45,7 +45,8 @@ public final class InputHooks: DeviceInputs {
     private(set) var encoder: LogEncoder?
     /// Where a standby machine records once it goes live (so a survivor can protect itself again); nil: run mode.
     var liveEncoder: LogEncoder?
-    let source: RecordSource?
+    /// Set once before the first step: a standby machine gets its source with the seed's snapshot.
+    var source: RecordSource?
     /// Guest time = host monotonic - hostBase (live). Moved on go-live so the guest clock stays monotonic.
     var hostBase: UInt64
     public private(set) var lastClock: UInt64 = 0

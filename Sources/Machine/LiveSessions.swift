@@ -45,9 +45,10 @@ public final class StreamRecordSession: Session, RecordingSession, @unchecked Se
 public final class StandbySession: Session, RecordingSession, @unchecked Sendable {
     public let encoder = LogEncoder(frameTarget: 32 << 10)
 
-    /// `recordWhenLive`: after go-live, record (for a new secondary) rather than just run.
-    public init(image: PVHImage, config: MachineConfig, source: RecordSource, output: SerialOutput?, recordWhenLive: Bool = false) throws(MachineError) {
-        super.init(machine: try Machine(image: image, config: config, mode: .replay, source: source, output: output))
+    /// `recordWhenLive`: after go-live, record (for a new secondary) rather than just run. The log's source comes
+    /// with the snapshot (`load`): the machine exists while the seed's pages arrive.
+    public init(image: PVHImage, config: MachineConfig, output: SerialOutput?, recordWhenLive: Bool = false) throws(MachineError) {
+        super.init(machine: try Machine(image: image, config: config, mode: .replay, output: output))
         if recordWhenLive { machine.hooks.liveEncoder = encoder }
         machine.hooks.onGoLive = { [unowned self] reason in
             // Inputs are live from here (and recorded): the timers and wake-ups need the pacer.
@@ -62,9 +63,10 @@ public final class StandbySession: Session, RecordingSession, @unchecked Sendabl
     /// Called on the vCPU thread when the machine went live (after the pacer started).
     public var onGoLive: ((String) -> Void)?
 
-    /// Loads the primary's snapshot (before the first step).
-    public func load(_ s: Snapshot) throws(MachineError) {
+    /// Loads the primary's snapshot (before the first step) and replays from `source`, which continues it.
+    public func load(_ s: Snapshot, source: RecordSource) throws(MachineError) {
         (engine.ready, engine.ifFlag) = try machine.applySnapshot(s)
+        machine.hooks.source = source
         if s.halted { engine.resumeHalted() }
     }
 

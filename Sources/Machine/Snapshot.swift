@@ -3,7 +3,7 @@ import EventLog
 import KVM
 
 /// A running machine's whole state, as a new secondary loads it: the pages that differ from the loaded
-/// image (which the secondary loads itself), the vCPU, the devices, and where the recording hooks are
+/// image (which the secondary loads itself; a pair's seed writes them ahead, `writeSeedPages`), the vCPU, the devices, and where the recording hooks are
 /// (exit index, last signature, last guest clock value). A primary captures the state without pages
 /// (`captureState`): its pre-copy sends the pages while the guest runs.
 public struct Snapshot: Sendable {
@@ -52,6 +52,18 @@ extension Machine {
     public func takeDirtyPages(into: UnsafeMutablePointer<UInt64>, sinceBoot: Bool) throws(MachineError) {
         guard let store = syncPoints else { throw .config("seeding needs dirty tracking (record or replay mode)") }
         do { try store.takeDirty(into: into, sinceBoot: sinceBoot) } catch { throw .sys(error) }
+    }
+
+    /// A secondary being seeded: writes a chunk of the primary's pages straight into RAM as it arrives (before
+    /// `StandbySession.load`, whose snapshot then carries no pages), so the seed needs no copy of its own.
+    /// Pre-copy sends a page again when the guest wrote it after it was sent: the last copy wins.
+    public func writeSeedPages(_ numbers: [UInt32], data: UnsafeRawBufferPointer) throws(MachineError) {
+        guard let store = syncPoints else { throw .config("seeding needs dirty tracking (replay mode)") }
+        guard data.count == numbers.count * 4096 else { throw .config("\(data.count) bytes for \(numbers.count) pages") }
+        if let bad = numbers.first(where: { Int($0) >= memory.pageCount }) {
+            throw .config("page \(bad) is beyond RAM (\(memory.pageCount) pages)")
+        }
+        numbers.withUnsafeBufferPointer { store.writePages($0, data: data.baseAddress) }
     }
 
     /// Loads a snapshot into a freshly booted machine of the same image and config. Returns the

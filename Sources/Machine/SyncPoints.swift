@@ -112,6 +112,16 @@ final class SyncPointStore: @unchecked Sendable {
         }
     }
 
+    /// Writes whole pages from user space (a sync point's, a seed's); the last write of a page wins. They are
+    /// marked written since boot: the dirty log never sees them, and a seed taken from this machine needs them.
+    /// The caller checked every number against RAM, and `data` holds `numbers.count` pages.
+    func writePages(_ numbers: UnsafeBufferPointer<UInt32>, data: UnsafeRawPointer?) {
+        dirtyLock.withLock { _ in for n in numbers { everDirty[Int(n) >> 6] |= 1 << UInt64(n & 63) } }
+        // SAFETY: the caller checked the numbers against RAM and the length of `data` (see above).
+        lk_scatter_pages(memory.base.assumingMemoryBound(to: UInt8.self), numbers.baseAddress, numbers.count,
+                         data?.assumingMemoryBound(to: UInt8.self))
+    }
+
     /// Replay side: writes the pages and loads the vCPU state. Returns the injection readiness recorded with it.
     func apply(_ sp: SyncPoint, vcpu: VCPU) throws -> (Bool, Bool) {
         let limit = UInt32(memory.pageCount)
@@ -124,14 +134,8 @@ final class SyncPointStore: @unchecked Sendable {
         // KVM finishes a pending I/O (the IN/OUT of the last exit) only on the next KVM_RUN. Complete it now,
         // without running guest code, so it cannot land on top of the loaded state.
         vcpu.completePendingIO()
-        // Written from user space, so the dirty log never sees them; a seed taken from this machine needs them.
-        dirtyLock.withLock { _ in for n in sp.pageNumbers { everDirty[Int(n) >> 6] |= 1 << UInt64(n & 63) } }
         sp.pageNumbers.withUnsafeBufferPointer { pn in
-            sp.pageData.withUnsafeBytes { pd in
-                // SAFETY: page numbers checked against RAM above; pd holds count * 4096 bytes.
-                lk_scatter_pages(memory.base.assumingMemoryBound(to: UInt8.self), pn.baseAddress, pn.count,
-                                 pd.baseAddress?.assumingMemoryBound(to: UInt8.self))
-            }
+            sp.pageData.withUnsafeBytes { pd in writePages(pn, data: pd.baseAddress) }
         }
         let flags = try vcpu.restoreState(VCPUState(bytes: sp.vcpuState))
         return (flags.ready, flags.ifFlag)

@@ -48,6 +48,8 @@ public final class SecondaryRunner: @unchecked Sendable {
         while true {
             let (s, src) = try acceptSeeded(acceptTimeoutMs: acceptTimeoutMs)
             if let r = try follow(s, src) { return r }
+            // The next seed builds a new machine: free this one's RAM first.
+            session = nil; source = nil
         }
     }
 
@@ -169,16 +171,21 @@ public final class SecondaryRunner: @unchecked Sendable {
         let image: PVHImage
         do { image = try PVHImage(bytes: header.image) } catch { throw PairError.badPeerData("the primary's guest image: \(error)") }
         warn("secondary: receiving a seed (\(header.config.memoryMiB) MiB guest, image \(header.image.count) bytes)")
-        let pages: SeedPages
-        do { pages = try SeedPages(memoryMiB: header.config.memoryMiB) } catch { throw PairError.badPeerData(error.description) }
+        // The machine exists before the pages arrive: each chunk goes straight into its RAM.
+        let output = SuppressedOutput()
+        let s = try StandbySession(image: image, config: header.config, output: output, recordWhenLive: reprotectPeer != nil)
+        var received = 0
         var end: SeedEnd
         while true {
             let b = try part(.pages)
             do {
                 switch try SeedCodec.part(b) {
                 case .pages:
-                    let (n, d) = try SeedCodec.decodePages(b)
-                    try pages.add(numbers: n, data: d)
+                    let (n, range) = try SeedCodec.decodePages(b)
+                    do { try b.withUnsafeBytes { try s.machine.writeSeedPages(n, data: UnsafeRawBufferPointer(rebasing: $0[range])) } } catch {
+                        throw SeedError("\(error)")
+                    }
+                    received += n.count
                     continue
                 case .end: end = try SeedCodec.decodeEnd(b)
                 case .header: throw SeedError("a second header")
@@ -186,23 +193,20 @@ public final class SecondaryRunner: @unchecked Sendable {
             } catch let e as SeedError { throw PairError.badPeerData(e.description) }
             break
         }
-        guard end.totalPages == pages.received else { throw PairError.badPeerData("the seed announced \(end.totalPages) pages and carried \(pages.received)") }
-        let (numbers, data) = pages.collect()
-        let output = SuppressedOutput()
+        guard end.totalPages == received else { throw PairError.badPeerData("the seed announced \(end.totalPages) pages and carried \(received)") }
         let src = LiveLogSource(conn: conn, startExit: end.exit, firstSequence: end.firstSequence, protectionID: end.protectionID,
                                 options: options, output: output)
-        let s = try StandbySession(image: image, config: header.config, source: src, output: output, recordWhenLive: reprotectPeer != nil)
         seedImage = image
         seedConfig = header.config
         try s.load(Snapshot(exit: end.exit, signature: end.signature, lastClock: end.lastClock, vcpuState: end.vcpuState,
-                            deviceState: end.deviceState, pageNumbers: numbers, pageData: data, halted: end.runState == .halted))
+                            deviceState: end.deviceState, pageNumbers: [], pageData: [], halted: end.runState == .halted), source: src)
         let digest = try s.machine.seedDigest()
         guard digest == end.seedDigest else {
             throw PairError.badPeerData("after loading the seed this side's state digest is \(StateDigest.hex(digest)), the primary's is \(StateDigest.hex(end.seedDigest)): the two hosts cannot run in lockstep")
         }
         // The seed is loaded: the primary may release output up to here.
         try conn.sendAck(Ack(heldExitIndex: end.exit, replayedExitIndex: end.exit))
-        warn("secondary: seeded at exit \(end.exit) (\(numbers.count) pages, \(pages.received) sent; state \(StateDigest.hex(digest).prefix(16))…); replaying")
+        warn("secondary: seeded at exit \(end.exit) (\(received) pages sent; state \(StateDigest.hex(digest).prefix(16))…); replaying")
         return (s, src)
     }
 

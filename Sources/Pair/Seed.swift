@@ -93,7 +93,8 @@ enum SeedCodec {
         return h
     }
 
-    static func decodePages(_ body: [UInt8]) throws(SeedError) -> (numbers: [UInt32], data: [UInt8]) {
+    /// A pages part: its page numbers, and where their bytes lie in `body` (not copied: they go straight to RAM).
+    static func decodePages(_ body: [UInt8]) throws(SeedError) -> (numbers: [UInt32], data: Range<Int>) {
         var r = WireReader(body, what: "seed pages")
         let n = Int(try r.u32())
         guard n <= seedPagesPerFrame else { throw SeedError("a page chunk of \(n) pages (at most \(seedPagesPerFrame))") }
@@ -103,7 +104,7 @@ enum SeedCodec {
             table.withUnsafeBytes { UnsafeMutableRawPointer(b.baseAddress!).copyMemory(from: $0.baseAddress!, byteCount: n * 4) }
             count = n
         }
-        let data = try r.raw(n * 4096)
+        let data = try r.skip(n * 4096)
         try r.done()
         return (numbers, data)
     }
@@ -143,10 +144,12 @@ struct WireReader {
     var pos = 1  // after the part/tag byte
     init(_ data: [UInt8], what: String) { self.data = data; self.what = what }
 
-    mutating func raw(_ n: Int) throws(SeedError) -> [UInt8] {
+    mutating func raw(_ n: Int) throws(SeedError) -> [UInt8] { Array(data[try skip(n)]) }
+    /// The next `n` bytes' place in `data`, passed over.
+    mutating func skip(_ n: Int) throws(SeedError) -> Range<Int> {
         guard n >= 0, data.count - pos >= n else { throw SeedError("\(what) ends early at byte \(pos) (needs \(n) more)") }
         defer { pos += n }
-        return Array(data[pos..<pos + n])
+        return pos..<pos + n
     }
     mutating func int<T: FixedWidthInteger>(_: T.Type) throws(SeedError) -> T {
         let b = try raw(MemoryLayout<T>.size)
@@ -165,64 +168,5 @@ struct WireReader {
     }
     func done() throws(SeedError) {
         guard pos == data.count else { throw SeedError("\(what) has \(data.count - pos) unexpected trailing bytes") }
-    }
-}
-
-/// The secondary's copy of the pages a seed carries: the last copy of each page (pre-copy sends a page again
-/// when the guest wrote it after it was sent). Staged in an anonymous mapping the size of guest RAM, so only
-/// the pages sent take memory; every copy is one C page loop.
-final class SeedPages {
-    let pageCount: Int
-    private let staging: UnsafeMutableRawPointer
-    private let present: UnsafeMutablePointer<UInt64>
-    private let words: Int
-    /// Every page copy received (the seed's `total pages`).
-    private(set) var received = 0
-
-    init(memoryMiB: UInt32) throws(SeedError) {
-        guard (2...65536).contains(memoryMiB) else { throw SeedError("guest memory of \(memoryMiB) MiB is outside 2...65536") }
-        pageCount = Int(memoryMiB) * 256
-        words = (pageCount + 63) / 64
-        guard let p = mmap(nil, pageCount * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), p != MAP_FAILED else {
-            throw SeedError("cannot map \(memoryMiB) MiB to stage the seed's pages (errno \(errno))")
-        }
-        staging = p
-        present = .allocate(capacity: words)
-        present.initialize(repeating: 0, count: words)
-    }
-
-    deinit {
-        munmap(staging, pageCount * 4096)
-        present.deallocate()
-    }
-
-    func add(numbers: [UInt32], data: [UInt8]) throws(SeedError) {
-        guard data.count == numbers.count * 4096 else { throw SeedError("\(data.count) bytes for \(numbers.count) pages") }
-        if let bad = numbers.first(where: { Int($0) >= pageCount }) {
-            throw SeedError("page \(bad) is beyond RAM (\(pageCount) pages)")
-        }
-        numbers.withUnsafeBufferPointer { n in
-            data.withUnsafeBytes { d in
-                // SAFETY: every number was checked < pageCount above; d holds n.count pages (decodePages).
-                lk_scatter_pages(staging.assumingMemoryBound(to: UInt8.self), n.baseAddress, n.count, d.baseAddress?.assumingMemoryBound(to: UInt8.self))
-            }
-        }
-        for p in numbers { present[Int(p) >> 6] |= 1 << UInt64(p & 63) }
-        received += numbers.count
-    }
-
-    /// The distinct pages, in page order, with their last contents.
-    func collect() -> (numbers: [UInt32], data: [UInt8]) {
-        var numbers = [UInt32](repeating: 0, count: pageCount)
-        let n = numbers.withUnsafeMutableBufferPointer { lk_bitmap_pages(present, pageCount, $0.baseAddress, pageCount) }
-        numbers.removeLast(pageCount - n)
-        var data = [UInt8](repeating: 0, count: n * 4096)
-        data.withUnsafeMutableBytes { d in
-            numbers.withUnsafeBufferPointer { nb in
-                // SAFETY: the numbers come from `present` (< pageCount); d holds n pages.
-                lk_gather_pages(staging.assumingMemoryBound(to: UInt8.self), nb.baseAddress, n, d.baseAddress?.assumingMemoryBound(to: UInt8.self))
-            }
-        }
-        return (numbers, data)
     }
 }

@@ -1,7 +1,7 @@
 import Testing
 @testable import Pair
 
-/// The seed's wire parts and the secondary's staging of pre-copied pages, without processes.
+/// The seed's wire parts, without processes (`MachineTests` writes a seed's pages into a machine's RAM).
 @Suite struct SeedTests {
     /// A pages part as `Precopy.sendPending` builds it.
     func pagesPart(_ numbers: [UInt32], fill: (UInt32) -> UInt8) -> [UInt8] {
@@ -12,30 +12,18 @@ import Testing
         return w.out
     }
 
-    @Test func theLastCopyOfAPageWinsAndEveryCopyIsCounted() throws {
-        let pages = try SeedPages(memoryMiB: 2)
-        var (n, d) = try SeedCodec.decodePages(pagesPart([7, 3], fill: { UInt8($0) }))
-        try pages.add(numbers: n, data: d)
-        (n, d) = try SeedCodec.decodePages(pagesPart([7], fill: { _ in 0xAB }))   // written again after it was sent
-        try pages.add(numbers: n, data: d)
-        (n, d) = try SeedCodec.decodePages(pagesPart([], fill: { _ in 0 }))
-        try pages.add(numbers: n, data: d)
-        #expect(pages.received == 3)
-        let (numbers, data) = pages.collect()
-        #expect(numbers == [3, 7])
-        #expect(data.count == 2 * 4096)
-        #expect(data[0..<4096].allSatisfy { $0 == 3 })
-        #expect(data[4096...].allSatisfy { $0 == 0xAB })
-    }
-
-    @Test func aPageBeyondRAMIsNamed() throws {
-        let pages = try SeedPages(memoryMiB: 2)   // 512 pages
-        let (n, d) = try SeedCodec.decodePages(pagesPart([1, 512], fill: { _ in 1 }))
-        #expect(throws: SeedError.self) { try pages.add(numbers: n, data: d) }
-        do { try pages.add(numbers: n, data: d) } catch { #expect(error.description.contains("page 512 is beyond RAM (512 pages)")) }
-        #expect(pages.received == 0)
-        do { try pages.add(numbers: [1], data: [0]); Issue.record("a chunk short of its pages was accepted") } catch {
-            #expect(error.description.contains("1 bytes for 1 pages"), "\(error)")
+    @Test func aPagesPartNamesItsPagesAndWhereTheirBytesLie() throws {
+        let part = pagesPart([7, 3], fill: { UInt8($0) })
+        let (n, range) = try SeedCodec.decodePages(part)
+        #expect(n == [7, 3])
+        #expect(range == (1 + 4 + 8)..<part.count)
+        #expect(part[range].prefix(4096).allSatisfy { $0 == 7 } && part[range].suffix(4096).allSatisfy { $0 == 3 })
+        let empty = try SeedCodec.decodePages(pagesPart([], fill: { _ in 0 }))
+        #expect(empty.numbers.isEmpty && empty.data.isEmpty)
+        var w = Wire(SeedPart.pages)
+        w.u32(UInt32(seedPagesPerFrame + 1))
+        do { _ = try SeedCodec.decodePages(w.out); Issue.record("an oversized chunk was accepted") } catch {
+            #expect(error.description.contains("a page chunk of \(seedPagesPerFrame + 1) pages"), "\(error)")
         }
     }
 
@@ -52,7 +40,6 @@ import Testing
         do { _ = try SeedCodec.decodeHeader(w.out); Issue.record("an old seed version was accepted") } catch {
             #expect(error.description.contains("seed version \(SeedHeader.version - 1); this side speaks \(SeedHeader.version)"), "\(error)")
         }
-        #expect(throws: SeedError.self) { try SeedPages(memoryMiB: 1) }
     }
 
     @Test func theEndRoundTripsItsRunStateAndRefusesAnUnknownOne() throws {
