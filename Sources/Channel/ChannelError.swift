@@ -49,6 +49,8 @@ public enum ChannelError: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidKey(String)
     /// OpenSSL failed (should not happen).
     case crypto(String)
+    /// The control socket (`--control`): a bad path, or a request line too long.
+    case control(String)
 
     public var description: String {
         switch self {
@@ -76,6 +78,7 @@ public enum ChannelError: Error, Equatable, Sendable, CustomStringConvertible {
         case .peerError(let c, let m): return "peer reported \(c): \(m)"
         case .invalidKey(let s): return "invalid pre-shared key: \(s)"
         case .crypto(let s): return "OpenSSL failure: \(s)"
+        case .control(let s): return s
         }
     }
 

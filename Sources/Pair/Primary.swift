@@ -38,6 +38,8 @@ public final class PrimaryRunner: @unchecked Sendable {
     private let finished = Atomic<Bool>(false)
     /// An operator asked for a planned switchover (`requestHandover`, any thread).
     private let handoverWanted = Atomic<Bool>(false)
+    /// Who waits for the handover's outcome (the control socket); `closed` once the run ended.
+    private let handoverReplies = Mutex<(waiting: [@Sendable (HandoverOutcome) -> Void], closed: Bool)>(([], false))
     /// The secondary took the guest over: the run ends without a trailer (vCPU thread).
     private(set) var handedOver = false
     private var lastFlushNs: UInt64 = 0
@@ -101,6 +103,7 @@ public final class PrimaryRunner: @unchecked Sendable {
     /// The guest ended: close the log to the secondary (if any) and release everything. After a handover
     /// the log has no end: the secondary runs the guest on, and the pair record is its to write.
     func endRun(_ ending: Ending) throws(MachineError) -> SessionResult {
+        answerHandovers(.refused("handover refused: the guest ended first"))
         dropSeeding("the guest ended before this secondary was seeded")
         if !handedOver { releaseFinalOutput() }
         let (result, trailer) = try session.finish(ending)
@@ -132,6 +135,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         } catch {
             own.stop()
             ticker?.stop()
+            answerHandovers(.refused("handover refused: the primary failed: \(error)"))
             dropSeeding("primary failed: \(error)")
             detach(goodbye: "primary failed: \(error)")
             throw error
@@ -180,24 +184,44 @@ public final class PrimaryRunner: @unchecked Sendable {
 
     // MARK: planned switchover
 
-    /// Asks for a planned switchover (any thread; the CLI's SIGUSR2): at its next step boundary the primary
-    /// hands the guest to its secondary, or says why it cannot.
-    public func requestHandover() {
+    /// Asks for a planned switchover (any thread; SIGUSR2 or the control socket): at its next step boundary
+    /// the primary hands the guest to its secondary, or says why it cannot. `reply` gets the outcome.
+    public func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)? = nil) {
+        let ended = handoverReplies.withLock { r -> Bool in
+            if !r.closed, let reply { r.waiting.append(reply) }
+            return r.closed
+        }
+        if ended { reply?(.refused("handover refused: the guest's run has ended")); return }
         handoverWanted.store(true, ordering: .releasing)
         session.machine.pacer?.raise(.boundary)
     }
 
-    /// vCPU thread, guest stopped between two steps. The secondary gets the log through this exit and acks
-    /// it (so all output is released), then this side gives up the fence and sends `handover`. The fence
-    /// decides: a new holder means the secondary took over (this run ends); none in time, and this side
-    /// takes it back and goes on unprotected (the secondary, denied the fence, stops).
+    /// Answers everyone waiting for a handover; after the run's end, answers come at once.
+    private func answerHandovers(_ outcome: HandoverOutcome, closing: Bool = true) {
+        let waiting = handoverReplies.withLock { r in
+            defer { r.waiting = []; if closing { r.closed = true } }
+            return r.waiting
+        }
+        for reply in waiting { reply(outcome) }
+    }
+
+    /// vCPU thread, guest stopped between two steps: one handover attempt, its outcome said and answered.
     private func handOver() {
         handoverWanted.store(false, ordering: .relaxed)
+        let outcome = attemptHandover()
+        if case .failed = outcome {} else { warn(outcome.message) }  // a failure was said by the failover machine
+        answerHandovers(outcome, closing: handedOver)
+    }
+
+    /// The secondary gets the log through this exit and acks it (so all output is released), then this side
+    /// gives up the fence and sends `handover`. The fence decides: a new holder means the secondary took over
+    /// (this run ends); none in time, and this side takes it back and goes on unprotected (the secondary,
+    /// denied the fence, stops).
+    private func attemptHandover() -> HandoverOutcome {
         guard state == .primaryProtected else {
-            for case .logWarning(let w) in fsm.withLock({ $0.handle(.handoverRequested) }) { warn(w) }
-            return
+            return .refused(fsm.withLock { $0.handle(.handoverRequested) }.warnings.first ?? "handover refused: this primary is not protected")
         }
-        guard let l = link, !l.lost.load(ordering: .acquiring) else { warn("handover refused: the secondary's link is down"); return }
+        guard let l = link, !l.lost.load(ordering: .acquiring) else { return .refused("handover refused: the secondary's link is down") }
         flushLog(force: true)
         let exit = session.exit
         let ackBy = lk_monotonic_ns() + max(options.failureNs, 1_000_000_000)
@@ -206,10 +230,9 @@ public final class PrimaryRunner: @unchecked Sendable {
             _ = lk_eventfd_wait(l.ackEvent, min(ackBy, lk_monotonic_ns() + 1_000_000))
         }
         guard gate.releasedWatermark > exit, !l.lost.load(ordering: .acquiring) else {
-            warn("handover refused: the secondary did not acknowledge the log through exit \(exit)")
-            return
+            return .refused("handover refused: the secondary did not acknowledge the log through exit \(exit)")
         }
-        guard fsm.withLock({ $0.handle(.handoverRequested) }).contains(.handOver) else { return }
+        guard fsm.withLock({ $0.handle(.handoverRequested) }).contains(.handOver) else { return .refused("handover refused by the failover machine") }
         let generation = fence?.token?.generation ?? 0
         l.beginHandover()
         try? fence?.release()
@@ -233,13 +256,14 @@ public final class PrimaryRunner: @unchecked Sendable {
             handedOver = true
             // The survivor binds the service address now: free it before this side's digest and exit.
             (gate.backend as? SerialBackend)?.close()
-            warn("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side stops")
-        } else {
-            // This side holds the fence again: the secondary never went live, and it is denied from here on.
-            dropLink(l, losing: "it did not take the fence when handed the guest")
-            PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
-            carryOut(fsm.withLock { $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) })
+            return .handedOver("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side stops")
         }
+        // This side holds the fence again: the secondary never went live, and it is denied from here on.
+        dropLink(l, losing: "it did not take the fence when handed the guest")
+        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+        let actions = fsm.withLock { $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) }
+        carryOut(actions)
+        return .failed(actions.warnings.first ?? "handover failed; continuing unprotected")
     }
 
     /// After a handover: the link is the secondary's to close; only the threads are left to end.
@@ -503,4 +527,9 @@ public final class PrimaryRunner: @unchecked Sendable {
         metrics.stats(gate: gate.latencySnapshot(), logBytes: totalBytes, events: session.encoder.eventCount,
                       batches: totalBatches, syncPoints: session.encoder.syncPointCount, exits: session.exit)
     }
+}
+
+extension Array where Element == FailoverAction {
+    /// The texts of the `logWarning` actions.
+    var warnings: [String] { compactMap { if case .logWarning(let w) = $0 { w } else { nil } } }
 }

@@ -12,7 +12,9 @@ public final class SecondaryRunner: @unchecked Sendable {
     let options: PairOptions
     let serial: SerialSpec
     private var session: StandbySession?
-    private var source: LiveLogSource?
+    private var source: LiveLogSource? { didSet { sourceForStatus.withLock { $0 = source } } }
+    /// `source` for the status and control threads.
+    private let sourceForStatus = Mutex<LiveLogSource?>(nil)
     private var backend: SerialBackend?
     /// Where a survivor looks for a secondary of its own (`--peer`); nil: it runs unprotected once live.
     let reprotectPeer: String?
@@ -75,10 +77,11 @@ public final class SecondaryRunner: @unchecked Sendable {
 
     /// A planned switchover (any thread): only once live and protecting itself does this side have a guest to
     /// hand over.
-    public func requestHandover() {
-        if let p = protectorForSignals.withLock({ $0 }) { p.requestHandover() } else {
-            warn("handover refused: this side is not a protected primary (a secondary hands nothing over; a live one needs --peer and a seeded secondary)")
-        }
+    public func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)? = nil) {
+        if let p = protectorForSignals.withLock({ $0 }) { p.requestHandover(reply: reply); return }
+        let why = "handover refused: this side is not a protected primary (a secondary hands nothing over; a live one needs --peer and a seeded secondary)"
+        warn(why)
+        reply?(.refused(why))
     }
 
     /// Replays one seeded stream. Returns the result when the guest ended; nil when this side must be seeded
@@ -245,12 +248,14 @@ public final class SecondaryRunner: @unchecked Sendable {
              + (protector != nil ? "; looking for a new secondary at \(reprotectPeer!)" : ""))
     }
 
+    /// Any thread (the status ticker, the control socket).
     public func status() -> PairStatus {
-        if let p = protector {
+        if let p = protectorForSignals.withLock({ $0 }) {
             var st = p.status()
             st.role = "survivor"
             return st
         }
+        let source = sourceForStatus.withLock { $0 }
         let held = source?.heldExit.load(ordering: .acquiring) ?? 0
         let replayed = source?.replayed.load(ordering: .acquiring) ?? 0
         let bytes = source?.bytesReceived.load(ordering: .relaxed) ?? 0

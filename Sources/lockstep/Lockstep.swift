@@ -15,7 +15,7 @@ struct Lockstep: ParsableCommand {
         abstract: "Fault-tolerant KVM virtual machines: record, replay, and a live lockstep pair.",
         discussion: ExitStatus.documentation,
         subcommands: [RunCommand.self, RecordCommand.self, ReplayCommand.self, PrimaryCommand.self, SecondaryCommand.self,
-                      LogCommand.self, BenchCommand.self])
+                      ControlCommand.self, LogCommand.self, BenchCommand.self])
 }
 
 /// Exit statuses. A guest that ends through isa-debug-exit passes its own value through (0-255);
@@ -27,14 +27,14 @@ enum ExitStatus: Int32 {
     case internalError = 70  // an unexpected KVM failure
     case guestCrashed = 71   // triple fault, cli;hlt, KVM emulation failure
     case divergence = 72     // replay does not match its log
-    case peerUnreachable = 68 // pair: no secondary answered at --peer
+    case peerUnreachable = 68 // pair: no secondary answered at --peer; control: no answer on the socket
     case ioError = 74        // disk full, unwritable log (a serial backend that cannot bind is a usage error, 64)
     case fenced = 75         // pair: another side holds the fence (this side must not be live)
     case peerRejected = 76   // pair: wrong key, protocol version, encryption refused, garbage, bad seed
 
     static let documentation = """
     Exit status: the guest's own value when it writes to port 0xF4; otherwise 64 usage, 65 bad input \
-    (image or log), 68 peer unreachable, 69 KVM unavailable, 70 internal error, 71 guest crashed, 72 replay divergence, \
+    (image or log), 68 peer (or control socket) unreachable, 69 KVM unavailable, 70 internal error, 71 guest crashed, 72 replay divergence, \
     74 I/O error, 75 fenced (another side is live), 76 peer rejected (key, version, encryption, bad data).
     """
 }

@@ -17,6 +17,13 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Flow control: slow the primary when the secondary's replay is this far behind (ms).") var maxLagMs: UInt64 = 2000
     @Option(name: .long, help: "Flow control: slow the primary when this much log is not yet replayed (MiB).") var maxLagMib: UInt64 = 64
     @Option(name: .long, help: "Drop (and re-seed) a secondary whose replay has not moved for this long while the primary waits (ms).") var replayStallMs: UInt64 = 5000
+    @Option(name: .long, help: "Answer `lockstep control PATH status|handover` on this Unix socket (created 0600, removed at the end).") var control: String?
+
+    /// The control socket, when asked for, answering for `status` and `handover`.
+    func controlServer(_ o: PairOptions, status: @escaping @Sendable () -> PairStatus,
+                       handover: @escaping @Sendable (@escaping @Sendable (HandoverOutcome) -> Void) -> Void) throws -> ControlServer? {
+        try control.map { try ControlServer(path: $0, options: o, status: status, handover: handover) }
+    }
 
     func options() throws -> PairOptions {
         guard let mode = ["disabled": EncryptionMode.disabled, "opportunistic": .opportunistic, "required": .required][encrypt] else {
@@ -72,6 +79,8 @@ struct PrimaryCommand: ParsableCommand {
                                       backend: backend, peer: peer, options: o)
             backend.startInput(into: p.machine.input)
             onSignal(SIGUSR2) { p.requestHandover() }
+            let control = try pair.controlServer(o, status: { p.status() }, handover: { p.requestHandover(reply: $0) })
+            defer { control?.stop() }
             let r = try p.run()
             backend.close()
             throw finish(r, verbose: options.verbose)
@@ -95,9 +104,33 @@ struct SecondaryCommand: ParsableCommand {
             let spec = try SerialSpec.parse(serial)
             let s = try SecondaryRunner(listen: listen, serial: spec, options: o, reprotectPeer: peer)
             onSignal(SIGUSR2) { s.requestHandover() }
+            let control = try pair.controlServer(o, status: { s.status() }, handover: { s.requestHandover(reply: $0) })
+            defer { control?.stop() }
             FileHandle.standardError.write(Data("lockstep: secondary listening on \(listen.split(separator: ":").dropLast().joined(separator: ":")):\(s.port)\n".utf8))
             let r = try s.run(acceptTimeoutMs: acceptTimeoutMs)
             throw finish(r, verbose: verbose)
         } catch { throw pairExit(error) }
+    }
+}
+
+struct ControlCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "control",
+        abstract: "Ask a running primary or secondary (its --control socket) for its status, or for a planned switchover.",
+        discussion: "handover: exit 0 once the secondary took the guest over; 1 when refused (nothing changed) or failed (the primary serves on, unprotected).")
+    @Argument(help: "The --control socket of the running process.") var socket: String
+    @Argument(help: "status (one line of JSON) or handover (waits for the outcome).") var request: String
+    @Option(name: .long, help: "Give up waiting for the answer after this many ms.") var timeoutMs: Int = 30_000
+
+    func run() throws {
+        guard ["status", "handover"].contains(request) else { throw fail("unknown request \(request): use status or handover", .usage) }
+        let answer: String?
+        do {
+            let c = try ControlConnection(path: socket)
+            try c.writeLine(request)
+            answer = try c.readLine(timeoutMs: timeoutMs)
+        } catch { throw fail("control \(socket): \(error)", .peerUnreachable) }
+        guard let answer else { throw fail("control \(socket): closed without an answer", .peerUnreachable) }
+        print(answer)
+        if request == "handover", !answer.hasPrefix("handed-over:") { throw ExitCode.failure }
     }
 }

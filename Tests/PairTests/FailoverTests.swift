@@ -6,9 +6,9 @@ import Testing
 extension PairTests { @Suite struct FailoverTests {
     /// Starts a secondary and a primary running the echo guest, both with `--serial udp:127.0.0.1:PORT`.
     static func startPair(_ ws: (dir: String, key: String, fence: String), udp: UInt16, guest: String = "echo", extraPrimary: [String] = [],
-                          peerOverride: ((UInt16) throws -> UInt16)? = nil) throws -> (Child, Child, UInt16) {
+                          extraSecondary: [String] = [], peerOverride: ((UInt16) throws -> UInt16)? = nil) throws -> (Child, Child, UInt16) {
         let common = PairFixture.common(ws)
-        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common + extraSecondary)
         let port = try sec.listeningPort()
         let peer = try peerOverride?(port) ?? port
         let pri = try Child("primary", ["primary", try PairFixture.guest(guest), "--peer", "127.0.0.1:\(peer)", "--memory", "32",
@@ -140,31 +140,38 @@ extension PairTests { @Suite struct FailoverTests {
         _ = try? sec.wait(seconds: 10)
     }
 
-    /// A planned switchover (SIGUSR2 to the primary): it stops where the secondary holds its whole log, gives
-    /// up the fence, and the secondary goes live at once. The conversation goes on with no request lost or
-    /// answered twice differently; the old primary ends with status 0. A side with nothing to hand over
-    /// refuses and keeps running.
+    /// A planned switchover (`lockstep control SOCKET handover`; SIGUSR2 does the same): the primary stops where
+    /// the secondary holds its whole log, gives up the fence, and the secondary goes live at once; the command
+    /// says so and exits 0. The conversation goes on with no request lost or answered twice differently; the
+    /// old primary ends with status 0. A side with nothing to hand over refuses (exit 1) and keeps running.
     @Test func plannedHandoverKeepsTheConversation() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         let udp = PairFixture.freeUDPPort()
-        let (pri, sec, _) = try Self.startPair(ws, udp: udp)
+        let priControl = ws.dir + "/primary.sock", secControl = ws.dir + "/secondary.sock"
+        let (pri, sec, _) = try Self.startPair(ws, udp: udp, extraPrimary: ["--control", priControl], extraSecondary: ["--control", secControl])
         let client = EchoClient(port: udp)
         var history = History()
         for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        let status = try Child("status", ["control", priControl, "status"], captureStdout: true)
+        #expect(try status.wait(seconds: 10) == 0, "\(status.stderrText)")
+        #expect(status.stderr.contains { $0.contains("\"role\":\"primary\"") && $0.contains("\"protected\":true") }, "\(status.stderrText)")
         let t0 = Date()
-        pri.signal(SIGUSR2)
+        let handover = try Child("handover", ["control", priControl, "handover"], captureStdout: true)
         // Sent at once and resent until answered: whichever side holds the guest answers it, once.
         #expect(client.request("REQ 4 b", expect: "REP 4 ", seen: { history.saw($0) }) != nil, "secondary:\n\(sec.stderrText)")
-        print("handover: SIGUSR2 → the reply to a request sent with it in \(String(format: "%.1f", Date().timeIntervalSince(t0) * 1000)) ms")
+        print("handover: request → the reply to a request sent with it in \(String(format: "%.1f", Date().timeIntervalSince(t0) * 1000)) ms")
+        #expect(try handover.wait(seconds: 30) == 0, "\(handover.stderrText)")
+        #expect(handover.stderr.contains { $0.hasPrefix("handed-over: handed over to the secondary at exit") }, "\(handover.stderrText)")
         let live = try sec.waitForLine(containing: "live: ", seconds: 10)
         #expect(live.contains("handed the guest over at exit"), "\(live)")
-        try pri.waitForLine(containing: "handed over to the secondary at exit", seconds: 10)
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
-        // The survivor has no secondary: it refuses and serves on.
-        sec.signal(SIGUSR2)
-        try sec.waitForLine(containing: "handover refused", seconds: 10)
+        #expect(!FileManager.default.fileExists(atPath: priControl), "the primary left its control socket behind")
+        // The survivor has no secondary: it refuses (exit 1) and serves on.
+        let refusal = try Child("refusal", ["control", secControl, "handover"], captureStdout: true)
+        #expect(try refusal.wait(seconds: 10) == 1, "\(refusal.stderrText)")
+        #expect(refusal.stderr.contains { $0.hasPrefix("refused: handover refused: this side is not a protected primary") }, "\(refusal.stderrText)")
         for seq in 5...6 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
         _ = client.request("QUIT", expect: "RESULT echo")
         #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
@@ -172,6 +179,8 @@ extension PairTests { @Suite struct FailoverTests {
         // Every reply was released before the handover, and the secondary was told: it sends none again.
         let went = sec.stderr.first { $0.contains("went live at exit") } ?? ""
         #expect(went.contains("(0 output bytes"), "nothing released may be sent again: \(went)")
+        let gone = try Child("gone", ["control", priControl, "status"], captureStdout: true)
+        #expect(try gone.wait(seconds: 10) == 68, "\(gone.stderrText)")
     }
 
     /// A secondary that ignores the handover (fault injection): the primary, seeing nobody take the fence,

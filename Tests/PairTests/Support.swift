@@ -89,14 +89,15 @@ final class Child: @unchecked Sendable {
     private var eof = false
     private var partial = Data()
 
-    init(_ name: String, _ args: [String], environment: [String: String] = [:]) throws {
+    /// `captureStdout`: stdout lines join the stderr lines (`lockstep control` answers on stdout).
+    init(_ name: String, _ args: [String], environment: [String: String] = [:], captureStdout: Bool = false) throws {
         self.name = name
         process.executableURL = URL(fileURLWithPath: PairFixture.binary)
         process.arguments = args
         if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         let err = Pipe()
         process.standardError = err
-        process.standardOutput = FileHandle.nullDevice
+        process.standardOutput = captureStdout ? err : FileHandle.nullDevice
         process.standardInput = FileHandle.nullDevice
         err.fileHandleForReading.readabilityHandler = { [weak self] h in
             let d = h.availableData

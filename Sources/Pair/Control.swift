@@ -1,0 +1,88 @@
+import Channel
+import Foundation
+import Synchronization
+
+/// What a handover request came to.
+public enum HandoverOutcome: Sendable, Equatable {
+    /// The secondary took the fence and runs the guest on; this side's run ends.
+    case handedOver(String)
+    /// Nothing changed: this side is not a protected primary, its link is down, or the log was not acknowledged.
+    case refused(String)
+    /// The secondary did not take over in time: this side took the fence back and serves on, unprotected.
+    case failed(String)
+
+    public var message: String {
+        switch self { case .handedOver(let m), .refused(let m), .failed(let m): return m }
+    }
+
+    /// The control socket's reply line: the outcome's name, a colon, what happened.
+    var line: String {
+        switch self {
+        case .handedOver(let m): return "handed-over: " + m
+        case .refused(let m): return "refused: " + m
+        case .failed(let m): return "failed: " + m
+        }
+    }
+}
+
+/// `--control PATH` of `primary` and `secondary`: answers `status` (the status JSON on one line) and
+/// `handover` (waits for the outcome, then one line: `handed-over: …`, `refused: …` or `failed: …`).
+/// One request per connection, one connection at a time, on its own thread.
+public final class ControlServer: @unchecked Sendable {
+    private let listener: ControlListener
+    private let status: @Sendable () -> PairStatus
+    private let handover: @Sendable (@escaping @Sendable (HandoverOutcome) -> Void) -> Void
+    /// The longest a handover may take before the request is answered anyway (the fence wait, failure timeout, ack).
+    private let handoverBoundMs: Int
+    private let stopped = Atomic<Bool>(false)
+    private let done = DispatchSemaphore(value: 0)
+
+    public init(path: String, options: PairOptions, status: @escaping @Sendable () -> PairStatus,
+                handover: @escaping @Sendable (@escaping @Sendable (HandoverOutcome) -> Void) -> Void) throws(PairError) {
+        do { listener = try ControlListener(path: path) } catch { throw .config("--control \(path): \(error)") }
+        self.status = status
+        self.handover = handover
+        handoverBoundMs = options.fenceWaitMs + 2 * options.failureTimeoutMs + 5_000
+        let t = Thread { [self] in
+            while !stopped.load(ordering: .acquiring) {
+                do {
+                    if let c = try listener.accept(timeoutMs: 1_000) { serve(c) }
+                } catch {
+                    if !stopped.load(ordering: .acquiring) { warn("control socket \(listener.path): \(error); it answers no more") }
+                    break
+                }
+            }
+            done.signal()
+        }
+        t.name = "lockstep-control"
+        t.start()
+    }
+
+    /// Stops answering and removes the socket file.
+    public func stop() {
+        stopped.store(true, ordering: .releasing)
+        listener.close()
+        done.wait()
+    }
+
+    private func serve(_ c: ControlConnection) {
+        guard let request = try? c.readLine(timeoutMs: 2_000) else { return }
+        switch request.trimmingCharacters(in: .whitespaces) {
+        case "status":
+            let json = (try? JSONEncoder().encode(status())).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+            try? c.writeLine(json)
+        case "handover":
+            let answer = Mutex<HandoverOutcome?>(nil)
+            let answered = DispatchSemaphore(value: 0)
+            handover { outcome in
+                answer.withLock { $0 = outcome }
+                answered.signal()
+            }
+            let outcome = answered.wait(timeout: .now() + .milliseconds(handoverBoundMs)) == .success
+                ? answer.withLock { $0 } : nil
+            try? c.writeLine(outcome?.line ?? "failed: no outcome within \(handoverBoundMs) ms")
+        default:
+            try? c.writeLine("refused: unknown request \"\(request.prefix(80))\" (status, handover)")
+        }
+    }
+}
