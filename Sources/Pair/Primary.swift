@@ -54,6 +54,9 @@ public final class PrimaryRunner: @unchecked Sendable {
     static let batchIntervalNs: UInt64 = 50_000
     /// A bare watermark (no records) at most this often when no output waits for it.
     static let watermarkIntervalNs: UInt64 = 1_000_000
+    /// Fault injection for the short-log handover test (`LOCKSTEP_FAULT_HANDOVER_EXIT_AHEAD`): the handover
+    /// names an exit this far past the real one, as if log the secondary never got were missing.
+    static let handoverExitAhead = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_HANDOVER_EXIT_AHEAD"].flatMap { UInt64($0) } ?? 0
 
     public init(image: PVHImage, config: MachineConfig, backend: SerialOutput, peer: String, options: PairOptions) throws(PairError) {
         guard let colon = peer.lastIndex(of: ":"), let port = UInt16(peer[peer.index(after: colon)...]), port > 0 else {
@@ -238,7 +241,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         try? fence?.release()
         let t0 = lk_monotonic_ns()
         // Everything through `exit` is released now: say so, or the secondary would send the last line again.
-        do { try l.conn.send([PairMessage.released.status(gate.releasedWatermark), PairMessage.handover.status(exit)]) } catch { warn("handover: cannot tell the secondary: \(error)") }
+        do { try l.conn.send([PairMessage.released.status(gate.releasedWatermark), PairMessage.handover.status(exit + Self.handoverExitAhead)]) } catch { warn("handover: cannot tell the secondary: \(error)") }
         // The secondary takes the fence within its fence wait; allow that and a failure timeout.
         let until = t0 + UInt64(options.fenceWaitMs) * 1_000_000 + options.failureNs + 1_000_000_000
         var taken = false

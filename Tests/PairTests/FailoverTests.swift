@@ -209,6 +209,39 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(history.problems.isEmpty, "\(history.problems)")
     }
 
+    /// The secondary refuses a handover whose log it does not hold to the end (fault injection: the primary
+    /// names an exit past its real one): it asks for a new seed rather than take over. The primary, finding
+    /// the fence untaken, answers `failed:`, takes the fence back, re-seeds that same secondary and serves on.
+    @Test func aHandoverBeyondTheHeldLogIsRefusedAndTheSecondaryReseeded() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = PairFixture.freeUDPPort()
+        let control = ws.dir + "/primary.sock"
+        let common = PairFixture.common(ws)
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(try sec.listeningPort())",
+                                        "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)", "--control", control] + common,
+                            environment: ["LOCKSTEP_FAULT_HANDOVER_EXIT_AHEAD": "1000000"])
+        try pri.waitForLine(containing: "protected: secondary")
+        let client = EchoClient(port: udp)
+        var history = History()
+        #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
+        let handover = try Child("handover", ["control", control, "handover"], captureStdout: true)
+        #expect(try handover.wait(seconds: 30) == 1, "\(handover.stderrText)")
+        #expect(handover.stderr.contains { $0.hasPrefix("failed: handover failed") }, "\(handover.stderrText)")
+        let refused = try sec.waitForLine(containing: "cannot follow the primary", seconds: 10)
+        #expect(refused.contains("but this side holds the log only to exit"), "\(refused)")
+        try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
+        for seq in 2...3 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec.digest, "primary \(pri.digest ?? "-"), secondary \(sec.digest ?? "-")")
+        #expect(history.problems.isEmpty, "\(history.problems)")
+    }
+
     /// `echo-tickless` sleeps in HLT with no timer: nothing wakes it but a request. A new secondary is still
     /// seeded at once (the seed wakes the vCPU thread and is taken mid-halt), continues the halt, and replays
     /// the requests that end it to the primary's final state.
