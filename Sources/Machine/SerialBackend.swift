@@ -228,8 +228,10 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
         }
     }
 
-    public func close() {
-        flush()
+    /// `sendingPartialLine` false: bytes not yet out are dropped (a primary that handed its guest over: the
+    /// survivor sends that line whole, and half of it sent here would garble it for a line-reading client).
+    public func close(sendingPartialLine: Bool = true) {
+        if sendingPartialLine { flush() }
         lock.lock(); defer { lock.unlock() }
         guard !closed else { return }
         closed = true

@@ -257,8 +257,9 @@ public final class PrimaryRunner: @unchecked Sendable {
         if taken {
             _ = fsm.withLock { $0.handle(.peerTookOver) }
             handedOver = true
-            // The survivor binds the service address now: free it before this side's digest and exit.
-            (gate.backend as? SerialBackend)?.close()
+            // The survivor binds the service address now: free it before this side's digest and exit. A line
+            // the guest had begun goes out whole from the survivor, so its start is not sent from here.
+            (gate.backend as? SerialBackend)?.close(sendingPartialLine: false)
             return .handedOver("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side stops")
         }
         // This side holds the fence again: the secondary never went live, and it is denied from here on.

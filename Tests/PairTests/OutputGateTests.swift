@@ -1,3 +1,4 @@
+import Foundation
 import Machine
 import Testing
 @testable import Pair
@@ -96,5 +97,20 @@ import Testing
         emit("ok\nnext", out, from: 5)  // exits 5...11: "ok\n" below 10, "next" from exit 8 (its end is not)
         #expect(out.goLive(to: sink) == 4)
         #expect(sink.text == "next")
+    }
+
+    /// A primary that hands its guest over mid-line closes its backend without the line's start: the survivor
+    /// re-emits that line whole, and a client reading lines must not get its start twice.
+    @Test func aHandedOverPrimarySendsNoHalfLine() throws {
+        let path = "/tmp/lockstep-gate-\(getpid()).serial"
+        defer { unlink(path) }
+        let b = try SerialBackend(.file(path))
+        emit("REP 1 one\nREP 2 t", b, from: 10)
+        b.close(sendingPartialLine: false)
+        #expect(String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self) == "REP 1 one\n")
+        let c = try SerialBackend(.file(path))
+        emit("REP 3 th", c, from: 30)
+        c.close()  // any other end (the guest's, a failure's report): what the guest wrote goes out
+        #expect(String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self) == "REP 3 th")
     }
 }
