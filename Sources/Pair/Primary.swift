@@ -246,6 +246,9 @@ public final class PrimaryRunner: @unchecked Sendable {
         let until = t0 + UInt64(options.fenceWaitMs) * 1_000_000 + options.failureNs + 1_000_000_000
         var taken = false
         while !taken, lk_monotonic_ns() < until {
+            // A secondary that said it cannot follow the log never takes over. Without a fence, the link's
+            // close is the only other sign.
+            if l.refused.load(ordering: .acquiring) { break }
             if let f = fence { taken = (f.readHolder()?.generation ?? 0) > generation } else { taken = l.lost.load(ordering: .acquiring) }
             if !taken { usleep(1000) }  // poll the fence file
         }
@@ -267,6 +270,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
         let actions = fsm.withLock { $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) }
         carryOut(actions)
+        if l.refused.load(ordering: .acquiring) { return .failed("handover failed: \(l.reason); continuing unprotected") }
         return .failed(actions.warnings.first ?? "handover failed; continuing unprotected")
     }
 

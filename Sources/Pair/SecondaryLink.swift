@@ -16,6 +16,8 @@ final class SecondaryLink: @unchecked Sendable {
     let held: Atomic<UInt64>
     let replayed: Atomic<UInt64>
     let lost = Atomic<Bool>(false)
+    /// The secondary said it cannot follow this log (set before `lost`): it will never take the guest over.
+    let refused = Atomic<Bool>(false)
     private let lostReason = Mutex<String>("")
     /// Orders this link's pair-record writes: a loss always writes last.
     private let recordLock = NSLock()
@@ -221,6 +223,7 @@ final class SecondaryLink: @unchecked Sendable {
     private func secondaryReported(_ body: [UInt8]) {
         guard let tag = body.first, tag == PairMessage.divergence.rawValue else { return }
         let text = String(decoding: body.dropFirst(), as: UTF8.self)
+        refused.store(true, ordering: .releasing)
         lose("the secondary diverged and was dropped: \(text)")
     }
 }
