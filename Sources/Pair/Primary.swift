@@ -23,6 +23,7 @@ public final class PrimaryRunner: @unchecked Sendable {
     let peerHost: String
     let peerPort: UInt16
     let metrics = PairMetrics()
+    private let reports = JSONReports()
     let fence: Fence?
     private let fsm = Mutex(FailoverMachine.primary())
     private var link: SecondaryLink?
@@ -147,7 +148,7 @@ public final class PrimaryRunner: @unchecked Sendable {
         let result = try endRun(ending)
         ticker?.stop()
         report()
-        if let path = options.statsJSON { writeJSON(stats(), to: path) }
+        if let path = options.statsJSON { reports.write(stats(), to: path, option: "--stats-json") }
         return result
     }
 
@@ -527,7 +528,7 @@ public final class PrimaryRunner: @unchecked Sendable {
 
     private func report() {
         let s = status()
-        if let p = options.statusJSON { writeJSON(s, to: p) }  // before the line: a reader of the line finds it current
+        if let p = options.statusJSON { reports.write(s, to: p, option: "--status-json") }  // before the line: a reader of the line finds it current
         FileHandle.standardError.write(Data(("lockstep: " + s.line + "\n").utf8))
     }
 

@@ -27,6 +27,7 @@ public final class SecondaryRunner: @unchecked Sendable {
     /// How the run ended, for the exit status.
     public private(set) var wentLive = false
     private let startNs = lk_monotonic_ns()
+    private let reports = JSONReports()
 
     public init(listen: String, serial: SerialSpec, options: PairOptions, reprotectPeer: String? = nil) throws(PairError) {
         self.reprotectPeer = reprotectPeer
@@ -137,7 +138,7 @@ public final class SecondaryRunner: @unchecked Sendable {
         }
         if wentLive { src.shutdown(goodbye: nil) }  // the receiver and heartbeat threads of the old stream
         backend?.close()
-        if let path = options.statsJSON { writeJSON(stats(exits: s.exit), to: path) }
+        if let path = options.statsJSON { reports.write(stats(exits: s.exit), to: path, option: "--stats-json") }
         return r
     }
 
@@ -274,7 +275,7 @@ public final class SecondaryRunner: @unchecked Sendable {
 
     private func report() {
         let s = status()
-        if let p = options.statusJSON { writeJSON(s, to: p) }  // before the line: a reader of the line finds it current
+        if let p = options.statusJSON { reports.write(s, to: p, option: "--status-json") }  // before the line: a reader of the line finds it current
         FileHandle.standardError.write(Data(("lockstep: " + s.line + "\n").utf8))
     }
 }

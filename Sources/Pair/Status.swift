@@ -1,6 +1,9 @@
 import CLockstep
+import EventLog
 import Foundation
+import Glibc
 import Histogram
+import Synchronization
 
 /// The pair's state as the operator sees it: one line on stderr per period, and the same as JSON.
 public struct PairStatus: Codable, Sendable {
@@ -138,13 +141,58 @@ final class PairMetrics: @unchecked Sendable {
     }
 }
 
-/// Writes `value` as JSON to `path` atomically (temporary name, then rename).
-func writeJSON<T: Encodable>(_ value: T, to path: String) {
+/// Writes `value` as JSON to `path` atomically (`PATH.tmp`, then rename). A failure names the file and the
+/// reason (ENOSPC: disk full); the temporary file is removed. `temporaryPath`: tests point it at /dev/full.
+func writeJSON<T: Encodable>(_ value: T, to path: String, temporaryPath: String? = nil) throws(LogError) {
     let enc = JSONEncoder()
     enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-    guard let data = try? enc.encode(value) else { return }
-    let tmp = path + ".tmp"
-    if FileManager.default.createFile(atPath: tmp, contents: data) { _ = rename(tmp, path) }
+    let data: Data
+    do { data = try enc.encode(value) } catch { throw .io(path: path, errno: EINVAL, detail: "cannot encode: \(error)") }
+    let tmp = temporaryPath ?? path + ".tmp"
+    let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    guard fd >= 0 else { throw .io(path: tmp, errno: errno, detail: "cannot create") }
+    var off = 0
+    while off < data.count {
+        let n = data.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) }
+        if n < 0, errno == EINTR { continue }
+        guard n > 0 else {
+            let e = errno
+            close(fd)
+            if temporaryPath == nil { unlink(tmp) }
+            throw .io(path: tmp, errno: e, detail: "cannot write")
+        }
+        off += n
+    }
+    close(fd)
+    guard rename(tmp, path) == 0 else {
+        let e = errno
+        unlink(tmp)
+        throw .io(path: path, errno: e, detail: "cannot rename \(tmp) to it")
+    }
+}
+
+/// The JSON files a pair rewrites as it runs (`--status-json`, `--stats-json`): a file that cannot be written
+/// (disk full, directory gone) is reported once per reason, and the run goes on.
+public final class JSONReports: @unchecked Sendable {
+    private let said = Mutex<Set<String>>([])
+
+    func write<T: Encodable>(_ value: T, to path: String, option: String) {
+        do { try writeJSON(value, to: path) } catch {
+            let text = "cannot update \(option): \(error); the run goes on"
+            if said.withLock({ $0.insert(text).inserted }) { warn(text) }
+        }
+    }
+
+    /// Before the run: a file that cannot be created beside `path` is a usage error, named now rather than
+    /// missed later. Leaves `path` itself alone.
+    public static func check(_ path: String?, option: String) throws(PairError) {
+        guard let path else { return }
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw .config("\(option) \(path): \(LogError.io(path: tmp, errno: errno, detail: "cannot create"))") }
+        close(fd)
+        unlink(tmp)
+    }
 }
 
 /// Calls `body` every `ms` on its own thread until stopped.

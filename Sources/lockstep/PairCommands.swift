@@ -34,6 +34,10 @@ struct PairArguments: ParsableArguments {
         }
         let key: [UInt8]
         do { key = try ChannelConfig.loadKey(path: keyFile) } catch { throw fail("--key-file: \(error)", .usage) }
+        do {
+            try JSONReports.check(statusJson, option: "--status-json")
+            try JSONReports.check(statsJson, option: "--stats-json")
+        } catch { throw fail("\(error)", .usage) }
         var o = PairOptions(key: key, encryption: mode)
         o.fenceDirectory = fence
         o.heartbeatMs = heartbeatMs; o.failureTimeoutMs = failureTimeoutMs; o.fenceWaitMs = fenceWaitMs

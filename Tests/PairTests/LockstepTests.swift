@@ -279,6 +279,17 @@ extension PairTests { @Suite struct BadPeerTests {
         #expect(try bad.wait() == 64)
         #expect(bad.stderrText.contains("at least 16"), "\(bad.stderrText)")
     }
+
+    /// A status file that cannot be written is named before anything runs (exit 64), not skipped in silence.
+    @Test func anUnwritableStatusFileIsRefusedAtStart() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let bad = try Self.primary(1, key: ws.key, ["--status-json", ws.dir + "/no-such-dir/status.json"])
+        #expect(try bad.wait() == 64)
+        #expect(bad.stderrText.contains("--status-json \(ws.dir)/no-such-dir/status.json"), "\(bad.stderrText)")
+        #expect(bad.stderrText.contains("No such file or directory"), "\(bad.stderrText)")
+    }
 }
 }
 
