@@ -25,23 +25,40 @@ public enum HandoverOutcome: Sendable, Equatable {
     }
 }
 
+/// What the operator reaches in a running pair process (SIGUSR2, the control socket).
+public protocol PairRole: AnyObject, Sendable {
+    func status() -> PairStatus
+    func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)?)
+}
+
+/// The role a pair process has now: a primary that handed its guest over may go on as the new primary's
+/// secondary, and the signal and the control socket must reach whichever runs.
+public final class CurrentRole: Sendable {
+    private let role = Mutex<(any PairRole)?>(nil)
+    public init() {}
+    public func set(_ r: any PairRole) { role.withLock { $0 = r } }
+
+    var status: PairStatus? { role.withLock { $0 }?.status() }
+
+    public func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)? = nil) {
+        if let r = role.withLock({ $0 }) { r.requestHandover(reply: reply) } else { reply?(.refused("handover refused: nothing runs yet")) }
+    }
+}
+
 /// `--control PATH` of `primary` and `secondary`: answers `status` (the status JSON on one line) and
 /// `handover` (waits for the outcome, then one line: `handed-over: …`, `refused: …` or `failed: …`).
 /// One request per connection, one connection at a time, on its own thread.
 public final class ControlServer: @unchecked Sendable {
     private let listener: ControlListener
-    private let status: @Sendable () -> PairStatus
-    private let handover: @Sendable (@escaping @Sendable (HandoverOutcome) -> Void) -> Void
+    private let role: CurrentRole
     /// The longest a handover may take before the request is answered anyway (the fence wait, failure timeout, ack).
     private let handoverBoundMs: Int
     private let stopped = Atomic<Bool>(false)
     private let done = DispatchSemaphore(value: 0)
 
-    public init(path: String, options: PairOptions, status: @escaping @Sendable () -> PairStatus,
-                handover: @escaping @Sendable (@escaping @Sendable (HandoverOutcome) -> Void) -> Void) throws(PairError) {
+    public init(path: String, options: PairOptions, role: CurrentRole) throws(PairError) {
         do { listener = try ControlListener(path: path) } catch { throw .config("--control \(path): \(error)") }
-        self.status = status
-        self.handover = handover
+        self.role = role
         handoverBoundMs = options.fenceWaitMs + 2 * options.failureTimeoutMs + 5_000
         let t = Thread { [self] in
             while !stopped.load(ordering: .acquiring) {
@@ -69,12 +86,12 @@ public final class ControlServer: @unchecked Sendable {
         guard let request = try? c.readLine(timeoutMs: 2_000) else { return }
         switch request.trimmingCharacters(in: .whitespaces) {
         case "status":
-            let json = (try? JSONEncoder().encode(status())).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+            let json = role.status.flatMap { try? JSONEncoder().encode($0) }.map { String(decoding: $0, as: UTF8.self) } ?? "{}"
             try? c.writeLine(json)
         case "handover":
             let answer = Mutex<HandoverOutcome?>(nil)
             let answered = DispatchSemaphore(value: 0)
-            handover { outcome in
+            role.requestHandover { outcome in
                 answer.withLock { $0 = outcome }
                 answered.signal()
             }

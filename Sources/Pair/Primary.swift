@@ -12,7 +12,7 @@ import Synchronization
 /// Threads: the vCPU thread runs `run()` (guest, encoder, log sends, seeding); the link thread of the
 /// current secondary (acks, heartbeats, releases); a connector thread while no secondary is attached;
 /// the status ticker. The vCPU thread alone attaches and detaches secondaries, at step boundaries.
-public final class PrimaryRunner: @unchecked Sendable {
+public final class PrimaryRunner: PairRole, @unchecked Sendable {
     let session: RecordingSession
     /// The session this runner created and drives (`lockstep primary`); nil when it protects a survivor's.
     let own: StreamRecordSession?
@@ -42,7 +42,7 @@ public final class PrimaryRunner: @unchecked Sendable {
     /// Who waits for the handover's outcome (the control socket); `closed` once the run ended.
     private let handoverReplies = Mutex<(waiting: [@Sendable (HandoverOutcome) -> Void], closed: Bool)>(([], false))
     /// The secondary took the guest over: the run ends without a trailer (vCPU thread).
-    private(set) var handedOver = false
+    public private(set) var handedOver = false
     private var lastFlushNs: UInt64 = 0
     /// Reused buffer for one batch (no allocation per flush in steady state).
     private var batch: [UInt8] = []
@@ -264,7 +264,7 @@ public final class PrimaryRunner: @unchecked Sendable {
             // The survivor binds the service address now: free it before this side's digest and exit. A line
             // the guest had begun goes out whole from the survivor, so its start is not sent from here.
             (gate.backend as? SerialBackend)?.close(sendingPartialLine: false)
-            return .handedOver("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side stops")
+            return .handedOver("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side's run of the guest ends")
         }
         // This side holds the fence again: the secondary never went live, and it is denied from here on.
         dropLink(l, losing: "it did not take the fence when handed the guest")

@@ -7,7 +7,7 @@ import Synchronization
 
 /// `lockstep secondary`: waits for a primary, loads its seed, replays its log in lockstep, and goes live
 /// (fence, drain, live devices, service address) when the primary fails.
-public final class SecondaryRunner: @unchecked Sendable {
+public final class SecondaryRunner: PairRole, @unchecked Sendable {
     let listener: Listener
     let options: PairOptions
     let serial: SerialSpec
@@ -45,12 +45,17 @@ public final class SecondaryRunner: @unchecked Sendable {
 
     /// Accepts primaries until one completes the handshake and the seed (a bad peer is reported and dropped),
     /// then replays until the guest ends or this side goes live and the guest ends. A divergence while
-    /// replaying is reported to the primary, which seeds this side again.
+    /// replaying is reported to the primary, which seeds this side again. A survivor that hands the guest
+    /// over becomes a secondary again: it listens for the new primary, which re-protects itself here.
     public func run(acceptTimeoutMs: Int = -1) throws -> SessionResult {
         defer { listener.close() }
         while true {
             let (s, src) = try acceptSeeded(acceptTimeoutMs: acceptTimeoutMs)
-            if let r = try follow(s, src) { return r }
+            if let r = try follow(s, src) {
+                guard protector?.handedOver == true else { return r }
+                warn("secondary: handed the guest over; listening again on \(listener.host):\(port) for the new primary")
+                protector = nil; backend = nil; wentLive = false
+            }
             // The next seed builds a new machine: free this one's RAM first.
             session = nil; source = nil
         }

@@ -19,10 +19,10 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Drop (and re-seed) a secondary whose replay has not moved for this long while the primary waits (ms).") var replayStallMs: UInt64 = 5000
     @Option(name: .long, help: "Answer `lockstep control PATH status|handover` on this Unix socket (created 0600, removed at the end).") var control: String?
 
-    /// The control socket, when asked for, answering for `status` and `handover`.
-    func controlServer(_ o: PairOptions, status: @escaping @Sendable () -> PairStatus,
-                       handover: @escaping @Sendable (@escaping @Sendable (HandoverOutcome) -> Void) -> Void) throws -> ControlServer? {
-        try control.map { try ControlServer(path: $0, options: o, status: status, handover: handover) }
+    /// SIGUSR2 and, when asked for, the control socket, both reaching whatever role `role` holds.
+    func operatorAccess(_ o: PairOptions, _ role: CurrentRole) throws -> ControlServer? {
+        onSignal(SIGUSR2) { role.requestHandover() }
+        return try control.map { try ControlServer(path: $0, options: o, role: role) }
     }
 
     func options() throws -> PairOptions {
@@ -72,23 +72,37 @@ struct PrimaryCommand: ParsableCommand {
     @OptionGroup var pair: PairArguments
     @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
     @Option(name: .long, help: "How long to wait for the first secondary (ms).") var connectTimeoutMs: Int = 30_000
+    @Option(name: .long, help: "After handing the guest over, stay as the new primary's secondary, listening here (HOST:PORT; start the other side with --peer to it).") var listen: String?
 
     func run() throws {
         var o = try pair.options()
         o.connectTimeoutMs = connectTimeoutMs
         do {
-            let image = try loadImage(guest)
-            let backend = try SerialBackend(try SerialSpec.parse(options.serial))
-            let p = try PrimaryRunner(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs),
-                                      backend: backend, peer: peer, options: o)
-            backend.startInput(into: p.machine.input)
-            onSignal(SIGUSR2) { p.requestHandover() }
-            let control = try pair.controlServer(o, status: { p.status() }, handover: { p.requestHandover(reply: $0) })
+            let spec = try SerialSpec.parse(options.serial)
+            let role = CurrentRole()
+            // Bound now: a busy address is a usage error before the guest starts, not after a handover.
+            let after = try listen.map { try SecondaryRunner(listen: $0, serial: spec, options: o, reprotectPeer: peer) }
+            let control = try pair.operatorAccess(o, role)
             defer { control?.stop() }
-            let r = try p.run()
-            backend.close()
-            throw finish(r, verbose: options.verbose)
+            let (r, handedOver) = try runPrimary(spec, o, role)
+            guard handedOver, let s = after else { throw finish(r, verbose: options.verbose) }
+            role.set(s)
+            FileHandle.standardError.write(Data("lockstep: now the secondary of the new primary, listening on \(listen!)\n".utf8))
+            throw finish(try s.run(), verbose: options.verbose)
         } catch { throw pairExit(error) }
+    }
+
+    /// The run as primary (its machine is freed on return, before a secondary run builds another).
+    private func runPrimary(_ spec: SerialSpec, _ o: PairOptions, _ role: CurrentRole) throws -> (SessionResult, handedOver: Bool) {
+        let image = try loadImage(guest)
+        let backend = try SerialBackend(spec)
+        let p = try PrimaryRunner(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs),
+                                  backend: backend, peer: peer, options: o)
+        role.set(p)
+        backend.startInput(into: p.machine.input)
+        let r = try p.run()
+        backend.close()
+        return (r, p.handedOver)
     }
 }
 
@@ -107,8 +121,9 @@ struct SecondaryCommand: ParsableCommand {
         do {
             let spec = try SerialSpec.parse(serial)
             let s = try SecondaryRunner(listen: listen, serial: spec, options: o, reprotectPeer: peer)
-            onSignal(SIGUSR2) { s.requestHandover() }
-            let control = try pair.controlServer(o, status: { s.status() }, handover: { s.requestHandover(reply: $0) })
+            let role = CurrentRole()
+            role.set(s)
+            let control = try pair.operatorAccess(o, role)
             defer { control?.stop() }
             FileHandle.standardError.write(Data("lockstep: secondary listening on \(listen.split(separator: ":").dropLast().joined(separator: ":")):\(s.port)\n".utf8))
             let r = try s.run(acceptTimeoutMs: acceptTimeoutMs)

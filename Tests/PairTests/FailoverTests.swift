@@ -183,6 +183,50 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(try gone.wait(seconds: 10) == 68, "\(gone.stderrText)")
     }
 
+    /// A pair configured both ways (the primary with `--listen`, the secondary with `--peer` to it) swaps roles
+    /// at each handover: the old primary stays as the new primary's secondary and is re-seeded, so the guest
+    /// can be handed back. The conversation runs through both handovers; both sides end with one digest.
+    @Test func handoversBackAndForthSwapTheRoles() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = PairFixture.freeUDPPort()
+        let (portA, portB) = (PairFixture.freeTCPPort(), PairFixture.freeTCPPort())
+        let (controlA, controlB) = (ws.dir + "/a.sock", ws.dir + "/b.sock")
+        let common = PairFixture.common(ws)
+        let b = try Child("B", ["secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)", "--serial", "udp:127.0.0.1:\(udp)",
+                                "--control", controlB] + common)
+        _ = try b.listeningPort()
+        let a = try Child("A", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)",
+                                "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)", "--control", controlA] + common)
+        try a.waitForLine(containing: "protected: secondary")
+        let client = EchoClient(port: udp)
+        var history = History()
+        var seq = 0
+        func requests(_ n: Int, _ tag: String) {
+            for _ in 0..<n { seq += 1; #expect(client.request("REQ \(seq) \(tag)", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil, "A:\n\(a.stderrText)\nB:\n\(b.stderrText)") }
+        }
+        requests(3, "a")
+        // A → B: B goes live, and re-protects itself by seeding A, now its secondary.
+        let first = try Child("handover-1", ["control", controlA, "handover"], captureStdout: true)
+        #expect(try first.wait(seconds: 30) == 0, "\(first.stderrText)")
+        try a.waitForLine(containing: "now the secondary of the new primary", seconds: 10)
+        try b.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", seconds: 30)
+        requests(3, "b")
+        // B → A: A goes live and seeds B, which listens again.
+        let second = try Child("handover-2", ["control", controlB, "handover"], captureStdout: true)
+        #expect(try second.wait(seconds: 30) == 0, "\(second.stderrText)")
+        try b.waitForLine(containing: "listening again on 127.0.0.1:\(portB)", seconds: 10)
+        try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portB)", seconds: 30)
+        requests(3, "c")
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
+        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
+        #expect(a.digest != nil && a.digest == b.digest, "A \(a.digest ?? "-"), B \(b.digest ?? "-")")
+        #expect(history.problems.isEmpty, "\(history.problems)")
+        #expect(a.stderr.filter { $0.hasPrefix("live: ") }.count == 1 && b.stderr.filter { $0.hasPrefix("live: ") }.count == 1)
+    }
+
     /// A secondary that ignores the handover (fault injection): the primary, seeing nobody take the fence,
     /// takes it back and serves on unprotected; the secondary then finds the fence held and never goes live.
     @Test func aHandoverNobodyTakesLeavesThePrimaryServing() throws {

@@ -60,8 +60,12 @@ enum PairFixture {
     }
 
     /// A UDP port free right now (bound to 0 and released).
-    static func freeUDPPort() -> UInt16 {
-        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+    static func freeUDPPort() -> UInt16 { freePort(SOCK_DGRAM) }
+    /// A TCP port free right now (an FT-link address to give both sides before either listens).
+    static func freeTCPPort() -> UInt16 { freePort(SOCK_STREAM) }
+
+    private static func freePort(_ type: __socket_type) -> UInt16 {
+        let fd = socket(AF_INET, Int32(type.rawValue), 0)
         defer { close(fd) }
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
