@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: builds Lockstep and its guests, records a guest whose result depends on where timer
 # interrupts land, replays it bit-exactly, shows the log, and shows that a second recording differs;
-# then the live pair: kill -9 of the primary (failover), and SIGUSR2 (a planned switchover).
+# then the live pair: kill -9 of the primary (failover), SIGUSR2 (a planned switchover), and roles swapped
+# back and forth by `lockstep control`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -44,17 +45,22 @@ wait $REC || true
 $L replay "$OUT/e.log" --serial none 2>&1 | tail -1
 tail -1 "$OUT/e.err"
 # A pair on loopback running GUEST with the service on UDP port UDP: three requests, then signal SIG to the
-# primary (KILL: a failure; USR2: a planned switchover), then requests to whoever holds the guest.
+# primary (KILL: a failure; USR2: a planned switchover), then requests to whoever holds the guest. SWAP: the
+# pair is configured both ways; `lockstep control` hands the guest from A to B and back, requests between.
 pair_demo() {
-    local tag=$1 link=$2 udp=$3 guest=$4 sig=$5
+    local tag=$1 link=$2 udp=$3 guest=$4 sig=$5 back=$(( $2 + 100 ))
     local pair=(--key-file "$OUT/key" --fence "$OUT/fence" --serial "udp:127.0.0.1:$udp" --status-interval-ms 0)
-    $L secondary --listen "127.0.0.1:$link" "${pair[@]}" 2>"$OUT/s$tag.err" &
+    local both=() both_sec=()
+    if [ "$sig" = SWAP ]; then
+        both=(--listen "127.0.0.1:$back" --control "$OUT/a$tag.sock"); both_sec=(--peer "127.0.0.1:$back" --control "$OUT/b$tag.sock")
+    fi
+    $L secondary --listen "127.0.0.1:$link" "${pair[@]}" ${both_sec[@]+"${both_sec[@]}"} 2>"$OUT/s$tag.err" &
     SEC=$!
-    $L primary "Guests/build/$guest.elf" --peer "127.0.0.1:$link" --memory 64 "${pair[@]}" 2>"$OUT/p$tag.err" &
+    $L primary "Guests/build/$guest.elf" --peer "127.0.0.1:$link" --memory 64 "${pair[@]}" ${both[@]+"${both[@]}"} 2>"$OUT/p$tag.err" &
     PRI=$!
-    python3 - "$PRI" "$udp" "$sig" <<'PY'
-import os, signal, socket, sys, time
-pri, port, sig = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    python3 - "$PRI" "$udp" "$sig" "$L" "$OUT/a$tag.sock" "$OUT/b$tag.sock" "$OUT/p$tag.err" "$OUT/s$tag.err" <<'PY'
+import os, signal, socket, subprocess, sys, time
+pri, port, sig, lockstep, sock_a, sock_b, err_a, err_b = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.01)
 def ask(line, want, limit=20.0):
     deadline = time.time() + limit
@@ -67,6 +73,28 @@ def ask(line, want, limit=20.0):
             pass
     sys.exit("demo: no reply to %r" % line)
 for i in range(1, 4): print("  primary:  ", ask("REQ %d before" % i, "REP %d " % i))
+if sig == "SWAP":
+    def handover(sock, side):
+        t0 = time.time()
+        r = subprocess.run([lockstep, "control", sock, "handover"], capture_output=True, text=True, timeout=60)
+        print("  %s: lockstep control ... handover -> %s (%.1f ms)" % (side, r.stdout.strip().split(" (")[0], (time.time() - t0) * 1000))
+        if r.returncode != 0: sys.exit("demo: the handover failed: " + r.stdout + r.stderr)
+    def protected(err, times, side, limit=30.0):  # until the new primary has seeded the old one
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            lines = [l for l in open(err).read().splitlines() if "protected: secondary at" in l]
+            if len(lines) >= times:
+                l = lines[-1].replace("lockstep: ", ""); print("  %s: %s" % (side, l[:l.index(":", l.index("seeded at exit"))])); return
+            time.sleep(0.01)
+        sys.exit("demo: %s was never protected again" % side)
+    handover(sock_a, "A")
+    print("  B:        ", ask("REQ 4 on-B", "REP 4 "))
+    protected(err_b, 1, "B")
+    handover(sock_b, "B")
+    print("  A:        ", ask("REQ 5 on-A-again", "REP 5 "))
+    protected(err_a, 2, "A")
+    print("  A:        ", ask("QUIT", "RESULT"))
+    sys.exit(0)
 os.kill(pri, getattr(signal, "SIG" + sig)); t0 = time.time()
 print("  kill -%s primary" % ("9" if sig == "KILL" else sig))
 r = ask("REQ 4 after", "REP 4 "); print("  answer:   ", r, "(%.1f ms after the signal)" % ((time.time() - t0) * 1000))
@@ -88,3 +116,9 @@ wait $PRI && echo "old primary exited 0"
 wait $SEC && echo "new primary exited 0"
 grep -E "handed over" "$OUT/p2.err"
 grep -E "^live:" "$OUT/s2.err"
+echo "== 8. roles swap: a pair configured both ways (primary --listen, secondary --peer to it) hands the guest"
+echo "   from A to B and back with \`lockstep control SOCKET handover\`; each side re-seeds the other"
+pair_demo 3 7702 5558 echo SWAP
+wait $PRI && echo "A (primary, then secondary, then primary) exited 0"
+wait $SEC && echo "B (secondary, then primary, then secondary) exited 0"
+grep -h "state-digest" "$OUT/p3.err" "$OUT/s3.err"
