@@ -18,6 +18,7 @@ public final class ControlListener: @unchecked Sendable {
         var addr = try ControlListener.address(path)
         let fd = try sys("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
         do {
+            // SAFETY: addr is a whole sockaddr_un, passed with its own size.
             try withUnsafePointer(to: &addr) { p in
                 try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sp in
                     _ = try sys("bind") { bind(fd, sp, socklen_t(MemoryLayout<sockaddr_un>.size)) }
@@ -44,6 +45,7 @@ public final class ControlListener: @unchecked Sendable {
         guard !bytes.isEmpty, bytes.count < MemoryLayout.size(ofValue: a.sun_path) else {
             throw ChannelError.control("--control \(path): a socket path has 1 to \(MemoryLayout.size(ofValue: a.sun_path) - 1) bytes")
         }
+        // SAFETY: bytes.count < sizeof(sun_path) (checked above), so the path stays NUL-terminated.
         withUnsafeMutableBytes(of: &a.sun_path) { $0.copyBytes(from: bytes) }
         return a
     }
@@ -78,6 +80,7 @@ public final class ControlConnection: @unchecked Sendable {
         var addr = try ControlListener.address(path)
         let fd = try sys("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
         do {
+            // SAFETY: addr is a whole sockaddr_un, passed with its own size.
             try withUnsafePointer(to: &addr) { p in
                 try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sp in
                     _ = try sys("connect") { Glibc.connect(fd, sp, socklen_t(MemoryLayout<sockaddr_un>.size)) }
@@ -109,6 +112,7 @@ public final class ControlConnection: @unchecked Sendable {
         let bytes = Array((s + "\n").utf8)
         var off = 0
         while off < bytes.count {
+            // SAFETY: off < bytes.count, so the pointer and the length stay inside the array.
             off += try bytes.withUnsafeBytes { b in try sys("write") { Glibc.send(fd, b.baseAddress! + off, b.count - off, Int32(MSG_NOSIGNAL)) } }
         }
     }

@@ -191,6 +191,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 switch try SeedCodec.part(b) {
                 case .pages:
                     let (n, range) = try SeedCodec.decodePages(b)
+                    // SAFETY: decodePages checked that `range` lies inside `b` and holds n.count pages.
                     do { try b.withUnsafeBytes { try s.machine.writeSeedPages(n, data: UnsafeRawBufferPointer(rebasing: $0[range])) } } catch {
                         throw SeedError("\(error)")
                     }
