@@ -2,39 +2,35 @@ import CLockstep
 import EventLog
 import KVM
 
-/// A running machine's whole state, as a new secondary loads it: the pages that differ from the loaded
-/// image (which the secondary loads itself; a pair's seed writes them ahead, `writeSeedPages`), the vCPU, the devices, and where the recording hooks are
-/// (exit index, last signature, last guest clock value). A primary captures the state without pages
-/// (`captureState`): its pre-copy sends the pages while the guest runs.
+/// A running machine's state apart from its RAM, as a new secondary loads it: the vCPU, the devices, and
+/// where the recording hooks are (exit index, last signature, last guest clock value). The pages travel on
+/// their own: a primary's pre-copy sends them while the guest runs, and the secondary writes them into its
+/// RAM as they arrive (`writeSeedPages`) before it loads this.
 public struct Snapshot: Sendable {
     public var exit: UInt64
     public var signature: UInt32
     public var lastClock: UInt64
     public var vcpuState: [UInt8]
     public var deviceState: [UInt8]
-    public var pageNumbers: [UInt32]
-    public var pageData: [UInt8]
     /// The guest waits in HLT (the exit is the HLT's): the engine continues the halt, it does not enter.
     public var halted: Bool
 
-    public init(exit: UInt64, signature: UInt32, lastClock: UInt64, vcpuState: [UInt8], deviceState: [UInt8],
-                pageNumbers: [UInt32], pageData: [UInt8], halted: Bool) {
+    public init(exit: UInt64, signature: UInt32, lastClock: UInt64, vcpuState: [UInt8], deviceState: [UInt8], halted: Bool) {
         self.exit = exit; self.signature = signature; self.lastClock = lastClock; self.vcpuState = vcpuState
-        self.deviceState = deviceState; self.pageNumbers = pageNumbers; self.pageData = pageData; self.halted = halted
+        self.deviceState = deviceState; self.halted = halted
     }
 }
 
 extension Machine {
-    /// The vCPU, devices and hooks between two exits or in a halt (`halted`, the engine's state), without
-    /// pages (vCPU thread, guest not running): the last step of a pre-copy seed, whose pages went ahead while
-    /// the guest ran.
+    /// The vCPU, devices and hooks between two exits or in a halt (`halted`, the engine's state) (vCPU thread,
+    /// guest not running): the last step of a pre-copy seed, whose pages went ahead while the guest ran.
     public func captureState(halted: Bool) throws(MachineError) -> Snapshot {
         guard let store = syncPoints else { throw .config("snapshots need dirty tracking (record or replay mode)") }
         if hooks.exit > 0 { vcpu.completePendingIO() }
         do {
             let state = try vcpu.captureState(msrs: store.msrs)
             return Snapshot(exit: hooks.exit, signature: hooks.signature.raw, lastClock: hooks.lastClock,
-                            vcpuState: state.bytes, deviceState: devices.stateBytes(), pageNumbers: [], pageData: [], halted: halted)
+                            vcpuState: state.bytes, deviceState: devices.stateBytes(), halted: halted)
         } catch { throw .sys(error) }
     }
 
@@ -66,14 +62,14 @@ extension Machine {
         numbers.withUnsafeBufferPointer { store.writePages($0, data: data.baseAddress) }
     }
 
-    /// Loads a snapshot into a freshly booted machine of the same image and config. Returns the
-    /// injection readiness and IF recorded with the vCPU state.
+    /// Loads a snapshot into a freshly booted machine of the same image and config (its pages already
+    /// written). Returns the injection readiness and IF recorded with the vCPU state.
     func applySnapshot(_ s: Snapshot) throws(MachineError) -> (ready: Bool, ifFlag: Bool) {
         guard let store = syncPoints else { throw .config("snapshots need dirty tracking (record or replay mode)") }
         let flags: (Bool, Bool)
         do {
             flags = try store.apply(SyncPoint(exit: s.exit, signature: ExitSignature(raw: s.signature), vcpuState: s.vcpuState,
-                                              pageNumbers: s.pageNumbers, pageData: s.pageData), vcpu: vcpu)
+                                              pageNumbers: [], pageData: []), vcpu: vcpu)
         } catch let e as MachineError { throw e } catch { throw .config("cannot load the snapshot's vCPU state: \(error)") }
         do { try devices.restoreState(s.deviceState) } catch { throw .config("cannot load the snapshot's device state: \(error)") }
         hooks.resume(exit: s.exit, signature: ExitSignature(raw: s.signature), lastClock: s.lastClock)

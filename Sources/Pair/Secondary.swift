@@ -209,7 +209,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         seedImage = image
         seedConfig = header.config
         try s.load(Snapshot(exit: end.exit, signature: end.signature, lastClock: end.lastClock, vcpuState: end.vcpuState,
-                            deviceState: end.deviceState, pageNumbers: [], pageData: [], halted: end.runState == .halted), source: src)
+                            deviceState: end.deviceState, halted: end.runState == .halted), source: src)
         let digest = try s.machine.seedDigest()
         guard digest == end.seedDigest else {
             throw PairError.badPeerData("after loading the seed this side's state digest is \(StateDigest.hex(digest)), the primary's is \(StateDigest.hex(end.seedDigest)): the two hosts cannot run in lockstep")
