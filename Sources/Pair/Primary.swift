@@ -28,7 +28,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     private let fsm = Mutex(FailoverMachine.primary())
     private var link: SecondaryLink?
     /// A secondary being seeded while the guest runs (vCPU thread only).
-    private var seeding: Precopy?
+    private var seeding: Precopy? { didSet { seedingNow.store(seeding != nil, ordering: .relaxed) } }
     /// `seeding != nil`, for the status thread.
     private let seedingNow = Atomic<Bool>(false)
     /// `link` for other threads (status); written only by the vCPU thread.
@@ -375,7 +375,6 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             state = .failed
         }
         seeding = nil
-        seedingNow.store(false, ordering: .relaxed)
         do {
             guard state == .ready else { throw PairError.peerUnreachable(p.reason) }
             try attach(p)
@@ -392,7 +391,6 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     private func dropSeeding(_ why: String) {
         guard let p = seeding else { return }
         seeding = nil
-        seedingNow.store(false, ordering: .relaxed)
         p.cancel(why)
     }
 
@@ -439,7 +437,6 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         guard let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o }) else { return }
         let p = seed(c)
         seeding = p
-        seedingNow.store(true, ordering: .relaxed)
         p.start()
     }
 
