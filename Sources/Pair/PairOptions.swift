@@ -1,5 +1,4 @@
 import Channel
-import EventLog
 import Failover
 import Foundation
 import Glibc
@@ -104,17 +103,11 @@ enum PairRecord {
     @discardableResult
     static func write(_ dir: String?, _ text: String) -> Bool {
         guard let dir else { return true }
-        let path = dir + "/" + fileName, tmp = path + ".\(getpid()).tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { warn("cannot write the pair record: \(LogError.io(path: tmp, errno: errno, detail: "cannot create"))"); return false }
-        let bytes = Array((text + "\n").utf8)
-        let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-        var failure: LogError?
-        if n != bytes.count { failure = .io(path: tmp, errno: n < 0 ? errno : ENOSPC, detail: "cannot write") }
-        else if fsync(fd) != 0 { failure = .io(path: tmp, errno: errno, detail: "cannot fsync") }
-        close(fd)
-        if failure == nil, rename(tmp, path) != 0 { failure = .io(path: path, errno: errno, detail: "cannot rename \(tmp) to it") }
-        if let failure { warn("cannot write the pair record: \(failure)"); unlink(tmp); return false }
+        let path = dir + "/" + fileName
+        do { try replaceFile(path, with: Array((text + "\n").utf8), temporary: path + ".\(getpid()).tmp", sync: true) } catch {
+            warn("cannot write the pair record: \(error)")
+            return false
+        }
         return true
     }
 

@@ -148,26 +148,29 @@ func writeJSON<T: Encodable>(_ value: T, to path: String, temporaryPath: String?
     enc.outputFormatting = [.prettyPrinted, .sortedKeys]
     let data: Data
     do { data = try enc.encode(value) } catch { throw .io(path: path, errno: EINVAL, detail: "cannot encode: \(error)") }
-    let tmp = temporaryPath ?? path + ".tmp"
+    try replaceFile(path, with: [UInt8](data), temporary: temporaryPath ?? path + ".tmp", sync: false, removeTemporary: temporaryPath == nil)
+}
+
+/// Replaces `path` with `bytes` atomically: written to `temporary` (and fsynced when `sync`), then renamed over
+/// it, so a reader sees the old content or the new, whole. A failure names the file and the reason (ENOSPC:
+/// disk full) and removes `temporary` (unless `removeTemporary` is false: a test's /dev/full).
+func replaceFile(_ path: String, with bytes: [UInt8], temporary tmp: String, sync: Bool, removeTemporary: Bool = true) throws(LogError) {
     let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
     guard fd >= 0 else { throw .io(path: tmp, errno: errno, detail: "cannot create") }
+    var failure: LogError?
     var off = 0
-    while off < data.count {
-        let n = data.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) }
+    while off < bytes.count {
+        let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) }
         if n < 0, errno == EINTR { continue }
-        guard n > 0 else {
-            let e = errno
-            close(fd)
-            if temporaryPath == nil { unlink(tmp) }
-            throw .io(path: tmp, errno: e, detail: "cannot write")
-        }
+        guard n > 0 else { failure = .io(path: tmp, errno: n < 0 ? errno : ENOSPC, detail: "cannot write"); break }
         off += n
     }
+    if failure == nil, sync, fsync(fd) != 0 { failure = .io(path: tmp, errno: errno, detail: "cannot fsync") }
     close(fd)
-    guard rename(tmp, path) == 0 else {
-        let e = errno
-        unlink(tmp)
-        throw .io(path: path, errno: e, detail: "cannot rename \(tmp) to it")
+    if failure == nil, rename(tmp, path) != 0 { failure = .io(path: path, errno: errno, detail: "cannot rename \(tmp) to it") }
+    if let failure {
+        if removeTemporary { unlink(tmp) }
+        throw failure
     }
 }
 
