@@ -15,15 +15,8 @@ public final class ControlListener: @unchecked Sendable {
             guard st.st_mode & S_IFMT == S_IFSOCK else { throw ChannelError.control("--control \(path) exists and is not a socket") }
             unlink(path)
         }
-        var addr = try ControlListener.address(path)
-        let fd = try sys("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        let fd = try ControlListener.socketAt(path) { fd, sp, len in _ = try sys("bind") { bind(fd, sp, len) } }
         do {
-            // SAFETY: addr is a whole sockaddr_un, passed with its own size.
-            try withUnsafePointer(to: &addr) { p in
-                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sp in
-                    _ = try sys("bind") { bind(fd, sp, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-                }
-            }
             // Before listen: nobody connects while the mode is still the umask's.
             try sys("chmod") { chmod(path, 0o600) }
             try sys("listen") { listen(fd, 4) }
@@ -37,6 +30,22 @@ public final class ControlListener: @unchecked Sendable {
     }
 
     deinit { _ = Glibc.close(fd) }
+
+    /// A new Unix stream socket, bound or connected to `path` by `attach` (closed again if that fails).
+    static func socketAt(_ path: String, _ attach: (Int32, UnsafePointer<sockaddr>, socklen_t) throws -> Void) throws -> Int32 {
+        var addr = try address(path)
+        let fd = try sys("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        do {
+            // SAFETY: addr is a whole sockaddr_un, passed with its own size.
+            try withUnsafePointer(to: &addr) { p in
+                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { try attach(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+        } catch {
+            _ = Glibc.close(fd)
+            throw error
+        }
+        return fd
+    }
 
     static func address(_ path: String) throws -> sockaddr_un {
         var a = sockaddr_un()
@@ -77,20 +86,7 @@ public final class ControlConnection: @unchecked Sendable {
 
     /// Connects to a running process's control socket.
     public convenience init(path: String) throws {
-        var addr = try ControlListener.address(path)
-        let fd = try sys("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
-        do {
-            // SAFETY: addr is a whole sockaddr_un, passed with its own size.
-            try withUnsafePointer(to: &addr) { p in
-                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sp in
-                    _ = try sys("connect") { Glibc.connect(fd, sp, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-                }
-            }
-        } catch {
-            _ = Glibc.close(fd)
-            throw error
-        }
-        self.init(fd: fd)
+        self.init(fd: try ControlListener.socketAt(path) { fd, sp, len in _ = try sys("connect") { Glibc.connect(fd, sp, len) } })
     }
 
     /// Reads one line (without its newline), at most 64 KiB, by the deadline; nil when the peer closed first.
