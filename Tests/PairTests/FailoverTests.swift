@@ -154,6 +154,9 @@ extension PairTests { @Suite struct FailoverTests {
         let client = EchoClient(port: udp)
         var history = History()
         for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        let bogus = try Child("bogus", ["control", priControl, "reboot"], captureStdout: true)
+        #expect(try bogus.wait(seconds: 10) == 64, "\(bogus.stderrText)")
+        #expect(bogus.stderrText.contains("unknown request reboot: use status or handover"), "\(bogus.stderrText)")
         let status = try Child("status", ["control", priControl, "status"], captureStdout: true)
         #expect(try status.wait(seconds: 10) == 0, "\(status.stderrText)")
         #expect(status.stderr.contains { $0.contains("\"role\":\"primary\"") && $0.contains("\"protected\":true") }, "\(status.stderrText)")
