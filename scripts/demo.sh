@@ -46,7 +46,7 @@ $L replay "$OUT/e.log" --serial none 2>&1 | tail -1
 tail -1 "$OUT/e.err"
 # A pair on loopback running GUEST with the service on UDP port UDP: three requests, then signal SIG to the
 # primary (KILL: a failure; USR2: a planned switchover), then requests to whoever holds the guest. SWAP: the
-# pair is configured both ways; `lockstep control` hands the guest from A to B and back, requests between.
+# pair is configured both ways; `lockstep control` on A hands the guest to B and asks for it back, requests between.
 pair_demo() {
     local tag=$1 link=$2 udp=$3 guest=$4 sig=$5 back=$(( $2 + 100 ))
     local pair=(--key-file "$OUT/key" --fence "$OUT/fence" --serial "udp:127.0.0.1:$udp" --status-interval-ms 0)
@@ -87,10 +87,10 @@ if sig == "SWAP":
                 l = lines[-1].replace("lockstep: ", ""); print("  %s: %s" % (side, l[:l.index(":", l.index("seeded at exit"))])); return
             time.sleep(0.01)
         sys.exit("demo: %s was never protected again" % side)
-    handover(sock_a, "A")
+    handover(sock_a, "A (primary)")
     print("  B:        ", ask("REQ 4 on-B", "REP 4 "))
     protected(err_b, 1, "B")
-    handover(sock_b, "B")
+    handover(sock_a, "A (secondary, asking for the guest back)")
     print("  A:        ", ask("REQ 5 on-A-again", "REP 5 "))
     protected(err_a, 2, "A")
     print("  A:        ", ask("QUIT", "RESULT"))
@@ -117,7 +117,7 @@ wait $SEC && echo "new primary exited 0"
 grep -E "handed over" "$OUT/p2.err"
 grep -E "^live:" "$OUT/s2.err"
 echo "== 8. roles swap: a pair configured both ways (primary --listen, secondary --peer to it) hands the guest"
-echo "   from A to B and back with \`lockstep control SOCKET handover\`; each side re-seeds the other"
+echo "   from A to B, then A (now the secondary) asks for it back; \`lockstep control SOCKET handover\` both times; each side re-seeds the other"
 pair_demo 3 7702 5558 echo SWAP
 wait $PRI && echo "A (primary, then secondary, then primary) exited 0"
 wait $SEC && echo "B (secondary, then primary, then secondary) exited 0"

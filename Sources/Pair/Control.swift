@@ -23,6 +23,56 @@ public enum HandoverOutcome: Sendable, Equatable {
         case .failed(let m): return "failed: " + m
         }
     }
+
+    /// On the FT link (`PairMessage.handoverAnswer`, primary → a secondary that asked): kind, then UTF-8 text.
+    enum Kind: UInt8 { case handedOver = 1, refused = 2, failed = 3 }
+
+    var frame: Frame {
+        var w = Wire(tag: PairMessage.handoverAnswer.rawValue)
+        switch self {
+        case .handedOver: w.u8(Kind.handedOver.rawValue)
+        case .refused: w.u8(Kind.refused.rawValue)
+        case .failed: w.u8(Kind.failed.rawValue)
+        }
+        w.raw(message.utf8.prefix(60_000))
+        return .status(w.out)
+    }
+
+    init(answer body: [UInt8]) throws(SeedError) {
+        var r = WireReader(body, what: "handover answer")
+        let raw = try r.u8()
+        let text = String(decoding: body.dropFirst(2), as: UTF8.self)
+        switch Kind(rawValue: raw) {
+        case .handedOver?: self = .handedOver(text)
+        case .refused?: self = .refused(text)
+        case .failed?: self = .failed(text)
+        case nil: throw SeedError("handover answer: unknown kind \(raw)")
+        }
+    }
+}
+
+/// Whoever waits for a handover's outcome, each answered once. After `close` (the run or the stream ended)
+/// a new waiter is refused at once.
+final class HandoverReplies: Sendable {
+    typealias Reply = @Sendable (HandoverOutcome) -> Void
+    private let state = Mutex<(waiting: [Reply], closed: Bool)>(([], false))
+
+    /// False, and nothing kept, once closed.
+    func add(_ reply: Reply?) -> Bool {
+        state.withLock { s in
+            if !s.closed, let reply { s.waiting.append(reply) }
+            return !s.closed
+        }
+    }
+
+    /// Answers everyone waiting; `closing` also refuses those who come later (with `add`).
+    func answer(_ outcome: HandoverOutcome, closing: Bool) {
+        let waiting = state.withLock { s in
+            defer { s.waiting = []; if closing { s.closed = true } }
+            return s.waiting
+        }
+        for reply in waiting { reply(outcome) }
+    }
 }
 
 /// What the operator reaches in a running pair process (SIGUSR2, the control socket).

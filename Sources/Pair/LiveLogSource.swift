@@ -54,6 +54,9 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     /// The client the primary's service answered last (for output re-sent on go-live); nil: none yet.
     let replyAddress = Mutex<[UInt8]?>(nil)
 
+    /// Who asked this side's primary for a handover and waits for the outcome; closed when the stream ends.
+    private let handoverReplies = HandoverReplies()
+
     /// Names this secondary in the primary's pair record (see `PairRecord`).
     let protectionID: UInt64
     /// Fault injection for the handover test (`LOCKSTEP_FAULT_IGNORE_HANDOVER`): a secondary that never takes over.
@@ -92,6 +95,15 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         if let g = goodbye { try? conn.send(.goodbye(g)) }
         conn.close()
         done.wait()
+    }
+
+    /// Asks the primary to hand the guest over to this side (any thread). The answer comes from the primary
+    /// when the guest does not move, and from this stream's end otherwise (`finish`).
+    func askForHandover(reply: @escaping HandoverReplies.Reply) {
+        guard handoverReplies.add(reply) else { return reply(.refused("handover refused: the primary's stream to this side has ended")) }
+        do { try conn.send(.status([PairMessage.handoverRequest.rawValue])) } catch {
+            handoverReplies.answer(.refused("handover refused: cannot reach the primary: \(error)"), closing: false)
+        }
     }
 
     // MARK: RecordSource (vCPU thread)
@@ -148,6 +160,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                         if let w = try? r.u64() { output.primaryReleased(below: w) }
                     } else if body.first == PairMessage.replyAddress.rawValue, body.count == 7 {
                         replyAddress.withLock { $0 = Array(body.dropFirst()) }
+                    } else if body.first == PairMessage.handoverAnswer.rawValue, let outcome = try? HandoverOutcome(answer: body) {
+                        handoverReplies.answer(outcome, closing: false)
                     } else if body.first == PairMessage.handover.rawValue, body.count == 9, !Self.ignoreHandover {
                         var r = WireReader(body, what: "handover")
                         let exit = (try? r.u64()) ?? 0
@@ -212,6 +226,17 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         lk_eventfd_signal(wake)
     }
 
+    /// What a handover asked for on this side came to, by how the stream ended.
+    static func handoverOutcome(_ e: End) -> HandoverOutcome {
+        switch e {
+        case .goLive(let why): return .handedOver("this side took the fence and goes live: \(why)")
+        case .trailer: return .refused("handover refused: the guest ended first")
+        case .primaryStopped(let why): return .refused("handover refused: \(why)")
+        case .fenced(let why): return .failed("handover failed: this side may not go live: \(why)")
+        case .resync(let why): return .failed("handover failed: this side cannot follow the primary's log (\(why)); the primary re-seeds it")
+        }
+    }
+
     /// Tells the primary this side cannot follow its log (it drops the link and seeds this side again).
     func reportDivergence(_ text: String) {
         var w = Wire(tag: PairMessage.divergence.rawValue)
@@ -223,6 +248,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     /// Ends the stream; the first reason stands (a replay error after a fence refusal is its consequence).
     private func finish(_ e: End) {
         queue.withLock { q in if q.end == nil { q.end = e } }
+        handoverReplies.answer(Self.handoverOutcome(e), closing: true)
         switch e {
         case .fenced, .primaryStopped, .resync:
             abandoned.store(true, ordering: .releasing)

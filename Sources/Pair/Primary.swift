@@ -39,8 +39,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     private let finished = Atomic<Bool>(false)
     /// An operator asked for a planned switchover (`requestHandover`, any thread).
     private let handoverWanted = Atomic<Bool>(false)
-    /// Who waits for the handover's outcome (the control socket); `closed` once the run ended.
-    private let handoverReplies = Mutex<(waiting: [@Sendable (HandoverOutcome) -> Void], closed: Bool)>(([], false))
+    /// Who waits for the handover's outcome (the control socket, a secondary that asked); closed once the run ended.
+    private let handoverReplies = HandoverReplies()
     /// The secondary took the guest over: the run ends without a trailer (vCPU thread).
     public private(set) var handedOver = false
     private var lastFlushNs: UInt64 = 0
@@ -191,23 +191,13 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Asks for a planned switchover (any thread; SIGUSR2 or the control socket): at its next step boundary
     /// the primary hands the guest to its secondary, or says why it cannot. `reply` gets the outcome.
     public func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)? = nil) {
-        let ended = handoverReplies.withLock { r -> Bool in
-            if !r.closed, let reply { r.waiting.append(reply) }
-            return r.closed
-        }
-        if ended { reply?(.refused("handover refused: the guest's run has ended")); return }
+        guard handoverReplies.add(reply) else { reply?(.refused("handover refused: the guest's run has ended")); return }
         handoverWanted.store(true, ordering: .releasing)
         session.machine.pacer?.raise(.boundary)
     }
 
     /// Answers everyone waiting for a handover; after the run's end, answers come at once.
-    private func answerHandovers(_ outcome: HandoverOutcome, closing: Bool = true) {
-        let waiting = handoverReplies.withLock { r in
-            defer { r.waiting = []; if closing { r.closed = true } }
-            return r.waiting
-        }
-        for reply in waiting { reply(outcome) }
-    }
+    private func answerHandovers(_ outcome: HandoverOutcome, closing: Bool = true) { handoverReplies.answer(outcome, closing: closing) }
 
     /// vCPU thread, guest stopped between two steps: one handover attempt, its outcome said and answered.
     private func handOver() {
@@ -420,7 +410,11 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         }
         sentWatermark = snap.exit
         let pacer = session.machine.pacer
-        let l = SecondaryLink(conn: p.conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics, unconfirmed: confirmation) {
+        let l = SecondaryLink(conn: p.conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics, unconfirmed: confirmation,
+                              handoverAsked: { [weak self] reply in
+            warn("the secondary asked for a handover")
+            self?.requestHandover(reply: reply)
+        }) {
             pacer?.raise(.boundary)  // a halted guest's vCPU thread detaches it and looks for a new one now
         }
         gate.startGating(from: snap.exit)

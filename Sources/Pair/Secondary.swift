@@ -81,11 +81,25 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         }
     }
 
-    /// A planned switchover (any thread): only once live and protecting itself does this side have a guest to
-    /// hand over.
+    /// A planned switchover (any thread): a survivor protecting itself hands its guest to its secondary; a
+    /// secondary asks its primary to hand the guest over to this side.
     public func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)? = nil) {
         if let p = protectorForSignals.withLock({ $0 }) { p.requestHandover(reply: reply); return }
-        let why = "handover refused: this side is not a protected primary (a secondary hands nothing over; a live one needs --peer and a seeded secondary)"
+        let src = sourceForStatus.withLock { $0 }
+        if let src, src.end == nil {
+            warn("secondary: asking the primary to hand the guest over to this side")
+            src.askForHandover { outcome in
+                warn(outcome.message)
+                reply?(outcome)
+            }
+            return
+        }
+        let why: String
+        if case .goLive? = src?.end {
+            why = "handover refused: this side runs the guest unprotected (a survivor needs --peer and a seeded secondary to hand it over)"
+        } else {
+            why = "handover refused: this side follows no primary now"
+        }
         warn(why)
         reply?(.refused(why))
     }

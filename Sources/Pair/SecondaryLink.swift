@@ -50,11 +50,14 @@ final class SecondaryLink: @unchecked Sendable {
 
     /// Wakes the vCPU thread (`lose`): it detaches this link at its next step boundary.
     private let wakeVCPU: @Sendable () -> Void
+    /// The secondary's operator asked for a handover (link thread); the argument sends the outcome back.
+    private let handoverAsked: @Sendable (@escaping HandoverReplies.Reply) -> Void
 
     init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics, unconfirmed: Unconfirmed? = nil,
-         wakeVCPU: @escaping @Sendable () -> Void = {}) {
+         handoverAsked: @escaping @Sendable (@escaping HandoverReplies.Reply) -> Void = { _ in }, wakeVCPU: @escaping @Sendable () -> Void = {}) {
         self.conn = conn; self.options = options; self.gate = gate; self.metrics = metrics
         self.unconfirmed = unconfirmed
+        self.handoverAsked = handoverAsked
         self.wakeVCPU = wakeVCPU
         held = Atomic(startExit)
         replayed = Atomic(startExit)
@@ -220,7 +223,20 @@ final class SecondaryLink: @unchecked Sendable {
         lk_eventfd_signal(ackEvent)
     }
 
+    /// Tells a secondary that asked for the handover why the guest did not move (best effort: when it did, the
+    /// secondary knows, and when the link is gone its own stream's end answers it).
+    private func answerHandover(_ outcome: HandoverOutcome) {
+        if case .handedOver = outcome { return }
+        try? conn.send(outcome.frame)
+    }
+
     private func secondaryReported(_ body: [UInt8]) {
+        if body == [PairMessage.handoverRequest.rawValue] {
+            // Only a confirmed secondary may take the guest; the primary's failover machine decides the rest.
+            guard unconfirmed == nil else { return answerHandover(.refused("handover refused: the primary has not confirmed this secondary's seed yet")) }
+            handoverAsked { [weak self] in self?.answerHandover($0) }
+            return
+        }
         guard let tag = body.first, tag == PairMessage.divergence.rawValue else { return }
         let text = String(decoding: body.dropFirst(), as: UTF8.self)
         refused.store(true, ordering: .releasing)
@@ -271,6 +287,10 @@ enum PairMessage: UInt8 {
     /// Primary → secondary: u64 exit; the primary stopped its guest there (the secondary holds the whole log),
     /// gave up the fence, and hands the guest over (a planned switchover).
     case handover = 4
+    /// Secondary → primary, no body: its operator asks for a planned switchover to the secondary.
+    case handoverRequest = 5
+    /// Primary → the secondary that asked: why the guest did not move (`HandoverOutcome.frame`).
+    case handoverAnswer = 6
 
     /// A status frame of this message carrying one `u64` (released, handover).
     func status(_ value: UInt64) -> Frame {

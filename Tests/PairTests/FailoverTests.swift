@@ -174,7 +174,7 @@ extension PairTests { @Suite struct FailoverTests {
         // The survivor has no secondary: it refuses (exit 1) and serves on.
         let refusal = try Child("refusal", ["control", secControl, "handover"], captureStdout: true)
         #expect(try refusal.wait(seconds: 10) == 1, "\(refusal.stderrText)")
-        #expect(refusal.stderr.contains { $0.hasPrefix("refused: handover refused: this side is not a protected primary") }, "\(refusal.stderrText)")
+        #expect(refusal.stderr.contains { $0.hasPrefix("refused: handover refused: this side runs the guest unprotected") }, "\(refusal.stderrText)")
         for seq in 5...6 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
         _ = client.request("QUIT", expect: "RESULT echo")
         #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
@@ -188,7 +188,8 @@ extension PairTests { @Suite struct FailoverTests {
 
     /// A pair configured both ways (the primary with `--listen`, the secondary with `--peer` to it) swaps roles
     /// at each handover: the old primary stays as the new primary's secondary and is re-seeded, so the guest
-    /// can be handed back. The conversation runs through both handovers; both sides end with one digest.
+    /// can be handed back, here asked for on the secondary's side. The conversation runs through both
+    /// handovers; both sides end with one digest.
     @Test func handoversBackAndForthSwapTheRoles() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
@@ -200,6 +201,10 @@ extension PairTests { @Suite struct FailoverTests {
         let b = try Child("B", ["secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)", "--serial", "udp:127.0.0.1:\(udp)",
                                 "--control", controlB] + common)
         _ = try b.listeningPort()
+        // A secondary with no primary yet has nothing to ask for.
+        let early = try Child("handover-0", ["control", controlB, "handover"], captureStdout: true)
+        #expect(try early.wait(seconds: 10) == 1, "\(early.stderrText)")
+        #expect(early.stderr.contains { $0.hasPrefix("refused: handover refused: this side follows no primary now") }, "\(early.stderrText)")
         let a = try Child("A", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)",
                                 "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)", "--control", controlA] + common)
         try a.waitForLine(containing: "protected: secondary")
@@ -216,9 +221,12 @@ extension PairTests { @Suite struct FailoverTests {
         try a.waitForLine(containing: "now the secondary of the new primary", seconds: 10)
         try b.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", seconds: 30)
         requests(3, "b")
-        // B → A: A goes live and seeds B, which listens again.
-        let second = try Child("handover-2", ["control", controlB, "handover"], captureStdout: true)
+        // B → A, asked on A (the secondary now): A goes live and seeds B, which listens again.
+        let second = try Child("handover-2", ["control", controlA, "handover"], captureStdout: true)
         #expect(try second.wait(seconds: 30) == 0, "\(second.stderrText)")
+        #expect(second.stderr.contains { $0.hasPrefix("handed-over: this side took the fence and goes live: the primary handed the guest over at exit") },
+                "\(second.stderrText)")
+        try b.waitForLine(containing: "the secondary asked for a handover", seconds: 10)
         try b.waitForLine(containing: "listening again on 127.0.0.1:\(portB)", seconds: 10)
         try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portB)", seconds: 30)
         requests(3, "c")
@@ -259,26 +267,28 @@ extension PairTests { @Suite struct FailoverTests {
     /// The secondary refuses a handover whose log it does not hold to the end (fault injection: the primary
     /// names an exit past its real one): it asks for a new seed rather than take over. The primary, told so,
     /// answers `failed:`, keeps (or takes back) the fence, re-seeds that same secondary and serves on. Without
-    /// a fence the refusal is the only thing that tells the secondary's close from a takeover.
+    /// a fence the refusal is the only thing that tells the secondary's close from a takeover. Without one the
+    /// handover is asked for on the secondary's side, which answers from its own refusal.
     @Test(arguments: [true, false]) func aHandoverBeyondTheHeldLogIsRefusedAndTheSecondaryReseeded(fenced: Bool) throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         let udp = PairFixture.freeUDPPort()
-        let control = ws.dir + "/primary.sock"
+        let (priControl, secControl) = (ws.dir + "/primary.sock", ws.dir + "/secondary.sock")
         var common = PairFixture.common(ws)
         if !fenced, let i = common.firstIndex(of: "--fence") { common.removeSubrange(i...i + 1) }
-        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)", "--control", secControl] + common)
         let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(try sec.listeningPort())",
-                                        "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)", "--control", control] + common,
+                                        "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)", "--control", priControl] + common,
                             environment: ["LOCKSTEP_FAULT_HANDOVER_EXIT_AHEAD": "1000000"])
         try pri.waitForLine(containing: "protected: secondary")
         let client = EchoClient(port: udp)
         var history = History()
         #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
-        let handover = try Child("handover", ["control", control, "handover"], captureStdout: true)
+        let handover = try Child("handover", ["control", fenced ? priControl : secControl, "handover"], captureStdout: true)
         #expect(try handover.wait(seconds: 30) == 1, "\(handover.stderrText)")
-        #expect(handover.stderr.contains { $0.hasPrefix("failed: handover failed: the secondary diverged") }, "\(handover.stderrText)")
+        let failed = fenced ? "failed: handover failed: the secondary diverged" : "failed: handover failed: this side cannot follow the primary's log"
+        #expect(handover.stderr.contains { $0.hasPrefix(failed) }, "\(handover.stderrText)")
         let refused = try sec.waitForLine(containing: "cannot follow the primary", seconds: 10)
         #expect(refused.contains("but this side holds the log only to exit"), "\(refused)")
         try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
