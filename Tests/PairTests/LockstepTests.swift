@@ -212,6 +212,22 @@ extension PairTests { @Suite struct BadPeerTests {
         c.close()
     }
 
+    /// A primary whose guest ends before it seeds a secondary that connected says goodbye (`dropOffer`): the
+    /// secondary stops, exit 0, saying why, and never goes live.
+    @Test func aGoodbyeBeforeTheSeedStopsTheSecondary() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let (sec, port) = try Self.secondary(ws)
+        let key = [UInt8](try Data(contentsOf: URL(fileURLWithPath: ws.key)))
+        let c = try Connection.connect(host: "127.0.0.1", port: port, timeoutMs: 2000, config: ChannelConfig(key: key, role: .primary))
+        try c.send(.goodbye("the guest ended before this secondary was seeded"))
+        #expect(try sec.wait() == 0, "\(sec.stderrText)")
+        #expect(sec.stderrText.contains("the primary stopped before the seed was complete: the guest ended before this secondary was seeded; not going live"),
+                "\(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") })
+        c.close()
+    }
+
     /// A seed whose pages load to another state than the primary's (one byte changed after it was hashed,
     /// `LOCKSTEP_FAULT_SEED_PAGE`): the secondary refuses it by its digest (76) and never acks it; the primary
     /// stays unprotected, and the next secondary gets a good seed.
