@@ -77,7 +77,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     var end: End? { queue.withLock { $0.end } }
 
     func start() {
-        startLinkThread("lockstep-receive", done: done) { [self] in loop() }
+        startLinkThread("lockstep-receive", cpu: options.linkCPU, done: done) { [self] in loop() }
         heartbeat = Ticker(ms: options.heartbeatMs, name: "lockstep-heartbeat", priority: linkPriority) { [self] in
             if lk_monotonic_ns() &- lastSentNs.load(ordering: .relaxed) >= options.heartbeatNs { sendAck() }
         }

@@ -1,3 +1,4 @@
+import CLockstep
 import Channel
 import Failover
 import Foundation
@@ -29,10 +30,23 @@ public struct PairOptions: Sendable {
     public var statusJSON: String?
     /// Written once at the end: every figure and histogram the bench harness needs.
     public var statsJSON: String?
+    /// `--link-cpu N`: the core the FT-link threads (the primary's link, the secondary's receiver) are pinned
+    /// to; nil leaves them to the scheduler. Two processes of one host whose link threads share a core wake
+    /// each other without an inter-processor interrupt (see Benchmarks/README.md).
+    public var linkCPU: Int32?
 
     public init(key: [UInt8], encryption: EncryptionMode = .opportunistic) {
         self.key = key
         self.encryption = encryption
+    }
+
+    /// Sets `linkCPU` (nil: unpinned) after checking this process may run there.
+    public mutating func pinLinkThreads(to cpu: Int32?) throws(PairError) {
+        if let cpu {
+            let n = lk_cpu_count()
+            guard cpu >= 0, cpu < n else { throw .config("--link-cpu \(cpu): this process runs on \(n) core\(n == 1 ? "" : "s") (0 to \(n - 1))") }
+        }
+        linkCPU = cpu
     }
 
     var heartbeatNs: UInt64 { UInt64(heartbeatMs) * 1_000_000 }

@@ -65,7 +65,7 @@ final class SecondaryLink: @unchecked Sendable {
 
     deinit { close(ackEvent) }
 
-    func start() { startLinkThread("lockstep-link", done: done) { [self] in loop() } }
+    func start() { startLinkThread("lockstep-link", cpu: options.linkCPU, done: done) { [self] in loop() } }
 
     var reason: String { lostReason.withLock { $0 } }
 
@@ -265,10 +265,12 @@ struct Silence {
 /// run at normal priority.
 let linkPriority: Int32 = 10
 
-/// Starts a thread that blocks on the FT link at `linkPriority`; `done` is signalled when `body` returns.
-func startLinkThread(_ name: String, done: DispatchSemaphore, _ body: @escaping @Sendable () -> Void) {
+/// Starts a thread that blocks on the FT link at `linkPriority`, on core `cpu` if given; `done` is signalled
+/// when `body` returns.
+func startLinkThread(_ name: String, cpu: Int32?, done: DispatchSemaphore, _ body: @escaping @Sendable () -> Void) {
     let t = Thread {
         _ = lk_set_realtime_priority(linkPriority)
+        if let cpu, lk_pin_current_thread(cpu) != 0 { warn("\(name): cannot run on core \(cpu); left to the scheduler") }
         body()
         done.signal()
     }

@@ -18,6 +18,7 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Flow control: slow the primary when this much log is not yet replayed (MiB).") var maxLagMib: UInt64 = 64
     @Option(name: .long, help: "Drop (and re-seed) a secondary whose replay has not moved for this long while the primary waits (ms).") var replayStallMs: UInt64 = 5000
     @Option(name: .long, help: "Answer `lockstep control PATH status|handover` on this Unix socket (created 0600, removed at the end).") var control: String?
+    @Option(name: .long, help: "Pin the FT-link threads to this core (default: the scheduler's choice). On one host, give both processes the primary's vCPU core (1).") var linkCpu: Int32?
 
     /// SIGUSR2 and, when asked for, the control socket, both reaching whatever role `role` holds.
     func operatorAccess(_ o: PairOptions, _ role: CurrentRole) throws -> ControlServer? {
@@ -43,6 +44,7 @@ struct PairArguments: ParsableArguments {
         o.heartbeatMs = heartbeatMs; o.failureTimeoutMs = failureTimeoutMs; o.fenceWaitMs = fenceWaitMs
         o.statusIntervalMs = statusIntervalMs; o.statusJSON = statusJson; o.statsJSON = statsJson
         o.maxLagMs = maxLagMs; o.maxLagBytes = maxLagMib << 20; o.replayStallMs = replayStallMs
+        do { try o.pinLinkThreads(to: linkCpu) } catch { throw fail("\(error)", .usage) }
         return o
     }
 }

@@ -272,10 +272,22 @@ extension PairTests { @Suite struct BadPeerTests {
         try Self.stillServes(sec, port: port, key: ws.key)
     }
 
+    /// Also with both sides' link threads on core 0 (`--link-cpu`, as the bench places them on one host).
     @Test func encryptedPairRunsInLockstep() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let (p, s) = try PairTests.LockstepTests.runPair("timer-compute-short", primaryArgs: ["--encrypt", "required"], secondaryArgs: ["--encrypt", "required"])
+        let (p, s) = try PairTests.LockstepTests.runPair("timer-compute-short", primaryArgs: ["--encrypt", "required", "--link-cpu", "0"],
+                                                         secondaryArgs: ["--encrypt", "required", "--link-cpu", "0"])
         #expect(p.digest == s.digest)
+        #expect(!(p.stderrText + s.stderrText).contains("cannot run on core"), "\(p.stderrText)\n\(s.stderrText)")
+    }
+
+    @Test func aLinkCoreThisHostLacksIsRefused() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let bad = try Self.primary(1, key: ws.key, ["--link-cpu", "4096"])
+        #expect(try bad.wait() == 64)
+        #expect(bad.stderrText.contains("--link-cpu 4096: this process runs on"), "\(bad.stderrText)")
     }
 
     @Test func unreachablePeer() throws {
