@@ -32,17 +32,25 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "Protected/unprotected run pairs per guest (medians are reported).") var `repeat`: Int = 1
     @Option(name: .long, help: "Guest RAM in MiB.") var memory: UInt32 = 256
     @Option(name: .long, help: "Upper bound on any one child's run, in seconds (it is killed after that).") var timeoutS: Int = 120
+    @Option(name: .long, help: "--link-cpu for both sides: a core, or none. Default: 1, the primary's vCPU core, when the host has 2 or more (one host: the link threads then wake each other without an IPI).") var linkCpu: String?
     @Flag(name: .long, help: "Keep the temporary directory (children's stderr, stats JSON, key) even on success.") var keepTemp = false
 
     func validate() throws {
         guard trials >= 0, reseeds >= 0, requests >= 1, window >= 1, `repeat` >= 1, timeoutS >= 10 else {
             throw ValidationError("need --trials ≥ 0, --reseeds ≥ 0, --requests ≥ 1, --window ≥ 1, --repeat ≥ 1, --timeout-s ≥ 10")
         }
+        if let c = linkCpu, c != "none", Int32(c) == nil { throw ValidationError("--link-cpu \(c): a core number or none") }
+    }
+
+    /// The core both sides' link threads run on (nil: unpinned).
+    var linkCore: Int32? {
+        if let c = linkCpu { return Int32(c) }
+        return ProcessInfo.processInfo.activeProcessorCount >= 2 ? 1 : nil
     }
 
     func run() throws {
         LiveChildren.killOnInterrupt()
-        let h = try PairBench(guestDir: guests, memory: memory, timeoutS: timeoutS)
+        let h = try PairBench(guestDir: guests, memory: memory, timeoutS: timeoutS, linkCPU: linkCore)
         var ok = false
         defer {
             h.killAll()
@@ -72,6 +80,7 @@ final class PairBench {
     let guestDir: String
     let memory: UInt32
     let timeoutNs: UInt64
+    let linkCPU: Int32?
     let tempDir: String
     let keyPath: String
     private var children: [Child] = []
@@ -83,7 +92,8 @@ final class PairBench {
     /// Requests answered before each kill, so the secondary is replaying real traffic when the primary dies.
     static let warmRequests = 20
 
-    init(guestDir: String, memory: UInt32, timeoutS: Int) throws {
+    init(guestDir: String, memory: UInt32, timeoutS: Int, linkCPU: Int32?) throws {
+        self.linkCPU = linkCPU
         var buf = [CChar](repeating: 0, count: 4096)
         let n = readlink("/proc/self/exe", &buf, buf.count - 1)
         guard n > 0 else { throw fail("cannot read /proc/self/exe: \(String(cString: strerror(errno)))", .internalError) }
@@ -154,7 +164,7 @@ final class PairBench {
         }
     }
 
-    var common: [String] { ["--key-file", keyPath, "--status-interval-ms", "0"] }
+    var common: [String] { ["--key-file", keyPath, "--status-interval-ms", "0"] + (linkCPU.map { ["--link-cpu", "\($0)"] } ?? []) }
 
     /// A secondary listening on an ephemeral port; returns it and the port it printed.
     func startSecondary(_ tag: String, serial: String, fence: String?, listen: String = "127.0.0.1:0") throws -> (Child, UInt16) {
@@ -437,6 +447,25 @@ extension PairBench {
         return n % 2 == 1 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2
     }
 
+    /// Histograms of [value, count] buckets added together.
+    struct MergedHistogram {
+        var buckets: [(value: Double, count: Double)]
+        var total: Double { buckets.reduce(0) { $0 + $1.count } }
+        /// The smallest recorded value with at least `p` % of the counts at or below it (0 when empty).
+        func percentile(_ p: Double) -> Double {
+            let want = total * p / 100
+            var seen = 0.0
+            for b in buckets { seen += b.count; if seen >= want { return b.value } }
+            return buckets.last?.value ?? 0
+        }
+    }
+
+    static func merged(_ histograms: [[[Double]]]) -> MergedHistogram {
+        var counts: [Double: Double] = [:]
+        for h in histograms { for b in h where b.count == 2 { counts[b[0], default: 0] += b[1] } }
+        return MergedHistogram(buckets: counts.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
+    }
+
     /// The figures of one guest's protected runs (lag, gate, log) against its unprotected runs.
     func figures(_ g: String, _ prot: [Protected], _ unprot: [Unprotected]) -> (ratio: Double, [Figure]) {
         let key = g.replacingOccurrences(of: "-", with: "_")
@@ -446,6 +475,10 @@ extension PairBench {
                            : Self.median(unprot.map(\.guestMs)) / Self.median(prot.map(\.guestMs))
         let goal: Figure.Goal = g == "timer-compute" ? .atLeast(Self.computeRatioTarget) : isEcho ? .atLeast(Self.echoRatioTarget) : .none
         let s = prot.last!.stats
+        // Replication lag over every batch of every run (their histograms merged); the others, medians of the runs'.
+        let lag = Self.merged(prot.map(\.stats.lagHistogram))
+        let mid = { (v: (PairStats) -> Double) in Self.median(prot.map { v($0.stats) }) }
+        let gateLines = prot.reduce(UInt64(0)) { $0 + $1.stats.gateLatencyUs.count }
         var f = [Figure(key: "\(key)_throughput_ratio", label: "\(g): protected/unprotected \(isEcho ? "requests/s" : "run time⁻¹")",
                         value: ratio, unit: "×", goal: goal)]
         if isEcho {
@@ -456,15 +489,15 @@ extension PairBench {
                   Figure(key: "echo_rtt_p50_us_unprotected", label: "echo: request round trip p50, unprotected", value: percentile(ue.rttUs, 50) ?? 0, unit: "µs")]
         }
         f += [
-            Figure(key: "\(key)_replication_lag_p50_us", label: "\(g): replication lag p50", value: s.replicationLagUs.p50, unit: "µs", goal: .atMost(Self.lagP50Target)),
-            Figure(key: "\(key)_replication_lag_p99_us", label: "\(g): replication lag p99", value: s.replicationLagUs.p99, unit: "µs", goal: .atMost(Self.lagP99Target)),
-            Figure(key: "\(key)_replication_lag_p999_us", label: "\(g): replication lag p99.9", value: s.replicationLagUs.p999, unit: "µs"),
-            Figure(key: "\(key)_replay_lag_p50_us", label: "\(g): replay lag p50", value: s.replayLagUs.p50, unit: "µs"),
-            Figure(key: "\(key)_replay_lag_p99_us", label: "\(g): replay lag p99", value: s.replayLagUs.p99, unit: "µs"),
+            Figure(key: "\(key)_replication_lag_p50_us", label: "\(g): replication lag p50", value: lag.percentile(50), unit: "µs", goal: .atMost(Self.lagP50Target)),
+            Figure(key: "\(key)_replication_lag_p99_us", label: "\(g): replication lag p99", value: lag.percentile(99), unit: "µs", goal: .atMost(Self.lagP99Target)),
+            Figure(key: "\(key)_replication_lag_p999_us", label: "\(g): replication lag p99.9", value: lag.percentile(99.9), unit: "µs"),
+            Figure(key: "\(key)_replay_lag_p50_us", label: "\(g): replay lag p50", value: mid { $0.replayLagUs.p50 }, unit: "µs"),
+            Figure(key: "\(key)_replay_lag_p99_us", label: "\(g): replay lag p99", value: mid { $0.replayLagUs.p99 }, unit: "µs"),
         ]
-        if s.gateLatencyUs.count > 0 {
-            f += [Figure(key: "\(key)_gate_latency_p50_us", label: "\(g): gate latency p50 (\(s.gateLatencyUs.count) lines)", value: s.gateLatencyUs.p50, unit: "µs", goal: .atMost(Self.gateP50Target)),
-                  Figure(key: "\(key)_gate_latency_p99_us", label: "\(g): gate latency p99", value: s.gateLatencyUs.p99, unit: "µs")]
+        if gateLines > 0 {
+            f += [Figure(key: "\(key)_gate_latency_p50_us", label: "\(g): gate latency p50 (\(gateLines) lines)", value: mid { $0.gateLatencyUs.p50 }, unit: "µs", goal: .atMost(Self.gateP50Target)),
+                  Figure(key: "\(key)_gate_latency_p99_us", label: "\(g): gate latency p99", value: mid { $0.gateLatencyUs.p99 }, unit: "µs")]
         }
         f += [Figure(key: "\(key)_log_bytes_per_second", label: "\(g): log bytes/s", value: Double(s.logBytes) / max(s.elapsedSeconds, 1e-9), unit: "B/s"),
               Figure(key: "\(key)_log_bytes_per_event", label: "\(g): log bytes/event", value: s.events == 0 ? 0 : Double(s.logBytes) / Double(s.events), unit: "B/event")]
@@ -506,9 +539,10 @@ extension PairBench {
                          + (prot.count > 1 ? " (\(prot.count) runs)" : ""))
             for p in prot { if let why = p.problem { notes.append("\(g): FAIL: \(why)") } }
             let s = prot.last!.stats
+            let lag = Self.merged(prot.map(\.stats.lagHistogram))
             if let dir = plotDir {
                 plotPaths += [writePlot(PairPlots.lagOverTime(guest: g, series: s.lagSeries, p50Target: Self.lagP50Target, p99Target: Self.lagP99Target), dir, "pair-lag-\(g).svg"),
-                              writePlot(PairPlots.lagHistogram(guest: g, buckets: s.lagHistogram, p50: s.replicationLagUs.p50, p99: s.replicationLagUs.p99,
+                              writePlot(PairPlots.lagHistogram(guest: g, buckets: lag.buckets.map { [$0.value, $0.count] }, p50: lag.percentile(50), p99: lag.percentile(99),
                                                                p50Target: Self.lagP50Target, p99Target: Self.lagP99Target), dir, "pair-lag-hist-\(g).svg")].compactMap { $0 }
             }
             if s.throttledMs > 0 { notes.append("\(g): the primary was throttled \(Bench.fmt(s.throttledMs)) ms (secondary's replay too far behind)") }
@@ -553,7 +587,7 @@ extension PairBench {
             if let dir = plotDir, let p = writePlot(PairPlots.failover(results.map(\.killToReplyMs), target: Self.failoverP99TargetMs), dir, "pair-failover.svg") { plotPaths.append(p) }
         }
 
-        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window))")
+        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), link threads on \(linkCPU.map { "core \($0)" } ?? "any core"))")
         Bench.printRows(figures, passWord: "PASS")
         for n in notes { print(n) }
         if !plotPaths.isEmpty { print("plots: \(plotPaths.joined(separator: " "))") }
@@ -569,7 +603,7 @@ extension PairBench {
         let targets = figures.compactMap(\.pass)
         return [
             "ok": digestsMatch && failed == 0, "digests_match": digestsMatch, "failover_trials_failed": failed,
-            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory,
+            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory, "link_cpu": linkCPU.map { Int($0) as Any } ?? NSNull(),
                          "warm_requests_before_kill": Self.warmRequests] as [String: Any],
             "host": host, "figures": figuresJSON, "notes": notes, "plots": plotPaths,
             "targets_met": targets.filter { $0 }.count, "targets_total": targets.count, "all_targets_pass": targets.allSatisfy { $0 },
@@ -579,9 +613,9 @@ extension PairBench {
             "reseed_dirty": dirty?.json ?? NSNull(),
             "definitions": [
                 "throughput_ratio": "echo: protected requests/s / unprotected requests/s (closed loop when window is 1); others: unprotected guest run time / protected guest run time (first vCPU entry to guest exit, from --verbose)",
-                "replication_lag": "primary's --stats-json: log batch sent → the secondary's ack that it holds it",
-                "replay_lag": "primary's position → the secondary's replayed position, sampled per ack",
-                "gate_latency": "a guest output byte emitted → released after the secondary's ack",
+                "replication_lag": "primary's --stats-json: log batch sent → the secondary's ack that it holds it; percentiles over the batches of all protected runs (histograms merged)",
+                "replay_lag": "primary's position → the secondary's replayed position, sampled per ack; median of the runs' percentiles",
+                "gate_latency": "a guest output byte emitted → released after the secondary's ack; median of the runs' percentiles, lines summed",
                 "log_bytes_per_second": "stats logBytes / elapsedSeconds (includes sync point frames)",
                 "failover_kill_to_reply": "SIGKILL of the primary → first REP to a request the client resends every 2 ms to the service address",
                 "failover_kill_to_live": "upper bound: the harness polls the secondary's stderr for `live:` every 2 ms",
