@@ -51,8 +51,8 @@ public enum HandoverOutcome: Sendable, Equatable {
     }
 }
 
-/// Whoever waits for a handover's outcome, each answered once. After `close` (the run or the stream ended)
-/// a new waiter is refused at once.
+/// Whoever waits for a handover's outcome, each answered once. After an answer with `closing` (the run or the
+/// stream ended) a new waiter is refused at once.
 final class HandoverReplies: Sendable {
     typealias Reply = @Sendable (HandoverOutcome) -> Void
     private let state = Mutex<(waiting: [Reply], closed: Bool)>(([], false))
