@@ -49,6 +49,14 @@ public struct PairOptions: Sendable {
         linkCPU = cpu
     }
 
+    /// Splits `--OPTION HOST:PORT` (the port after the last colon); `anyPort` admits port 0 (a listener's).
+    static func hostPort(_ value: String, option: String, anyPort: Bool = false) throws(PairError) -> (host: String, port: UInt16) {
+        guard let colon = value.lastIndex(of: ":"), let port = UInt16(value[value.index(after: colon)...]), anyPort || port > 0 else {
+            throw .config("\(option) \(value): expected HOST:PORT")
+        }
+        return (String(value[..<colon]), port)
+    }
+
     var heartbeatNs: UInt64 { UInt64(heartbeatMs) * 1_000_000 }
     var failureNs: UInt64 { UInt64(failureTimeoutMs) * 1_000_000 }
 }

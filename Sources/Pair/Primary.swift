@@ -60,10 +60,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     static let handoverExitAhead = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_HANDOVER_EXIT_AHEAD"].flatMap { UInt64($0) } ?? 0
 
     public init(image: PVHImage, config: MachineConfig, backend: SerialOutput, peer: String, options: PairOptions) throws(PairError) {
-        guard let colon = peer.lastIndex(of: ":"), let port = UInt16(peer[peer.index(after: colon)...]), port > 0 else {
-            throw .config("--peer \(peer): expected HOST:PORT")
-        }
-        peerHost = String(peer[..<colon]); peerPort = port
+        (peerHost, peerPort) = try PairOptions.hostPort(peer, option: "--peer")
         self.image = image; self.config = config; self.options = options
         fence = try takeFence(options.fenceDirectory)
         if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
@@ -83,10 +80,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// unprotected until the connector finds a new secondary at `peer`. `gate` must already be its output.
     init(adopting session: RecordingSession, image: PVHImage, config: MachineConfig, gate: OutputGate, peer: String,
          options: PairOptions, fence: Fence?) throws(PairError) {
-        guard let colon = peer.lastIndex(of: ":"), let port = UInt16(peer[peer.index(after: colon)...]), port > 0 else {
-            throw .config("--peer \(peer): expected HOST:PORT")
-        }
-        peerHost = String(peer[..<colon]); peerPort = port
+        (peerHost, peerPort) = try PairOptions.hostPort(peer, option: "--peer")
         self.image = image; self.config = config; self.options = options; self.fence = fence
         self.gate = gate
         self.session = session

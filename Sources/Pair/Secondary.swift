@@ -31,10 +31,8 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
 
     public init(listen: String, serial: SerialSpec, options: PairOptions, reprotectPeer: String? = nil) throws(PairError) {
         self.reprotectPeer = reprotectPeer
-        guard let colon = listen.lastIndex(of: ":"), let port = UInt16(listen[listen.index(after: colon)...]) else {
-            throw .config("--listen \(listen): expected HOST:PORT")
-        }
-        do { listener = try Listener(host: String(listen[..<colon]), port: port) } catch {
+        let (host, port) = try PairOptions.hostPort(listen, option: "--listen", anyPort: true)
+        do { listener = try Listener(host: host, port: port) } catch {
             throw .config("--listen \(listen): \(error)")
         }
         self.serial = serial

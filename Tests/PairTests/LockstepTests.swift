@@ -281,6 +281,20 @@ extension PairTests { @Suite struct BadPeerTests {
         #expect(!(p.stderrText + s.stderrText).contains("cannot run on core"), "\(p.stderrText)\n\(s.stderrText)")
     }
 
+    /// An address without a port is a usage error naming the option, on either side.
+    @Test func anAddressWithoutAPortIsRefused() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let pri = try Child("primary", ["primary", try PairFixture.guest("hello"), "--peer", "127.0.0.1", "--memory", "32",
+                                        "--serial", "none", "--key-file", ws.key])
+        #expect(try pri.wait() == 64)
+        #expect(pri.stderrText.contains("--peer 127.0.0.1: expected HOST:PORT"), "\(pri.stderrText)")
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:http", "--serial", "none", "--key-file", ws.key])
+        #expect(try sec.wait() == 64)
+        #expect(sec.stderrText.contains("--listen 127.0.0.1:http: expected HOST:PORT"), "\(sec.stderrText)")
+    }
+
     @Test func aLinkCoreThisHostLacksIsRefused() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
