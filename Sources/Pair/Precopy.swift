@@ -130,7 +130,7 @@ final class Precopy: @unchecked Sendable {
             defer { ticker?.stop(); throttle.store(0, ordering: .releasing) }
             while true {
                 try machine.takeDirtyPages(into: pending, sinceBoot: false)
-                let left = count(pending)
+                let left = lk_bitmap_count(pending, pageCount)
                 if left <= Self.pausePages || rounds >= Self.maxRounds { break }
                 if left >= n / 2 {
                     // Not converging: throttle harder, or stop where even the most throttle does not shrink it.
@@ -196,12 +196,6 @@ final class Precopy: @unchecked Sendable {
             StateDigest.chunkHash(c, pageHashes: hashes, pages: pageCount, into: chunkHashes + c * 32)
             staleChunks[c] = false
         }
-    }
-
-    private func count(_ bitmap: UnsafeMutablePointer<UInt64>) -> Int {
-        var n = 0
-        for i in 0..<words { n += bitmap[i].nonzeroBitCount }
-        return n
     }
 
     /// Hashes every page not in `pending` (round 0: the pages still equal to the image, unless written
