@@ -170,6 +170,72 @@ int lk_page_is_zero(const void *page) {
     return acc == 0;
 }
 
+// ---- delta encoding of sync points (docs/log-format.md, "Delta stream") ----
+// A delta is a list of runs: varint skip (bytes equal to the reference), varint n >= 1, n new bytes.
+// Two runs closer than DELTA_GAP equal bytes are merged: a new run costs at least two bytes of lengths.
+#define DELTA_GAP 4
+
+static int put_varint(uint8_t *out, size_t cap, size_t *o, size_t v) {
+    do {
+        if (*o >= cap) return -1;
+        uint8_t b = v & 0x7F;
+        v >>= 7;
+        out[(*o)++] = b | (v ? 0x80 : 0);
+    } while (v);
+    return 0;
+}
+
+long lk_delta_encode(const uint8_t *ref, const uint8_t *cur, size_t len, uint8_t *out, size_t cap) {
+    size_t i = 0, o = 0, last = 0;
+    while (i < len) {
+        while (i + 8 <= len) {
+            uint64_t a, b;
+            memcpy(&a, ref + i, 8);
+            memcpy(&b, cur + i, 8);
+            if (a != b) break;
+            i += 8;
+        }
+        while (i < len && ref[i] == cur[i]) i++;
+        if (i >= len) break;
+        size_t start = i, end = i + 1, equal = 0;
+        for (size_t j = i + 1; j < len && equal < DELTA_GAP; j++) {
+            if (ref[j] == cur[j]) equal++;
+            else { equal = 0; end = j + 1; }
+        }
+        if (put_varint(out, cap, &o, start - last) || put_varint(out, cap, &o, end - start)) return -1;
+        if (end - start > cap - o) return -1;
+        memcpy(out + o, cur + start, end - start);
+        o += end - start;
+        last = i = end;
+    }
+    return (long)o;
+}
+
+static int get_varint(const uint8_t *in, size_t inlen, size_t *p, size_t *v) {
+    size_t r = 0;
+    for (int shift = 0; shift < 35; shift += 7) {
+        if (*p >= inlen) return -1;
+        uint8_t b = in[(*p)++];
+        r |= (size_t)(b & 0x7F) << shift;
+        if (!(b & 0x80)) { *v = r; return 0; }
+    }
+    return -1;
+}
+
+int lk_delta_apply(uint8_t *buf, size_t len, const uint8_t *in, size_t inlen) {
+    size_t p = 0, pos = 0;
+    while (p < inlen) {
+        size_t skip, n;
+        if (get_varint(in, inlen, &p, &skip) || get_varint(in, inlen, &p, &n)) return -1;
+        if (n == 0 || skip > len - pos || n > len - pos - skip || n > inlen - p) return -1;
+        pos += skip;
+        memcpy(buf + pos, in + p, n);
+        pos += n;
+        p += n;
+    }
+    return 0;
+}
+
 // CRC32C (Castagnoli). SSE4.2 crc32 instructions when the CPU has them, else a table.
 static uint32_t crc_table[256];
 static int crc_ready;

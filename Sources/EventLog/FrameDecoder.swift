@@ -1,10 +1,15 @@
+import CLockstep
+
 /// Decodes frames (from a file or the network) back to records.
 ///
-/// Every frame decodes on its own (deltas restart at each frame); the decoder carries only the expected
-/// sequence number across frames, so a lost, duplicated or reordered frame is reported.
+/// Events frames decode on their own (deltas restart at each frame). Across frames the decoder carries the
+/// expected sequence number, so a lost, duplicated or reordered frame is reported, and the references sync
+/// points are delta-encoded against (`References`), so it must see every sync point of the stream from its
+/// start or from a reference reset. Copies of a decoder share the references: use one per stream.
 public struct FrameDecoder {
     /// The sequence number the next frame must carry.
     public private(set) var nextSequence: UInt32
+    private let references = References()
 
     public init() { nextSequence = 0 }
     public init(firstSequence: UInt32) { nextSequence = firstSequence }
@@ -22,7 +27,7 @@ public struct FrameDecoder {
         case .events:
             try Self.decodeEvents(frame, header: header, at: offset, into: &out)
         case .syncPoint:
-            let (start, sp) = try Self.decodeSyncPoint(frame, header: header, at: offset)
+            let (start, sp) = try decodeSyncPoint(frame, header: header, at: offset)
             out.append(LocatedRecord(offset: start, frame: header.sequence, frameOffset: offset, record: .syncPoint(sp)))
         case .trailer:
             throw .corrupt(offset: offset, detail: "frame \(header.sequence): unexpected trailer frame (use decodeTrailer)")
@@ -110,22 +115,48 @@ public struct FrameDecoder {
         }
     }
 
-    private static func decodeSyncPoint(_ frame: UnsafeRawBufferPointer, header: FrameHeader,
-                                        at offset: UInt64) throws(LogError) -> (UInt64, SyncPoint) {
+    /// Decodes a sync point, rebuilding delta-encoded items from the references, which it then updates as the
+    /// encoder did. Every length is bounded before anything is allocated.
+    private func decodeSyncPoint(_ frame: UnsafeRawBufferPointer, header: FrameHeader,
+                                 at offset: UInt64) throws(LogError) -> (UInt64, SyncPoint) {
         var c = ByteCursor(frame, from: LogFormat.frameHeaderSize, to: frame.count, baseOffset: offset,
                            context: "frame \(header.sequence) (sync point)")
         let start = c.offset
         let exit = try c.u64("exit")
         let signature = try c.u32("signature")
-        let stateLength = try c.varint("vCPU state length")
-        guard stateLength <= UInt64(c.remaining) else {
-            throw c.fail("vCPU state length \(stateLength) exceeds the \(c.remaining) bytes left in the frame")
+        let flagsAt = c.pos
+        let flags = try c.u8("flags")
+        guard flags & SyncPointFlags.reserved == 0 else {
+            throw c.fail("sync point flags 0x\(String(flags, radix: 16)) have reserved bits set", at: flagsAt)
         }
-        let state = try c.bytes(Int(stateLength), "vCPU state")
+        if flags & SyncPointFlags.resetReferences != 0 { references.reset() }
+
+        let stateAt = c.pos
+        let stateEncoding = try Self.encoding(&c, "vCPU state")
+        let stateLength = try c.varint("vCPU state length")
+        var state: [UInt8]
+        switch stateEncoding {
+        case .raw:
+            guard stateLength <= UInt64(c.remaining) else {
+                throw c.fail("vCPU state length \(stateLength) exceeds the \(c.remaining) bytes left in the frame")
+            }
+            state = try c.bytes(Int(stateLength), "vCPU state")
+        case .delta:
+            guard !references.state.isEmpty, stateLength == UInt64(references.state.count) else {
+                throw c.fail("vCPU state of \(stateLength) bytes is a delta against the previous sync point's, which this "
+                             + "reader holds \(references.state.isEmpty ? "none of" : "as \(references.state.count) bytes")", at: stateAt)
+            }
+            state = references.state
+            try Self.applyDelta(&c, to: &state, what: "vCPU state")
+        }
+        state.withUnsafeBytes { references.storeState($0) }
+
         let countAt = c.pos
         let count = try c.varint("page count")
-        // Each page needs at least 1 byte of number and 4096 of data: bound the count before allocating.
-        guard count <= UInt64(c.remaining / (LogFormat.pageSize + 1)) else {
+        // A page takes at least 3 bytes (number, encoding, empty delta), and 4097 when the sync point is too
+        // large for deltas: bound the count before allocating.
+        let cached = count <= UInt64(References.maxPages)
+        guard count <= UInt64(c.remaining / (cached ? 3 : LogFormat.pageSize + 1)) else {
             throw c.fail("page count \(count) does not fit in the \(c.remaining) bytes left in the frame", at: countAt)
         }
         var pages: [UInt32] = []
@@ -140,12 +171,59 @@ public struct FrameDecoder {
             pages.append(UInt32(n))
             prev = n
         }
-        let dataLength = Int(count) * LogFormat.pageSize
-        guard c.remaining == dataLength else {
-            throw c.fail("page data is \(c.remaining) bytes, expected \(dataLength) for \(count) pages")
+        var data = [UInt8](repeating: 0, count: Int(count) * LogFormat.pageSize)
+        try data.withMutableBytes { (d) throws(LogError) in
+            for (k, n) in pages.enumerated() {
+                let at = c.pos
+                let page = d.baseAddress! + k * LogFormat.pageSize
+                switch try Self.encoding(&c, "page \(n)") {
+                case .raw:
+                    try c.need(LogFormat.pageSize, "page \(n)")
+                    page.copyMemory(from: c.bytes.baseAddress! + c.pos, byteCount: LogFormat.pageSize)
+                    c.pos += LogFormat.pageSize
+                case .delta:
+                    guard cached else {
+                        throw c.fail("page \(n) is a delta in a sync point of \(count) pages (deltas need at most "
+                                     + "\(References.maxPages))", at: at)
+                    }
+                    guard let ref = references.page(n) else {
+                        throw c.fail("page \(n) is a delta against a reference this reader does not hold "
+                                     + "(did the stream start after a reference reset?)", at: at)
+                    }
+                    page.copyMemory(from: ref, byteCount: LogFormat.pageSize)
+                    try Self.applyDelta(&c, to: UnsafeMutableRawBufferPointer(start: page, count: LogFormat.pageSize),
+                                        what: "page \(n)")
+                }
+                if cached { references.store(n, page) }
+            }
         }
-        let data = try c.bytes(dataLength, "page data")
+        guard c.atEnd else { throw c.fail("\(c.remaining) bytes after the last page") }
         return (start, SyncPoint(exit: exit, signature: ExitSignature(raw: signature), vcpuState: state,
                                  pageNumbers: pages, pageData: data))
+    }
+
+    private static func encoding(_ c: inout ByteCursor, _ what: String) throws(LogError) -> ItemEncoding {
+        let at = c.pos
+        let raw = try c.u8("\(what) encoding")
+        guard let e = ItemEncoding(rawValue: raw) else { throw c.fail("\(what): unknown encoding \(raw)", at: at) }
+        return e
+    }
+
+    /// Reads a delta's length and applies the delta to `target`, which holds the reference.
+    private static func applyDelta(_ c: inout ByteCursor, to target: UnsafeMutableRawBufferPointer, what: String) throws(LogError) {
+        let at = c.pos
+        let n = try c.varint("\(what) delta length")
+        guard n <= UInt64(c.remaining) else {
+            throw c.fail("\(what): delta of \(n) bytes exceeds the \(c.remaining) bytes left in the frame", at: at)
+        }
+        // SAFETY: the delta lies inside the frame (checked above); lk_delta_apply bounds every run by target.count.
+        let rc = lk_delta_apply(target.baseAddress!.assumingMemoryBound(to: UInt8.self), target.count,
+                                c.bytes.baseAddress!.advanced(by: c.pos).assumingMemoryBound(to: UInt8.self), Int(n))
+        guard rc == 0 else { throw c.fail("\(what): malformed delta (a run reaches past \(target.count) bytes)", at: at) }
+        c.pos += Int(n)
+    }
+
+    private static func applyDelta(_ c: inout ByteCursor, to target: inout [UInt8], what: String) throws(LogError) {
+        try target.withMutableBytes { (t) throws(LogError) in try applyDelta(&c, to: t, what: what) }
     }
 }

@@ -1,3 +1,4 @@
+import CLockstep
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -31,6 +32,13 @@ public final class LogEncoder {
     public private(set) var nextSequence: UInt32 = 0
     public private(set) var eventCount: UInt64 = 0
     public private(set) var syncPointCount: UInt64 = 0
+    /// Payload bytes of the sync points appended, and how many of their items (states, pages) went as deltas.
+    public private(set) var syncPointBytes: UInt64 = 0
+    public private(set) var deltaItems: UInt64 = 0
+    private let references = References()
+    private var resetPending = false
+    /// Delta output before it is known to be smaller than the raw item.
+    private var scratch: [UInt8] = []
     public private(set) var lastExit: UInt64 = 0
 
     public init(frameTarget: Int = 64 * 1024) {
@@ -137,7 +145,8 @@ public final class LogEncoder {
         eventCount += 1
     }
 
-    /// Appends a sync point in a frame of its own (the open events frame is closed first).
+    /// Appends a sync point in a frame of its own (the open events frame is closed first). The vCPU state and
+    /// each page go as a delta against the references (`References`) when that is smaller, raw otherwise.
     /// Page numbers must be strictly ascending; pageData holds pageNumbers.count * 4096 bytes.
     public func appendSyncPoint(exit: UInt64, signature: ExitSignature, vcpuState: UnsafeRawBufferPointer,
                                 pageNumbers: UnsafeBufferPointer<UInt32>, pageData: UnsafeRawBufferPointer) {
@@ -150,33 +159,80 @@ public final class LogEncoder {
             numbersSize += varintSize(UInt64(Int64(n) - prev - 1))
             prev = Int64(n)
         }
-        let payload = 8 + 4 + varintSize(UInt64(vcpuState.count)) + vcpuState.count
-            + varintSize(UInt64(pageNumbers.count)) + numbersSize + pageData.count
-        precondition(payload <= LogFormat.maxSyncPointPayload,
-                     "sync point of \(payload) bytes exceeds the \(LogFormat.maxSyncPointPayload)-byte frame bound")
+        // The payload when every item is raw: no encoding is larger.
+        let bound = 8 + 4 + 1 + 1 + varintSize(UInt64(vcpuState.count)) + vcpuState.count
+            + varintSize(UInt64(pageNumbers.count)) + numbersSize + pageNumbers.count * (1 + LogFormat.pageSize)
+        precondition(bound <= LogFormat.maxSyncPointPayload,
+                     "sync point of \(bound) bytes exceeds the \(LogFormat.maxSyncPointPayload)-byte frame bound")
         closeOpenFrame()
-        ensure(LogFormat.frameHeaderSize + payload)
+        ensure(LogFormat.frameHeaderSize + bound)
         let start = used
         let p = buffer
         var i = start + LogFormat.frameHeaderSize
         storeLE64(exit, p, i); i += 8
         storeLE32(signature.raw, p, i); i += 4
-        storeVarint(UInt64(vcpuState.count), p, &i)
-        if let b = vcpuState.baseAddress, vcpuState.count > 0 { (p + i).copyMemory(from: b, byteCount: vcpuState.count) }
-        i += vcpuState.count
+        p.storeBytes(of: resetPending ? SyncPointFlags.resetReferences : 0, toByteOffset: i, as: UInt8.self); i += 1
+        resetPending = false
+        let state = references.state
+        state.withUnsafeBytes { ref in
+            putItem(vcpuState.baseAddress, count: vcpuState.count, reference: ref.count == vcpuState.count ? ref.baseAddress : nil,
+                    lengthFirst: true, at: &i)
+        }
+        references.storeState(vcpuState)
         storeVarint(UInt64(pageNumbers.count), p, &i)
         prev = -1
         for n in pageNumbers {
             storeVarint(UInt64(Int64(n) - prev - 1), p, &i)
             prev = Int64(n)
         }
-        if let b = pageData.baseAddress, pageData.count > 0 { (p + i).copyMemory(from: b, byteCount: pageData.count) }
-        i += pageData.count
-        assert(i - start - LogFormat.frameHeaderSize == payload)
+        let cached = pageNumbers.count <= References.maxPages
+        for (k, n) in pageNumbers.enumerated() {
+            let page = pageData.baseAddress! + k * LogFormat.pageSize
+            putItem(page, count: LogFormat.pageSize, reference: cached ? references.page(n) : nil, lengthFirst: false, at: &i)
+            if cached { references.store(n, page) }
+        }
+        let payload = i - start - LogFormat.frameHeaderSize
+        assert(payload <= bound)
         used = i
         writeHeader(at: start, kind: .syncPoint, payloadLength: payload)
         lastExit = exit
         syncPointCount += 1
+        syncPointBytes += UInt64(payload)
+    }
+
+    /// Writes one item of a sync point at `i`: its encoding byte, then (the state: its length, then) raw bytes,
+    /// or a delta's length and the delta when it saves at least 16 bytes.
+    private func putItem(_ bytes: UnsafeRawPointer?, count: Int, reference: UnsafeRawPointer?, lengthFirst: Bool, at i: inout Int) {
+        let p = buffer
+        let tagAt = i
+        i += 1
+        if lengthFirst { storeVarint(UInt64(count), p, &i) }
+        if let ref = reference, let cur = bytes, count > 32 {
+            if scratch.count < count { scratch = [UInt8](repeating: 0, count: max(count, LogFormat.pageSize)) }
+            let n = scratch.withUnsafeMutableBytes { s in
+                // SAFETY: ref and cur hold `count` bytes (a page, or a state of the reference's length); s holds ≥ count.
+                lk_delta_encode(ref.assumingMemoryBound(to: UInt8.self), cur.assumingMemoryBound(to: UInt8.self), count,
+                                s.baseAddress!.assumingMemoryBound(to: UInt8.self), count - 16)
+            }
+            if n >= 0 {
+                p.storeBytes(of: ItemEncoding.delta.rawValue, toByteOffset: tagAt, as: UInt8.self)
+                storeVarint(UInt64(n), p, &i)
+                scratch.withUnsafeBytes { s in (p + i).copyMemory(from: s.baseAddress!, byteCount: n) }
+                i += n
+                deltaItems += 1
+                return
+            }
+        }
+        p.storeBytes(of: ItemEncoding.raw.rawValue, toByteOffset: tagAt, as: UInt8.self)
+        if let b = bytes, count > 0 { (p + i).copyMemory(from: b, byteCount: count) }
+        i += count
+    }
+
+    /// Drops the references: the next sync point is encoded without them and tells readers to drop theirs.
+    /// For a reader that starts here (a secondary seeded at this point of the stream).
+    public func resetReferences() {
+        references.reset()
+        resetPending = true
     }
 
     /// Seals buffered events into one frame and hands each buffered frame's bytes to body, in order

@@ -40,8 +40,12 @@ import Testing
 
     @Test(.timeLimit(.minutes(3)))
     func randomMutationsNeverCrashOrLie() throws {
+        // The second sync point changes a few bytes of the first: its state and pages are deltas.
+        var touched = sampleSyncPoint(exit: 1_000_000, pages: [2, 9], seed: 2)
+        for i in [3, 70, 4096 + 5, 4096 + 4000] { touched.pageData[i] &+= 1 }
+        touched.vcpuState[17] &+= 1
         let records: [LogRecord] = sampleEvents(count: 40, seed: 21).map { .event($0) }
-            + [.syncPoint(sampleSyncPoint(exit: 1_000_000, pages: [2, 9], seed: 2))]
+            + [.syncPoint(sampleSyncPoint(exit: 1_000_000, pages: [2, 9], seed: 2)), .syncPoint(touched)]
             + sampleEvents(count: 20, seed: 22).map { .event(Event(kind: $0.kind, exit: 1_000_000 + $0.exit, signature: $0.signature, value: $0.value)) }
         let original = try writeLog(records, to: tempDir() + "/fuzz.log", frameTarget: 48)
         let (h0, t0, r0) = try readAllFromMemory(original)

@@ -136,6 +136,12 @@ void lk_scatter_pages(uint8_t *mem, const uint32_t *pages, size_t n, const uint8
 // 1 when the 4096-byte page holds only zero bytes (most of a fresh guest's RAM: hashed as a constant).
 int lk_page_is_zero(const void *page);
 
+// Delta of cur against ref (len bytes each) into out: the encoded size, or -1 when it needs more than cap.
+long lk_delta_encode(const uint8_t *ref, const uint8_t *cur, size_t len, uint8_t *out, size_t cap);
+// Applies a delta (in, inlen bytes) to buf (len bytes, holding the reference): 0, or -1 when the delta is
+// malformed or reaches past len (buf may then be partly written).
+int lk_delta_apply(uint8_t *buf, size_t len, const uint8_t *in, size_t inlen);
+
 // ---- checksums ----
 uint32_t lk_crc32c(uint32_t crc, const void *data, size_t len); // Castagnoli, hardware when available
 
