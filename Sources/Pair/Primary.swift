@@ -385,8 +385,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     private func attach(_ p: Precopy) throws {
         let t0 = lk_monotonic_ns()
         let protectionID = UInt64.random(in: 1...UInt64.max)
-        // Records before the seed's exit are not needed by this secondary.
+        // Records before the seed's exit are not needed by this secondary, and its decoder holds no references.
         session.encoder.sealFrame { _ in }
+        session.encoder.resetReferences()
         let snap: Snapshot
         do { snap = try p.finish(protectionID: protectionID, firstSequence: session.encoder.nextSequence, halted: session.isHalted) } catch {
             p.conn.close()

@@ -77,6 +77,31 @@ extension PairTests { @Suite struct LockstepTests {
         _ = try? sec.wait(seconds: 10)
     }
 
+    /// Sync points go as deltas against what earlier ones sent (docs/log-format.md, "References"). A secondary
+    /// seeded mid-run holds none of those: the primary resets its references at the seed, and the new
+    /// secondary replays the rest of a timer-driven compute guest (a sync point every ~2 ms) to the same digest.
+    @Test func aSecondarySeededMidRunFollowsDeltaSyncPoints() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let common = PairFixture.common(ws)
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + common)
+        let port = try sec.listeningPort()
+        let pri = try Child("primary", ["primary", try PairFixture.guest("timer-compute"), "--peer", "127.0.0.1:\(port)",
+                                        "--memory", "32", "--serial", "none"] + common)
+        try pri.waitForLine(containing: "protected: secondary")
+        sec.kill9()
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "none"] + common)
+        let line = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 30)
+        #expect(!line.contains("at exit 0:"), "\(line)")
+        #expect(try pri.wait(seconds: 240) == 0, "\(pri.stderrText)")
+        #expect(try sec2.wait(seconds: 60) == 0, "\(sec2.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec2.digest, "primary \(pri.digest ?? "-"), secondary \(sec2.digest ?? "-")")
+        #expect(!sec2.stderrText.contains("cannot follow") && !sec2.stderr.contains { $0.hasPrefix("live: ") }, "\(sec2.stderrText)")
+        _ = try? sec.wait(seconds: 10)
+    }
+
     /// kill -9 of the primary while it seeds a new secondary: that secondary holds no confirmed seed (the pair
     /// record does not name it), so it must not take over; it reports the broken seed and waits for a primary.
     @Test func aHalfSeededSecondaryNeverGoesLive() throws {
