@@ -65,7 +65,9 @@ final class SecondaryLink: @unchecked Sendable {
 
     deinit { close(ackEvent) }
 
-    func start() { startLinkThread("lockstep-link", cpu: options.linkCPU, done: done) { [self] in loop() } }
+    func start() {
+        startLinkThread("lockstep-link", cpu: options.linkCPU, priority: ackPriority, done: done) { [self] in loop() }
+    }
 
     var reason: String { lostReason.withLock { $0 } }
 
@@ -264,12 +266,17 @@ struct Silence {
 /// scheduler tick behind a vCPU thread in an emulated guest on the same core. Without CAP_SYS_NICE they
 /// run at normal priority.
 let linkPriority: Int32 = 10
+/// The primary's link thread, which takes the acks that release output, runs above the secondary's receiver:
+/// with both on one core (a pair on one host), an ack must not wait while the receiver decodes the batch it
+/// has already acknowledged.
+let ackPriority: Int32 = linkPriority + 1
 
-/// Starts a thread that blocks on the FT link at `linkPriority`, on core `cpu` if given; `done` is signalled
+/// Starts a thread that blocks on the FT link at `priority`, on core `cpu` if given; `done` is signalled
 /// when `body` returns.
-func startLinkThread(_ name: String, cpu: Int32?, done: DispatchSemaphore, _ body: @escaping @Sendable () -> Void) {
+func startLinkThread(_ name: String, cpu: Int32?, priority: Int32 = linkPriority, done: DispatchSemaphore,
+                     _ body: @escaping @Sendable () -> Void) {
     let t = Thread {
-        _ = lk_set_realtime_priority(linkPriority)
+        _ = lk_set_realtime_priority(priority)
         if let cpu, lk_pin_current_thread(cpu) != 0 { warn("\(name): cannot run on core \(cpu); left to the scheduler") }
         body()
         done.signal()
