@@ -47,6 +47,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Reused buffer for one batch (no allocation per flush in steady state).
     private var batch: [UInt8] = []
     private var sentWatermark: UInt64 = 0
+    /// When the records waiting in the encoder began to wait (0: none wait); a batch's replication lag starts there.
+    private var firstAppendNs: UInt64 = 0
     private var seeded = 0
     private var totalBytes: UInt64 = 0
     private var totalBatches: UInt64 = 0
@@ -273,6 +275,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let now = lk_monotonic_ns()
         let outputWaits = gate.lineWaits
         if session.encoder.bufferedBytes > 0 {
+            // The step that appended them just ended: the records' append time, to within the step's bookkeeping.
+            if firstAppendNs == 0 { firstAppendNs = now }
             guard force || session.encoder.shouldFlush || outputWaits || now &- lastFlushNs >= Self.batchIntervalNs else { return }
         } else {
             guard exit > sentWatermark, outputWaits || force || now &- lastFlushNs >= Self.watermarkIntervalNs else { return }
@@ -286,7 +290,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     private func send(_ l: SecondaryLink, watermark: UInt64) {
         batch.removeAll(keepingCapacity: true)
         session.encoder.sealFrame { (b: UnsafeRawBufferPointer) in batch.append(contentsOf: b) }
-        batch.withUnsafeBytes { _ = l.send(watermark: watermark, bytes: $0) }
+        batch.withUnsafeBytes { _ = l.send(watermark: watermark, bytes: $0, appendedNs: firstAppendNs) }
+        firstAppendNs = 0
         sentWatermark = watermark
         if batch.capacity > 4 << 20 { batch = [] }  // a large sync point passed: give the memory back
     }
@@ -388,6 +393,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         // Records before the seed's exit are not needed by this secondary, and its decoder holds no references.
         session.encoder.sealFrame { _ in }
         session.encoder.resetReferences()
+        firstAppendNs = 0
         let snap: Snapshot
         do { snap = try p.finish(protectionID: protectionID, firstSequence: session.encoder.nextSequence, halted: session.isHalted) } catch {
             p.conn.close()

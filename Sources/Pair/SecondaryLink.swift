@@ -101,12 +101,13 @@ final class SecondaryLink: @unchecked Sendable {
     // MARK: vCPU thread
 
     /// Sends encoded log bytes that complete every record below `watermark`.
-    func send(watermark: UInt64, bytes: UnsafeRawBufferPointer) -> Bool {
+    /// `appendedNs`: when the batch's first record was appended (0: now); its replication lag runs from there.
+    func send(watermark: UInt64, bytes: UnsafeRawBufferPointer, appendedNs: UInt64 = 0) -> Bool {
         guard !lost.load(ordering: .acquiring) else { return false }
         let now = lk_monotonic_ns()
         bytesSent &+= UInt64(bytes.count)
         batchCount &+= 1
-        let b = Batch(watermark: watermark, ns: now, bytes: bytesSent)
+        let b = Batch(watermark: watermark, ns: appendedNs == 0 ? now : min(appendedNs, now), bytes: bytesSent)
         batches.withLock { $0.list.append(b) }
         do { try conn.sendLog(exitIndex: watermark, bytes: bytes) } catch { lose("cannot send to the secondary: \(error)"); return false }
         lastSendNs.store(now, ordering: .releasing)
