@@ -14,8 +14,8 @@ final class References {
     static let maxPages = 1024
     /// Slot contents, `slots` × 4096 bytes; allocated on first use, and only the slots used become resident.
     private var pages: UnsafeMutableRawPointer?
-    /// Page number + 1 per slot; 0 = empty.
-    private let tags: UnsafeMutablePointer<UInt32>
+    /// Page number + 1 per slot (64-bit, so page 2^32−1 does not wrap to "empty"); 0 = empty.
+    private let tags: UnsafeMutablePointer<UInt64>
     private(set) var state: [UInt8] = []
 
     init() {
@@ -36,7 +36,7 @@ final class References {
     /// The reference of `page`, or nil when its slot holds another page (or none).
     func page(_ page: UInt32) -> UnsafeMutableRawPointer? {
         let slot = Int(page) % Self.slots
-        guard tags[slot] == page &+ 1, let base = pages else { return nil }
+        guard tags[slot] == UInt64(page) + 1, let base = pages else { return nil }
         return base + slot * LogFormat.pageSize
     }
 
@@ -49,7 +49,7 @@ final class References {
         }()
         let slot = Int(page) % Self.slots
         (base + slot * LogFormat.pageSize).copyMemory(from: bytes, byteCount: LogFormat.pageSize)
-        tags[slot] = page &+ 1
+        tags[slot] = UInt64(page) + 1
     }
 
     func storeState(_ bytes: UnsafeRawBufferPointer) {

@@ -66,6 +66,19 @@ import Testing
         #expect(e?.description.contains("delta against the previous sync point's, which this reader holds none of") == true)
     }
 
+    /// Page 2^32−1 shares slot 4095 with page 4095; its tag must not wrap to "empty", or after a reset the
+    /// writer would make a delta against what the slot held before it, which a new reader never had.
+    @Test func theLastPageNumberIsNotTakenForAnEmptySlot() throws {
+        var first = sampleSyncPoint(exit: 1, pages: [4095], seed: 8)
+        var last = first
+        last.exit = 2
+        last.pageNumbers = [UInt32.max]
+        last.pageData[100] &+= 1
+        first.vcpuState = []
+        let frames = encode([first, last], resetBefore: [1])
+        #expect(try decode(frames, from: 1) == [last])
+    }
+
     @Test func aReaderThatMissedASyncPointIsRefusedAtThePageItNeverHeld() throws {
         // A: pages 2 and 9; B: page 300 appears; C: page 300 as a delta against B's.
         let c = timerLike(count: 3, pages: [2, 9, 300])
