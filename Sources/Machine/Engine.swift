@@ -96,6 +96,7 @@ public final class Engine {
             serviceAsync()
             return try checked()
         }
+        machine.beforeEntry?()
         let outcome: RunOutcome
         do { outcome = try vcpu.enter() } catch { throw .sys(error) }
         ready = vcpu.readyForInjection

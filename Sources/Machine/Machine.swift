@@ -31,6 +31,9 @@ public final class Machine {
     public var output: SerialOutput? { didSet { sink.output = output } }
     /// Called on the vCPU thread before it sleeps in HLT (a primary pushes its log out here).
     public var onIdle: (() -> Void)?
+    /// Called on the vCPU thread just before each guest entry of a live run, once this entry's interrupt is
+    /// injected: every record up to here is in the encoder (a pair sends them before the guest runs on).
+    public var beforeEntry: (() -> Void)?
     let sink: UARTSink
     public let cpuidDigest: [UInt8]
     /// Warnings for the operator (unknown ports, ...), each said once.

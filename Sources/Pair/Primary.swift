@@ -95,6 +95,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     func beginAdopted() {
         PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
         session.machine.onIdle = { [unowned self] in flushLog(force: true) }
+        session.machine.beforeEntry = { [unowned self] in flushLog(force: false) }
         startConnector()
     }
 
@@ -123,6 +124,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         try first.copyHere()
         try attach(first)
         session.machine.onIdle = { [unowned self] in flushLog(force: true) }
+        session.machine.beforeEntry = { [unowned self] in flushLog(force: false) }
         let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
         own.start()
         var ending: Ending = .stopped
@@ -177,7 +179,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             return
         }
         if l.lost.load(ordering: .relaxed) { detachLost(l); return }
-        flushLog(force: false)
+        // A guest about to re-enter flushes just before it does (`beforeEntry`), with the injection that entry
+        // brings: a kick's sync point and the interrupt it delivers leave as one batch.
+        if session.isHalted { flushLog(force: false) }
         let now = lk_monotonic_ns()
         if l.mustSlowDown(now: now) { throttle(l, since: now) }
     }
