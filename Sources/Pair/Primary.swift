@@ -183,7 +183,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         // brings: a kick's sync point and the interrupt it delivers leave as one batch.
         if session.isHalted { flushLog(force: false) }
         let now = lk_monotonic_ns()
-        if l.mustSlowDown(now: now) { throttle(l, since: now) }
+        // What waits for the next entry goes first: the secondary replays toward it while the guest waits.
+        if l.mustSlowDown(now: now) { flushLog(force: true); throttle(l, since: now) }
     }
 
     // MARK: planned switchover
