@@ -173,8 +173,8 @@ public final class LogEncoder {
         storeLE32(signature.raw, p, i); i += 4
         p.storeBytes(of: resetPending ? SyncPointFlags.resetReferences : 0, toByteOffset: i, as: UInt8.self); i += 1
         resetPending = false
-        let state = references.state
-        state.withUnsafeBytes { ref in
+        // No local copy of the reference: `storeState` below would then copy it to write in place.
+        references.state.withUnsafeBytes { ref in
             putItem(vcpuState.baseAddress, count: vcpuState.count, reference: ref.count == vcpuState.count ? ref.baseAddress : nil,
                     lengthFirst: true, at: &i)
         }
