@@ -179,9 +179,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             return
         }
         if l.lost.load(ordering: .relaxed) { detachLost(l); return }
-        // A guest about to re-enter flushes just before it does (`beforeEntry`), with the injection that entry
-        // brings: a kick's sync point and the interrupt it delivers leave as one batch.
-        if session.isHalted { flushLog(force: false) }
+        // No flush here: the next step flushes, just before the guest re-enters (`beforeEntry`, with the
+        // injection that entry brings, so a kick's sync point and its interrupt leave as one batch) or before
+        // a halted guest sleeps (`onIdle`).
         let now = lk_monotonic_ns()
         // What waits for the next entry goes first: the secondary replays toward it while the guest waits.
         if l.mustSlowDown(now: now) { flushLog(force: true); throttle(l, since: now) }
