@@ -95,10 +95,22 @@ int lk_kick(unsigned long pthread_id, int signo) { return -pthread_kill((pthread
 
 unsigned long lk_thread_self(void) { return (unsigned long)pthread_self(); }
 
-int lk_cpu_count(void) {
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) < 0) return 1;
-    return CPU_COUNT(&set);
+// The cores this process may use, as it started. A thread inherits its creator's mask, and the vCPU thread
+// pins itself, so threads it starts would otherwise count (and stay on) its one core.
+static cpu_set_t lk_allowed;
+static int lk_allowed_ok;
+
+__attribute__((constructor)) static void lk_remember_allowed(void) {
+    lk_allowed_ok = sched_getaffinity(0, sizeof lk_allowed, &lk_allowed) == 0;
+}
+
+int lk_cpu_count(void) { return lk_allowed_ok ? CPU_COUNT(&lk_allowed) : 1; }
+
+int lk_allowed_cpu(int index) {
+    if (!lk_allowed_ok) return -1;
+    for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
+        if (CPU_ISSET(cpu, &lk_allowed) && index-- == 0) return cpu;
+    return -1;
 }
 
 int lk_pin_current_thread(int cpu) {
@@ -107,6 +119,13 @@ int lk_pin_current_thread(int cpu) {
     CPU_SET(cpu, &set);
     int r = pthread_setaffinity_np(pthread_self(), sizeof set, &set);
     return -r;
+}
+
+void lk_set_thread_name(const char *name) { (void)pthread_setname_np(pthread_self(), name); }
+
+int lk_unpin_current_thread(void) {
+    if (!lk_allowed_ok) return 0;
+    return -pthread_setaffinity_np(pthread_self(), sizeof lk_allowed, &lk_allowed);
 }
 
 int lk_set_realtime_priority(int priority) {

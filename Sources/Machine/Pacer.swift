@@ -29,7 +29,9 @@ public final class Pacer: @unchecked Sendable {
     let kickSignal: Int32 = SIGUSR1
     let vcpuWake: Int32
     let pacerWake: Int32
-    private var thread: Thread?
+    private var started = false
+    /// The pacer thread's pthread id (0 until it runs): a raise from it needs no wake of itself.
+    private let pacerThread = Atomic<UInt>(0)
     private let done = DispatchSemaphore(value: 0)
 
     public init(latencyMicroseconds: UInt32) {
@@ -41,12 +43,12 @@ public final class Pacer: @unchecked Sendable {
 
     deinit { close(vcpuWake); close(pacerWake) }
 
-    /// Called on the vCPU thread before the first entry. `pin`: keep it off the pacer's core (live runs; a
-    /// replayer, which has no pacer thread, is left to the scheduler).
-    public func bindVCPUThread(run: UnsafeMutablePointer<kvm_run>, pin: Bool = true) {
+    /// Called on the vCPU thread before the first entry. `core`: where it runs (live runs: `Cores.vcpu`, off
+    /// the pacer's; nil: left where it is).
+    public func bindVCPUThread(run: UnsafeMutablePointer<kvm_run>, core: Int32?) {
         lk_kick_bind(run, kickSignal)
         vcpuThread.store(lk_thread_self(), ordering: .releasing)
-        if pin, lk_cpu_count() >= 2 { _ = lk_pin_current_thread(1) }
+        Cores.pinCurrentThread(core)
     }
 
     /// Kicks the vCPU out of the guest now (from any thread), whatever is due.
@@ -56,20 +58,18 @@ public final class Pacer: @unchecked Sendable {
     }
 
     public func start() {
-        let t = Thread { [self] in
-            if lk_cpu_count() >= 2 { _ = lk_pin_current_thread(0) }
+        started = true
+        startThread("lockstep-pacer", stackSize: 1 << 20) { [self] in
+            pacerThread.store(lk_thread_self(), ordering: .releasing)
+            Cores.pinCurrentThread(Cores.housekeeping)
             _ = lk_set_timer_slack_ns(1)
             loop()
             done.signal()
         }
-        t.name = "lockstep-pacer"
-        t.stackSize = 1 << 20
-        thread = t
-        t.start()
     }
 
     public func stop() {
-        guard thread != nil, running.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        guard started, running.exchange(false, ordering: .acquiringAndReleasing) else { return }
         lk_eventfd_signal(pacerWake)
         done.wait()
     }
@@ -102,7 +102,7 @@ public final class Pacer: @unchecked Sendable {
         // The kick clock starts when something becomes due; if it was already due, the earlier arming stands.
         if before == 0 {
             kickAt.store(now &+ latencyNs, ordering: .releasing)
-            if Thread.current != thread { lk_eventfd_signal(pacerWake) }
+            if lk_thread_self() != pacerThread.load(ordering: .acquiring) { lk_eventfd_signal(pacerWake) }
         }
     }
 

@@ -103,9 +103,7 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
     /// Starts the input thread feeding `queue`.
     public func startInput(into queue: SerialInputQueue) {
         guard hasInput else { return }
-        let t = Thread { [self] in inputLoop(queue) }
-        t.name = "lockstep-serial-in"
-        t.start()
+        startThread("lockstep-serial-in") { [self] in inputLoop(queue) }
     }
 
     private func inputLoop(_ queue: SerialInputQueue) {

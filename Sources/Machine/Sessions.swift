@@ -29,8 +29,10 @@ public class Session: @unchecked Sendable {  // requestStop, interruptReplay and
         engine = Engine(machine: machine)
     }
 
+    /// Without pacing (a replay) the thread stays where the scheduler puts it: pinning a standby's replay off
+    /// the primary's vCPU core on one host measured no better.
     func begin(pacing: Bool = true) {
-        if pacing { startPacing() } else { machine.pacer?.bindVCPUThread(run: machine.vcpu.run, pin: false) }
+        if pacing { startPacing() } else { machine.pacer?.bindVCPUThread(run: machine.vcpu.run, core: nil) }
         started = lk_monotonic_ns()
     }
 
@@ -48,7 +50,7 @@ public class Session: @unchecked Sendable {  // requestStop, interruptReplay and
     /// Starts the pacer (timers, input wake-ups, kicks) with this thread as the vCPU thread.
     func startPacing() {
         guard let pacer = machine.pacer else { return }
-        pacer.bindVCPUThread(run: machine.vcpu.run)
+        pacer.bindVCPUThread(run: machine.vcpu.run, core: Cores.vcpu)
         engine.publishDeadline()
         pacer.start()
     }
@@ -222,7 +224,7 @@ final class Watchdog: @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
 
     init(session: Session, seconds: UInt64) {
-        let t = Thread { [self, unowned session] in
+        startThread("lockstep-watchdog") { [self, unowned session] in
             var last = session.progress
             var since = lk_monotonic_ns()
             while !stopped.load(ordering: .acquiring) {
@@ -236,8 +238,6 @@ final class Watchdog: @unchecked Sendable {
             }
             done.signal()
         }
-        t.name = "lockstep-watchdog"
-        t.start()
     }
 
     func stop() {

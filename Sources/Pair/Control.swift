@@ -1,5 +1,6 @@
 import Channel
 import Foundation
+import Machine
 import Synchronization
 
 /// What a handover request came to.
@@ -110,7 +111,7 @@ public final class ControlServer: @unchecked Sendable {
         do { listener = try ControlListener(path: path) } catch { throw .config("--control \(path): \(error)") }
         self.role = role
         handoverBoundMs = options.fenceWaitMs + 2 * options.failureTimeoutMs + 5_000
-        let t = Thread { [self] in
+        startThread("lockstep-control") { [self] in
             while !stopped.load(ordering: .acquiring) {
                 do {
                     if let c = try listener.accept(timeoutMs: 1_000) { serve(c) }
@@ -121,8 +122,6 @@ public final class ControlServer: @unchecked Sendable {
             }
             done.signal()
         }
-        t.name = "lockstep-control"
-        t.start()
     }
 
     /// Stops answering and removes the socket file.

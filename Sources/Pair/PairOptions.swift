@@ -3,6 +3,7 @@ import Channel
 import Failover
 import Foundation
 import Glibc
+import Machine
 
 /// Settings shared by both sides of a pair.
 public struct PairOptions: Sendable {
@@ -43,8 +44,9 @@ public struct PairOptions: Sendable {
     /// Sets `linkCPU` (nil: unpinned) after checking this process may run there.
     public mutating func pinLinkThreads(to cpu: Int32?) throws(PairError) {
         if let cpu {
-            let n = lk_cpu_count()
-            guard cpu >= 0, cpu < n else { throw .config("--link-cpu \(cpu): this process runs on \(n) core\(n == 1 ? "" : "s") (0 to \(n - 1))") }
+            guard Cores.allows(cpu) else {
+                throw .config("--link-cpu \(cpu): this process may run on core\(Cores.count == 1 ? "" : "s") \(Cores.list) only")
+            }
         }
         linkCPU = cpu
     }

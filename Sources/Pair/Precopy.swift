@@ -93,12 +93,10 @@ final class Precopy: @unchecked Sendable {
 
     /// Runs the rounds on a thread of their own (the guest keeps running).
     func start() {
-        let t = Thread { [self] in
+        startThread("lockstep-seed") { [self] in
             copy()
             done.signal()
         }
-        t.name = "lockstep-seed"
-        t.start()
     }
 
     /// Runs the rounds on the calling thread (before the guest first runs there is nothing to overlap).

@@ -486,7 +486,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// While unprotected: keep trying the peer address; a secondary that answers is handed to the vCPU thread.
     private func startConnector() {
         guard !connecting.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        let t = Thread { [self] in
+        startThread("lockstep-connect") { [self] in
             var delayMs: UInt64 = 100
             while !finished.load(ordering: .acquiring) {
                 do {
@@ -502,8 +502,6 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             }
             connecting.store(false, ordering: .releasing)
         }
-        t.name = "lockstep-connect"
-        t.start()
     }
 
     // MARK: status

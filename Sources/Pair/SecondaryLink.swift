@@ -276,14 +276,12 @@ let ackPriority: Int32 = linkPriority + 1
 /// when `body` returns.
 func startLinkThread(_ name: String, cpu: Int32?, priority: Int32 = linkPriority, done: DispatchSemaphore,
                      _ body: @escaping @Sendable () -> Void) {
-    let t = Thread {
+    startThread(name) {
         _ = lk_set_realtime_priority(priority)
         if let cpu, lk_pin_current_thread(cpu) != 0 { warn("\(name): cannot run on core \(cpu); left to the scheduler") }
         body()
         done.signal()
     }
-    t.name = name
-    t.start()
 }
 
 /// Status-frame messages of the pair (first body byte).

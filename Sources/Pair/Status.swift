@@ -3,6 +3,7 @@ import EventLog
 import Foundation
 import Glibc
 import Histogram
+import Machine
 import Synchronization
 
 /// The pair's state as the operator sees it: one line on stderr per period, and the same as JSON.
@@ -206,7 +207,7 @@ final class Ticker: @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
 
     init(ms: Int, name: String, priority: Int32 = 0, _ body: @escaping @Sendable () -> Void) {
-        let t = Thread { [self] in
+        startThread(name) { [self] in
             if priority > 0 { _ = lk_set_realtime_priority(priority) }
             while true {
                 _ = lk_eventfd_wait(wake, lk_monotonic_ns() + UInt64(ms) * 1_000_000)
@@ -216,8 +217,6 @@ final class Ticker: @unchecked Sendable {
             }
             done.signal()
         }
-        t.name = name
-        t.start()
     }
 
     func stop() {
@@ -232,9 +231,7 @@ final class Ticker: @unchecked Sendable {
 public func onSignal(_ signo: Int32, _ body: @escaping @Sendable () -> Void) {
     let fd = lk_signal_eventfd(signo)
     guard fd >= 0 else { warn("cannot catch signal \(signo) (errno \(-fd)); it will not ask for a handover"); return }
-    let t = Thread {
+    startThread("lockstep-signal") {
         while true { if lk_eventfd_wait(fd, .max) == 1 { body() } }
     }
-    t.name = "lockstep-signal"
-    t.start()
 }
