@@ -27,8 +27,9 @@ public struct FrameDecoder {
         case .events:
             try Self.decodeEvents(frame, header: header, at: offset, into: &out)
         case .syncPoint:
-            let (start, sp) = try decodeSyncPoint(frame, header: header, at: offset)
-            out.append(LocatedRecord(offset: start, frame: header.sequence, frameOffset: offset, record: .syncPoint(sp)))
+            let (start, sp, deltas) = try decodeSyncPoint(frame, header: header, at: offset)
+            out.append(LocatedRecord(offset: start, frame: header.sequence, frameOffset: offset, record: .syncPoint(sp),
+                                     length: frame.count - LogFormat.frameHeaderSize, deltaItems: deltas))
         case .trailer:
             throw .corrupt(offset: offset, detail: "frame \(header.sequence): unexpected trailer frame (use decodeTrailer)")
         }
@@ -111,14 +112,14 @@ public struct FrameDecoder {
             prevSignature = signature
             out.append(LocatedRecord(offset: offset + UInt64(start), frame: header.sequence, frameOffset: offset,
                                      record: .event(Event(kind: kind, exit: exit, signature: ExitSignature(raw: signature),
-                                                          value: value))))
+                                                          value: value)), length: c.pos - start))
         }
     }
 
     /// Decodes a sync point, rebuilding delta-encoded items from the references, which it then updates as the
     /// encoder did. Every length is bounded before anything is allocated.
     private func decodeSyncPoint(_ frame: UnsafeRawBufferPointer, header: FrameHeader,
-                                 at offset: UInt64) throws(LogError) -> (UInt64, SyncPoint) {
+                                 at offset: UInt64) throws(LogError) -> (UInt64, SyncPoint, deltas: Int) {
         var c = ByteCursor(frame, from: LogFormat.frameHeaderSize, to: frame.count, baseOffset: offset,
                            context: "frame \(header.sequence) (sync point)")
         let start = c.offset
@@ -131,6 +132,7 @@ public struct FrameDecoder {
         }
         if flags & SyncPointFlags.resetReferences != 0 { references.reset() }
 
+        var deltas = 0
         let stateAt = c.pos
         let stateEncoding = try Self.encoding(&c, "vCPU state")
         let stateLength = try c.varint("vCPU state length")
@@ -148,6 +150,7 @@ public struct FrameDecoder {
             }
             state = references.state
             try Self.applyDelta(&c, to: &state, what: "vCPU state")
+            deltas += 1
         }
         state.withUnsafeBytes { references.storeState($0) }
 
@@ -193,13 +196,14 @@ public struct FrameDecoder {
                     page.copyMemory(from: ref, byteCount: LogFormat.pageSize)
                     try Self.applyDelta(&c, to: UnsafeMutableRawBufferPointer(start: page, count: LogFormat.pageSize),
                                         what: "page \(n)")
+                    deltas += 1
                 }
                 if cached { references.store(n, page) }
             }
         }
         guard c.atEnd else { throw c.fail("\(c.remaining) bytes after the last page") }
         return (start, SyncPoint(exit: exit, signature: ExitSignature(raw: signature), vcpuState: state,
-                                 pageNumbers: pages, pageData: data))
+                                 pageNumbers: pages, pageData: data), deltas)
     }
 
     private static func encoding(_ c: inout ByteCursor, _ what: String) throws(LogError) -> ItemEncoding {

@@ -83,6 +83,10 @@ public struct LocatedRecord: Equatable, Sendable {
     /// Byte offset of that frame's header.
     public var frameOffset: UInt64
     public var record: LogRecord
+    /// Bytes the record takes in the log (a sync point's payload: what the deltas saved shows here).
+    public var length: Int = 0
+    /// A sync point's items stored as deltas against the references (its vCPU state and pages); 0 for events.
+    public var deltaItems: Int = 0
 }
 
 // MARK: - header fields

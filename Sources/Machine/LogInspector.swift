@@ -39,7 +39,8 @@ public final class LogInspector {
         do { _ = try LogFileReader(path: path) } catch { throw .log(error) }
     }
 
-    static func describe(_ r: LogRecord) -> (UInt64, String, String, String) {
+    /// `located`: where the record came from, when read from a file (a sync point then shows its size in the log).
+    static func describe(_ r: LogRecord, located: LocatedRecord? = nil) -> (UInt64, String, String, String) {
         switch r {
         case .event(let e):
             let v: String
@@ -53,7 +54,11 @@ public final class LogInspector {
             }
             return (e.exit, "\(e.kind)", v, e.signature.description)
         case .syncPoint(let s):
-            return (s.exit, "syncPoint", "\(s.pageNumbers.count) pages, \(s.vcpuState.count) bytes vCPU state", s.signature.description)
+            var v = "\(s.pageNumbers.count) pages, \(s.vcpuState.count) bytes vCPU state"
+            if let located {
+                v += "; \(located.length) bytes in the log, \(located.deltaItems) of \(s.pageNumbers.count + 1) items as deltas"
+            }
+            return (s.exit, "syncPoint", v, s.signature.description)
         }
     }
 
@@ -63,8 +68,8 @@ public final class LogInspector {
             let reader: LogFileReader
             do { reader = try LogFileReader(path: path) } catch { throw .log(error) }
             do {
-                while let r = try reader.next() {
-                    let (exit, kind, value, sig) = LogInspector.describe(r)
+                while let r = try reader.nextLocated() {
+                    let (exit, kind, value, sig) = LogInspector.describe(r.record, located: r)
                     emit(InspectLine(index: index, exit: exit, kind: kind, value: value, signature: sig))
                     index += 1
                 }
@@ -73,8 +78,17 @@ public final class LogInspector {
         }
         let session = try ReplaySession(logPath: path, output: nil)
         let machine = session.machine
+        // A second reader, kept in step with the replay, for where each sync point lies and its size.
+        let side = try? LogFileReader(path: path)
+        func locate(_ r: LogRecord) -> LocatedRecord? {
+            guard case .syncPoint(let s) = r, let side else { return nil }
+            while let l = try? side.nextLocated() {
+                if case .syncPoint(let t) = l.record, t.exit == s.exit { return l }
+            }
+            return nil
+        }
         machine.hooks.observer = { r in
-            let (exit, kind, value, sig) = LogInspector.describe(r)
+            let (exit, kind, value, sig) = LogInspector.describe(r, located: locate(r))
             var line = InspectLine(index: index, exit: exit, kind: kind, value: value, signature: sig)
             if let regs = try? machine.vcpu.regs(), let sregs = try? machine.vcpu.sregs() {
                 line.rip = regs.rip

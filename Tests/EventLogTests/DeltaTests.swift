@@ -51,6 +51,25 @@ import Testing
         #expect(later < 600, "a sync point with a few changed bytes took \(later) bytes")
         #expect(enc.deltaItems == 49 * 5)
         #expect(enc.syncPointBytes == UInt64(frames.map { $0.count - LogFormat.frameHeaderSize }.reduce(0, +)))
+        // What `log inspect` shows per sync point adds up to what the encoder wrote.
+        var d = FrameDecoder(firstSequence: 0)
+        var located: [LocatedRecord] = []
+        for f in frames { located += try f.withBytes { (b) throws(LogError) in try d.decodeLocated(frame: b, at: 0) } }
+        #expect(located.map(\.deltaItems) == [0] + Array(repeating: 5, count: 49))
+        #expect(UInt64(located.map(\.length).reduce(0, +)) == enc.syncPointBytes)
+    }
+
+    @Test func anEventsLengthIsItsEncodedBytes() throws {
+        let enc = LogEncoder()
+        enc.append(Event(kind: .timer, exit: 1, signature: ExitSignature(raw: 7), value: 1_000_000))
+        enc.append(Event(kind: .inject, exit: 1, signature: ExitSignature(raw: 7), value: 0x20))
+        enc.append(Event(kind: .serialInput, exit: 900, signature: ExitSignature(raw: 9), value: 0x41))
+        var d = FrameDecoder(firstSequence: 0)
+        let frames = enc.sealedFrames()
+        var located: [LocatedRecord] = []
+        for f in frames { located += try f.withBytes { (b) throws(LogError) in try d.decodeLocated(frame: b, at: 0) } }
+        #expect(located.count == 3 && located.allSatisfy { $0.length > 0 && $0.deltaItems == 0 })
+        #expect(located.map(\.length).reduce(0, +) == frames.map { $0.count - LogFormat.frameHeaderSize }.reduce(0, +))
     }
 
     @Test func aReaderStartsAtAReferenceReset() throws {
