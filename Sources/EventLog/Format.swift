@@ -130,17 +130,30 @@ func frameCRC(_ frame: UnsafeRawBufferPointer) -> UInt32 {
 
 // MARK: - bounds-checked reading
 
+/// What a cursor reads, for its messages ("frame 12 (sync point)", "header"); a string only once a read fails.
+enum CursorContext {
+    case frame(UInt32, kind: StaticString)
+    case named(StaticString)
+
+    var text: String {
+        switch self {
+        case .frame(let seq, let kind): return kind.utf8CodeUnitCount == 0 ? "frame \(seq)" : "frame \(seq) (\(kind))"
+        case .named(let name): return "\(name)"
+        }
+    }
+}
+
 /// Reads a byte range; every read is bounds-checked and fails with `corrupt` naming the file offset and frame.
+/// Names of what is read are autoclosures: a decode that succeeds builds no strings (it runs per batch).
 struct ByteCursor {
     let bytes: UnsafeRawBufferPointer
     var pos: Int
     let end: Int
     /// File/stream offset of bytes[0].
     let baseOffset: UInt64
-    /// Prefix for messages, e.g. "frame 12".
-    let context: String
+    let context: CursorContext
 
-    init(_ bytes: UnsafeRawBufferPointer, from: Int, to: Int, baseOffset: UInt64, context: String) {
+    init(_ bytes: UnsafeRawBufferPointer, from: Int, to: Int, baseOffset: UInt64, context: CursorContext) {
         self.bytes = bytes; self.pos = from; self.end = to; self.baseOffset = baseOffset; self.context = context
     }
 
@@ -149,49 +162,49 @@ struct ByteCursor {
     var offset: UInt64 { baseOffset + UInt64(pos) }
 
     func fail(_ detail: String, at p: Int? = nil) -> LogError {
-        .corrupt(offset: baseOffset + UInt64(p ?? pos), detail: context.isEmpty ? detail : "\(context): \(detail)")
+        .corrupt(offset: baseOffset + UInt64(p ?? pos), detail: "\(context.text): \(detail)")
     }
-    @inline(__always) mutating func need(_ n: Int, _ what: String) throws(LogError) {
+    @inline(__always) mutating func need(_ n: Int, _ what: @autoclosure () -> String) throws(LogError) {
         guard n >= 0, n <= end - pos else {
-            throw fail("\(what) needs \(n) bytes but only \(end - pos) remain")
+            throw fail("\(what()) needs \(n) bytes but only \(end - pos) remain")
         }
     }
-    @inline(__always) mutating func u8(_ what: String) throws(LogError) -> UInt8 {
-        try need(1, what)
+    @inline(__always) mutating func u8(_ what: @autoclosure () -> String) throws(LogError) -> UInt8 {
+        try need(1, what())
         defer { pos += 1 }
         return bytes[pos]
     }
-    @inline(__always) mutating func u16(_ what: String) throws(LogError) -> UInt16 {
-        try need(2, what)
+    @inline(__always) mutating func u16(_ what: @autoclosure () -> String) throws(LogError) -> UInt16 {
+        try need(2, what())
         defer { pos += 2 }
         return loadLE16(bytes, pos)
     }
-    @inline(__always) mutating func u32(_ what: String) throws(LogError) -> UInt32 {
-        try need(4, what)
+    @inline(__always) mutating func u32(_ what: @autoclosure () -> String) throws(LogError) -> UInt32 {
+        try need(4, what())
         defer { pos += 4 }
         return loadLE32(bytes, pos)
     }
-    @inline(__always) mutating func u64(_ what: String) throws(LogError) -> UInt64 {
-        try need(8, what)
+    @inline(__always) mutating func u64(_ what: @autoclosure () -> String) throws(LogError) -> UInt64 {
+        try need(8, what())
         defer { pos += 8 }
         return loadLE64(bytes, pos)
     }
-    @inline(__always) mutating func varint(_ what: String) throws(LogError) -> UInt64 {
+    @inline(__always) mutating func varint(_ what: @autoclosure () -> String) throws(LogError) -> UInt64 {
         let start = pos
         var result: UInt64 = 0
         var shift: UInt64 = 0
         while true {
-            guard pos < end else { throw fail("\(what) varint runs past the end", at: start) }
+            guard pos < end else { throw fail("\(what()) varint runs past the end", at: start) }
             let b = bytes[pos]
             pos += 1
-            if shift == 63 && b > 1 { throw fail("\(what) varint overflows 64 bits", at: start) }
+            if shift == 63 && b > 1 { throw fail("\(what()) varint overflows 64 bits", at: start) }
             result |= UInt64(b & 0x7F) << shift
             if b & 0x80 == 0 { return result }
             shift += 7
         }
     }
-    mutating func bytes(_ n: Int, _ what: String) throws(LogError) -> [UInt8] {
-        try need(n, what)
+    mutating func bytes(_ n: Int, _ what: @autoclosure () -> String) throws(LogError) -> [UInt8] {
+        try need(n, what())
         defer { pos += n }
         return Array(UnsafeRawBufferPointer(rebasing: bytes[pos..<pos + n]))
     }

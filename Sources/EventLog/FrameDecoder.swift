@@ -44,7 +44,7 @@ public struct FrameDecoder {
             throw .corrupt(offset: offset, detail: "frame \(header.sequence): expected a trailer frame, found \(header.kind)")
         }
         var c = ByteCursor(frame, from: LogFormat.frameHeaderSize, to: frame.count, baseOffset: offset,
-                           context: "frame \(header.sequence) (trailer)")
+                           context: .frame(header.sequence, kind: "trailer"))
         let t = try LogTrailer.parse(&c)
         nextSequence = header.sequence &+ 1
         return t
@@ -70,7 +70,7 @@ public struct FrameDecoder {
     private static func decodeEvents(_ frame: UnsafeRawBufferPointer, header: FrameHeader, at offset: UInt64,
                                      into out: inout [LocatedRecord]) throws(LogError) {
         var c = ByteCursor(frame, from: LogFormat.frameHeaderSize, to: frame.count, baseOffset: offset,
-                           context: "frame \(header.sequence)")
+                           context: .frame(header.sequence, kind: ""))
         guard !c.atEnd else { throw c.fail("empty events frame") }
         var prevExit: UInt64 = 0
         var prevSignature: UInt32 = 0
@@ -121,7 +121,7 @@ public struct FrameDecoder {
     private func decodeSyncPoint(_ frame: UnsafeRawBufferPointer, header: FrameHeader,
                                  at offset: UInt64) throws(LogError) -> (UInt64, SyncPoint, deltas: Int) {
         var c = ByteCursor(frame, from: LogFormat.frameHeaderSize, to: frame.count, baseOffset: offset,
-                           context: "frame \(header.sequence) (sync point)")
+                           context: .frame(header.sequence, kind: "sync point"))
         let start = c.offset
         let exit = try c.u64("exit")
         let signature = try c.u32("signature")
@@ -206,28 +206,29 @@ public struct FrameDecoder {
                                  pageNumbers: pages, pageData: data), deltas)
     }
 
-    private static func encoding(_ c: inout ByteCursor, _ what: String) throws(LogError) -> ItemEncoding {
+    private static func encoding(_ c: inout ByteCursor, _ what: @autoclosure () -> String) throws(LogError) -> ItemEncoding {
         let at = c.pos
-        let raw = try c.u8("\(what) encoding")
-        guard let e = ItemEncoding(rawValue: raw) else { throw c.fail("\(what): unknown encoding \(raw)", at: at) }
+        let raw = try c.u8("\(what()) encoding")
+        guard let e = ItemEncoding(rawValue: raw) else { throw c.fail("\(what()): unknown encoding \(raw)", at: at) }
         return e
     }
 
     /// Reads a delta's length and applies the delta to `target`, which holds the reference.
-    private static func applyDelta(_ c: inout ByteCursor, to target: UnsafeMutableRawBufferPointer, what: String) throws(LogError) {
+    private static func applyDelta(_ c: inout ByteCursor, to target: UnsafeMutableRawBufferPointer,
+                                   what: @autoclosure () -> String) throws(LogError) {
         let at = c.pos
-        let n = try c.varint("\(what) delta length")
+        let n = try c.varint("\(what()) delta length")
         guard n <= UInt64(c.remaining) else {
-            throw c.fail("\(what): delta of \(n) bytes exceeds the \(c.remaining) bytes left in the frame", at: at)
+            throw c.fail("\(what()): delta of \(n) bytes exceeds the \(c.remaining) bytes left in the frame", at: at)
         }
         // SAFETY: the delta lies inside the frame (checked above); lk_delta_apply bounds every run by target.count.
         let rc = lk_delta_apply(target.baseAddress!.assumingMemoryBound(to: UInt8.self), target.count,
                                 c.bytes.baseAddress!.advanced(by: c.pos).assumingMemoryBound(to: UInt8.self), Int(n))
-        guard rc == 0 else { throw c.fail("\(what): malformed delta (a run reaches past \(target.count) bytes)", at: at) }
+        guard rc == 0 else { throw c.fail("\(what()): malformed delta (a run reaches past \(target.count) bytes)", at: at) }
         c.pos += Int(n)
     }
 
-    private static func applyDelta(_ c: inout ByteCursor, to target: inout [UInt8], what: String) throws(LogError) {
-        try target.withMutableBytes { (t) throws(LogError) in try applyDelta(&c, to: t, what: what) }
+    private static func applyDelta(_ c: inout ByteCursor, to target: inout [UInt8], what: @autoclosure () -> String) throws(LogError) {
+        try target.withMutableBytes { (t) throws(LogError) in try applyDelta(&c, to: t, what: what()) }
     }
 }

@@ -150,7 +150,7 @@ extension LogHeader {
     /// `bytes` is the whole header (prefix + fields + crc), which starts at file offset 0.
     static func parseFields(_ bytes: UnsafeRawBufferPointer, fieldsLength: Int) throws(LogError) -> LogHeader {
         var c = ByteCursor(bytes, from: LogFormat.fileHeaderPrefixSize, to: LogFormat.fileHeaderPrefixSize + fieldsLength,
-                           baseOffset: 0, context: "header")
+                           baseOffset: 0, context: .named("header"))
         var h = LogHeader(memoryMiB: 0, interruptLatencyUs: 0, epochSeconds: 0, imageSHA256: [], image: [],
                           cpuidSHA256: [], hostInfo: "")
         var seen = Set<UInt16>()
