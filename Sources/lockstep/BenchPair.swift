@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Glibc
+import Machine
 import Pair
 
 /// `lockstep bench pair`: the live pair's figures from one invocation, measured on real `lockstep` processes.
@@ -201,7 +202,7 @@ final class PairBench {
     }
 
     /// PING until PONG: the guest is up and (when protected) its output passes the gate.
-    func ping(_ client: UDPClient, _ alive: [Child]) throws {
+    func ping(_ client: UDPLineClient, _ alive: [Child]) throws {
         let deadline = monotonicNs() + 30_000_000_000
         while monotonicNs() < deadline {
             client.send("PING")
@@ -212,7 +213,7 @@ final class PairBench {
     }
 
     /// Sends `count` REQ lines (seq from `first`), `window` in flight, resending one unanswered for 100 ms.
-    func drive(_ client: UDPClient, count: Int, window: Int, first: UInt64, _ alive: [Child]) throws -> EchoResult {
+    func drive(_ client: UDPLineClient, count: Int, window: Int, first: UInt64, _ alive: [Child]) throws -> EchoResult {
         var sentAt: [UInt64: UInt64] = [:], lastSend: [UInt64: UInt64] = [:]
         var next = first, done = 0, resends = 0, lastN: UInt64 = 0
         var rtt: [Double] = []
@@ -247,7 +248,7 @@ final class PairBench {
     }
 
     /// QUIT until the guest's process ends (a lost datagram is resent every 200 ms).
-    func quit(_ client: UDPClient, _ c: Child, _ others: [Child] = []) throws {
+    func quit(_ client: UDPLineClient, _ c: Child, _ others: [Child] = []) throws {
         let deadline = monotonicNs() + 10_000_000_000
         while !c.reap() {
             if monotonicNs() >= deadline { throw failure("\(c.name) did not end after QUIT", [c] + others) }
@@ -318,7 +319,7 @@ final class PairBench {
 
     /// Serial backend of a throughput run: echo talks UDP to the harness; the others write a file.
     func serial(_ g: String, _ tag: String) throws -> (String, UInt16?) {
-        if g == "echo" { let p = try UDPClient.freePort(); return ("udp:127.0.0.1:\(p)", p) }
+        if g == "echo" { let p = try UDPLineClient.freePort(); return ("udp:127.0.0.1:\(p)", p) }
         return ("file:" + tempFile(tag, "serial"), nil)
     }
 
@@ -334,7 +335,7 @@ final class PairBench {
         let pri = try startPrimary(tag, guest: g, peer: port, serial: ser, fence: fence, stats: stats)
         var echo: EchoResult?
         if let udp {
-            let client = try UDPClient(port: udp)
+            let client = try UDPLineClient(port: udp)
             try ping(client, [pri, sec])
             echo = try drive(client, count: requests, window: window, first: 1, [pri, sec])
             try quit(client, pri, [sec])
@@ -363,7 +364,7 @@ final class PairBench {
         let c = try spawn(tag, ["run", guest(g), "--serial", ser, "--memory", "\(memory)", "--verbose"])
         var echo: EchoResult?
         if let udp {
-            let client = try UDPClient(port: udp)
+            let client = try UDPLineClient(port: udp)
             try ping(client, [c])
             echo = try drive(client, count: requests, window: window, first: 1, [c])
             try quit(client, c)
@@ -394,11 +395,11 @@ final class PairBench {
         let tag = "failover\(i)"
         let fence = "\(tempDir)/fence-\(i)"
         try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
-        let port = try UDPClient.freePort()
+        let port = try UDPLineClient.freePort()
         let serial = "udp:127.0.0.1:\(port)"
         let (sec, sport) = try startSecondary(tag, serial: serial, fence: fence)
         let pri = try startPrimary(tag, guest: "echo", peer: sport, serial: serial, fence: fence, stats: nil)
-        let client = try UDPClient(port: port)
+        let client = try UDPLineClient(port: port)
         try ping(client, [pri, sec])
         _ = try awaitLine(sec, containing: "replaying")
         _ = try drive(client, count: Self.warmRequests, window: 1, first: 1, [pri, sec])

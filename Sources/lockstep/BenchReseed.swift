@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Machine
 import Pair
 
 // MARK: re-seeding a running guest
@@ -26,11 +27,11 @@ extension PairBench {
         progress("echo: \(count) re-seeds of the running guest")
         let stats = tempFile(tag, "stats.json")
         let fence = try fenceDirectory(tag)
-        let udp = try UDPClient.freePort()
+        let udp = try UDPLineClient.freePort()
         let serial = "udp:127.0.0.1:\(udp)"
         var (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
         let pri = try startPrimary(tag, guest: "echo", peer: port, serial: serial, fence: fence, stats: stats)
-        let client = try UDPClient(port: udp)
+        let client = try UDPLineClient(port: udp)
         try ping(client, [pri, sec])
         var next: UInt64 = 1
         var rtt: [Double] = []

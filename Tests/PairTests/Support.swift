@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Machine
 import Testing
 
 /// Every pair test runs one at a time: each starts processes that pin a vCPU thread, on two cores.
@@ -178,31 +179,14 @@ final class Child: @unchecked Sendable {
 
 /// A UDP client of the echo guest: sends a line, retries until the matching reply arrives (bounded).
 final class EchoClient {
-    let fd: Int32
-    var addr = sockaddr_in()
+    let lines: UDPLineClient
 
-    init(port: UInt16) {
-        fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = port.bigEndian
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-    }
-    deinit { close(fd) }
+    init(port: UInt16) { lines = try! UDPLineClient(port: port) }
 
-    func send(_ line: String) {
-        let b = Array((line + "\n").utf8)
-        _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, b, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-    }
+    func send(_ line: String) { lines.send(line) }
 
-    /// Lines received within `ms` (a datagram may hold several).
-    func receive(ms: Int32) -> [String] {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        guard poll(&p, 1, ms) > 0 else { return [] }
-        var buf = [UInt8](repeating: 0, count: 2048)
-        let n = recv(fd, &buf, buf.count, 0)
-        guard n > 0 else { return [] }
-        return String(decoding: buf[0..<n], as: UTF8.self).split(separator: "\n").map(String.init)
-    }
+    /// Whole lines received within `ms` (reassembled: a datagram may end inside a line).
+    func receive(ms: Int32) -> [String] { lines.receive(ms: Int(ms)) }
 
     /// Sends `line` every `retryMs` until a reply line starting with `prefix` arrives; every line received
     /// on the way is handed to `seen`. Returns the reply and when it arrived, or nil after `seconds`.
