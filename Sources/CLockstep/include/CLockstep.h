@@ -112,10 +112,10 @@ void lk_kick_bind(struct kvm_run *run, int signo); // per vCPU thread; also unbl
 void lk_unblock_signal(int signo);                 // on the calling thread (and the threads it starts)
 int lk_kick(unsigned long pthread_id, int signo);
 unsigned long lk_thread_self(void);
-int lk_pin_current_thread(int cpu); // 0 or -errno; pins to one CPU when the machine has several
+int lk_pin_current_thread(int cpu); // 0 or -errno; the calling thread runs on `cpu` only
 int lk_allowed_cpu(int index);      // the index-th core the process started with, or -1
-int lk_unpin_current_thread(void);
-void lk_set_thread_name(const char *name); // the kernel's name (/proc, top -H, perf): at most 15 bytes  // 0 or -errno; back to every core the process started with
+int lk_unpin_current_thread(void);  // 0 or -errno; back to every core the process started with
+void lk_set_thread_name(const char *name); // the kernel's name (/proc, top -H, perf): at most 15 bytes
 // 0 or -errno (EPERM without CAP_SYS_NICE): SCHED_FIFO for the FT link threads, which only block on I/O and
 // must preempt a vCPU thread stuck in an emulated guest on the same core.
 int lk_set_realtime_priority(int priority);
