@@ -105,17 +105,14 @@ public final class Machine {
         do {
             if let kept { return try StateDigest.seed(chunkHashes: kept, vcpu: vcpu, deviceState: devices.stateBytes()) }
             let n = memory.pageCount
-            let hashes = UnsafeMutableRawBufferPointer.allocate(byteCount: n * 32, alignment: 16)
-            defer { hashes.deallocate() }
             let written = UnsafeMutablePointer<UInt64>.allocate(capacity: dirtyBitmapWords)
             defer { written.deallocate() }
             try store.writtenSinceBoot(into: written)
-            // SAFETY: RAM holds n pages; hashes holds n * 32 bytes.
-            StateDigest.hashPages(memory.base, count: n, read: written, into: hashes.baseAddress!)
             let chunks = StateDigest.chunkCount(pages: n)
             let chunkHashes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunks * 32, alignment: 16)
             defer { chunkHashes.deallocate() }
-            for c in 0..<chunks { StateDigest.chunkHash(c, pageHashes: hashes.baseAddress!, pages: n, into: chunkHashes.baseAddress! + c * 32) }
+            // SAFETY: RAM holds n pages, `written` covers them, chunkHashes holds chunks * 32 bytes.
+            StateDigest.chunkHashes(memory.base, pages: n, written: written, into: chunkHashes.baseAddress!)
             return try StateDigest.seed(chunkHashes: UnsafeRawBufferPointer(chunkHashes), vcpu: vcpu, deviceState: devices.stateBytes())
         } catch { throw .sys(error) }
     }

@@ -1,5 +1,6 @@
 import CLockstep
 import COpenSSL
+import Glibc
 import KVM
 
 /// SHA-256 (OpenSSL) over all guest RAM, the vCPU state and the device state: the `state-digest:` line.
@@ -23,9 +24,18 @@ public enum StateDigest {
     public static func chunkCount(pages: Int) -> Int { (pages + pagesPerChunk - 1) / pagesPerChunk }
 
     /// The hash of chunk `chunk` from the page hashes of all `pages` pages (the last chunk may be short).
+    /// A whole chunk of zero-page hashes takes the constant (comparing is ~10x cheaper than hashing).
     public static func chunkHash(_ chunk: Int, pageHashes: UnsafeRawPointer, pages: Int, into out: UnsafeMutableRawPointer) {
         let first = chunk * pagesPerChunk, n = min(pagesPerChunk, pages - first)
-        _ = SHA256((pageHashes + first * 32).assumingMemoryBound(to: UInt8.self), n * 32, out.assumingMemoryBound(to: UInt8.self))
+        let hashes = pageHashes + first * 32
+        let allZero = n == pagesPerChunk && zeroPageHash.withUnsafeBytes { z in
+            (0..<n).allSatisfy { memcmp(hashes + $0 * 32, z.baseAddress!, 32) == 0 }
+        }
+        if allZero {
+            zeroChunkHash.withUnsafeBytes { out.copyMemory(from: $0.baseAddress!, byteCount: 32) }
+        } else {
+            _ = SHA256(hashes.assumingMemoryBound(to: UInt8.self), n * 32, out.assumingMemoryBound(to: UInt8.self))
+        }
     }
 
     /// SHA-256 over `memory` (RAM or its page hashes), the registers, special registers, FPU and devices.
@@ -69,7 +79,29 @@ public enum StateDigest {
         }
     }
 
+    /// Every chunk hash of RAM (`pages` pages at `base`) into `out` (32 bytes a chunk). A chunk with no page
+    /// in `written` is zero throughout and takes a constant, so a mostly unwritten guest costs little: a
+    /// secondary checks its seed with this while the primary's first batches wait for its answer.
+    public static func chunkHashes(_ base: UnsafeRawPointer, pages: Int, written: UnsafePointer<UInt64>,
+                                   into out: UnsafeMutableRawPointer) {
+        let pageHashes = UnsafeMutableRawPointer.allocate(byteCount: pagesPerChunk * 32, alignment: 16)
+        defer { pageHashes.deallocate() }
+        for c in 0..<chunkCount(pages: pages) {
+            let first = c * pagesPerChunk, n = min(pagesPerChunk, pages - first)
+            // pagesPerChunk is a multiple of 64: the chunk starts at a bitmap word.
+            let words = UnsafePointer(written + first / 64)
+            if n == pagesPerChunk, !(0..<pagesPerChunk / 64).contains(where: { words[$0] != 0 }) {
+                zeroChunkHash.withUnsafeBytes { (out + c * 32).copyMemory(from: $0.baseAddress!, byteCount: 32) }
+                continue
+            }
+            hashPages(base + first * 4096, count: n, read: words, into: pageHashes)
+            chunkHash(0, pageHashes: pageHashes, pages: n, into: out + c * 32)
+        }
+    }
+
     static let zeroPageHash = sha256([UInt8](repeating: 0, count: 4096))
+    /// The hash of a whole chunk of zero pages.
+    static let zeroChunkHash = sha256(Array(repeating: zeroPageHash, count: pagesPerChunk).flatMap { $0 })
     @inline(__always) public static func copyZeroPageHash(into out: UnsafeMutableRawPointer) {
         zeroPageHash.withUnsafeBytes { out.copyMemory(from: $0.baseAddress!, byteCount: 32) }
     }
