@@ -43,8 +43,11 @@ final class SecondaryLink: @unchecked Sendable {
         /// Called on the link thread once confirmed (the record names it).
         var onConfirmed: @Sendable () -> Void
     }
-    /// Touched by the link thread only (after `start`).
+    /// Touched by the link thread only (after `start`); nil once the seed's answer has come.
     private var unconfirmed: Unconfirmed?
+    /// The pair record names this secondary: output may leave on its acks. Set by the thread that writes
+    /// the record (`confirm`), not by the link thread, which keeps taking acks meanwhile.
+    private let confirmed: Atomic<Bool>
     /// How long a secondary may take to load and check the seed (it hashes all its RAM) before it answers.
     static let seedTimeoutNs: UInt64 = 30_000_000_000
 
@@ -57,6 +60,7 @@ final class SecondaryLink: @unchecked Sendable {
          handoverAsked: @escaping @Sendable (@escaping HandoverReplies.Reply) -> Void = { _ in }, wakeVCPU: @escaping @Sendable () -> Void = {}) {
         self.conn = conn; self.options = options; self.gate = gate; self.metrics = metrics
         self.unconfirmed = unconfirmed
+        confirmed = Atomic(unconfirmed == nil)
         self.handoverAsked = handoverAsked
         self.wakeVCPU = wakeVCPU
         held = Atomic(startExit)
@@ -135,7 +139,10 @@ final class SecondaryLink: @unchecked Sendable {
                 let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
                 switch m {
                 case .ack(let a):
-                    if unconfirmed != nil, !confirm(a) { break }
+                    if let u = unconfirmed {
+                        guard confirm(a, u) else { break }
+                        unconfirmed = nil
+                    }
                     acked(a, now: lk_monotonic_ns())
                 case .goodbye(let why): lose("the secondary said goodbye: \(why)")
                 case .status(let body): secondaryReported(body)
@@ -147,7 +154,7 @@ final class SecondaryLink: @unchecked Sendable {
                 lose("\(error)")  // the failover machine names it a channel error
                 break
             }
-            if let ms = silence.reached(unconfirmed == nil ? options.failureNs : Self.seedTimeoutNs, conn: conn) {
+            if let ms = silence.reached(confirmed.load(ordering: .acquiring) ? options.failureNs : Self.seedTimeoutNs, conn: conn) {
                 lose("no traffic from the secondary for \(ms) ms")
                 break
             }
@@ -175,30 +182,33 @@ final class SecondaryLink: @unchecked Sendable {
     }
 
     /// The secondary's first ack answers the seed: it holds the seed's exit and the same state. From here it
-    /// may take over, so the pair record names it now, before any output is released on its acks.
-    private func confirm(_ a: Ack) -> Bool {
-        guard let u = unconfirmed else { return true }
+    /// may take over, so the pair record names it now, before any output is released on its acks. The record
+    /// is written on a thread of its own: it is synced to the fence directory's storage (NFS in a lab), and
+    /// meanwhile the link thread keeps taking acks, heartbeats and the secondary's loss. False: lost.
+    private func confirm(_ a: Ack, _ u: Unconfirmed) -> Bool {
         guard a.heldExitIndex == u.exit else {
             lose("the secondary answered the seed of exit \(u.exit) with an ack of exit \(a.heldExitIndex)")
             return false
         }
-        let written = recordLock.withLock { () -> Bool? in
-            lost.load(ordering: .acquiring) ? nil : PairRecord.write(options.fenceDirectory, PairRecord.protected(u.protectionID))
+        startThread("lockstep-record") { [self] in
+            let written = recordLock.withLock { () -> Bool? in
+                lost.load(ordering: .acquiring) ? nil : PairRecord.write(options.fenceDirectory, PairRecord.protected(u.protectionID))
+            }
+            guard let written else { return }
+            guard written else { return lose("cannot write the pair record in \(options.fenceDirectory ?? "")") }
+            guard !lost.load(ordering: .acquiring) else { return }  // lost meanwhile: its own write came after ours
+            // Either this sees the link thread's newest `held`, or the link thread sees `confirmed` and releases.
+            confirmed.store(true, ordering: .sequentiallyConsistent)
+            gate.secondaryHolds(below: held.load(ordering: .sequentiallyConsistent))
+            u.onConfirmed()
         }
-        guard let written else { return false }
-        guard written else {
-            lose("cannot write the pair record in \(options.fenceDirectory ?? "")")
-            return false
-        }
-        unconfirmed = nil
-        u.onConfirmed()
         return true
     }
 
     private func acked(_ a: Ack, now: UInt64) {
-        held.store(a.heldExitIndex, ordering: .releasing)
+        held.store(a.heldExitIndex, ordering: .sequentiallyConsistent)
         replayed.store(a.replayedExitIndex, ordering: .releasing)
-        gate.secondaryHolds(below: a.heldExitIndex)
+        if confirmed.load(ordering: .sequentiallyConsistent) { gate.secondaryHolds(below: a.heldExitIndex) }
         var replayLag: UInt64 = 0
         var replayedBytes: UInt64 = 0
         var oldest: UInt64 = 0
@@ -236,7 +246,7 @@ final class SecondaryLink: @unchecked Sendable {
     private func secondaryReported(_ body: [UInt8]) {
         if body == [PairMessage.handoverRequest.rawValue] {
             // Only a confirmed secondary may take the guest; the primary's failover machine decides the rest.
-            guard unconfirmed == nil else { return answerHandover(.refused("handover refused: the primary has not confirmed this secondary's seed yet")) }
+            guard confirmed.load(ordering: .acquiring) else { return answerHandover(.refused("handover refused: the primary has not confirmed this secondary's seed yet")) }
             handoverAsked { [weak self] in self?.answerHandover($0) }
             return
         }

@@ -140,6 +140,29 @@ extension PairTests { @Suite struct FailoverTests {
         _ = try? sec.wait(seconds: 10)
     }
 
+    /// The pair record cannot be written (here its path is a directory): the secondary is never named, so it
+    /// is dropped before any output leaves on its acks, and it does not go live; the primary serves on.
+    @Test func aPairRecordThatCannotBeWrittenLeavesThePrimaryUnprotected() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        try FileManager.default.createDirectory(atPath: ws.fence + "/lockstep.pair/in-the-way", withIntermediateDirectories: true)
+        let udp = PairFixture.freeUDPPort()
+        let common = PairFixture.common(ws)
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(try sec.listeningPort())",
+                                        "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        try pri.waitForLine(containing: "cannot write the pair record in \(ws.fence)", seconds: 20)
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        #expect(try sec.wait(seconds: 20) == 75, "the secondary must stop, fenced, not go live: \(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") })
+        let client = EchoClient(port: udp)
+        #expect(client.request("REQ 1 a", expect: "REP 1 ") != nil, "\(pri.stderrText)")
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(!pri.stderr.contains { $0.hasPrefix("lockstep: protected:") }, "\(pri.stderrText)")
+    }
+
     /// A planned switchover (`lockstep control SOCKET handover`; SIGUSR2 does the same): the primary stops where
     /// the secondary holds its whole log, gives up the fence, and the secondary goes live at once; the command
     /// says so and exits 0. The conversation goes on with no request lost or answered twice differently; the
