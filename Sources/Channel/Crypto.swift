@@ -91,13 +91,14 @@ final class GCMDirection {
     deinit { EVP_CIPHER_CTX_free(ctx) }
 
     private func setIV() -> Bool {
-        var iv = [UInt8](repeating: 0, count: 12)
-        let c = counter
-        for i in 0..<8 { iv[4 + i] = UInt8(truncatingIfNeeded: c >> (8 * UInt64(7 - i))) }
+        // On the stack (this runs for every frame): 4 zero bytes, then the counter big-endian as two halves.
+        var iv: (UInt32, UInt32, UInt32) = (0, UInt32(truncatingIfNeeded: counter >> 32).bigEndian,
+                                           UInt32(truncatingIfNeeded: counter).bigEndian)
         counter &+= 1
-        return iv.withUnsafeBufferPointer { p in
-            encrypt ? EVP_EncryptInit_ex(ctx, nil, nil, nil, p.baseAddress) == 1
-                    : EVP_DecryptInit_ex(ctx, nil, nil, nil, p.baseAddress) == 1
+        return withUnsafeBytes(of: &iv) { p in
+            // SAFETY: three UInt32s lie at offsets 0, 4 and 8 (12 bytes, no padding); EVP reads exactly 12.
+            encrypt ? EVP_EncryptInit_ex(ctx, nil, nil, nil, p.baseAddress!.assumingMemoryBound(to: UInt8.self)) == 1
+                    : EVP_DecryptInit_ex(ctx, nil, nil, nil, p.baseAddress!.assumingMemoryBound(to: UInt8.self)) == 1
         }
     }
 
