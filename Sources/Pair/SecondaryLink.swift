@@ -40,7 +40,7 @@ final class SecondaryLink: @unchecked Sendable {
     struct Unconfirmed {
         var protectionID: UInt64
         var exit: UInt64
-        /// Called on the link thread once confirmed (the record names it).
+        /// Called once the record names it (on the thread that wrote the record, under `recordLock`).
         var onConfirmed: @Sendable () -> Void
     }
     /// Touched by the link thread only (after `start`); nil once the seed's answer has come.
@@ -154,7 +154,7 @@ final class SecondaryLink: @unchecked Sendable {
                 lose("\(error)")  // the failover machine names it a channel error
                 break
             }
-            if let ms = silence.reached(confirmed.load(ordering: .acquiring) ? options.failureNs : Self.seedTimeoutNs, conn: conn) {
+            if let ms = silence.reached(unconfirmed == nil ? options.failureNs : Self.seedTimeoutNs, conn: conn) {
                 lose("no traffic from the secondary for \(ms) ms")
                 break
             }
@@ -191,16 +191,18 @@ final class SecondaryLink: @unchecked Sendable {
             return false
         }
         startThread("lockstep-record") { [self] in
-            let written = recordLock.withLock { () -> Bool? in
-                lost.load(ordering: .acquiring) ? nil : PairRecord.write(options.fenceDirectory, PairRecord.protected(u.protectionID))
+            // nil: lost meanwhile; false: the record cannot be written.
+            let named = recordLock.withLock { () -> Bool? in
+                guard !lost.load(ordering: .acquiring) else { return nil }
+                guard PairRecord.write(options.fenceDirectory, PairRecord.protected(u.protectionID)) else { return false }
+                // Under the lock: a loss (which takes it) comes after, for the record and for the failover machine.
+                confirmed.store(true, ordering: .sequentiallyConsistent)
+                u.onConfirmed()
+                return true
             }
-            guard let written else { return }
-            guard written else { return lose("cannot write the pair record in \(options.fenceDirectory ?? "")") }
-            guard !lost.load(ordering: .acquiring) else { return }  // lost meanwhile: its own write came after ours
+            if named == false { lose("cannot write the pair record in \(options.fenceDirectory ?? "")") }
             // Either this sees the link thread's newest `held`, or the link thread sees `confirmed` and releases.
-            confirmed.store(true, ordering: .sequentiallyConsistent)
-            gate.secondaryHolds(below: held.load(ordering: .sequentiallyConsistent))
-            u.onConfirmed()
+            if named == true { gate.secondaryHolds(below: held.load(ordering: .sequentiallyConsistent)) }
         }
         return true
     }
