@@ -179,6 +179,16 @@ extension PairTests { @Suite struct BadPeerTests {
                               "--failure-timeout-ms", PairFixture.failureTimeoutMs] + extra)
     }
 
+    /// A primary (`primary(port, key:, extra)`) that must end with `status`, its stderr naming `text`.
+    @discardableResult
+    static func expectRefused(_ port: UInt16, key: String, _ extra: [String] = [], status: Int32, saying text: String,
+                              sourceLocation: SourceLocation = #_sourceLocation) throws -> Child {
+        let bad = try primary(port, key: key, extra)
+        #expect(try bad.wait() == status, sourceLocation: sourceLocation)
+        #expect(bad.stderrText.contains(text), "\(bad.stderrText)", sourceLocation: sourceLocation)
+        return bad
+    }
+
     /// After a bad peer, the secondary still pairs with a good primary and mirrors it to the end.
     static func stillServes(_ sec: Child, port: UInt16, key: String) throws {
         let good = try primary(port, key: key)
@@ -193,9 +203,7 @@ extension PairTests { @Suite struct BadPeerTests {
         let (sec, port) = try Self.secondary(ws)
         let other = ws.dir + "/other-key"
         _ = FileManager.default.createFile(atPath: other, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
-        let bad = try Self.primary(port, key: other)
-        #expect(try bad.wait() == 76)
-        #expect(bad.stderrText.contains("authentication"), "\(bad.stderrText)")
+        try Self.expectRefused(port, key: other, status: 76, saying: "authentication")
         try sec.waitForLine(containing: "refused a peer")
         try Self.stillServes(sec, port: port, key: ws.key)
     }
@@ -290,9 +298,7 @@ extension PairTests { @Suite struct BadPeerTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         let (sec, port) = try Self.secondary(ws, ["--encrypt", "disabled"])
-        let bad = try Self.primary(port, key: ws.key, ["--encrypt", "required"])
-        #expect(try bad.wait() == 76)
-        #expect(bad.stderrText.contains("encrypt"), "\(bad.stderrText)")
+        try Self.expectRefused(port, key: ws.key, ["--encrypt", "required"], status: 76, saying: "encrypt")
         try sec.waitForLine(containing: "refused a peer")
         try Self.stillServes(sec, port: port, key: ws.key)
     }
@@ -324,27 +330,21 @@ extension PairTests { @Suite struct BadPeerTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let bad = try Self.primary(1, key: ws.key, ["--link-cpu", "4096"])
-        #expect(try bad.wait() == 64)
-        #expect(bad.stderrText.contains("--link-cpu 4096: this process may run on"), "\(bad.stderrText)")
+        try Self.expectRefused(1, key: ws.key, ["--link-cpu", "4096"], status: 64, saying: "--link-cpu 4096: this process may run on")
     }
 
     @Test func unreachablePeer() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         // Port 1 on loopback: nothing listens there.
-        let bad = try Self.primary(1, key: ws.key, ["--connect-timeout-ms", "300"])
-        #expect(try bad.wait() == 68)
-        #expect(bad.stderrText.contains("unreachable"), "\(bad.stderrText)")
+        try Self.expectRefused(1, key: ws.key, ["--connect-timeout-ms", "300"], status: 68, saying: "unreachable")
     }
 
     @Test func shortKeyFile() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         _ = FileManager.default.createFile(atPath: ws.dir + "/short", contents: Data([1, 2, 3]))
-        let bad = try Self.primary(1, key: ws.dir + "/short")
-        #expect(try bad.wait() == 64)
-        #expect(bad.stderrText.contains("at least 16"), "\(bad.stderrText)")
+        try Self.expectRefused(1, key: ws.dir + "/short", status: 64, saying: "at least 16")
     }
 
     /// A status file that cannot be written is named before anything runs (exit 64), not skipped in silence.
@@ -352,9 +352,7 @@ extension PairTests { @Suite struct BadPeerTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let bad = try Self.primary(1, key: ws.key, ["--status-json", ws.dir + "/no-such-dir/status.json"])
-        #expect(try bad.wait() == 64)
-        #expect(bad.stderrText.contains("--status-json \(ws.dir)/no-such-dir/status.json"), "\(bad.stderrText)")
+        let bad = try Self.expectRefused(1, key: ws.key, ["--status-json", ws.dir + "/no-such-dir/status.json"], status: 64, saying: "--status-json \(ws.dir)/no-such-dir/status.json")
         #expect(bad.stderrText.contains("No such file or directory"), "\(bad.stderrText)")
     }
 }
