@@ -43,10 +43,11 @@ struct BenchPairCommand: ParsableCommand {
         if let c = linkCpu, c != "none", Int32(c) == nil { throw ValidationError("--link-cpu \(c): a core number or none") }
     }
 
-    /// The core both sides' link threads run on (nil: unpinned).
+    /// The core both sides' link threads run on (nil: unpinned). Default: the primary's vCPU core (the children
+    /// start with this process's cores).
     var linkCore: Int32? {
-        if let c = linkCpu { return Int32(c) }
-        return ProcessInfo.processInfo.activeProcessorCount >= 2 ? 1 : nil
+        guard let c = linkCpu else { return Cores.vcpu }
+        return Int32(c)  // nil for "none"
     }
 
     func run() throws {
