@@ -179,6 +179,11 @@ extension PairTests { @Suite struct BadPeerTests {
                               "--failure-timeout-ms", PairFixture.failureTimeoutMs] + extra)
     }
 
+    /// The channel config of a hand-made primary that holds the workspace's key.
+    static func primaryConfig(_ ws: (dir: String, key: String, fence: String)) throws -> ChannelConfig {
+        ChannelConfig(key: [UInt8](try Data(contentsOf: URL(fileURLWithPath: ws.key))), role: .primary)
+    }
+
     /// A primary (`primary(port, key:, extra)`) that must end with `status`, its stderr naming `text`.
     @discardableResult
     static func expectRefused(_ port: UInt16, key: String, _ extra: [String] = [], status: Int32, saying text: String,
@@ -223,8 +228,7 @@ extension PairTests { @Suite struct BadPeerTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         let (sec, port) = try Self.secondary(ws)
-        let key = [UInt8](try Data(contentsOf: URL(fileURLWithPath: ws.key)))
-        var cfg = ChannelConfig(key: key, role: .primary)
+        var cfg = try Self.primaryConfig(ws)
         cfg.protocolVersion = ChannelConfig.currentVersion + 1
         #expect(throws: ChannelError.self) { _ = try Connection.connect(host: "127.0.0.1", port: port, timeoutMs: 2000, config: cfg) }
         let l = try sec.waitForLine(containing: "refused a peer")
@@ -237,8 +241,7 @@ extension PairTests { @Suite struct BadPeerTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         let (sec, port) = try Self.secondary(ws)
-        let key = [UInt8](try Data(contentsOf: URL(fileURLWithPath: ws.key)))
-        let c = try Connection.connect(host: "127.0.0.1", port: port, timeoutMs: 2000, config: ChannelConfig(key: key, role: .primary))
+        let c = try Connection.connect(host: "127.0.0.1", port: port, timeoutMs: 2000, config: try Self.primaryConfig(ws))
         try c.send(.bulk([0xEE, 1, 2, 3]))
         #expect(try sec.wait() == 76)
         #expect(sec.stderrText.contains("bad seed from the primary"), "\(sec.stderrText)")
@@ -251,8 +254,7 @@ extension PairTests { @Suite struct BadPeerTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         let (sec, port) = try Self.secondary(ws)
-        let key = [UInt8](try Data(contentsOf: URL(fileURLWithPath: ws.key)))
-        let c = try Connection.connect(host: "127.0.0.1", port: port, timeoutMs: 2000, config: ChannelConfig(key: key, role: .primary))
+        let c = try Connection.connect(host: "127.0.0.1", port: port, timeoutMs: 2000, config: try Self.primaryConfig(ws))
         try c.send(.goodbye("the guest ended before this secondary was seeded"))
         #expect(try sec.wait() == 0, "\(sec.stderrText)")
         #expect(sec.stderrText.contains("the primary stopped before the seed was complete: the guest ended before this secondary was seeded; not going live"),
