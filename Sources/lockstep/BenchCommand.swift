@@ -388,6 +388,7 @@ struct Bench {
                 "kvm_module": pvm ? "kvm_pvm" : (FileManager.default.fileExists(atPath: "/sys/module/kvm_intel") ? "kvm_intel" :
                     FileManager.default.fileExists(atPath: "/sys/module/kvm_amd") ? "kvm_amd" : "unknown"),
                 "cpu": cpu, "loadavg": load, "cpus_online": ProcessInfo.processInfo.activeProcessorCount]
+            .merging(WakeProbe.idleInfo()) { a, _ in a }
     }
 
     static func writeJSON(_ object: [String: Any], to path: String) throws {

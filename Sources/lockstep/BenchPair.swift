@@ -523,6 +523,13 @@ extension PairBench {
     func measure(requests: Int, window: Int, repeats: Int, trials: Int, reseeds: Int, plotDir: String?) throws -> [String: Any] {
         let loadStart = Bench.hostInfo()["loadavg"] ?? ""
         var figures: [Figure] = [], notes: [String] = [], plotPaths: [String] = []
+        // First, on a quiet host: what the link's wake-up chain costs here at the least.
+        progress("thread wake-up round trips")
+        let wake = WakeProbe.measure()
+        if let w = wake, let (v, h) = w.cores {
+            figures += [Figure(key: "host_wake_round_trip_same_core_us", label: "host: thread wake-up round trip, same core (\(v))", value: w.sameCoreUs, unit: "µs"),
+                        Figure(key: "host_wake_round_trip_cross_core_us", label: "host: thread wake-up round trip, cores \(v) ↔ \(h)", value: w.crossCoreUs, unit: "µs")]
+        }
         var guestsJSON: [String: Any] = [:]
         var digestsMatch = true
         for g in ["timer-compute", "exit-heavy", "echo"] {
@@ -596,6 +603,7 @@ extension PairBench {
         var host = Bench.hostInfo()
         host["loadavg_start"] = loadStart
         host["loadavg_end"] = host["loadavg"]
+        if let w = wake { host["wake_round_trip_us"] = ["same_core": w.sameCoreUs, "cross_core": w.crossCoreUs] }
         print("load average: \(loadStart) at start, \(host["loadavg"] ?? "") at end")
         if !digestsMatch { print("FAIL: a secondary did not end with its primary's state digest (see above)") }
         if failed > 0 { print("FAIL: \(failed) of \(results.count) failover trials did not answer correctly") }
@@ -623,6 +631,7 @@ extension PairBench {
                 "failover_kill_to_live": "upper bound: the harness polls the secondary's stderr for `live:` every 2 ms",
                 "reseed_pause": "primary's seedPauseMs: the guest paused for the last pages, the machine state and the seed digest (pre-copy rounds run beside the guest)",
                 "reseed_total": "primary's seedTotalMs: a connected secondary → the pause's end",
+                "host_wake_round_trip": "median of 2,000 round trips between two threads that wake each other through eventfds, both on the vCPU core or one on it and one on the pacer's core; a log batch's replication lag contains two such wake-ups",
                 "reseed_dirty_throttle": "primary's seedThrottlePercent: the share of its time the guest slept at the most during the rounds (auto-converge)",
             ],
         ]
