@@ -143,16 +143,18 @@ public struct FrameDecoder {
                 throw c.fail("vCPU state length \(stateLength) exceeds the \(c.remaining) bytes left in the frame")
             }
             state = try c.bytes(Int(stateLength), "vCPU state")
+            references.state = state  // shared, not copied
         case .delta:
             guard !references.state.isEmpty, stateLength == UInt64(references.state.count) else {
                 throw c.fail("vCPU state of \(stateLength) bytes is a delta against the previous sync point's, which this "
                              + "reader holds \(references.state.isEmpty ? "none of" : "as \(references.state.count) bytes")", at: stateAt)
             }
+            // In place: the reference becomes this state. It is copied only while an earlier sync point still
+            // shares its buffer. (After a malformed delta the stream is refused, so a half-applied one is moot.)
+            try Self.applyDelta(&c, to: &references.state, what: "vCPU state")
             state = references.state
-            try Self.applyDelta(&c, to: &state, what: "vCPU state")
             deltas += 1
         }
-        state.withUnsafeBytes { references.storeState($0) }
 
         let countAt = c.pos
         let count = try c.varint("page count")

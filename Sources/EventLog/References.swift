@@ -16,7 +16,8 @@ final class References {
     private var pages: UnsafeMutableRawPointer?
     /// Page number + 1 per slot (64-bit, so page 2^32−1 does not wrap to "empty"); 0 = empty.
     private let tags: UnsafeMutablePointer<UInt64>
-    private(set) var state: [UInt8] = []
+    /// The previous sync point's vCPU state (the decoder updates it in place).
+    var state: [UInt8] = []
 
     init() {
         tags = .allocate(capacity: Self.slots)
