@@ -108,11 +108,13 @@ ip netns exec lkA "$LOCKSTEP" primary "$IMAGE" --peer 10.77.0.2:7400 --serial "$
 PRI=$!; PIDS+=("$PRI")
 echo "lab-netns: secondary (pid $SEC) in lkB, primary (pid $PRI) in lkA running $GUEST"
 
-# reap PID SECONDS: waits for PID, killing it after SECONDS (a watchdog bounds the wait); sets STATUS.
+# reap PID SECONDS: waits for PID to end, killing it after SECONDS; sets STATUS. It polls rather than run a
+# watchdog subshell: killing one that has not yet reset the script's traps ran `cleanup` in it.
 reap() {
-    ( sleep "$2"; kill -9 "$1" 2>/dev/null ) & local dog=$!
+    local deadline=$((SECONDS + $2))
+    while kill -0 "$1" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.02; done
+    kill -9 "$1" 2>/dev/null || true
     STATUS=0; { wait "$1"; } 2>/dev/null || STATUS=$?  # braces: also silence bash's "Killed" job notice
-    kill "$dog" 2>/dev/null || true; { wait "$dog"; } 2>/dev/null || true
 }
 
 if [ "$GUEST" = echo ]; then
