@@ -11,6 +11,7 @@
  *        hash16 = FNV-1a 64 chained over every distinct request line ("REQ <seq> <text>"
  *        followed by '\n'), printed as 16 hex digits.
  *        A seq found among the last 256 distinct requests gets its cached reply resent.
+ *   PROMPT            -> "> " (no newline: a prompt, which leaves when the guest goes idle)
  *   QUIT              -> RESULT echo <hash16>, exit 0
  *   anything else     -> ERR <reason>
  * Built twice: echo (TICK_HZ 100) and echo-tickless (TICK_HZ 0), which sleeps in HLT until a byte
@@ -70,6 +71,7 @@ static int starts(const char *pfx) {
 
 static void handle_line(void) {
     if (len == 4 && starts("PING")) { reply("PONG\n", 5); return; }
+    if (len == 6 && starts("PROMPT")) { reply("> ", 2); return; }
     if (len == 4 && starts("QUIT")) {
         kprintf("echo: %lu distinct requests, ticks=%lu\n", cache_count, lk_ticks);
         lk_result_hex("echo", hash, 0);

@@ -58,6 +58,9 @@ public final class UDPLineClient {
         return lines
     }
 
+    /// The bytes of a line begun but not ended yet (a prompt, say).
+    public var partialLine: String { String(decoding: partial, as: UTF8.self) }
+
     /// `receive(until:)` `ms` from now.
     public func receive(ms: Int) -> [String] { receive(until: lk_monotonic_ns() + UInt64(max(0, ms)) * 1_000_000) }
 

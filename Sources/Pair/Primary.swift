@@ -94,7 +94,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// A survivor's protection starts: it is live and unprotected; look for a new secondary.
     func beginAdopted() {
         PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
-        session.machine.onIdle = { [unowned self] in flushLog(force: true) }
+        session.machine.onIdle = { [unowned self] in flushLog(force: true, idle: true) }
         session.machine.beforeEntry = { [unowned self] in flushLog(force: false) }
         startConnector()
     }
@@ -123,7 +123,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let first = seed(try connectInitial())
         try first.copyHere()
         try attach(first)
-        session.machine.onIdle = { [unowned self] in flushLog(force: true) }
+        session.machine.onIdle = { [unowned self] in flushLog(force: true, idle: true) }
         session.machine.beforeEntry = { [unowned self] in flushLog(force: false) }
         let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
         own.start()
@@ -274,7 +274,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     /// Sends buffered records, or a bare watermark when none wait: output exits write no records, and held
     /// output (or a secondary waiting for records at an exit the primary has passed) needs the watermark to move.
-    private func flushLog(force: Bool) {
+    /// `idle`: the guest halted. Its records leave at once; a bare watermark only if output is held, since exits
+    /// without records or output replay no faster from the log than they run live after a go-live.
+    private func flushLog(force: Bool, idle: Bool = false) {
         guard let l = link else { return }
         let exit = session.exit
         let now = lk_monotonic_ns()
@@ -284,7 +286,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             if firstAppendNs == 0 { firstAppendNs = now }
             guard force || session.encoder.shouldFlush || outputWaits || now &- lastFlushNs >= Self.batchIntervalNs else { return }
         } else {
-            guard exit > sentWatermark, outputWaits || force || now &- lastFlushNs >= Self.watermarkIntervalNs else { return }
+            let forced = force && (!idle || gate.heldBytes > 0)
+            guard exit > sentWatermark, outputWaits || forced || now &- lastFlushNs >= Self.watermarkIntervalNs else { return }
         }
         lastFlushNs = now
         send(l, watermark: exit)

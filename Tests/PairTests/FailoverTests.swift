@@ -351,6 +351,27 @@ extension PairTests { @Suite struct FailoverTests {
         _ = try? sec.wait(seconds: 10)
     }
 
+    /// A prompt (output without a newline) the gate holds leaves once the guest halts: the halt's flush
+    /// moves the watermark for held output. `echo-tickless` has no timer, so nothing else would.
+    @Test func aHeldPromptLeavesWhenTheGuestHalts() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = PairFixture.freeUDPPort()
+        let (pri, sec, _) = try Self.startPair(ws, udp: udp, guest: "echo-tickless")
+        let client = EchoClient(port: udp)
+        #expect(client.request("PING", expect: "PONG") != nil)
+        client.send("PROMPT")
+        let deadline = Date().addingTimeInterval(10)
+        while client.lines.partialLine != "> ", Date() < deadline { _ = client.receive(ms: 20) }
+        #expect(client.lines.partialLine == "> ", "got '\(client.lines.partialLine)' of the prompt")
+        // The guest's next line completes the prompt's: "> echo: ...", then its result.
+        #expect(client.request("QUIT", expect: "RESULT echo") != nil)
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec.digest, "primary \(pri.digest ?? "-"), secondary \(sec.digest ?? "-")")
+    }
+
     /// A survivor given `--peer` protects itself: it seeds a new secondary from its running state, and
     /// that one survives the survivor's own kill -9. Two failovers, one conversation.
     @Test func survivorProtectsItselfAndFailsOverAgain() throws {
