@@ -530,6 +530,11 @@ extension PairBench {
         if let w = wake, let (v, h) = w.cores {
             figures += [Figure(key: "host_wake_round_trip_same_core_us", label: "host: thread wake-up round trip, same core (\(v))", value: w.sameCoreUs, unit: "µs"),
                         Figure(key: "host_wake_round_trip_cross_core_us", label: "host: thread wake-up round trip, cores \(v) ↔ \(h)", value: w.crossCoreUs, unit: "µs")]
+            if w.crossCoreUs > 20, w.crossCoreUs > 3 * w.sameCoreUs {
+                let idle = WakeProbe.idleInfo().map { "\($0.key) \($0.value)" }.sorted().joined(separator: ", ")
+                notes.append("host: waking a thread on another core costs \(Bench.fmt(w.crossCoreUs)) µs a round trip (\(idle.isEmpty ? "idle driver unknown" : idle)): "
+                             + "idle cores halt or sleep deeply, and every log batch whose threads sit on two cores pays that; see docs/lab.md, shallow idle states")
+            }
         }
         var guestsJSON: [String: Any] = [:]
         var digestsMatch = true
