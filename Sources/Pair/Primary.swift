@@ -104,6 +104,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// The guest ended: close the log to the secondary (if any) and release everything. After a handover
     /// the log has no end: the secondary runs the guest on, and the pair record is its to write.
     func endRun(_ ending: Ending) throws(MachineError) -> SessionResult {
+        metrics.guestEnded()
         answerHandovers(.refused("handover refused: the guest ended first"))
         dropSeeding("the guest ended before this secondary was seeded")
         if !handedOver { releaseFinalOutput() }

@@ -55,6 +55,8 @@ public struct PairStats: Codable, Sendable {
     public var replayLagUs: Percentiles
     /// Gated output byte: emitted by the guest → released, µs.
     public var gateLatencyUs: Percentiles
+    /// The same in exits: primary's newest watermark → secondary's replayed exit (sampled per ack).
+    public var replayLagExits: Percentiles
     public var replayLagExitsMax: UInt64
     public var logBytes: UInt64
     public var events: UInt64
@@ -94,6 +96,7 @@ final class PairMetrics: @unchecked Sendable {
     private let lock = NSLock()
     private var replication = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
     private var replay = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+    private var replayExits = Histogram<UInt64>(highestTrackableValue: 1 << 50, numberOfSignificantValueDigits: .three)
     private var series: [[Double]] = []
     private var lastSeriesNs: UInt64 = 0
     let startNs = lk_monotonic_ns()
@@ -113,9 +116,17 @@ final class PairMetrics: @unchecked Sendable {
         }
     }
 
+    /// The guest ended: the replay lag is no longer sampled. The last batch's watermark (one past the final exit)
+    /// is never replayed, and while the primary hashes its state for the trailer (~0.2 s for 256 MiB) its age
+    /// would fill the tail of the histogram.
+    func guestEnded() { lock.lock(); guestRunning = false; lock.unlock() }
+    private var guestRunning = true
+
     func replayed(lagNs: UInt64, lagExits: UInt64) {
         lock.lock(); defer { lock.unlock() }
+        guard guestRunning else { return }
         _ = replay.record(lagNs)
+        _ = replayExits.record(min(lagExits, 1 << 50))
         lastReplayLagNs = lagNs
         replayLagExitsMax = max(replayLagExitsMax, lagExits)
     }
@@ -135,7 +146,7 @@ final class PairMetrics: @unchecked Sendable {
             buckets.append([Double(b.value) / 1000, Double(b.count)])
         }
         return PairStats(replicationLagUs: .init(replication), replayLagUs: .init(replay), gateLatencyUs: .init(gate),
-                         replayLagExitsMax: replayLagExitsMax, logBytes: logBytes, events: events, batches: batches,
+                         replayLagExits: .init(replayExits, scale: 1), replayLagExitsMax: replayLagExitsMax, logBytes: logBytes, events: events, batches: batches,
                          syncPoints: syncPoints, exits: exits, elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9,
                          throttledMs: Double(throttledNs) / 1e6, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs,
                          seedThrottlePercent: seedThrottles, lagSeries: series, lagHistogram: buckets)

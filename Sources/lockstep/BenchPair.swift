@@ -497,6 +497,8 @@ extension PairBench {
             Figure(key: "\(key)_replication_lag_p999_us", label: "\(g): replication lag p99.9", value: lag.percentile(99.9), unit: "µs"),
             Figure(key: "\(key)_replay_lag_p50_us", label: "\(g): replay lag p50", value: mid { $0.replayLagUs.p50 }, unit: "µs"),
             Figure(key: "\(key)_replay_lag_p99_us", label: "\(g): replay lag p99", value: mid { $0.replayLagUs.p99 }, unit: "µs"),
+            Figure(key: "\(key)_replay_lag_p50_exits", label: "\(g): replay lag p50, exits", value: mid { $0.replayLagExits.p50 }, unit: "exits"),
+            Figure(key: "\(key)_replay_lag_p99_exits", label: "\(g): replay lag p99, exits", value: mid { $0.replayLagExits.p99 }, unit: "exits"),
         ]
         if gateLines > 0 {
             f += [Figure(key: "\(key)_gate_latency_p50_us", label: "\(g): gate latency p50 (\(gateLines) lines)", value: mid { $0.gateLatencyUs.p50 }, unit: "µs", goal: .atMost(Self.gateP50Target)),
@@ -630,7 +632,7 @@ extension PairBench {
             "definitions": [
                 "throughput_ratio": "echo: protected requests/s / unprotected requests/s (closed loop when window is 1); others: unprotected guest run time / protected guest run time (first vCPU entry to guest exit, from --verbose)",
                 "replication_lag": "primary's --stats-json: log batch sent → the secondary's ack that it holds it; percentiles over the batches of all protected runs (histograms merged)",
-                "replay_lag": "primary's position → the secondary's replayed position, sampled per ack; median of the runs' percentiles",
+                "replay_lag": "primary's position → the secondary's replayed position, sampled per ack, in µs (the oldest batch it has not replayed) and in exits (the newest watermark sent − its replayed exit); median of the runs' percentiles",
                 "gate_latency": "a guest output byte emitted → released after the secondary's ack; median of the runs' percentiles, lines summed",
                 "log_bytes_per_second": "stats logBytes / elapsedSeconds (includes sync point frames)",
                 "failover_kill_to_reply": "SIGKILL of the primary → first REP to a request the client resends every 2 ms to the service address",
