@@ -631,7 +631,7 @@ extension PairBench {
             "reseed_dirty": dirty?.json ?? NSNull(),
             "definitions": [
                 "throughput_ratio": "echo: protected requests/s / unprotected requests/s (closed loop when window is 1); others: unprotected guest run time / protected guest run time (first vCPU entry to guest exit, from --verbose)",
-                "replication_lag": "primary's --stats-json: log batch sent → the secondary's ack that it holds it; percentiles over the batches of all protected runs (histograms merged)",
+                "replication_lag": "primary's --stats-json: a log batch's first record appended → the secondary's ack that it holds the batch; percentiles over the batches of all protected runs (histograms merged)",
                 "replay_lag": "primary's position → the secondary's replayed position, sampled per ack, in µs (the oldest batch it has not replayed) and in exits (the newest watermark sent − its replayed exit); median of the runs' percentiles",
                 "gate_latency": "a guest output byte emitted → released after the secondary's ack; median of the runs' percentiles, lines summed",
                 "log_bytes_per_second": "stats logBytes / elapsedSeconds (includes sync point frames)",
