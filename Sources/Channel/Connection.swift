@@ -35,6 +35,17 @@ public final class Connection: @unchecked Sendable {
     private var rend = 0
     private var opener: GCMDirection?
 
+    // Busy polling (see `enablePolling`): the eventfd that wakes a sleeping receive to spin, and when the
+    // current spin was asked for (0: none).
+    private var pollWindowNs: UInt64 = 0
+    private var pollEvent: Int32 = -1
+    private let pollArmedNs = Atomic<UInt64>(0)
+    private let spinReadCount = Atomic<UInt64>(0)
+    /// recv(2) calls of a spin that brought bytes: frames (or parts) taken without a wake-up.
+    public var spinReads: UInt64 { spinReadCount.load(ordering: .relaxed) }
+    /// Test hook: a spin begins (receiving thread).
+    var testHookSpinStarted: (() -> Void)?
+
     /// Protocol version this side speaks (set by the handshake).
     var localVersion: UInt16 = ChannelConfig.currentVersion
 
@@ -53,6 +64,7 @@ public final class Connection: @unchecked Sendable {
 
     deinit {
         _ = Glibc.close(fd)
+        if pollEvent >= 0 { _ = Glibc.close(pollEvent) }
         sbuf.deallocate()
         rbuf.deallocate()
     }
@@ -208,6 +220,63 @@ public final class Connection: @unchecked Sendable {
 
     // MARK: receive
 
+    /// Lets `receive` spin on the socket, giving the core away at each turn, instead of sleeping in poll(2),
+    /// for up to `windowNs` after each `armPolling`: bytes that come meanwhile are taken without a wake-up,
+    /// which on a nested host costs tens of µs when the core has gone idle (Benchmarks/README.md). Call before
+    /// the receiving thread starts; that thread should run at normal priority, or its spin starves the core.
+    public func enablePolling(windowNs: UInt64) throws {
+        guard windowNs > 0 else { return }
+        let e = lk_eventfd()
+        guard e >= 0 else { throw ChannelError.system(SystemCallError(call: "eventfd", errno: -e)) }
+        pollEvent = e
+        pollWindowNs = windowNs
+    }
+
+    /// Any thread: the receiver should spin for its next bytes (woken if it sleeps). No-op unless enabled, or
+    /// while a spin asked for earlier is still on.
+    public func armPolling() {
+        guard pollEvent >= 0, pollArmedNs.compareExchange(expected: 0, desired: lk_monotonic_ns(), ordering: .acquiringAndReleasing).exchanged
+        else { return }
+        lk_eventfd_signal(pollEvent)
+    }
+
+    /// What the spin waited for has come: sleep in poll(2) again until the next `armPolling`.
+    public func disarmPolling() { pollArmedNs.store(0, ordering: .releasing) }
+
+    /// A spin is asked for and its window has not run out (it ends when the receiver next looks).
+    var pollingArmed: Bool { pollArmedNs.load(ordering: .acquiring) != 0 }
+
+    /// Spins while armed and within the window; true when bytes came. A spin that runs out disarms.
+    private func spin(deadline: Int64?) throws -> Bool {
+        if pollArmedNs.load(ordering: .relaxed) != 0 { testHookSpinStarted?() }
+        while case let armed = pollArmedNs.load(ordering: .acquiring), armed != 0, !isClosed {
+            if try readSome(Int32(MSG_DONTWAIT)) { spinReadCount.add(1, ordering: .relaxed); return true }
+            if lk_monotonic_ns() &- armed >= pollWindowNs {
+                _ = pollArmedNs.compareExchange(expected: armed, desired: 0, ordering: .acquiringAndReleasing)
+                return false
+            }
+            if let d = deadline, SocketOps.monotonicMs() >= d { return false }
+            sched_yield()
+        }
+        return false
+    }
+
+    /// One recv(2) into the buffer; false when a non-blocking one finds nothing.
+    private func readSome(_ flags: Int32) throws -> Bool {
+        let n: Int
+        do { n = try sys("recv") { recv(fd, rbuf + rend, rcap - rend, flags) } }
+        catch ChannelError.system(let e) {
+            if e.errno == EAGAIN || e.errno == EWOULDBLOCK { return false }
+            if isClosed { throw ChannelError.closed }
+            if e.errno == ECONNRESET { throw ChannelError.peerClosed(midFrame: rend > rstart) }
+            throw ChannelError.system(e)
+        }
+        if n == 0 { throw isClosed ? ChannelError.closed : ChannelError.peerClosed(midFrame: rend > rstart) }
+        rend += n
+        lastReceive.store(lk_monotonic_ns(), ordering: .relaxed)
+        return true
+    }
+
     /// Receives the next frame. `timeoutMs < 0` waits forever. On `.timeout` the connection stays
     /// usable (partial frames stay buffered). Protocol errors tell the peer and drop the connection.
     /// An `error` frame from the peer is thrown as the matching `ChannelError`.
@@ -263,17 +332,12 @@ public final class Connection: @unchecked Sendable {
         ensureReceive(total)
         while rend - rstart < total {
             if isClosed { throw ChannelError.closed }
-            guard try SocketOps.wait(fd, events: Int16(POLLIN), deadlineMs: deadline) else { throw ChannelError.timeout(ms: timeoutMs) }
-            let n: Int
-            do { n = try sys("recv") { recv(fd, rbuf + rend, rcap - rend, 0) } }
-            catch ChannelError.system(let e) {
-                if isClosed { throw ChannelError.closed }
-                if e.errno == ECONNRESET { throw ChannelError.peerClosed(midFrame: rend > rstart) }
-                throw ChannelError.system(e)
+            if pollEvent >= 0, try spin(deadline: deadline) { continue }
+            switch try SocketOps.wait(fd, events: Int16(POLLIN), orEvent: pollEvent, deadlineMs: deadline) {
+            case .timeout: throw ChannelError.timeout(ms: timeoutMs)
+            case .woken: continue  // armed: spin
+            case .ready: _ = try readSome(0)
             }
-            if n == 0 { throw isClosed ? ChannelError.closed : ChannelError.peerClosed(midFrame: rend > rstart) }
-            rend += n
-            lastReceive.store(lk_monotonic_ns(), ordering: .relaxed)
         }
     }
 

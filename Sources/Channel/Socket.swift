@@ -27,14 +27,27 @@ enum SocketOps {
     /// Waits until fd is ready for `events` or the deadline (ms, monotonic; nil = forever) passes.
     /// Returns false on timeout.
     static func wait(_ fd: Int32, events: Int16, deadlineMs: Int64?) throws -> Bool {
+        try wait(fd, events: events, orEvent: -1, deadlineMs: deadlineMs) == .ready
+    }
+
+    enum Readiness: Equatable { case ready, woken, timeout }
+
+    /// As `wait`, and also returns `.woken` when the eventfd `event` (-1: none) is signalled; its count is consumed.
+    static func wait(_ fd: Int32, events: Int16, orEvent event: Int32, deadlineMs: Int64?) throws -> Readiness {
         while true {
             var timeout: Int32 = -1
             if let d = deadlineMs { timeout = Int32(clamping: max(0, d - monotonicMs())) }
-            var p = pollfd(fd: fd, events: events, revents: 0)
-            let n: Int32
-            n = try sys("poll") { poll(&p, 1, timeout) }
-            if n > 0 { return true }
-            if let d = deadlineMs, monotonicMs() >= d { return false }
+            // poll(2) skips a negative descriptor.
+            var p = (pollfd(fd: fd, events: events, revents: 0), pollfd(fd: event, events: Int16(POLLIN), revents: 0))
+            let n = try withUnsafeMutableBytes(of: &p) { b in
+                // SAFETY: two pollfd structs laid out back to back in a tuple, as poll(2) reads them.
+                try sys("poll") { poll(b.baseAddress!.assumingMemoryBound(to: pollfd.self), 2, timeout) }
+            }
+            if n > 0 {
+                if p.1.revents != 0 { var v: UInt64 = 0; _ = try? sys("read") { read(event, &v, 8) } }  // drain (non-blocking eventfd)
+                return p.0.revents != 0 ? .ready : .woken
+            }
+            if let d = deadlineMs, monotonicMs() >= d { return .timeout }
         }
     }
 

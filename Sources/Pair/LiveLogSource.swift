@@ -42,6 +42,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     private(set) var fence: Fence?
     let heldExit: Atomic<UInt64>
     let bytesReceived = Atomic<UInt64>(0)
+    let batchesReceived = Atomic<UInt64>(0)
     private let lastSentNs = Atomic<UInt64>(0)
     /// The stream ended in a way that leaves nothing to replay toward (fenced, stopped, resync): the
     /// replayer stops at once rather than finish what it holds.
@@ -77,7 +78,12 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     var end: End? { queue.withLock { $0.end } }
 
     func start() {
-        startLinkThread("lockstep-receive", cpu: options.linkCPU, done: done) { [self] in loop() }
+        var polls = false
+        do { try conn.enablePolling(windowNs: options.linkPollNs); polls = options.linkPollNs > 0 } catch {
+            warn("--link-poll-us: \(error); the receiver sleeps between frames")
+        }
+        // A spinning real-time thread would starve every other thread of its core.
+        startLinkThread("lockstep-receive", cpu: options.linkCPU, priority: polls ? nil : linkPriority, done: done) { [self] in loop() }
         heartbeat = Ticker(ms: options.heartbeatMs, name: "lockstep-heartbeat", priority: linkPriority) { [self] in
             if lk_monotonic_ns() &- lastSentNs.load(ordering: .relaxed) >= options.heartbeatNs { sendAck() }
         }
@@ -109,6 +115,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     // MARK: RecordSource (vCPU thread)
 
     func next(atOrBefore exit: UInt64) throws -> SourceRead {
+        var asked = false
         while true {
             let r: SourceRead? = queue.withLock { q in
                 if q.head < q.records.count {
@@ -129,6 +136,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
             // Starved: everything received is replayed. Say so in acks, or a primary throttling on replay
             // lag would wait for a position this side can only reach with records it has not sent yet.
             replayed.store(exit, ordering: .releasing)
+            // Once per wait (not per bounded retry): an idle guest leaves the receiver asleep after one window.
+            if !asked { conn.armPolling(); asked = true }
             // Bounded: the receiver thread always ends the stream within the failure timeout (+ fence wait).
             _ = lk_eventfd_wait(wake, lk_monotonic_ns() + 100_000_000)
         }
@@ -218,11 +227,13 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
             }
         }
         bytesReceived.add(UInt64(batch.bytes.count), ordering: .relaxed)
+        batchesReceived.add(1, ordering: .relaxed)
         queue.withLock { q in
             q.records += records
             q.horizon = max(q.horizon, batch.exitIndex)
             if let t = trailer { q.end = .trailer(t) }
         }
+        conn.disarmPolling()  // the replay has work: the core is its
         lk_eventfd_signal(wake)
     }
 

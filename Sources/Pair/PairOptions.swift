@@ -35,6 +35,9 @@ public struct PairOptions: Sendable {
     /// to; nil leaves them to the scheduler. Two processes of one host whose link threads share a core wake
     /// each other without an inter-processor interrupt (see Benchmarks/README.md).
     public var linkCPU: Int32?
+    /// `--link-poll-us N` (secondary): once the replay has caught up, its receiver spins this long for the next
+    /// log frame instead of sleeping (0: never). See `Connection.enablePolling`.
+    public var linkPollNs: UInt64 = 0
 
     public init(key: [UInt8], encryption: EncryptionMode = .opportunistic) {
         self.key = key

@@ -286,7 +286,9 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
 
     func stats(exits: UInt64) -> SecondaryStats {
         SecondaryStats(role: wentLive ? "survivor" : "secondary", wentLive: wentLive,
-                       logBytesReceived: source?.bytesReceived.load(ordering: .relaxed) ?? 0, exits: exits,
+                       logBytesReceived: source?.bytesReceived.load(ordering: .relaxed) ?? 0,
+                       logBatchesReceived: source?.batchesReceived.load(ordering: .relaxed) ?? 0,
+                       spinReceives: source?.conn.spinReads ?? 0, exits: exits,
                        secondariesSeeded: protector?.status().secondariesSeeded ?? 0,
                        elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9, asPrimary: protector?.stats())
     }

@@ -284,12 +284,12 @@ let linkPriority: Int32 = 10
 /// has already acknowledged.
 let ackPriority: Int32 = linkPriority + 1
 
-/// Starts a thread that blocks on the FT link at `priority`, on core `cpu` if given; `done` is signalled
-/// when `body` returns.
-func startLinkThread(_ name: String, cpu: Int32?, priority: Int32 = linkPriority, done: DispatchSemaphore,
+/// Starts a thread that blocks on the FT link at `priority` (nil: normal priority, for a thread that busy-polls),
+/// on core `cpu` if given; `done` is signalled when `body` returns.
+func startLinkThread(_ name: String, cpu: Int32?, priority: Int32? = linkPriority, done: DispatchSemaphore,
                      _ body: @escaping @Sendable () -> Void) {
     startThread(name) {
-        _ = lk_set_realtime_priority(priority)
+        if let priority { _ = lk_set_realtime_priority(priority) }
         if let cpu, lk_pin_current_thread(cpu) != 0 { warn("\(name): cannot run on core \(cpu); left to the scheduler") }
         body()
         done.signal()

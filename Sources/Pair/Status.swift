@@ -83,6 +83,9 @@ public struct SecondaryStats: Codable, Sendable {
     public var wentLive: Bool
     /// Log bytes received from the (last) primary.
     public var logBytesReceived: UInt64
+    /// Log batches received from the (last) primary, and receives a `--link-poll-us` spin took (no wake-up).
+    public var logBatchesReceived: UInt64
+    public var spinReceives: UInt64
     /// Where the replay stood when the run ended (the guest's final exit when it ran to the end).
     public var exits: UInt64
     public var secondariesSeeded: Int

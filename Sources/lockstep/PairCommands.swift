@@ -115,11 +115,14 @@ struct SecondaryCommand: ParsableCommand {
     @Option(name: .long, help: "Serial backend used after going live (the primary's service address).") var serial: String = "stdio"
     @OptionGroup var pair: PairArguments
     @Option(name: .long, help: "Give up when no primary connects within this many ms (default: wait forever).") var acceptTimeoutMs: Int = -1
+    @Option(name: .long, help: "Once the replay has caught up, spin up to this many µs for the primary's next log frame instead of sleeping (busy polling: saves a wake-up per frame, keeps a core busy while the guest is; 0 = off). The receiver then runs at normal priority.") var linkPollUs: UInt64 = 0
     @Option(name: .long, help: "Once live, seed and protect itself with a new secondary listening here (HOST:PORT).") var peer: String?
     @Flag(name: .long, help: "Print run statistics.") var verbose = false
 
     func run() throws {
-        let o = try pair.options()
+        var o = try pair.options()
+        guard linkPollUs <= 1_000_000 else { throw fail("--link-poll-us \(linkPollUs): at most 1000000 (1 s)", .usage) }
+        o.linkPollNs = linkPollUs * 1000
         do {
             let spec = try SerialSpec.parse(serial)
             let s = try SecondaryRunner(listen: listen, serial: spec, options: o, reprotectPeer: peer)

@@ -32,10 +32,10 @@ extension PairTests { @Suite struct FailoverTests {
     }
 
     /// One trial: requests, kill -9 of the primary after `killAfter` replies, requests against the survivor, QUIT.
-    static func killPrimaryTrial(killAfter: Int, total: Int) throws -> Double {
+    static func killPrimaryTrial(killAfter: Int, total: Int, extraSecondary: [String] = []) throws -> Double {
         let ws = try PairFixture.workspace()
         let udp = PairFixture.freeUDPPort()
-        let (pri, sec, _) = try startPair(ws, udp: udp)
+        let (pri, sec, _) = try startPair(ws, udp: udp, extraSecondary: extraSecondary)
         let client = EchoClient(port: udp)
         var history = History()
         var failoverMs = 0.0
@@ -76,6 +76,13 @@ extension PairTests { @Suite struct FailoverTests {
         times.sort()
         print("kill -9 → first survivor reply over \(times.count) trials: p50 \(String(format: "%.1f", times[times.count / 2])) ms, "
               + "p99 \(String(format: "%.1f", times[min(times.count - 1, times.count * 99 / 100)])) ms, max \(String(format: "%.1f", times.last!)) ms")
+    }
+
+    /// A secondary whose receiver spins for frames (`--link-poll-us`) follows and takes over the same way: the
+    /// primary's death ends a spin as it ends a sleep.
+    @Test func aPollingSecondaryTakesOver() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        for i in 0..<3 { _ = try Self.killPrimaryTrial(killAfter: 2 + i, total: 7, extraSecondary: ["--link-poll-us", "20000"]) }
     }
 
     /// Output the primary released after its last `released` report is still held by the secondary, which

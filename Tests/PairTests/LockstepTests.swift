@@ -161,6 +161,20 @@ extension PairTests { @Suite struct LockstepTests {
         // Interrupts land differently each run, and each run is still mirrored exactly.
         #expect(digests.count > 1, "five runs gave one digest: the guest's timing was not exercised")
     }
+
+    /// A secondary that busy-polls for frames, on the primary's link core, stays in lockstep, and its receiver
+    /// takes frames by spinning.
+    @Test func aPollingSecondaryRunsInLockstep() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let stats = NSTemporaryDirectory() + "lockstep-poll-\(getpid()).json"
+        defer { try? FileManager.default.removeItem(atPath: stats) }
+        _ = try Self.runPair("timer-compute-short", primaryArgs: ["--link-cpu", "0"],
+                             secondaryArgs: ["--link-cpu", "0", "--link-poll-us", "5000", "--stats-json", stats])
+        let j = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
+        let spins = j?["spinReceives"] as? Int ?? 0, batches = j?["logBatchesReceived"] as? Int ?? 0
+        #expect(batches > 10 && spins > 0, "spin receives \(spins) of \(batches) batches")
+        print("polling secondary: \(spins) receives by spinning, \(batches) log batches")
+    }
 }
 
 }
@@ -328,11 +342,15 @@ extension PairTests { @Suite struct BadPeerTests {
         #expect(sec.stderrText.contains("--listen 127.0.0.1:http: expected HOST:PORT"), "\(sec.stderrText)")
     }
 
-    @Test func aLinkCoreThisHostLacksIsRefused() throws {
+    @Test func aLinkCoreThisHostLacksOrAPollTooLongIsRefused() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         try Self.expectRefused(1, key: ws.key, ["--link-cpu", "4096"], status: 64, saying: "--link-cpu 4096: this process may run on")
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none", "--key-file", ws.key,
+                                          "--link-poll-us", "2000000"])
+        #expect(try sec.wait() == 64)
+        #expect(sec.stderrText.contains("--link-poll-us 2000000: at most 1000000"), "\(sec.stderrText)")
     }
 
     @Test func unreachablePeer() throws {
