@@ -34,25 +34,33 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "Guest RAM in MiB.") var memory: UInt32 = 256
     @Option(name: .long, help: "Upper bound on any one child's run, in seconds (it is killed after that).") var timeoutS: Int = 120
     @Option(name: .long, help: "--link-cpu for both sides: a core, or none. Default: 1, the primary's vCPU core, when the host has 2 or more (one host: the link threads then wake each other without an IPI).") var linkCpu: String?
+    @Option(name: .long, help: "The only core the secondary may use, as if on a host of its own: a core, or none (the default).") var secondaryCpu: String?
+    @Option(name: .long, help: "--link-poll-us for the secondary (default 0: its receiver sleeps between frames).") var linkPollUs: UInt64 = 0
     @Flag(name: .long, help: "Keep the temporary directory (children's stderr, stats JSON, key) even on success.") var keepTemp = false
 
     func validate() throws {
         guard trials >= 0, reseeds >= 0, requests >= 1, window >= 1, `repeat` >= 1, timeoutS >= 10 else {
             throw ValidationError("need --trials ≥ 0, --reseeds ≥ 0, --requests ≥ 1, --window ≥ 1, --repeat ≥ 1, --timeout-s ≥ 10")
         }
-        if let c = linkCpu, c != "none", Int32(c) == nil { throw ValidationError("--link-cpu \(c): a core number or none") }
+        for (name, v) in [("--link-cpu", linkCpu), ("--secondary-cpu", secondaryCpu)] {
+            if let c = v, c != "none", Int32(c).map(Cores.allows) != true {
+                throw ValidationError("\(name) \(c): none, or one of this process's cores (\(Cores.list))")
+            }
+        }
+        guard linkPollUs <= 1_000_000 else { throw ValidationError("--link-poll-us \(linkPollUs): at most 1000000") }
     }
 
-    /// The core both sides' link threads run on (nil: unpinned). Default: the primary's vCPU core (the children
-    /// start with this process's cores).
-    var linkCore: Int32? {
-        guard let c = linkCpu else { return Cores.vcpu }
-        return Int32(c)  // nil for "none"
+    /// Where the children run (they start with this process's cores). Default: both sides' link threads on the
+    /// primary's vCPU core, the secondary's other threads anywhere. Benchmarks/README.md compares the secondary
+    /// on a core of its own, polling (`--secondary-cpu 0 --link-cpu 0 --link-poll-us 5000`).
+    var placement: PairBench.Placement {
+        PairBench.Placement(secondaryCPU: secondaryCpu.flatMap { Int32($0) }, linkCPU: linkCpu.map { Int32($0) } ?? Cores.vcpu,
+                            linkPollUs: linkPollUs)
     }
 
     func run() throws {
         LiveChildren.killOnInterrupt()
-        let h = try PairBench(guestDir: guests, memory: memory, timeoutS: timeoutS, linkCPU: linkCore)
+        let h = try PairBench(guestDir: guests, memory: memory, timeoutS: timeoutS, placement: placement)
         var ok = false
         defer {
             h.killAll()
@@ -82,7 +90,7 @@ final class PairBench {
     let guestDir: String
     let memory: UInt32
     let timeoutNs: UInt64
-    let linkCPU: Int32?
+    let placement: Placement
     let tempDir: String
     let keyPath: String
     private var children: [Child] = []
@@ -94,8 +102,23 @@ final class PairBench {
     /// Requests answered before each kill, so the secondary is replaying real traffic when the primary dies.
     static let warmRequests = 20
 
-    init(guestDir: String, memory: UInt32, timeoutS: Int, linkCPU: Int32?) throws {
-        self.linkCPU = linkCPU
+    /// Where the children run (`lockstep bench pair --secondary-cpu --link-cpu --link-poll-us`).
+    struct Placement {
+        var secondaryCPU: Int32?
+        var linkCPU: Int32?
+        var linkPollUs: UInt64
+        var text: String {
+            "secondary on \(secondaryCPU.map { "core \($0)" } ?? "any core"), link threads on \(linkCPU.map { "core \($0)" } ?? "any core")"
+                + (linkPollUs > 0 ? ", the secondary's receiver polls \(linkPollUs) µs" : "")
+        }
+        var json: [String: Any] {
+            ["secondary_cpu": secondaryCPU.map { Int($0) as Any } ?? NSNull(), "link_cpu": linkCPU.map { Int($0) as Any } ?? NSNull(),
+             "link_poll_us": linkPollUs]
+        }
+    }
+
+    init(guestDir: String, memory: UInt32, timeoutS: Int, placement: Placement) throws {
+        self.placement = placement
         var buf = [CChar](repeating: 0, count: 4096)
         let n = readlink("/proc/self/exe", &buf, buf.count - 1)
         guard n > 0 else { throw fail("cannot read /proc/self/exe: \(String(cString: strerror(errno)))", .internalError) }
@@ -127,10 +150,10 @@ final class PairBench {
 
     // MARK: children
 
-    func spawn(_ tag: String, _ args: [String]) throws -> Child {
+    func spawn(_ tag: String, _ args: [String], cpu: Int32? = nil) throws -> Child {
         counter += 1
         let base = "\(tempDir)/\(String(format: "%03d", counter))-\(tag)"
-        let c = try Child(name: tag, exe: exe, args: args, outPath: base + ".out", errPath: base + ".err")
+        let c = try Child(name: tag, exe: exe, args: args, outPath: base + ".out", errPath: base + ".err", cpu: cpu)
         children.append(c)
         return c
     }
@@ -166,12 +189,13 @@ final class PairBench {
         }
     }
 
-    var common: [String] { ["--key-file", keyPath, "--status-interval-ms", "0"] + (linkCPU.map { ["--link-cpu", "\($0)"] } ?? []) }
+    var common: [String] { ["--key-file", keyPath, "--status-interval-ms", "0"] + (placement.linkCPU.map { ["--link-cpu", "\($0)"] } ?? []) }
 
     /// A secondary listening on an ephemeral port; returns it and the port it printed.
     func startSecondary(_ tag: String, serial: String, fence: String?, listen: String = "127.0.0.1:0") throws -> (Child, UInt16) {
         let s = try spawn("\(tag)-secondary", ["secondary", "--listen", listen, "--serial", serial, "--verbose",
-                                                "--accept-timeout-ms", "30000"] + common + (fence.map { ["--fence", $0] } ?? []))
+                                                "--accept-timeout-ms", "30000", "--link-poll-us", "\(placement.linkPollUs)"]
+                                               + common + (fence.map { ["--fence", $0] } ?? []), cpu: placement.secondaryCPU)
         let line = try awaitLine(s, containing: "listening on")
         guard let port = line.split(separator: ":").last.flatMap({ UInt16($0) }) else { throw failure("cannot read the port in: \(line)", [s]) }
         return (s, port)
@@ -604,7 +628,7 @@ extension PairBench {
             if let dir = plotDir, let p = writePlot(PairPlots.failover(results.map(\.killToReplyMs), target: Self.failoverP99TargetMs), dir, "pair-failover.svg") { plotPaths.append(p) }
         }
 
-        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), link threads on \(linkCPU.map { "core \($0)" } ?? "any core"))")
+        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), \(placement.text))")
         Bench.printRows(figures, passWord: "PASS")
         for n in notes { print(n) }
         if !plotPaths.isEmpty { print("plots: \(plotPaths.joined(separator: " "))") }
@@ -621,7 +645,7 @@ extension PairBench {
         let targets = figures.compactMap(\.pass)
         return [
             "ok": digestsMatch && failed == 0, "digests_match": digestsMatch, "failover_trials_failed": failed,
-            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory, "link_cpu": linkCPU.map { Int($0) as Any } ?? NSNull(),
+            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory, "placement": placement.json,
                          "warm_requests_before_kill": Self.warmRequests] as [String: Any],
             "host": host, "figures": figuresJSON, "notes": notes, "plots": plotPaths,
             "targets_met": targets.filter { $0 }.count, "targets_total": targets.count, "all_targets_pass": targets.allSatisfy { $0 },

@@ -1,4 +1,5 @@
 import Foundation
+import CLockstep
 import Glibc
 
 // Child processes and the UDP client of `lockstep bench pair`. Every wait here has a deadline: the harness
@@ -51,7 +52,8 @@ final class Child {
     /// Peak resident set (KiB) once it ended: guest RAM it touched, buffers, the process itself.
     private(set) var maxRSSKiB = 0
 
-    init(name: String, exe: String, args: [String], outPath: String, errPath: String) throws {
+    /// `cpu`: the only core the child may use (it inherits the spawning thread's mask, set for the call).
+    init(name: String, exe: String, args: [String], outPath: String, errPath: String, cpu: Int32? = nil) throws {
         self.name = name
         self.errPath = errPath
         var fa = posix_spawn_file_actions_t()
@@ -75,7 +77,9 @@ final class Child {
         let envp: [UnsafeMutablePointer<CChar>?] = ProcessInfo.processInfo.environment.map { strdup("\($0)=\($1)") } + [nil]
         defer { for e in envp { free(e) } }
         var p: pid_t = 0
+        if let cpu, lk_pin_current_thread(cpu) != 0 { throw BenchFailure(message: "cannot run \(name) on core \(cpu)") }
         let rc = posix_spawn(&p, exe, &fa, &attr, argv, envp)
+        if cpu != nil { _ = lk_unpin_current_thread() }
         guard rc == 0 else { throw BenchFailure(message: "cannot start \(name) (\(exe)): \(String(cString: strerror(rc)))") }
         pid = p
         LiveChildren.add(p)
