@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,4 +68,9 @@ int lk_signal_eventfd(int signo) {
     // A parent (a test runner, a thread pool) may have left it blocked: this thread, and those it starts, take it.
     lk_unblock_signal(signo);
     return fd;
+}
+
+int lk_pidfd_open(int pid) {
+    long fd = syscall(SYS_pidfd_open, pid, 0);  // no glibc wrapper before 2.36
+    return fd < 0 ? -errno : (int)fd;
 }

@@ -51,6 +51,9 @@ final class Child {
     private(set) var ended = false
     /// Peak resident set (KiB) once it ended: guest RAM it touched, buffers, the process itself.
     private(set) var maxRSSKiB = 0
+    /// Readable once the child ended (-errno without pidfd_open): waits sleep on it instead of polling, so the
+    /// harness does not wake a core every millisecond while the child it measures runs.
+    private let pidfd: Int32
 
     /// `cpu`: the only core the child may use (it inherits the spawning thread's mask, set for the call).
     init(name: String, exe: String, args: [String], outPath: String, errPath: String, cpu: Int32? = nil) throws {
@@ -82,8 +85,11 @@ final class Child {
         if cpu != nil { _ = lk_unpin_current_thread() }
         guard rc == 0 else { throw BenchFailure(message: "cannot start \(name) (\(exe)): \(String(cString: strerror(rc)))") }
         pid = p
+        pidfd = lk_pidfd_open(p)
         LiveChildren.add(p)
     }
+
+    deinit { if pidfd >= 0 { close(pidfd) } }
 
     /// Reaps without blocking; true once the child has ended.
     @discardableResult func reap() -> Bool {
@@ -105,8 +111,14 @@ final class Child {
     /// Waits until the child ends or `deadline` passes; true if it ended.
     func wait(until deadline: UInt64) -> Bool {
         while !reap() {
-            if monotonicNs() >= deadline { return false }
-            usleep(1000)  // poll: waitpid has no timeout
+            let now = monotonicNs()
+            if now >= deadline { return false }
+            if pidfd >= 0 {
+                var p = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
+                _ = poll(&p, 1, Int32(min((deadline - now) / 1_000_000 + 1, 1000)))
+            } else {
+                usleep(1000)  // waitpid has no timeout
+            }
         }
         return true
     }

@@ -10,4 +10,6 @@ int lk_eventfd_wait(int fd, uint64_t deadline_ns);
 int lk_set_timer_slack_ns(unsigned long ns);
 // Routes a signal to an eventfd (returned, or -errno): the handler only signals it, whichever thread it lands on.
 int lk_signal_eventfd(int signo);
+// A descriptor that polls readable once process `pid` has ended (pidfd_open(2), Linux 5.3), or -errno.
+int lk_pidfd_open(int pid);
 #endif
