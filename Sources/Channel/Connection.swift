@@ -225,7 +225,7 @@ public final class Connection: @unchecked Sendable {
     /// which on a nested host costs tens of µs when the core has gone idle (Benchmarks/README.md). Call before
     /// the receiving thread starts; that thread should run at normal priority, or its spin starves the core.
     public func enablePolling(windowNs: UInt64) throws {
-        guard windowNs > 0 else { return }
+        guard windowNs > 0, pollEvent < 0 else { return }
         let e = lk_eventfd()
         guard e >= 0 else { throw ChannelError.system(SystemCallError(call: "eventfd", errno: -e)) }
         pollEvent = e
