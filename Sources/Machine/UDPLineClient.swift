@@ -64,10 +64,15 @@ public final class UDPLineClient {
     /// `receive(until:)` `ms` from now.
     public func receive(ms: Int) -> [String] { receive(until: lk_monotonic_ns() + UInt64(max(0, ms)) * 1_000_000) }
 
-    /// A UDP port on 127.0.0.1 that nobody holds right now (bind port 0, read it, release it).
-    public static func freePort() throws(MachineError) -> UInt16 {
-        let s = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-        guard s >= 0 else { throw .config("UDP socket: \(String(cString: strerror(errno)))") }
+}
+
+/// A port on 127.0.0.1 that nobody holds right now (bind port 0, read it, release it): for a service address,
+/// or an FT-link address given to both sides before either listens (`tcp`).
+public enum LoopbackPort {
+    public static func free(tcp: Bool = false) throws(MachineError) -> UInt16 {
+        let kind = tcp ? "TCP" : "UDP"
+        let s = socket(AF_INET, Int32((tcp ? SOCK_STREAM : SOCK_DGRAM).rawValue), 0)
+        guard s >= 0 else { throw .config("\(kind) socket: \(String(cString: strerror(errno)))") }
         defer { close(s) }
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
@@ -76,7 +81,7 @@ public final class UDPLineClient {
         let ok = withUnsafeMutablePointer(to: &a) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, len) == 0 && getsockname(s, $0, &len) == 0 }
         }
-        guard ok else { throw .config("cannot find a free UDP port: \(String(cString: strerror(errno)))") }
+        guard ok else { throw .config("cannot find a free \(kind) port: \(String(cString: strerror(errno)))") }
         return UInt16(bigEndian: a.sin_port)
     }
 }

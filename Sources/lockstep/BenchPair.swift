@@ -344,7 +344,7 @@ final class PairBench {
 
     /// Serial backend of a throughput run: echo talks UDP to the harness; the others write a file.
     func serial(_ g: String, _ tag: String) throws -> (String, UInt16?) {
-        if g == "echo" { let p = try UDPLineClient.freePort(); return ("udp:127.0.0.1:\(p)", p) }
+        if g == "echo" { let p = try LoopbackPort.free(); return ("udp:127.0.0.1:\(p)", p) }
         return ("file:" + tempFile(tag, "serial"), nil)
     }
 
@@ -420,7 +420,7 @@ final class PairBench {
         let tag = "failover\(i)"
         let fence = "\(tempDir)/fence-\(i)"
         try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
-        let port = try UDPLineClient.freePort()
+        let port = try LoopbackPort.free()
         let serial = "udp:127.0.0.1:\(port)"
         let (sec, sport) = try startSecondary(tag, serial: serial, fence: fence)
         let pri = try startPrimary(tag, guest: "echo", peer: sport, serial: serial, fence: fence, stats: nil)

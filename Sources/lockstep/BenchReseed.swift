@@ -27,7 +27,7 @@ extension PairBench {
         progress("echo: \(count) re-seeds of the running guest")
         let stats = tempFile(tag, "stats.json")
         let fence = try fenceDirectory(tag)
-        let udp = try UDPLineClient.freePort()
+        let udp = try LoopbackPort.free()
         let serial = "udp:127.0.0.1:\(udp)"
         var (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
         let pri = try startPrimary(tag, guest: "echo", peer: port, serial: serial, fence: fence, stats: stats)

@@ -34,7 +34,7 @@ extension PairTests { @Suite struct FailoverTests {
     /// One trial: requests, kill -9 of the primary after `killAfter` replies, requests against the survivor, QUIT.
     static func killPrimaryTrial(killAfter: Int, total: Int, extraSecondary: [String] = []) throws -> Double {
         let ws = try PairFixture.workspace()
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let (pri, sec, _) = try startPair(ws, udp: udp, extraSecondary: extraSecondary)
         let client = EchoClient(port: udp)
         var history = History()
@@ -90,7 +90,7 @@ extension PairTests { @Suite struct FailoverTests {
     @Test func survivorResendsTheLastReplyToTheClient() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         // Reports at most every 200 ms: the reply to REQ 2 is released and not yet reported when the kill lands.
         let (pri, sec, _) = try Self.startPair(ws, udp: udp, extraPrimary: ["--heartbeat-ms", "200"])
         let client = EchoClient(port: udp)
@@ -122,7 +122,7 @@ extension PairTests { @Suite struct FailoverTests {
     @Test func killSecondaryThenReprotect() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let (pri, sec, port) = try Self.startPair(ws, udp: udp)
         let client = EchoClient(port: udp)
         var history = History()
@@ -154,7 +154,7 @@ extension PairTests { @Suite struct FailoverTests {
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         try FileManager.default.createDirectory(atPath: ws.fence + "/lockstep.pair/in-the-way", withIntermediateDirectories: true)
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let common = PairFixture.common(ws)
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common)
         let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(try sec.listeningPort())",
@@ -178,7 +178,7 @@ extension PairTests { @Suite struct FailoverTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let priControl = ws.dir + "/primary.sock", secControl = ws.dir + "/secondary.sock"
         let (pri, sec, _) = try Self.startPair(ws, udp: udp, extraPrimary: ["--control", priControl], extraSecondary: ["--control", secControl])
         let client = EchoClient(port: udp)
@@ -224,8 +224,8 @@ extension PairTests { @Suite struct FailoverTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = PairFixture.freeUDPPort()
-        let (portA, portB) = (PairFixture.freeTCPPort(), PairFixture.freeTCPPort())
+        let udp = try PairFixture.freeUDPPort()
+        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
         let (controlA, controlB) = (ws.dir + "/a.sock", ws.dir + "/b.sock")
         let common = PairFixture.common(ws)
         let b = try Child("B", ["secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)", "--serial", "udp:127.0.0.1:\(udp)",
@@ -274,7 +274,7 @@ extension PairTests { @Suite struct FailoverTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let common = PairFixture.common(ws)
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common,
                             environment: ["LOCKSTEP_FAULT_IGNORE_HANDOVER": "1"])
@@ -303,7 +303,7 @@ extension PairTests { @Suite struct FailoverTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let (priControl, secControl) = (ws.dir + "/primary.sock", ws.dir + "/secondary.sock")
         var common = PairFixture.common(ws)
         if !fenced, let i = common.firstIndex(of: "--fence") { common.removeSubrange(i...i + 1) }
@@ -338,7 +338,7 @@ extension PairTests { @Suite struct FailoverTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let (pri, sec, port) = try Self.startPair(ws, udp: udp, guest: "echo-tickless")
         let client = EchoClient(port: udp)
         var history = History()
@@ -364,7 +364,7 @@ extension PairTests { @Suite struct FailoverTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let (pri, sec, _) = try Self.startPair(ws, udp: udp, guest: "echo-tickless")
         let client = EchoClient(port: udp)
         #expect(client.request("PING", expect: "PONG") != nil)
@@ -384,12 +384,12 @@ extension PairTests { @Suite struct FailoverTests {
     @Test func survivorProtectsItselfAndFailsOverAgain() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let common = PairFixture.common(ws)
         // The last survivor would protect itself too, but nobody listens at its --peer: it ends unprotected.
         let stats = ws.dir + "/third-stats.json"
         let third = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)",
-                                              "--peer", "127.0.0.1:\(PairFixture.freeUDPPort())", "--stats-json", stats] + common)
+                                              "--peer", "127.0.0.1:\(try PairFixture.freeUDPPort())", "--stats-json", stats] + common)
         let p2 = try third.listeningPort()
         let second = try Child("secondary-1", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)",
                                                "--peer", "127.0.0.1:\(p2)"] + common)
@@ -422,7 +422,7 @@ extension PairTests { @Suite struct FailoverTests {
     @Test func partitionNeverGivesTwoPrimaries() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let proxy = try TCPProxy()
         let (pri, sec, _) = try Self.startPair(ws, udp: udp) { port in try proxy.start(forwardingTo: port) }
         let client = EchoClient(port: udp)

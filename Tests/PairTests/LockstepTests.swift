@@ -131,7 +131,7 @@ extension PairTests { @Suite struct LockstepTests {
     @Test func divergenceIsReportedAndRepairedByReseeding() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws))
         let port = try sec.listeningPort()
         let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
@@ -283,7 +283,7 @@ extension PairTests { @Suite struct BadPeerTests {
     @Test func aSeedThatLoadsToAnotherStateIsRefused() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let common = PairFixture.common(ws)
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "none"] + common)
         let port = try sec.listeningPort()
@@ -421,7 +421,7 @@ extension PairTests { @Suite struct StatusAndFlowTests {
     @Test func statusLineAndJSON() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         let status = ws.dir + "/status.json"
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws))
         let port = try sec.listeningPort()

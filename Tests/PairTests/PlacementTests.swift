@@ -35,7 +35,7 @@ extension PairTests { @Suite struct PlacementTests {
         }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = PairFixture.freeUDPPort()
+        let udp = try PairFixture.freeUDPPort()
         // No --link-cpu: the primary's link thread, started by the pinned vCPU thread, may use every core.
         let (pri, sec, port) = try FailoverTests.startPair(ws, udp: udp)
         let all = Set(Cores.all)

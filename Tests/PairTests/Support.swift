@@ -61,21 +61,9 @@ enum PairFixture {
     }
 
     /// A UDP port free right now (bound to 0 and released).
-    static func freeUDPPort() -> UInt16 { freePort(SOCK_DGRAM) }
+    static func freeUDPPort() throws -> UInt16 { try LoopbackPort.free() }
     /// A TCP port free right now (an FT-link address to give both sides before either listens).
-    static func freeTCPPort() -> UInt16 { freePort(SOCK_STREAM) }
-
-    private static func freePort(_ type: __socket_type) -> UInt16 {
-        let fd = socket(AF_INET, Int32(type.rawValue), 0)
-        defer { close(fd) }
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        _ = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-        return UInt16(bigEndian: a.sin_port)
-    }
+    static func freeTCPPort() throws -> UInt16 { try LoopbackPort.free(tcp: true) }
 }
 
 struct PairTestError: Error, CustomStringConvertible {
