@@ -16,7 +16,8 @@ public enum EventKind: UInt8, Sendable, CaseIterable {
     case window = 5
     /// vCPU state plus the pages dirtied since the previous sync point (see `SyncPoint`).
     case syncPoint = 6
-    /// A periodic digest of the vCPU registers at this exit. Payload: 64-bit digest.
+    /// A periodic state digest at this exit: the vCPU registers and one window of RAM (docs/log-format.md).
+    /// Payload: 64-bit digest.
     case digest = 7
 }
 

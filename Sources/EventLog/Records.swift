@@ -1,7 +1,7 @@
 // The file header, the trailer and the records read back from a log.
 
 public struct LogHeader: Equatable, Sendable {
-    public static let currentVersion: UInt16 = 2
+    public static let currentVersion: UInt16 = 3
     public var formatVersion: UInt16
     public var memoryMiB: UInt32
     public var vcpus: UInt32

@@ -61,8 +61,11 @@ public final class Engine {
     var stopRequested = false
     public private(set) var kicks: UInt64 = 0
     public private(set) var windowExits: UInt64 = 0
-    /// Exit indices between register digests in the log (divergence detection between events).
-    static let digestInterval: UInt64 = 4096
+    /// A state digest covers the registers and one window of RAM this size, picked by hashing the exit index:
+    /// both sides agree on it with no state to carry in a seed, and a guest whose exits come at a fixed pace
+    /// still visits every window (a 256 MiB guest has 512: most are checked within a minute at the
+    /// recording's 50 ms pace, all within a few).
+    static let digestWindowBytes = 512 << 10
     /// Steps that got somewhere (natural exits, loaded sync points): what a watchdog watches.
     let progress = Atomic<UInt64>(0)
     /// Set (with a kick) to get the vCPU out of a replayed guest; `stall` says why, if it is an error.
@@ -126,7 +129,7 @@ public final class Engine {
     /// The end of an exit's handling (for HLT: once the halt is over).
     @inline(__always) private func exitHandled() {
         if case .entering = state { serviceAsync() }
-        if hooks.exit % Engine.digestInterval == 0 { hooks.digest(registerDigest()) }
+        if hooks.digestDue() { hooks.digest(stateDigest()) }
     }
 
     /// Someone asked for the replaying vCPU back: with a reason it is a stall (an error), without one the
@@ -349,6 +352,23 @@ public final class Engine {
         default:
             return ExitSignature(kind: UInt8(truncatingIfNeeded: reason), portLow: 0, size: 0, ripLow: UInt16(truncatingIfNeeded: rip))
         }
+    }
+
+    /// The registers' digest, its high half XORed with the CRC32C of this digest's window of RAM: memory that
+    /// differs is found within one sweep of the windows even when no register shows it yet.
+    private func stateDigest() -> UInt64 {
+        let memory = machine.memory
+        let window = Engine.digestWindowBytes
+        let windows = max(1, Int(memory.size) / window)
+        var h = hooks.exit &+ 0x9E37_79B9_7F4A_7C15  // splitmix64's finalizer
+        h = (h ^ h >> 30) &* 0xBF58_476D_1CE4_E5B9
+        h = (h ^ h >> 27) &* 0x94D0_49BB_1331_11EB
+        let offset = Int((h ^ h >> 31) % UInt64(windows)) * window
+        let count = min(window, Int(memory.size) - offset)
+        hooks.digestWindow = offset..<offset + count
+        // SAFETY: offset + count stays inside the guest's RAM mapping, which lives as long as the machine.
+        let crc = lk_crc32c(0, memory.base + offset, count)
+        return registerDigest() ^ UInt64(crc) << 32
     }
 
     /// FNV-1a over the general registers KVM synced into kvm_run at this exit.

@@ -116,7 +116,34 @@ public final class InputHooks: DeviceInputs {
     /// An injection decision: logged when recording, checked against the log when replaying.
     @inline(__always) func injected(_ vector: UInt8) { note(.inject, UInt64(vector)) }
     @inline(__always) func windowRequested() { note(.window, 0) }
-    @inline(__always) func digest(_ value: UInt64) { note(.digest, value) }
+    @inline(__always) func digest(_ value: UInt64) {
+        guard mode == .replay, pendingIs(.digest), case .event(let e)? = pending, e.value != value else { return note(.digest, value) }
+        // Say which half differs: registers (low 32 bits) or the window of RAM (high 32 bits; see Engine.stateDigest).
+        let what = (e.value ^ value) & 0xFFFF_FFFF != 0 ? "the registers differ"
+            : "RAM differs in guest physical 0x\(String(digestWindow.lowerBound, radix: 16))..<0x\(String(digestWindow.upperBound, radix: 16)) (registers equal)"
+        fail(expected: "state digest 0x\(String(e.value, radix: 16)) (from the log)", found: "0x\(String(value, radix: 16)): \(what)")
+    }
+
+    /// The window of RAM the state digest being computed covers (for a mismatch's message).
+    var digestWindow = 0..<0
+
+    /// How often a recording writes a state digest (at the first natural exit once this much time passed).
+    public static let digestIntervalNs: UInt64 = 50_000_000
+    private var nextDigestNs: UInt64 = 0
+
+    /// Whether this exit carries a state digest: in a replay, when the log has one here; while recording,
+    /// when `digestIntervalNs` has passed since the last.
+    @inline(__always) func digestDue() -> Bool {
+        switch mode {
+        case .run: return false
+        case .replay: return pendingIs(.digest)
+        case .record:
+            let now = lk_monotonic_ns()
+            guard now >= nextDigestNs else { return false }
+            nextDigestNs = now &+ InputHooks.digestIntervalNs
+            return true
+        }
+    }
 
     @inline(__always) private func note(_ kind: EventKind, _ value: UInt64) {
         switch mode {

@@ -102,6 +102,10 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         reply?(.refused(why))
     }
 
+    /// Fault injection for the state-digest test (`LOCKSTEP_FAULT_RAM_AT_EXIT`): once the replay passes this exit,
+    /// this side's RAM goes wrong, once per process (the re-seeded machine that repairs it stays right).
+    private static let ramFaultExit = Atomic<UInt64>(ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_RAM_AT_EXIT"].flatMap { UInt64($0) } ?? .max)
+
     /// Replays one seeded stream. Returns the result when the guest ended; nil when this side must be seeded
     /// again (it diverged or could not read the log).
     private func follow(_ s: StandbySession, _ src: LiveLogSource) throws -> SessionResult? {
@@ -126,6 +130,10 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 src.replayed.store(s.exit, ordering: .releasing)
                 if !wentLive, src.abandoned.load(ordering: .acquiring) { break }
                 if delayUs > 0, !wentLive { usleep(delayUs) }
+                if s.exit >= Self.ramFaultExit.load(ordering: .relaxed), !wentLive {
+                    Self.ramFaultExit.store(.max, ordering: .relaxed)
+                    s.corruptRAMForTest()
+                }
             }
         } catch {
             s.stop()

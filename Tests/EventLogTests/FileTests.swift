@@ -75,9 +75,11 @@ import Testing
     @Test func wrongVersionAndNotALog() throws {
         var bytes = try smallLog()
         bytes[8] = 1  // version 1 had no delta-encoded sync points
-        #expect(expectLogError { _ = try readAllFromMemory(bytes) } == .unsupportedVersion(found: 1, supported: 2))
-        bytes[8] = 3
-        #expect(expectLogError { _ = try readAllFromMemory(bytes) } == .unsupportedVersion(found: 3, supported: 2))
+        #expect(expectLogError { _ = try readAllFromMemory(bytes) } == .unsupportedVersion(found: 1, supported: 3))
+        bytes[8] = 2  // version 2's digests covered the registers only, every 4096 exits
+        #expect(expectLogError { _ = try readAllFromMemory(bytes) } == .unsupportedVersion(found: 2, supported: 3))
+        bytes[8] = 4
+        #expect(expectLogError { _ = try readAllFromMemory(bytes) } == .unsupportedVersion(found: 4, supported: 3))
         let dir = tempDir()
         let p = dir + "/notes.txt"
         _ = FileManager.default.createFile(atPath: p, contents: Data("hello, this is not a log at all".utf8))
