@@ -7,8 +7,10 @@ import Testing
 struct SeedPagesTests {
     init() { if let why = Fixture.kvmSkipReason { print("MachineTests: \(why)") } }
 
+    /// One RTC epoch for every machine here: the default (now, in seconds) is in the device state the seed
+    /// digest covers, and two machines created across a second boundary would differ by it.
     func standby() throws -> StandbySession {
-        try StandbySession(image: try Fixture.guest("hello"), config: MachineConfig(memoryMiB: 2), output: nil)
+        try StandbySession(image: try Fixture.guest("hello"), config: MachineConfig(memoryMiB: 2, epochSeconds: 1_700_000_000), output: nil)
     }
 
     func pages(_ fills: [UInt8]) -> [UInt8] { fills.flatMap { repeatElement($0, count: 4096) } }
