@@ -233,18 +233,25 @@ public final class Connection: @unchecked Sendable {
     }
 
     /// Any thread: the receiver should spin for its next bytes (woken if it sleeps). No-op unless enabled, or
-    /// while a spin asked for earlier is still on.
+    /// while a spin asked for earlier is still within its window.
     public func armPolling() {
-        guard pollEvent >= 0, pollArmedNs.compareExchange(expected: 0, desired: lk_monotonic_ns(), ordering: .acquiringAndReleasing).exchanged
-        else { return }
+        guard pollEvent >= 0 else { return }
+        let now = lk_monotonic_ns()
+        let armed = pollArmedNs.load(ordering: .acquiring)
+        // A spin whose window ran out while the receiver was busy elsewhere is replaced, not kept.
+        guard armed == 0 || now &- armed >= pollWindowNs,
+              pollArmedNs.compareExchange(expected: armed, desired: now, ordering: .acquiringAndReleasing).exchanged else { return }
         lk_eventfd_signal(pollEvent)
     }
 
     /// What the spin waited for has come: sleep in poll(2) again until the next `armPolling`.
     public func disarmPolling() { pollArmedNs.store(0, ordering: .releasing) }
 
-    /// A spin is asked for and its window has not run out (it ends when the receiver next looks).
-    var pollingArmed: Bool { pollArmedNs.load(ordering: .acquiring) != 0 }
+    /// A spin is asked for and its window has not run out.
+    var pollingArmed: Bool {
+        let armed = pollArmedNs.load(ordering: .acquiring)
+        return armed != 0 && lk_monotonic_ns() &- armed < pollWindowNs
+    }
 
     /// Spins while armed and within the window; true when bytes came. A spin that runs out disarms.
     private func spin(deadline: Int64?) throws -> Bool {

@@ -47,16 +47,6 @@ public final class StandbySession: Session, RecordingSession, @unchecked Sendabl
 
     /// `recordWhenLive`: after go-live, record (for a new secondary) rather than just run. The log's source comes
     /// with the snapshot (`load`): the machine exists while the seed's pages arrive.
-    /// Fault injection for the state-digest test (`LOCKSTEP_FAULT_RAM_AT_EXIT`): flips the last byte of every
-    /// digest window of RAM, a difference no register shows until the guest reads it.
-    public func corruptRAMForTest() {
-        let m = machine.memory, w = Engine.digestWindowBytes
-        for end in stride(from: w, through: Int(m.size), by: w) {
-            // SAFETY: end - 1 lies inside the guest's RAM mapping.
-            (m.base + end - 1).storeBytes(of: (m.base + end - 1).load(as: UInt8.self) ^ 0x5A, as: UInt8.self)
-        }
-    }
-
     public init(image: PVHImage, config: MachineConfig, output: SerialOutput?, recordWhenLive: Bool = false) throws(MachineError) {
         super.init(machine: try Machine(image: image, config: config, mode: .replay, output: output))
         if recordWhenLive { machine.hooks.liveEncoder = encoder }
@@ -65,6 +55,16 @@ public final class StandbySession: Session, RecordingSession, @unchecked Sendabl
             if recordWhenLive { machine.syncPoints?.encoder = encoder }
             startPacing()
             onGoLive?(reason)
+        }
+    }
+
+    /// Fault injection for the state-digest test (`LOCKSTEP_FAULT_RAM_AT_EXIT`): flips the last byte of every
+    /// digest window of RAM, a difference no register shows until the guest reads it.
+    public func corruptRAMForTest() {
+        let m = machine.memory, w = Engine.digestWindowBytes
+        for end in stride(from: w, through: Int(m.size), by: w) {
+            // SAFETY: end - 1 lies inside the guest's RAM mapping.
+            (m.base + end - 1).storeBytes(of: (m.base + end - 1).load(as: UInt8.self) ^ 0x5A, as: UInt8.self)
         }
     }
 

@@ -63,7 +63,6 @@ public final class UDPLineClient {
 
     /// `receive(until:)` `ms` from now.
     public func receive(ms: Int) -> [String] { receive(until: lk_monotonic_ns() + UInt64(max(0, ms)) * 1_000_000) }
-
 }
 
 /// A port on 127.0.0.1 that nobody holds right now (bind port 0, read it, release it): for a service address,

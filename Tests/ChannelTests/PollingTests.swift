@@ -1,3 +1,4 @@
+import CLockstep
 import Foundation
 import Glibc
 import Testing
@@ -48,6 +49,26 @@ import Testing
         try client.sendLog(LogBatch(exitIndex: 7, bytes: [7]))
         #expect(try server.receiveMessage(timeoutMs: 5000) == .log(LogBatch(exitIndex: 7, bytes: [7])))
         #expect(server.spinReads == 0)
+    }
+
+    /// A spin whose window ran out before the receiver looked is replaced by the next request, not kept: the
+    /// receiver spins for that one (the window is time, so this test waits for it to pass).
+    @Test func aRequestAfterAnExpiredSpinStartsANewOne() throws {
+        let (client, server) = try established()
+        try server.enablePolling(windowNs: 30_000_000)
+        server.armPolling()
+        let armedAt = lk_monotonic_ns()
+        while lk_monotonic_ns() &- armedAt < 40_000_000 { usleep(2000) }
+        #expect(!server.pollingArmed)
+        server.armPolling()
+        #expect(server.pollingArmed, "the stale spin was kept")
+        let started = DispatchSemaphore(value: 0)
+        server.testHookSpinStarted = { started.signal() }
+        let got = Pending { try server.receiveMessage(timeoutMs: 5000) }
+        #expect(started.wait(timeout: .now() + 5) == .success)
+        try client.sendHeartbeat(Heartbeat(sentNs: 3, echoNs: 4))
+        #expect(try got.wait().get() == .heartbeat(Heartbeat(sentNs: 3, echoNs: 4)))
+        #expect(server.spinReads >= 1, "the stale spin was kept and the receiver slept")
     }
 
     /// Closing the connection (go-live, shutdown) ends a spin at once; so does the peer's death.
