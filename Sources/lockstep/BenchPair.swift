@@ -36,6 +36,7 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "--link-cpu for both sides: a core, or none. Default: 1, the primary's vCPU core, when the host has 2 or more (one host: the link threads then wake each other without an IPI).") var linkCpu: String?
     @Option(name: .long, help: "The only core the secondary may use, as if on a host of its own: a core, or none (the default).") var secondaryCpu: String?
     @Option(name: .long, help: "--link-poll-us for the secondary (default 0: its receiver sleeps between frames).") var linkPollUs: UInt64 = 0
+    @Option(name: .long, help: "--encrypt for both sides: disabled, opportunistic (the default: AES-256-GCM) or required.") var encrypt: String = "opportunistic"
     @Flag(name: .long, help: "Keep the temporary directory (children's stderr, stats JSON, key) even on success.") var keepTemp = false
 
     func validate() throws {
@@ -48,6 +49,9 @@ struct BenchPairCommand: ParsableCommand {
             }
         }
         guard linkPollUs <= 1_000_000 else { throw ValidationError("--link-poll-us \(linkPollUs): at most 1000000") }
+        guard ["disabled", "opportunistic", "required"].contains(encrypt) else {
+            throw ValidationError("--encrypt \(encrypt): use disabled, opportunistic or required")
+        }
     }
 
     /// Where the children run (they start with this process's cores). Default: both sides' link threads on the
@@ -60,7 +64,7 @@ struct BenchPairCommand: ParsableCommand {
 
     func run() throws {
         LiveChildren.killOnInterrupt()
-        let h = try PairBench(guestDir: guests, memory: memory, timeoutS: timeoutS, placement: placement)
+        let h = try PairBench(guestDir: guests, memory: memory, timeoutS: timeoutS, placement: placement, encrypt: encrypt)
         var ok = false
         defer {
             h.killAll()
@@ -91,6 +95,8 @@ final class PairBench {
     let memory: UInt32
     let timeoutNs: UInt64
     let placement: Placement
+    /// `--encrypt` for both sides.
+    let encrypt: String
     let tempDir: String
     let keyPath: String
     private var children: [Child] = []
@@ -117,8 +123,9 @@ final class PairBench {
         }
     }
 
-    init(guestDir: String, memory: UInt32, timeoutS: Int, placement: Placement) throws {
+    init(guestDir: String, memory: UInt32, timeoutS: Int, placement: Placement, encrypt: String = "opportunistic") throws {
         self.placement = placement
+        self.encrypt = encrypt
         var buf = [CChar](repeating: 0, count: 4096)
         let n = readlink("/proc/self/exe", &buf, buf.count - 1)
         guard n > 0 else { throw fail("cannot read /proc/self/exe: \(String(cString: strerror(errno)))", .internalError) }
@@ -189,7 +196,9 @@ final class PairBench {
         }
     }
 
-    var common: [String] { ["--key-file", keyPath, "--status-interval-ms", "0"] + (placement.linkCPU.map { ["--link-cpu", "\($0)"] } ?? []) }
+    var common: [String] {
+        ["--key-file", keyPath, "--status-interval-ms", "0", "--encrypt", encrypt] + (placement.linkCPU.map { ["--link-cpu", "\($0)"] } ?? [])
+    }
 
     /// A secondary listening on an ephemeral port; returns it and the port it printed.
     func startSecondary(_ tag: String, serial: String, fence: String?, listen: String = "127.0.0.1:0") throws -> (Child, UInt16) {
@@ -628,7 +637,7 @@ extension PairBench {
             if let dir = plotDir, let p = writePlot(PairPlots.failover(results.map(\.killToReplyMs), target: Self.failoverP99TargetMs), dir, "pair-failover.svg") { plotPaths.append(p) }
         }
 
-        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), \(placement.text))")
+        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), \(placement.text)\(encrypt == "disabled" ? ", unencrypted" : ""))")
         Bench.printRows(figures, passWord: "PASS")
         for n in notes { print(n) }
         if !plotPaths.isEmpty { print("plots: \(plotPaths.joined(separator: " "))") }
@@ -645,7 +654,7 @@ extension PairBench {
         let targets = figures.compactMap(\.pass)
         return [
             "ok": digestsMatch && failed == 0, "digests_match": digestsMatch, "failover_trials_failed": failed,
-            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory, "placement": placement.json,
+            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory, "placement": placement.json, "encrypt": encrypt,
                          "warm_requests_before_kill": Self.warmRequests] as [String: Any],
             "host": host, "figures": figuresJSON, "notes": notes, "plots": plotPaths,
             "targets_met": targets.filter { $0 }.count, "targets_total": targets.count, "all_targets_pass": targets.allSatisfy { $0 },
