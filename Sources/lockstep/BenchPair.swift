@@ -637,7 +637,7 @@ extension PairBench {
             if let dir = plotDir, let p = writePlot(PairPlots.failover(results.map(\.killToReplyMs), target: Self.failoverP99TargetMs), dir, "pair-failover.svg") { plotPaths.append(p) }
         }
 
-        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), \(placement.text)\(encrypt == "disabled" ? ", unencrypted" : ""))")
+        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), \(placement.text)\(encrypt == "opportunistic" ? "" : ", --encrypt \(encrypt)"))")
         Bench.printRows(figures, passWord: "PASS")
         for n in notes { print(n) }
         if !plotPaths.isEmpty { print("plots: \(plotPaths.joined(separator: " "))") }
