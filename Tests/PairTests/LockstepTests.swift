@@ -429,8 +429,13 @@ extension PairTests { @Suite struct StatusAndFlowTests {
         let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
         let throttled = json?["throttledMs"] as? Double ?? 0
         #expect(throttled > 100, "the primary should have waited for the slow secondary; throttledMs = \(throttled)")
-        let maxLag = (json?["replayLagUs"] as? [String: Any])?["max"] as? Double ?? .infinity
-        #expect(maxLag < 1_000_000, "replay lag should stay near the 50 ms bound, max \(maxLag) µs")
+        // The bound is on the oldest unreplayed batch's age, so it acts only once a batch is 20 ms old: the
+        // guest's boot runs ~160 exits in those first ms, which this secondary replays at 5 ms each (~0.8 s,
+        // the max). After that backlog the lag stays near the bound (p50 ~80 ms in a debug build).
+        let lag = json?["replayLagUs"] as? [String: Any]
+        let maxLag = lag?["max"] as? Double ?? .infinity, medianLag = lag?["p50"] as? Double ?? .infinity
+        #expect(maxLag < 3_000_000, "replay lag max \(maxLag) µs: more than the first 20 ms of log can take to replay")
+        #expect(medianLag < 300_000, "replay lag p50 \(medianLag) µs: the primary did not hold the secondary near the bound")
     }
 
     /// A secondary whose replay stops moving must not stall the primary: it is dropped, and the primary
