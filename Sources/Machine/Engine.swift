@@ -129,7 +129,10 @@ public final class Engine {
     /// The end of an exit's handling (for HLT: once the halt is over).
     @inline(__always) private func exitHandled() {
         if case .entering = state { serviceAsync() }
-        if hooks.digestDue() { hooks.digest(stateDigest()) }
+        if hooks.digestDue() {
+            let (value, window) = stateDigest()
+            hooks.digest(value, window: window)
+        }
     }
 
     /// Someone asked for the replaying vCPU back: with a reason it is a stall (an error), without one the
@@ -354,9 +357,9 @@ public final class Engine {
         }
     }
 
-    /// The registers' digest, its high half XORed with the CRC32C of this digest's window of RAM: memory that
-    /// differs is found within one sweep of the windows even when no register shows it yet.
-    private func stateDigest() -> UInt64 {
+    /// The registers' digest, its high half XORed with the CRC32C of this digest's window of RAM (returned with
+    /// it): memory that differs is found within one sweep of the windows even when no register shows it yet.
+    private func stateDigest() -> (UInt64, Range<Int>) {
         let memory = machine.memory
         let window = Engine.digestWindowBytes
         let windows = max(1, Int(memory.size) / window)
@@ -365,10 +368,9 @@ public final class Engine {
         h = (h ^ h >> 27) &* 0x94D0_49BB_1331_11EB
         let offset = Int((h ^ h >> 31) % UInt64(windows)) * window
         let count = min(window, Int(memory.size) - offset)
-        hooks.digestWindow = offset..<offset + count
         // SAFETY: offset + count stays inside the guest's RAM mapping, which lives as long as the machine.
         let crc = lk_crc32c(0, memory.base + offset, count)
-        return registerDigest() ^ UInt64(crc) << 32
+        return (registerDigest() ^ UInt64(crc) << 32, offset..<offset + count)
     }
 
     /// FNV-1a over the general registers KVM synced into kvm_run at this exit.

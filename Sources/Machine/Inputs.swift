@@ -116,16 +116,15 @@ public final class InputHooks: DeviceInputs {
     /// An injection decision: logged when recording, checked against the log when replaying.
     @inline(__always) func injected(_ vector: UInt8) { note(.inject, UInt64(vector)) }
     @inline(__always) func windowRequested() { note(.window, 0) }
-    @inline(__always) func digest(_ value: UInt64) {
-        guard mode == .replay, pendingIs(.digest), case .event(let e)? = pending, e.value != value else { return note(.digest, value) }
-        // Say which half differs: registers (low 32 bits) or the window of RAM (high 32 bits; see Engine.stateDigest).
-        let what = (e.value ^ value) & 0xFFFF_FFFF != 0 ? "the registers differ"
-            : "RAM differs in guest physical 0x\(String(digestWindow.lowerBound, radix: 16))..<0x\(String(digestWindow.upperBound, radix: 16)) (registers equal)"
-        fail(expected: "state digest 0x\(String(e.value, radix: 16)) (from the log)", found: "0x\(String(value, radix: 16)): \(what)")
+    /// A state digest (`Engine.stateDigest`) over the registers and the RAM in `window`: logged, or checked
+    /// against the log, a mismatch naming which half differs (registers: low 32 bits; RAM: high 32 bits).
+    @inline(__always) func digest(_ value: UInt64, window: Range<Int>) {
+        guard mode == .replay else { return note(.digest, value) }
+        guard let logged = take(.digest), logged != value else { return }
+        let what = (logged ^ value) & 0xFFFF_FFFF != 0 ? "the registers differ"
+            : "RAM differs in guest physical 0x\(String(window.lowerBound, radix: 16))..<0x\(String(window.upperBound, radix: 16)) (registers equal)"
+        fail(expected: "state digest 0x\(String(logged, radix: 16)) (from the log)", found: "0x\(String(value, radix: 16)): \(what)")
     }
-
-    /// The window of RAM the state digest being computed covers (for a mismatch's message).
-    var digestWindow = 0..<0
 
     /// How often a recording writes a state digest (at the first natural exit once this much time passed).
     public static let digestIntervalNs: UInt64 = 50_000_000
