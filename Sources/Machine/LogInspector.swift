@@ -78,17 +78,9 @@ public final class LogInspector {
         }
         let session = try ReplaySession(logPath: path, output: nil)
         let machine = session.machine
-        // A second reader, kept in step with the replay, for where each sync point lies and its size.
-        let side = try? LogFileReader(path: path)
-        func locate(_ r: LogRecord) -> LocatedRecord? {
-            guard case .syncPoint(let s) = r, let side else { return nil }
-            while let l = try? side.nextLocated() {
-                if case .syncPoint(let t) = l.record, t.exit == s.exit { return l }
-            }
-            return nil
-        }
-        machine.hooks.observer = { r in
-            let (exit, kind, value, sig) = LogInspector.describe(r, located: locate(r))
+        machine.hooks.observer = { [unowned session] r in
+            // The replay's own reader says where the record lies (a sync point's size in the log).
+            let (exit, kind, value, sig) = LogInspector.describe(r, located: session.lastLocated)
             var line = InspectLine(index: index, exit: exit, kind: kind, value: value, signature: sig)
             if let regs = try? machine.vcpu.regs(), let sregs = try? machine.vcpu.sregs() {
                 line.rip = regs.rip

@@ -143,16 +143,23 @@ public final class RecordSession: Session, @unchecked Sendable {
 /// Reads records from a finished log file.
 final class FileRecordSource: RecordSource {
     let reader: LogFileReader
+    /// The record handed out last, with where it lies in the file: the one a replay observer is shown (the
+    /// cursor reads one ahead only after it was consumed).
+    private(set) var last: LocatedRecord?
     init(_ reader: LogFileReader) { self.reader = reader }
     func next(atOrBefore exit: UInt64) throws -> SourceRead {
-        if let r = try reader.next() { return .record(r) }
-        return .ended
+        guard let r = try reader.nextLocated() else { return .ended }
+        last = r
+        return .record(r.record)
     }
 }
 
 /// `lockstep replay`: re-executes a log with no real clock and no real input.
 public final class ReplaySession: Session, @unchecked Sendable {
     public let reader: LogFileReader
+    private let source: FileRecordSource
+    /// The record the replay consumed last, located in the file (for `hooks.observer`).
+    public var lastLocated: LocatedRecord? { source.last }
 
     /// `image` overrides the embedded one; it must be the recorded image.
     public init(logPath: String, image override: [UInt8]? = nil, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
@@ -172,7 +179,8 @@ public final class ReplaySession: Session, @unchecked Sendable {
         guard cpuid == h.cpuidSHA256 else {
             throw .config("this host's pinned CPUID table (sha256 \(StateDigest.hex(cpuid))) differs from the one the log was recorded with (\(StateDigest.hex(h.cpuidSHA256))): replay needs an identical table (same CPU vendor and baseline features)")
         }
-        super.init(machine: try Machine(image: image, config: config, mode: .replay, source: FileRecordSource(reader),
+        source = FileRecordSource(reader)
+        super.init(machine: try Machine(image: image, config: config, mode: .replay, source: source,
                                         output: output, keepTranscript: keepTranscript))
     }
 
