@@ -27,4 +27,15 @@ extension PairTests { @Suite struct BenchSmokeTests {
         let placement = (report?["settings"] as? [String: Any])?["placement"] as? [String: Any]
         if !split.isEmpty { #expect(placement?["link_poll_us"] as? Int == 5000, "\(String(describing: placement))") }
     }
+
+    /// Options it cannot use are usage errors (exit 64) naming the option, before anything starts.
+    @Test(arguments: [(["--encrypt", "bogus"], "--encrypt bogus: use disabled, opportunistic or required"),
+                      (["--secondary-cpu", "4096"], "--secondary-cpu 4096: none, or one of this process's cores"),
+                      (["--link-poll-us", "2000000"], "--link-poll-us 2000000: at most 1000000")])
+    func benchPairRefusesBadOptions(args: [String], message: String) throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let bench = try Child("bench", ["bench", "pair"] + args, captureStdout: true)
+        #expect(try bench.wait(seconds: 30) == 64, "\(bench.stderrText)")
+        #expect(bench.stderrText.contains(message), "\(bench.stderrText)")
+    }
 } }
