@@ -46,9 +46,11 @@ public final class StandbySession: Session, RecordingSession, @unchecked Sendabl
     public let encoder = LogEncoder(frameTarget: 32 << 10)
 
     /// `recordWhenLive`: after go-live, record (for a new secondary) rather than just run. The log's source comes
-    /// with the snapshot (`load`): the machine exists while the seed's pages arrive.
-    public init(image: PVHImage, config: MachineConfig, output: SerialOutput?, recordWhenLive: Bool = false) throws(MachineError) {
-        super.init(machine: try Machine(image: image, config: config, mode: .replay, output: output))
+    /// with the snapshot (`load`): the machine exists while the seed's pages arrive. `adopting`: the RAM an earlier
+    /// machine of this side left (a delta seed writes only what differs into it).
+    public init(image: PVHImage, config: MachineConfig, output: SerialOutput?, recordWhenLive: Bool = false,
+                adopting: RetainedRAM? = nil) throws(MachineError) {
+        super.init(machine: try Machine(image: image, config: config, mode: .replay, output: output, adopting: adopting))
         if recordWhenLive { machine.hooks.liveEncoder = encoder }
         machine.hooks.onGoLive = { [unowned self] reason in
             // Inputs are live from here (and recorded): the timers and wake-ups need the pacer.
@@ -59,13 +61,17 @@ public final class StandbySession: Session, RecordingSession, @unchecked Sendabl
     }
 
     /// Fault injection for the state-digest test (`LOCKSTEP_FAULT_RAM_AT_EXIT`): flips the last byte of every
-    /// digest window of RAM, a difference no register shows until the guest reads it.
+    /// digest window of RAM, a difference no register shows until the guest reads it. The pages count as
+    /// written, as a replay's own wrong write would (a delta seed must find them).
     public func corruptRAMForTest() {
         let m = machine.memory, w = Engine.digestWindowBytes
+        var pages: [Int] = []
         for end in stride(from: w, through: Int(m.size), by: w) {
             // SAFETY: end - 1 lies inside the guest's RAM mapping.
             (m.base + end - 1).storeBytes(of: (m.base + end - 1).load(as: UInt8.self) ^ 0x5A, as: UInt8.self)
+            pages.append((end - 1) / 4096)
         }
+        machine.syncPoints?.noteWritten(pages)
     }
 
     public func finish(_ e: Ending) throws(MachineError) -> (SessionResult, LogTrailer) { try trailer(e, encoder: encoder) }

@@ -40,19 +40,27 @@ public final class Machine {
     public var warn: (String) -> Void = { FileHandle.standardError.write(Data(("lockstep: " + $0 + "\n").utf8)) }
     private var unknownMMIO = Set<UInt64>()
 
+    /// `adopting`: RAM another machine of this image and size left behind (`RetainedRAM`); the loader does not
+    /// write it again, and its written pages count as written since boot here.
     public init(image: PVHImage, config: MachineConfig, mode: InputHooks.Mode, encoder: LogEncoder? = nil,
-                source: RecordSource? = nil, output: SerialOutput?, keepTranscript: Bool = false) throws(MachineError) {
+                source: RecordSource? = nil, output: SerialOutput?, keepTranscript: Bool = false,
+                adopting retained: RetainedRAM? = nil) throws(MachineError) {
         self.config = config
         self.image = image
         guard config.memoryMiB >= 2, config.memoryMiB <= 65536 else { throw .config("--memory \(config.memoryMiB) MiB is outside 2...65536") }
+        if let retained, !retained.fits(image: image, config: config) {
+            throw .config("retained RAM of \(retained.memory.size >> 20) MiB cannot serve a \(config.memoryMiB) MiB machine of another image")
+        }
         do {
             kvm = try KVMHost()
             vm = try kvm.createVM()
-            memory = try GuestMemory(bytes: UInt64(config.memoryMiB) << 20)
+            memory = try retained?.memory ?? GuestMemory(bytes: UInt64(config.memoryMiB) << 20)
         } catch let e as KVMError { throw .kvm(e) } catch let e as MemoryError { throw .kvm(.memory(e)) } catch { throw .config("\(error)") }
-        do {
-            try PVHLoader.load(image, into: memory)
-        } catch { throw .image(error) }
+        if retained == nil {
+            do {
+                try PVHLoader.load(image, into: memory)
+            } catch { throw .image(error) }
+        }
         do {
             // Dirty tracking feeds sync points (record) and later re-protection/migration (replay, live).
             try vm.setMemory(memory, trackDirty: mode != .run)
@@ -70,7 +78,7 @@ public final class Machine {
         // still the way to kick the replaying vCPU out of the guest (watchdog, abandoned stream).
         pacer = Pacer(latencyMicroseconds: config.interruptLatencyUs)
         syncPoints = mode == .run ? nil : SyncPointStore(vm: vm, memory: memory, encoder: encoder, msrs: vcpu.readableMSRs(),
-                                                         loaded: PVHLoader.writtenPages(image))
+                                                         loaded: PVHLoader.writtenPages(image), written: retained?.written)
         self.output = output
         input.pacer = pacer
         devices.bus.onUnknownPort = { [unowned self] port, isWrite in

@@ -31,7 +31,8 @@ final class SyncPointStore: @unchecked Sendable {
     private(set) var captured: UInt64 = 0
     private(set) var pagesCaptured: UInt64 = 0
 
-    init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32], loaded pages: [Int]) {
+    /// `written`: pages already written when this store starts (`words` words; RAM adopted from another machine).
+    init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32], loaded pages: [Int], written: [UInt64]? = nil) {
         self.vm = vm; self.memory = memory; self.encoder = encoder; self.msrs = msrs
         let words = (memory.pageCount + 63) / 64
         self.words = words
@@ -42,6 +43,10 @@ final class SyncPointStore: @unchecked Sendable {
         }
         fetched = bitmap(); sinceSync = bitmap(); everDirty = bitmap(); sinceTaken = bitmap(); loaded = bitmap()
         for p in pages where p < memory.pageCount { loaded[p >> 6] |= 1 << UInt64(p & 63) }
+        if let written {
+            precondition(written.count == words, "a written-page bitmap of \(written.count) words for \(words)")
+            everDirty.update(from: written, count: words)
+        }
         pageNumbers = .allocate(capacity: memory.pageCount)
         pageDataCapacity = 1 << 20
         pageData = .allocate(byteCount: pageDataCapacity, alignment: 4096)
@@ -120,6 +125,11 @@ final class SyncPointStore: @unchecked Sendable {
         // SAFETY: the caller checked the numbers against RAM and the length of `data` (see above).
         lk_scatter_pages(memory.base.assumingMemoryBound(to: UInt8.self), numbers.baseAddress, numbers.count,
                          data?.assumingMemoryBound(to: UInt8.self))
+    }
+
+    /// Marks pages written from user space without `writePages` (fault injection) as written since boot.
+    func noteWritten(_ numbers: [Int]) {
+        dirtyLock.withLock { _ in for n in numbers where n < memory.pageCount { everDirty[n >> 6] |= 1 << UInt64(n & 63) } }
     }
 
     /// Replay side: writes the pages and loads the vCPU state. Returns the injection readiness recorded with it.

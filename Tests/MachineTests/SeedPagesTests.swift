@@ -47,4 +47,27 @@ struct SeedPagesTests {
         #expect(page(s.machine, 1).allSatisfy { $0 == 0 })
         #expect(try s.machine.seedDigest() == before)
     }
+
+    /// A diverged secondary's RAM serves its next machine: the same bytes, counted as written (the seed digest
+    /// reads them), and the held pages name each non-zero page by hash.
+    @Test func aNewMachineAdoptsRetainedRAMWithItsWrittenPages() throws {
+        let old = try standby()
+        try pages([0x11, 0, 0x33]).withUnsafeBytes { try old.machine.writeSeedPages([300, 301, 302], data: $0) }
+        let digest = try old.machine.seedDigest()
+        let ram = try old.machine.retainRAM()
+        let held = ram.heldPages()
+        #expect(held.numbers.contains(300) && held.numbers.contains(302) && !held.numbers.contains(301), "a zero page is not held: \(held.numbers)")
+        #expect(Array(held.hashes[held.numbers.firstIndex(of: 300)! * 32..<held.numbers.firstIndex(of: 300)! * 32 + 32]) == StateDigest.sha256(pages([0x11])))
+        let fresh = try standby()
+        #expect(ram.fits(image: fresh.machine.image, config: fresh.machine.config))
+        #expect(!ram.fits(image: fresh.machine.image, config: MachineConfig(memoryMiB: 4)))
+        #expect(!ram.fits(image: try Fixture.guest("echo"), config: fresh.machine.config))
+        let adopted = try StandbySession(image: fresh.machine.image, config: fresh.machine.config, output: nil, adopting: ram)
+        #expect(page(adopted.machine, 300).allSatisfy { $0 == 0x11 } && page(adopted.machine, 302).allSatisfy { $0 == 0x33 })
+        #expect(try adopted.machine.seedDigest() == digest)
+        #expect(try fresh.machine.seedDigest() != digest)
+        do { _ = try StandbySession(image: try Fixture.guest("echo"), config: fresh.machine.config, output: nil, adopting: ram); Issue.record("RAM of another image was adopted") } catch {
+            #expect("\(error)".contains("cannot serve"), "\(error)")
+        }
+    }
 }
