@@ -10,6 +10,12 @@ import Synchronization
 /// what is left is small or stops shrinking. The vCPU thread then pauses the guest (`finish`) to send the
 /// rest with the vCPU and device state.
 ///
+/// Delta seed: a secondary that kept the RAM of its last machine of this guest (it diverged, or handed the
+/// guest over) answers the header with the hashes of the pages it holds (`HeldPages`). Round 0 then hashes
+/// every page here and sends only those whose hash differs: a divergence costs what differs, not the
+/// guest's memory. This is how a divergence is repaired (design notes §4): a sync point against what the
+/// secondary actually holds, which no dirty log can know after a replay went wrong.
+///
 /// Auto-converge: a guest that writes pages at least half as fast as the rounds send them is throttled (the
 /// vCPU thread sleeps a share of its time at step boundaries, `throttleGuest`), starting at 30 % and 20
 /// points more each round that still does not converge, up to 90 %. The rounds end when even that does not
@@ -59,6 +65,12 @@ final class Precopy: @unchecked Sendable {
     private(set) var rounds = 0
     private(set) var pagesSent = 0
     private(set) var pagesInPause = 0
+    /// Delta seed: the non-zero pages the secondary held, how many of them were already right, what round 0
+    /// sent, and what it would have sent to a new machine (the pages written since boot).
+    private(set) var heldPages = 0
+    private(set) var heldEqual = 0
+    private(set) var firstRoundPages = 0
+    private(set) var newMachinePages = 0
     /// Share of the guest's time the vCPU thread sleeps (percent, 0: not throttled); the highest it reached.
     let throttle = Atomic<UInt8>(0)
     private(set) var throttleReached: UInt8 = 0
@@ -118,10 +130,14 @@ final class Precopy: @unchecked Sendable {
         do {
             try conn.send(.bulk(SeedCodec.header(header)))
             progressNs.store(lk_monotonic_ns(), ordering: .releasing)
-            // Round 0: every page that differs from the image; the others are hashed where they are.
+            let held = try receiveHeld()
+            // Round 0: every page that differs from the image, or (delta) from what the secondary holds; the
+            // others are hashed where they are.
             try machine.takeDirtyPages(into: pending, sinceBoot: true)
-            try hashUnsent()
+            newMachinePages = lk_bitmap_count(pending, pageCount)
+            if held.count == 0 { try hashUnsent() } else { try compare(with: held) }
             var n = try sendPending()
+            firstRoundPages = n
             rehashStaleChunks()
             rounds = 1
             var ticker: Ticker?
@@ -151,7 +167,7 @@ final class Precopy: @unchecked Sendable {
             // The pause comes at the vCPU thread's next step boundary: get one now, even from a halted guest.
             machine.pacer?.raise(.boundary)
         } catch {
-            failure.withLock { if $0.isEmpty { $0 = "cannot send the seed: \(error)" } }
+            failure.withLock { if $0.isEmpty { $0 = error is SeedError ? "\(error)" : "cannot send the seed: \(error)" } }
             conn.close()
             phase.store(Phase.failed.rawValue, ordering: .releasing)
         }
@@ -194,6 +210,31 @@ final class Precopy: @unchecked Sendable {
             StateDigest.chunkHash(c, pageHashes: hashes, pages: pageCount, into: chunkHashes + c * 32)
             staleChunks[c] = false
         }
+    }
+
+    /// The secondary's answer to the header: the pages it holds (none: a new machine). It may hash all its
+    /// RAM first, so the wait is the seed's own timeout; the guest runs meanwhile.
+    private func receiveHeld() throws -> HeldPages {
+        var held = HeldPages()
+        while true {
+            let m = try conn.receiveMessage(timeoutMs: Int(SecondaryLink.seedTimeoutNs / 1_000_000))
+            if case .goodbye(let why) = m { throw SeedError(secondary: "it stopped: \(why)") }
+            guard case .bulk(let b) = m else { throw SeedError(secondary: "expected the hashes of the pages it holds, got \(m)") }
+            progressNs.store(lk_monotonic_ns(), ordering: .releasing)
+            if try SeedCodec.decodeHeld(b, into: &held, pages: pageCount) { break }
+        }
+        heldPages = held.count
+        return held
+    }
+
+    /// Delta round 0: hashes every page that may not be zero here and puts into `pending` each page whose
+    /// hash is not the one the secondary holds.
+    private func compare(with held: HeldPages) throws {
+        try machine.loadedPages(into: taken)
+        for i in 0..<words { taken[i] |= pending[i] }
+        // SAFETY: RAM holds pageCount pages; hashes holds pageCount * 32 bytes.
+        StateDigest.hashPages(machine.memory.base, count: pageCount, read: taken, into: hashes)
+        heldEqual = held.compare(hashes, pages: pageCount, differ: pending)
     }
 
     /// Hashes every page not in `pending` (round 0: the pages still equal to the image, unless written

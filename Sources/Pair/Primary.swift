@@ -414,6 +414,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             + " \(p.pagesSent - p.pagesInPause) pages in \(p.rounds) rounds (\(ms(t0 &- p.startNs)) ms"
             + (p.throttleReached > 0 ? ", guest throttled up to \(p.throttleReached) %)," : "),")
             + " then \(p.pagesInPause) with the guest paused \(ms(pause)) ms" + (snap.halted ? " while halted" : "")
+            + (p.heldPages > 0 ? "; a delta seed: the secondary kept its RAM, \(p.heldEqual) of its \(p.heldPages) pages were right,"
+                + " round 0 sent \(p.firstRoundPages) pages where a new machine needs \(p.newMachinePages)" : "")
         let confirmation = SecondaryLink.Unconfirmed(protectionID: protectionID, exit: snap.exit) { [weak self] in
             _ = self?.fsm.withLock { $0.handle(.seedComplete) }
             warn(line + " (confirmed \(ms(lk_monotonic_ns() &- t0)) ms after the pause began)")

@@ -23,6 +23,8 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     /// `protector` for the thread that asks for a handover.
     private let protectorForSignals = Mutex<PrimaryRunner?>(nil)
     private var seedImage: PVHImage?
+    /// The RAM of the last machine, kept for the next seed (a delta seed sends only what differs from it).
+    private var retained: RetainedRAM?
     private var seedConfig = MachineConfig()
     /// How the run ended, for the exit status.
     public private(set) var wentLive = false
@@ -41,6 +43,9 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
 
     public var port: UInt16 { listener.port }
 
+    /// Keeps `ram` (a primary's that handed its guest over and stays as a secondary) for the first seed.
+    public func keep(_ ram: RetainedRAM) { retained = ram }
+
     /// Accepts primaries until one completes the handshake and the seed (a bad peer is reported and dropped),
     /// then replays until the guest ends or this side goes live and the guest ends. A divergence while
     /// replaying is reported to the primary, which seeds this side again. A survivor that hands the guest
@@ -54,7 +59,8 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 warn("secondary: handed the guest over; listening again on \(listener.host):\(port) for the new primary")
                 protector = nil; backend = nil; wentLive = false
             }
-            // The next seed builds a new machine: free this one's RAM first.
+            // The next seed builds a new machine around this one's RAM: the primary sends only what differs.
+            retained = try? session?.machine.retainRAM()
             session = nil; source = nil
         }
     }
@@ -180,17 +186,19 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         }
     }
 
+    /// The next part of the seed (`.pages` also takes the end).
+    private func part(_ want: SeedPart, from conn: Connection) throws -> [UInt8] {
+        let m: Message
+        do { m = try conn.receiveMessage(timeoutMs: 10_000) } catch { throw PairError.peerUnreachable("the primary's seed did not arrive: \(error)") }
+        if case .goodbye(let why) = m { throw PairError.primaryStopped("the primary stopped before the seed was complete: \(why)") }
+        guard case .bulk(let b) = m else { throw PairError.badPeerData("expected the seed (\(want)), got \(m)") }
+        do { guard try SeedCodec.part(b) == want || want == .pages else { throw SeedError("expected \(want)") } } catch { throw PairError.badPeerData("\(error)") }
+        return b
+    }
+
     private func receiveSeed(_ conn: Connection) throws -> (StandbySession, LiveLogSource) {
-        func part(_ want: SeedPart) throws -> [UInt8] {
-            let m: Message
-            do { m = try conn.receiveMessage(timeoutMs: 10_000) } catch { throw PairError.peerUnreachable("the primary's seed did not arrive: \(error)") }
-            if case .goodbye(let why) = m { throw PairError.primaryStopped("the primary stopped before the seed was complete: \(why)") }
-            guard case .bulk(let b) = m else { throw PairError.badPeerData("expected the seed (\(want)), got \(m)") }
-            do { guard try SeedCodec.part(b) == want || want == .pages else { throw SeedError("expected \(want)") } } catch { throw PairError.badPeerData("\(error)") }
-            return b
-        }
         let header: SeedHeader
-        do { header = try SeedCodec.decodeHeader(try part(.header)) } catch let e as SeedError { throw PairError.badPeerData(e.description) }
+        do { header = try SeedCodec.decodeHeader(try part(.header, from: conn)) } catch let e as SeedError { throw PairError.badPeerData(e.description) }
         guard StateDigest.sha256(header.image) == header.imageSHA256 else { throw PairError.badPeerData("the seed's guest image does not match its SHA-256") }
         let cpuid: [UInt8]
         do { cpuid = try CPUIDTable.hostDigest() } catch { throw PairError.config("\(error)") }
@@ -199,14 +207,33 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         }
         let image: PVHImage
         do { image = try PVHImage(bytes: header.image) } catch { throw PairError.badPeerData("the primary's guest image: \(error)") }
-        warn("secondary: receiving a seed (\(header.config.memoryMiB) MiB guest, image \(header.image.count) bytes)")
+        // The last machine's RAM serves only the same guest (image and size); otherwise it goes before the new RAM comes.
+        var kept = retained
+        retained = nil
+        if let k = kept, !k.fits(image: image, config: header.config) { kept = nil }
+        let held = kept?.heldPages() ?? HeldPages()
+        do { for b in SeedCodec.held(held) { try conn.send(.bulk(b)) } } catch {
+            retained = kept
+            throw PairError.peerUnreachable("cannot answer the primary's seed: \(error)")
+        }
+        warn("secondary: receiving a seed (\(header.config.memoryMiB) MiB guest, image \(header.image.count) bytes)"
+             + (kept != nil ? "; keeping this side's RAM (\(held.count) non-zero pages): only pages that differ come" : ""))
         // The machine exists before the pages arrive: each chunk goes straight into its RAM.
         let output = SuppressedOutput()
-        let s = try StandbySession(image: image, config: header.config, output: output, recordWhenLive: reprotectPeer != nil)
+        let s = try StandbySession(image: image, config: header.config, output: output, recordWhenLive: reprotectPeer != nil, adopting: kept)
+        do { return try load(s, header: header, image: image, conn: conn, output: output) } catch {
+            // Whatever the failed seed wrote is tracked: the RAM still serves the next one.
+            retained = try? s.machine.retainRAM()
+            throw error
+        }
+    }
+
+    /// Writes a seed's pages into `s` as they arrive, then loads its end and checks the seed digest.
+    private func load(_ s: StandbySession, header: SeedHeader, image: PVHImage, conn: Connection, output: SuppressedOutput) throws -> (StandbySession, LiveLogSource) {
         var received = 0
         var end: SeedEnd
         while true {
-            let b = try part(.pages)
+            let b = try part(.pages, from: conn)
             do {
                 switch try SeedCodec.part(b) {
                 case .pages:
@@ -219,6 +246,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                     continue
                 case .end: end = try SeedCodec.decodeEnd(b)
                 case .header: throw SeedError("a second header")
+                case .held: throw SeedError("a held part (the secondary's to send)")
                 }
             } catch let e as SeedError { throw PairError.badPeerData(e.description) }
             break

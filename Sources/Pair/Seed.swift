@@ -7,6 +7,8 @@ import Machine
 ///
 ///     header: u16 seed version | u32 memory MiB | u32 interrupt latency µs | u64 epoch seconds |
 ///             32 image SHA-256 | 32 CPUID table SHA-256 | u32 image length | image bytes
+///     held:   (secondary → primary, answers the header; one or more) u8 flags (bit 0: the last part) |
+///             u32 count | count x u32 page number (ascending across parts) | count x 32 page SHA-256
 ///     pages:  u32 count | count x u32 page number | count x 4096 page bytes      (zero or more; built
 ///             in place by `Precopy.sendPending`)
 ///     end:    u64 exit | u32 signature | u64 last guest clock ns | u32 first log frame sequence |
@@ -14,16 +16,21 @@ import Machine
 ///             u64 protection id (names this secondary in the fence directory's pair record) |
 ///             u8 run state (`SeedRunState`: halted when the primary's guest waited in HLT at the seed)
 ///
-/// The secondary loads the image itself; the pages are those the guest wrote since boot, a page again each
-/// time pre-copy found it written since it was sent (the last copy wins; `total pages` counts every copy).
+/// The secondary loads the image itself, or keeps the RAM of its last machine of this guest (`RetainedRAM`:
+/// it diverged, or handed the guest over); `held` names its non-zero pages by hash (none: a new machine).
+/// The pages are those that differ from what it holds: the guest's pages written since boot for a new
+/// machine, for a kept one the pages whose hash differs (a delta seed); then a page again each time
+/// pre-copy found it written since it was sent (the last copy wins; `total pages` counts every copy).
 /// After loading, its `StateDigest.seed` must equal the one in `end`, or the pair does not start.
-/// Version 4: the run state (a seed may be taken while the guest halts). Version 3: pre-copy (pages repeat)
+/// Version 5: `held`. Version 4: the run state (a seed may be taken while the guest halts). Version 3: pre-copy (pages repeat)
 /// and the two-level seed digest (pages, chunks of 512 pages); version 2 hashed the page hashes as one list,
 /// version 1 sent each page once with a digest over RAM as one stream.
 enum SeedPart: UInt8 {
     case header = 1
     case pages = 2
     case end = 3
+    /// Secondary → primary: the hashes of the pages its RAM holds.
+    case held = 4
 }
 
 /// Where the primary's vCPU was at the seed's exit.
@@ -35,7 +42,7 @@ enum SeedRunState: UInt8 {
 }
 
 struct SeedHeader: Equatable {
-    static let version: UInt16 = 4
+    static let version: UInt16 = 5
     var config: MachineConfig
     var imageSHA256: [UInt8]
     var cpuidSHA256: [UInt8]
@@ -56,12 +63,18 @@ struct SeedEnd: Equatable {
 }
 
 struct SeedError: Error, CustomStringConvertible {
-    let description: String
-    init(_ s: String) { description = "bad seed from the primary: " + s }
+    let detail: String
+    /// A bad `held` part: the secondary's, not the primary's.
+    var fromSecondary = false
+    init(_ s: String) { detail = s }
+    init(secondary s: String) { detail = s; fromSecondary = true }
+    var description: String { (fromSecondary ? "bad answer to the seed from the secondary: " : "bad seed from the primary: ") + detail }
 }
 
 /// Largest page chunk per bulk frame (frames carry at most 64 MiB).
 let seedPagesPerFrame = 4096
+/// Largest `held` part: 9 MiB.
+let heldPagesPerFrame = 262_144
 
 enum SeedCodec {
     static func header(_ h: SeedHeader) -> [UInt8] {
@@ -76,6 +89,47 @@ enum SeedCodec {
         w.u64(e.exit); w.u32(e.signature); w.u64(e.lastClock); w.u32(e.firstSequence); w.u32(e.totalPages)
         w.blob(e.vcpuState); w.blob(e.deviceState); w.raw(e.seedDigest); w.u64(e.protectionID); w.u8(e.runState.rawValue)
         return w.out
+    }
+
+    /// The `held` parts of `h` (at least one).
+    static func held(_ h: HeldPages) -> [[UInt8]] {
+        var parts: [[UInt8]] = []
+        var i = 0
+        repeat {
+            let k = min(heldPagesPerFrame, h.count - i)
+            var w = Wire(SeedPart.held)
+            w.u8(i + k == h.count ? 1 : 0); w.u32(UInt32(k))
+            for n in h.numbers[i..<i + k] { w.u32(n) }
+            w.raw(h.hashes[i * 32..<(i + k) * 32])
+            parts.append(w.out)
+            i += k
+        } while i < h.count
+        return parts
+    }
+
+    /// Adds a `held` part to `h`, checking its numbers against RAM (`pages`) and the parts before. True: the last part.
+    static func decodeHeld(_ body: [UInt8], into h: inout HeldPages, pages: Int) throws(SeedError) -> Bool {
+        guard body.first == SeedPart.held.rawValue else {
+            throw SeedError(secondary: "expected the hashes of the pages it holds, got part \(body.first.map(String.init) ?? "(empty)")")
+        }
+        do throws(SeedError) {
+            var r = WireReader(body, what: "held pages")
+            let flags = try r.u8()
+            guard flags & ~1 == 0 else { throw SeedError("unknown held flags 0x\(String(flags, radix: 16))") }
+            let n = Int(try r.u32())
+            guard n <= heldPagesPerFrame else { throw SeedError("a held part of \(n) pages (at most \(heldPagesPerFrame))") }
+            var last = h.numbers.last.map(Int.init) ?? -1
+            for _ in 0..<n {
+                let p = Int(try r.u32())
+                guard p > last else { throw SeedError("held page \(p) after page \(last) (numbers must ascend)") }
+                guard p < pages else { throw SeedError("held page \(p) is beyond RAM (\(pages) pages)") }
+                h.numbers.append(UInt32(p))
+                last = p
+            }
+            h.hashes += try r.raw(n * 32)
+            try r.done()
+            return flags & 1 != 0
+        } catch { throw SeedError(secondary: error.detail) }  // the reader's errors name the primary
     }
 
     static func part(_ body: [UInt8]) throws(SeedError) -> SeedPart {

@@ -86,16 +86,18 @@ struct PrimaryCommand: ParsableCommand {
             let after = try listen.map { try SecondaryRunner(listen: $0, serial: spec, options: o, reprotectPeer: peer) }
             let control = try pair.operatorAccess(o, role)
             defer { control?.stop() }
-            let (r, handedOver) = try runPrimary(spec, o, role)
+            let (r, handedOver, ram) = try runPrimary(spec, o, role, keepRAM: after != nil)
             guard handedOver, let s = after else { throw finish(r, verbose: options.verbose) }
+            if let ram { s.keep(ram) }
             role.set(s)
             FileHandle.standardError.write(Data("lockstep: now the secondary of the new primary, listening on \(listen!)\n".utf8))
             throw finish(try s.run(), verbose: options.verbose)
         } catch { throw pairExit(error) }
     }
 
-    /// The run as primary (its machine is freed on return, before a secondary run builds another).
-    private func runPrimary(_ spec: SerialSpec, _ o: PairOptions, _ role: CurrentRole) throws -> (SessionResult, handedOver: Bool) {
+    /// The run as primary (its machine is freed on return, before a secondary run builds another). After a
+    /// handover its RAM is kept when asked (`keepRAM`): the new primary's seed of this side sends what differs.
+    private func runPrimary(_ spec: SerialSpec, _ o: PairOptions, _ role: CurrentRole, keepRAM: Bool) throws -> (SessionResult, handedOver: Bool, RetainedRAM?) {
         let image = try loadImage(guest)
         let backend = try SerialBackend(spec)
         let p = try PrimaryRunner(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs),
@@ -104,7 +106,7 @@ struct PrimaryCommand: ParsableCommand {
         backend.startInput(into: p.machine.input)
         let r = try p.run()
         backend.close()
-        return (r, p.handedOver)
+        return (r, p.handedOver, keepRAM && p.handedOver ? try? p.machine.retainRAM() : nil)
     }
 }
 

@@ -249,7 +249,9 @@ extension PairTests { @Suite struct FailoverTests {
         let first = try Child("handover-1", ["control", controlA, "handover"], captureStdout: true)
         #expect(try first.wait(seconds: 30) == 0, "\(first.stderrText)")
         try a.waitForLine(containing: "now the secondary of the new primary", seconds: 10)
-        try b.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", seconds: 30)
+        // Each side keeps the guest's RAM as it was at the handover: the seeds carry what the guest wrote since.
+        let seededA = try b.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", seconds: 30)
+        #expect(seededA.contains("a delta seed"), "\(seededA)")
         requests(3, "b")
         // B → A, asked on A (the secondary now): A goes live and seeds B, which listens again.
         let second = try Child("handover-2", ["control", controlA, "handover"], captureStdout: true)
@@ -258,7 +260,9 @@ extension PairTests { @Suite struct FailoverTests {
                 "\(second.stderrText)")
         try b.waitForLine(containing: "the secondary asked for a handover", seconds: 10)
         try b.waitForLine(containing: "listening again on 127.0.0.1:\(portB)", seconds: 10)
-        try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portB)", seconds: 30)
+        let seededB = try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portB)", occurrence: 2, seconds: 30)
+        #expect(seededB.contains("a delta seed"), "\(seededB)")
+        print("re-seeds after the handovers:\n\(seededA)\n\(seededB)")
         requests(3, "c")
         _ = client.request("QUIT", expect: "RESULT echo")
         #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")

@@ -150,6 +150,9 @@ extension PairTests { @Suite struct LockstepTests {
         #expect(dropped.contains("RAM differs in guest physical") && dropped.contains("(registers equal)"), "\(dropped)")
         let reseeded = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 30)
         #expect(!reseeded.contains("at exit 0:"), "\(reseeded)")
+        // The flipped bytes lie in pages the primary never wrote (zero there): the delta must still find each.
+        let (sent, _) = try Self.deltaSeed(reseeded)
+        #expect(sent >= 64, "one byte flipped in each 512 KiB window of 32 MiB, \(sent) pages sent: \(reseeded)")
         for s in seq + 1...seq + 3 { #expect(client.request("REQ \(s) b", expect: "REP \(s) ") != nil) }
         _ = client.request("QUIT", expect: "RESULT echo")
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
@@ -160,13 +163,15 @@ extension PairTests { @Suite struct LockstepTests {
 
     /// A log that lies (one event's signature altered in flight) makes the secondary diverge: it reports it,
     /// the primary drops it and seeds it again from the running guest, and the pair still ends in lockstep.
-    @Test func divergenceIsReportedAndRepairedByReseeding() throws {
+    /// The secondary keeps its RAM: `echo-state` has 48 MiB written at boot, and the repair carries only the
+    /// pages that differ from what the secondary holds (a delta seed), not the guest's memory.
+    @Test func divergenceIsRepairedByADeltaSeed() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         let udp = try PairFixture.freeUDPPort()
         let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws))
         let port = try sec.listeningPort()
-        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo-state"), "--peer", "127.0.0.1:\(port)", "--memory", "96",
                                         "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws),
                             environment: ["LOCKSTEP_FAULT_SIGNATURE_AT_EXIT": "100"])
         let client = EchoClient(port: udp)
@@ -175,12 +180,24 @@ extension PairTests { @Suite struct LockstepTests {
         try sec.waitForLine(containing: "waiting for a new seed", seconds: 30)
         let reseeded = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 30)
         #expect(!reseeded.contains("at exit 0:"), "\(reseeded)")
+        let (sent, needed) = try Self.deltaSeed(reseeded)
+        #expect(sent < 64 && needed > 12_000, "a repair sent \(sent) pages of the \(needed) a new machine needs: \(reseeded)")
         for seq in 2...4 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ") != nil) }
         _ = client.request("QUIT", expect: "RESULT echo")
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
         #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
         #expect(pri.digest != nil && pri.digest == sec.digest, "primary \(pri.digest ?? "-"), secondary \(sec.digest ?? "-")")
         #expect(!sec.stderr.contains { $0.hasPrefix("live: ") })
+        print("divergence repaired by a delta seed: \(sent) pages sent, \(needed) for a new machine")
+    }
+
+    /// From a primary's "protected" line: the pages a delta seed's round 0 sent and those a new machine needed.
+    static func deltaSeed(_ line: String) throws -> (sent: Int, needed: Int) {
+        guard let r = line.range(of: #"round 0 sent (\d+) pages where a new machine needs (\d+)"#, options: .regularExpression) else {
+            throw PairTestError("not a delta seed: \(line)")
+        }
+        let numbers = line[r].split(separator: " ").compactMap { Int($0) }  // 0 (the round), sent, needed
+        return (numbers[1], numbers[2])
     }
 
     @Test func timingGuestRepeatedlyInLockstep() throws {

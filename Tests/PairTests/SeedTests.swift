@@ -1,3 +1,4 @@
+import Machine
 import Testing
 @testable import Pair
 
@@ -51,5 +52,55 @@ import Testing
         do { _ = try SeedCodec.decodeEnd(bytes); Issue.record("run state 0 was accepted") } catch {
             #expect(error.description.contains("unknown run state 0"), "\(error)")
         }
+    }
+
+    /// A page hash whose bytes are all `v`.
+    func hash(_ v: UInt8) -> [UInt8] { [UInt8](repeating: v, count: 32) }
+
+    @Test func heldPagesTravelInPartsAndComeBackWhole() throws {
+        let many = HeldPages(numbers: (0..<UInt32(heldPagesPerFrame + 3)).map { $0 * 2 },
+                             hashes: (0..<heldPagesPerFrame + 3).flatMap { hash(UInt8(truncatingIfNeeded: $0)) })
+        for held in [HeldPages(), HeldPages(numbers: [4, 9], hashes: hash(1) + hash(2)), many] {
+            let parts = SeedCodec.held(held)
+            #expect(parts.count == max(1, (held.count + heldPagesPerFrame - 1) / heldPagesPerFrame))
+            var back = HeldPages()
+            for (i, p) in parts.enumerated() {
+                #expect(try SeedCodec.decodeHeld(p, into: &back, pages: 1 << 20) == (i == parts.count - 1))
+            }
+            #expect(back == held)
+        }
+    }
+
+    @Test func aBadHeldPartIsNamedAsTheSecondarys() throws {
+        func refused(_ part: [UInt8], pages: Int = 100, after: HeldPages = HeldPages(), _ words: String) {
+            var h = after
+            do { _ = try SeedCodec.decodeHeld(part, into: &h, pages: pages); Issue.record("accepted: \(words)") } catch {
+                #expect(error.description.hasPrefix("bad answer to the seed from the secondary: ") && error.description.contains(words), "\(error)")
+            }
+        }
+        refused(SeedCodec.held(HeldPages(numbers: [5, 100], hashes: hash(1) + hash(2)))[0], "held page 100 is beyond RAM (100 pages)")
+        refused(SeedCodec.held(HeldPages(numbers: [7, 7], hashes: hash(1) + hash(2)))[0], "held page 7 after page 7")
+        refused(SeedCodec.held(HeldPages(numbers: [3], hashes: hash(1)))[0], after: HeldPages(numbers: [8], hashes: hash(0)), "held page 3 after page 8")
+        refused(Array(SeedCodec.held(HeldPages(numbers: [3], hashes: hash(1)))[0].dropLast()), "held pages ends early")
+        var flags = SeedCodec.held(HeldPages())[0]
+        flags[1] = 0x81
+        refused(flags, "unknown held flags 0x81")
+        refused(SeedCodec.end(SeedEnd(exit: 1, signature: 1, lastClock: 1, firstSequence: 0, totalPages: 0, vcpuState: [], deviceState: [],
+                                      seedDigest: hash(0), protectionID: 1, runState: .running)), "expected the hashes of the pages it holds, got part 3")
+    }
+
+    /// The primary sends a page when its hash is not the held one, and a page the secondary does not hold is zero there.
+    @Test func comparingWithHeldPagesFindsEveryDifferenceAndOnlyThose() throws {
+        let zero = StateDigest.sha256([UInt8](repeating: 0, count: 4096))
+        // This side: pages 0 and 2 written, 1 and 3 zero, 70 written.
+        let pages = 130
+        var mine = [UInt8]()
+        for p in 0..<pages { mine += [0, 2, 70].contains(p) ? hash(UInt8(p)) : zero }
+        // The secondary: page 0 the same, page 1 non-zero (this side's is zero), page 2 different, 70 not held (zero there).
+        let held = HeldPages(numbers: [0, 1, 2], hashes: hash(0) + hash(9) + hash(99))
+        var differ = [UInt64](repeating: ~0, count: 3)
+        let equal = mine.withUnsafeBytes { m in differ.withUnsafeMutableBufferPointer { held.compare(m.baseAddress!, pages: pages, differ: $0.baseAddress!) } }
+        #expect(equal == 1)
+        #expect(differ == [1 << 1 | 1 << 2, 1 << (70 - 64), 0])
     }
 }
