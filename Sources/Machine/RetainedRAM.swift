@@ -92,3 +92,52 @@ public struct HeldPages: Equatable, Sendable {
         return equal
     }
 }
+
+/// The page hashes of a machine being seeded, kept as the seed arrives, as the primary keeps its own: the
+/// seed digest check at the end hashes chunks of page hashes, not RAM, so a secondary confirms a seed (and
+/// the primary releases output on its acks) a few ms after the pause, not after a pass over all its RAM.
+/// A page's hash is taken from the bytes written into RAM, the last copy winning; a page the seed did not
+/// send keeps the hash it had: the held one of a kept RAM, a loaded page's read from RAM, zero otherwise.
+public final class SeedHashes {
+    private let pages: Int
+    private let hashes: UnsafeMutableRawPointer
+
+    /// `held`: what a kept RAM holds (as sent to the primary); nil for a new machine.
+    public init(machine: Machine, held: HeldPages?) throws(MachineError) {
+        pages = machine.memory.pageCount
+        hashes = .allocate(byteCount: pages * 32, alignment: 16)
+        if let held {
+            for p in 0..<pages { StateDigest.copyZeroPageHash(into: hashes + p * 32) }
+            held.hashes.withUnsafeBytes { h in
+                for (i, n) in held.numbers.enumerated() where Int(n) < pages {
+                    (hashes + Int(n) * 32).copyMemory(from: h.baseAddress! + i * 32, byteCount: 32)
+                }
+            }
+        } else {
+            let loaded = UnsafeMutablePointer<UInt64>.allocate(capacity: machine.dirtyBitmapWords)
+            defer { loaded.deallocate() }
+            try machine.loadedPages(into: loaded)
+            // SAFETY: RAM holds `pages` pages, `loaded` covers them, `hashes` holds pages * 32 bytes.
+            StateDigest.hashPages(machine.memory.base, count: pages, read: loaded, into: hashes)
+        }
+    }
+
+    deinit { hashes.deallocate() }
+
+    /// Pages the seed wrote (`Machine.writeSeedPages` checked the numbers and the length).
+    public func wrote(_ numbers: [UInt32], data: UnsafeRawBufferPointer) {
+        for (i, n) in numbers.enumerated() where Int(n) < pages {
+            // SAFETY: data holds numbers.count pages; n < pages.
+            StateDigest.hashPage(data.baseAddress! + i * 4096, into: hashes + Int(n) * 32)
+        }
+    }
+
+    /// `StateDigest.seed` of `machine`, from these page hashes.
+    public func digest(_ machine: Machine) throws(MachineError) -> [UInt8] {
+        let chunks = StateDigest.chunkCount(pages: pages)
+        let chunkHashes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunks * 32, alignment: 16)
+        defer { chunkHashes.deallocate() }
+        for c in 0..<chunks { StateDigest.chunkHash(c, pageHashes: hashes, pages: pages, into: chunkHashes.baseAddress! + c * 32) }
+        return try machine.seedDigest(chunkHashes: UnsafeRawBufferPointer(chunkHashes))
+    }
+}

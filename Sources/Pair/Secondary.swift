@@ -221,15 +221,16 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         // The machine exists before the pages arrive: each chunk goes straight into its RAM.
         let output = SuppressedOutput()
         let s = try StandbySession(image: image, config: header.config, output: output, recordWhenLive: reprotectPeer != nil, adopting: kept)
-        do { return try load(s, header: header, image: image, conn: conn, output: output) } catch {
+        do { return try load(s, header: header, image: image, conn: conn, output: output, hashes: SeedHashes(machine: s.machine, held: kept.map { _ in held })) } catch {
             // Whatever the failed seed wrote is tracked: the RAM still serves the next one.
             retained = try? s.machine.retainRAM()
             throw error
         }
     }
 
-    /// Writes a seed's pages into `s` as they arrive, then loads its end and checks the seed digest.
-    private func load(_ s: StandbySession, header: SeedHeader, image: PVHImage, conn: Connection, output: SuppressedOutput) throws -> (StandbySession, LiveLogSource) {
+    /// Writes a seed's pages into `s` as they arrive (hashing them into `hashes`), then loads its end and checks the seed digest.
+    private func load(_ s: StandbySession, header: SeedHeader, image: PVHImage, conn: Connection, output: SuppressedOutput,
+                      hashes: SeedHashes) throws -> (StandbySession, LiveLogSource) {
         var received = 0
         var end: SeedEnd
         while true {
@@ -239,9 +240,13 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 case .pages:
                     let (n, range) = try SeedCodec.decodePages(b)
                     // SAFETY: decodePages checked that `range` lies inside `b` and holds n.count pages.
-                    do { try b.withUnsafeBytes { try s.machine.writeSeedPages(n, data: UnsafeRawBufferPointer(rebasing: $0[range])) } } catch {
-                        throw SeedError("\(error)")
-                    }
+                    do {
+                        try b.withUnsafeBytes {
+                            let data = UnsafeRawBufferPointer(rebasing: $0[range])
+                            try s.machine.writeSeedPages(n, data: data)
+                            hashes.wrote(n, data: data)
+                        }
+                    } catch { throw SeedError("\(error)") }
                     received += n.count
                     continue
                 case .end: end = try SeedCodec.decodeEnd(b)
@@ -258,7 +263,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         seedConfig = header.config
         try s.load(Snapshot(exit: end.exit, signature: end.signature, lastClock: end.lastClock, vcpuState: end.vcpuState,
                             deviceState: end.deviceState, halted: end.runState == .halted), source: src)
-        let digest = try s.machine.seedDigest()
+        let digest = try hashes.digest(s.machine)
         guard digest == end.seedDigest else {
             throw PairError.badPeerData("after loading the seed this side's state digest is \(StateDigest.hex(digest)), the primary's is \(StateDigest.hex(end.seedDigest)): the two hosts cannot run in lockstep")
         }

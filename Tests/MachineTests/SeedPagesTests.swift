@@ -70,4 +70,28 @@ struct SeedPagesTests {
             #expect("\(error)".contains("cannot serve"), "\(error)")
         }
     }
+
+    /// The hashes a secondary keeps as the seed arrives give the digest a pass over its RAM gives, for a new
+    /// machine and for one that adopted kept RAM (its held hashes standing for the pages the seed did not send).
+    @Test func seedHashesKeptOnArrivalGiveTheDigestOfRAM() throws {
+        let fresh = try standby()
+        let hashes = try SeedHashes(machine: fresh.machine, held: nil)
+        for (numbers, fills) in [([UInt32(300), 301], [UInt8(0x11), 0x22]), ([300], [0]), ([7], [0x77])] {
+            try pages(fills).withUnsafeBytes {
+                try fresh.machine.writeSeedPages(numbers, data: $0)
+                hashes.wrote(numbers, data: $0)
+            }
+        }
+        #expect(try hashes.digest(fresh.machine) == fresh.machine.seedDigest())
+        let ram = try fresh.machine.retainRAM()
+        let held = ram.heldPages()
+        let adopted = try StandbySession(image: fresh.machine.image, config: fresh.machine.config, output: nil, adopting: ram)
+        let kept = try SeedHashes(machine: adopted.machine, held: held)
+        #expect(try kept.digest(adopted.machine) == adopted.machine.seedDigest())
+        try pages([0x55]).withUnsafeBytes {
+            try adopted.machine.writeSeedPages([301], data: $0)
+            kept.wrote([301], data: $0)
+        }
+        #expect(try kept.digest(adopted.machine) == adopted.machine.seedDigest())
+    }
 }
