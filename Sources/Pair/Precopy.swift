@@ -130,12 +130,12 @@ final class Precopy: @unchecked Sendable {
         do {
             try conn.send(.bulk(SeedCodec.header(header)))
             progressNs.store(lk_monotonic_ns(), ordering: .releasing)
-            let held = try receiveHeld()
             // Round 0: every page that differs from the image, or (delta) from what the secondary holds; the
             // others are hashed where they are.
             try machine.takeDirtyPages(into: pending, sinceBoot: true)
             newMachinePages = lk_bitmap_count(pending, pageCount)
-            if held.count == 0 { try hashUnsent() } else { try compare(with: held) }
+            let held = try hashWhileWaiting()
+            if held.count > 0 { heldEqual = held.compare(hashes, pages: pageCount, differ: pending) }
             var n = try sendPending()
             firstRoundPages = n
             rehashStaleChunks()
@@ -212,38 +212,48 @@ final class Precopy: @unchecked Sendable {
         }
     }
 
-    /// The secondary's answer to the header: the pages it holds (none: a new machine). It may hash all its
-    /// RAM first, so the wait is the seed's own timeout; the guest runs meanwhile.
-    private func receiveHeld() throws -> HeldPages {
+    /// Round 0's hashes, while the secondary answers the header with the pages it holds (it may hash all its
+    /// RAM first): this side hashes every page that may not be zero meanwhile, as a delta seed compares them
+    /// all. A new machine answers at once with none; then the rest is hashed as for any full seed: the pages
+    /// round 0 sends are hashed from their frames, the others where they are. The wait is the seed's own
+    /// timeout; the guest runs meanwhile.
+    private func hashWhileWaiting() throws -> HeldPages {
+        try machine.loadedPages(into: taken)
+        for i in 0..<words { taken[i] |= pending[i] }
         var held = HeldPages()
-        while true {
-            let m = try conn.receiveMessage(timeoutMs: Int(SecondaryLink.seedTimeoutNs / 1_000_000))
-            if case .goodbye(let why) = m { throw SeedError(secondary: "it stopped: \(why)") }
-            guard case .bulk(let b) = m else { throw SeedError(secondary: "expected the hashes of the pages it holds, got \(m)") }
-            progressNs.store(lk_monotonic_ns(), ordering: .releasing)
-            if try SeedCodec.decodeHeld(b, into: &held, pages: pageCount) { break }
+        var answered = false
+        var next = 0  // pages 0..<next are hashed
+        let step = 4096  // a multiple of 64: each step starts at a bitmap word
+        let base = machine.memory.base
+        while next < pageCount, !(answered && held.count == 0) {
+            let k = min(step, pageCount - next)
+            // SAFETY: next + k <= pageCount; RAM, the bitmap and `hashes` cover pageCount pages.
+            StateDigest.hashPages(base + next * 4096, count: k, read: taken + next / 64, into: hashes + next * 32)
+            next += k
+            if !answered { answered = try receiveHeld(into: &held, timeoutMs: 0) }
+        }
+        if !answered, !(try receiveHeld(into: &held, timeoutMs: Int(SecondaryLink.seedTimeoutNs / 1_000_000))) {
+            throw SeedError(secondary: "no answer to the seed's header within \(SecondaryLink.seedTimeoutNs / 1_000_000_000) s")
         }
         heldPages = held.count
+        if held.count == 0, next < pageCount {
+            // SAFETY: as above, from page `next` on.
+            StateDigest.hashPages(base + next * 4096, count: pageCount - next, read: taken + next / 64, skip: pending + next / 64,
+                                  into: hashes + next * 32)
+        }
         return held
     }
 
-    /// Delta round 0: hashes every page that may not be zero here and puts into `pending` each page whose
-    /// hash is not the one the secondary holds.
-    private func compare(with held: HeldPages) throws {
-        try machine.loadedPages(into: taken)
-        for i in 0..<words { taken[i] |= pending[i] }
-        // SAFETY: RAM holds pageCount pages; hashes holds pageCount * 32 bytes.
-        StateDigest.hashPages(machine.memory.base, count: pageCount, read: taken, into: hashes)
-        heldEqual = held.compare(hashes, pages: pageCount, differ: pending)
-    }
-
-    /// Hashes every page not in `pending` (round 0: the pages still equal to the image, unless written
-    /// since; such a write is in the next dirty set). A loaded page is read; any other is zero (nothing
-    /// wrote it), and reading it would only cost a page fault.
-    private func hashUnsent() throws {
-        try machine.loadedPages(into: taken)
-        // SAFETY: RAM holds pageCount pages; hashes holds pageCount * 32 bytes.
-        StateDigest.hashPages(machine.memory.base, count: pageCount, read: taken, skip: pending, into: hashes)
+    /// Adds the secondary's `held` parts that arrive within `timeoutMs` to `held`; true once the last came.
+    private func receiveHeld(into held: inout HeldPages, timeoutMs: Int) throws -> Bool {
+        while true {
+            let m: Message
+            do { m = try conn.receiveMessage(timeoutMs: timeoutMs) } catch ChannelError.timeout { return false }
+            if case .goodbye(let why) = m { throw SeedError(secondary: "it stopped: \(why)") }
+            guard case .bulk(let b) = m else { throw SeedError(secondary: "expected the hashes of the pages it holds, got \(m)") }
+            progressNs.store(lk_monotonic_ns(), ordering: .releasing)
+            if try SeedCodec.decodeHeld(b, into: &held, pages: pageCount) { return true }
+        }
     }
 
     /// Sends the pages in `pending` in chunks (copied out of RAM into the frame, hashed from the copy) and
