@@ -250,10 +250,12 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
 
     /// Tells the primary this side cannot follow its log (it drops the link and seeds this side again).
     func reportDivergence(_ text: String) {
+        // The stream ends first: the primary closes the link on this report, and the receiver must not take
+        // that close for the primary's death (a diverged side takes no fence, and it waits for a new seed).
+        finish(.resync(text))
         var w = Wire(tag: PairMessage.divergence.rawValue)
         w.raw(Array(text.utf8.prefix(60_000)))
         try? conn.send(.status(w.out))
-        finish(.resync(text))
     }
 
     /// Ends the stream; the first reason stands (a replay error after a fence refusal is its consequence).
@@ -276,6 +278,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     /// Takes the fence and goes live (`drainLogAndGoLive`), or stops if the fence stays held: on the primary's
     /// failure, or when it hands the guest over.
     private func takeOver(_ event: FailoverEvent, why: String) {
+        guard queue.withLock({ $0.end == nil }) else { return }  // it ended already (a divergence): nothing to take over
         conn.close()
         var actions = fsm.handle(event)
         while !actions.isEmpty {
