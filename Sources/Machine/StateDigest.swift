@@ -13,7 +13,8 @@ public enum StateDigest {
     /// The seed's digest, a two-level tree: SHA-256 over the chunk hashes (`chunkHashes`, 32 bytes per chunk
     /// of `pagesPerChunk` pages, in order), then the vCPU and device state. A chunk hash is the SHA-256 of
     /// its pages' SHA-256s (`chunkHash`). A primary seeding by pre-copy keeps both as it sends the pages, so
-    /// its pause rehashes only the pages written since and their chunks; the secondary hashes all of RAM.
+    /// its pause rehashes only the pages written since and their chunks; the secondary keeps its own as the pages
+    /// arrive (`SeedHashes`).
     public static func seed(chunkHashes: UnsafeRawBufferPointer, vcpu: VCPU, deviceState: [UInt8]) throws(SysError) -> [UInt8] {
         try digest(chunkHashes, vcpu: vcpu, deviceState: deviceState)
     }
@@ -80,8 +81,8 @@ public enum StateDigest {
     }
 
     /// Every chunk hash of RAM (`pages` pages at `base`) into `out` (32 bytes a chunk). A chunk with no page
-    /// in `written` is zero throughout and takes a constant, so a mostly unwritten guest costs little: a
-    /// secondary checks its seed with this while the primary's first batches wait for its answer.
+    /// in `written` is zero throughout and takes a constant, so a mostly unwritten guest costs little. For
+    /// `Machine.seedDigest()` of a machine from scratch (tests compare `SeedHashes` with it).
     public static func chunkHashes(_ base: UnsafeRawPointer, pages: Int, written: UnsafePointer<UInt64>,
                                    into out: UnsafeMutableRawPointer) {
         let pageHashes = UnsafeMutableRawPointer.allocate(byteCount: pagesPerChunk * 32, alignment: 16)

@@ -394,8 +394,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     /// Ends a seed whose rounds are done, then gates output on the secondary's acks. The guest pauses for the
     /// pages written since the last round, the machine state and the seed digest only: the secondary's load
-    /// and digest check (a pass over its RAM) overlap the guest's run. Its first ack confirms the seed (see
-    /// `SecondaryLink.confirm`); until then the pair record does not name it and output stays held.
+    /// and digest check (over the page hashes it kept as the pages came) overlap the guest's run. Its first
+    /// ack confirms the seed (see `SecondaryLink.confirm`); until then the pair record does not name it and
+    /// output stays held.
     private func attach(_ p: Precopy) throws {
         let t0 = lk_monotonic_ns()
         let protectionID = UInt64.random(in: 1...UInt64.max)

@@ -48,7 +48,7 @@ final class SecondaryLink: @unchecked Sendable {
     /// The pair record names this secondary: output may leave on its acks. Set by the thread that writes
     /// the record (`confirm`), not by the link thread, which keeps taking acks meanwhile.
     private let confirmed: Atomic<Bool>
-    /// How long a secondary may take to load and check the seed (it hashes all its RAM) before it answers.
+    /// How long a secondary may take to answer the seed's header (it hashes the RAM it kept) or to load and check it.
     static let seedTimeoutNs: UInt64 = 30_000_000_000
 
     /// Wakes the vCPU thread (`lose`): it detaches this link at its next step boundary.
