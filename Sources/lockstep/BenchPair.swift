@@ -16,7 +16,8 @@ struct BenchPairCommand: ParsableCommand {
         discussion: """
         Spawns this lockstep executable on 127.0.0.1, one guest at a time: for timer-compute, exit-heavy and echo a \
         protected run (secondary + primary) and an unprotected `lockstep run`; then --reseeds re-seeds of a running \
-        echo (pre-copy pause, connected → protected), one of the dirty guest (auto-converge; skipped with \
+        echo (pre-copy pause, connected → protected), one of the dirty guest (auto-converge), one divergence of \
+        echo-state repaired by a delta seed against a new secondary's full seed (these three skipped with \
         --reseeds 0) and --trials kill -9 failovers of echo. \
         Children's stderr, the key and the stats files live in a temporary directory (kept and named when something \
         fails). Exits 1 (FAIL) when a run fails, the two sides' state digests differ or a failover gets no reply; a \
@@ -27,7 +28,7 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "Write every figure as one JSON object to this file.") var json: String?
     @Option(name: .long, help: "Directory for the SVG plots (default: the --json file's directory; none without either).") var plots: String?
     @Option(name: .long, help: "kill -9 failover trials.") var trials: Int = 20
-    @Option(name: .long, help: "Re-seeds of the running echo guest (kill -9 of the secondary, a new one seeded by pre-copy); above 0, one of the dirty guest too.") var reseeds: Int = 5
+    @Option(name: .long, help: "Re-seeds of the running echo guest (kill -9 of the secondary, a new one seeded by pre-copy); above 0, one of the dirty guest and a divergence repair of echo-state too.") var reseeds: Int = 5
     @Option(name: .long, help: "Echo requests per throughput run.") var requests: Int = 2000
     @Option(name: .long, help: "Echo requests in flight at once (1: closed loop, one request per round trip).") var window: Int = 1
     @Option(name: .long, help: "Protected/unprotected run pairs per guest (medians are reported).") var `repeat`: Int = 1
@@ -157,10 +158,10 @@ final class PairBench {
 
     // MARK: children
 
-    func spawn(_ tag: String, _ args: [String], cpu: Int32? = nil) throws -> Child {
+    func spawn(_ tag: String, _ args: [String], cpu: Int32? = nil, environment: [String: String] = [:]) throws -> Child {
         counter += 1
         let base = "\(tempDir)/\(String(format: "%03d", counter))-\(tag)"
-        let c = try Child(name: tag, exe: exe, args: args, outPath: base + ".out", errPath: base + ".err", cpu: cpu)
+        let c = try Child(name: tag, exe: exe, args: args, outPath: base + ".out", errPath: base + ".err", cpu: cpu, environment: environment)
         children.append(c)
         return c
     }
@@ -210,10 +211,11 @@ final class PairBench {
         return (s, port)
     }
 
-    func startPrimary(_ tag: String, guest g: String, peer: UInt16, serial: String, fence: String?, stats: String?) throws -> Child {
+    func startPrimary(_ tag: String, guest g: String, peer: UInt16, serial: String, fence: String?, stats: String?,
+                      environment: [String: String] = [:]) throws -> Child {
         try spawn("\(tag)-primary", ["primary", guest(g), "--peer", "127.0.0.1:\(peer)", "--serial", serial, "--memory", "\(memory)",
                                       "--verbose", "--connect-timeout-ms", "20000"] + common
-                  + (fence.map { ["--fence", $0] } ?? []) + (stats.map { ["--stats-json", $0] } ?? []))
+                  + (fence.map { ["--fence", $0] } ?? []) + (stats.map { ["--stats-json", $0] } ?? []), environment: environment)
     }
 
     // MARK: echo client
@@ -602,6 +604,7 @@ extension PairBench {
 
         var reseed: ReseedResult?
         var dirty: DirtyReseedResult?
+        var repair: RepairResult?
         if reseeds > 0 {
             let r = try reseedTrials(reseeds)
             reseed = r
@@ -619,6 +622,18 @@ extension PairBench {
                         Figure(key: "reseed_dirty_throttle_percent", label: "re-seed, dirty guest: auto-converge throttle reached", value: Double(d.throttlePercent), unit: "%"),
                         Figure(key: "reseed_dirty_secondary_rss_ratio", label: "re-seed, dirty guest: peak RSS, new secondary / primary", value: d.secondaryRSSMiB / max(d.primaryRSSMiB, 1e-9), unit: "×")]
             notes.append("re-seed, dirty guest: \(d.line.range(of: "seeded at").map { String(d.line[$0.lowerBound...]) } ?? d.line); the new secondary ended with the primary's digest: \(d.digestsMatch ? "yes" : "NO")")
+            if memory >= 96 {
+                let r = try repairTrial()
+                repair = r
+                if !r.digestsMatch { digestsMatch = false }
+                figures += [Figure(key: "repair_delta_pages", label: "repair (delta seed), echo-state: pages sent in round 0", value: Double(r.deltaPages), unit: "pages"),
+                            Figure(key: "repair_new_machine_pages", label: "repair: pages a new machine's round 0 sends", value: Double(r.newMachinePages), unit: "pages"),
+                            Figure(key: "repair_delta_total_ms", label: "repair (delta seed): connected → protected", value: r.deltaTotalMs, unit: "ms"),
+                            Figure(key: "repair_full_total_ms", label: "full seed of echo-state: connected → protected", value: r.fullTotalMs, unit: "ms")]
+                notes.append("repair: a divergence of echo-state (48 MiB written) repaired by a delta seed of \(r.deltaPages) pages where a new machine needs \(r.newMachinePages), confirmed \(Bench.fmt(r.deltaConfirmMs)) ms after the pause; a new secondary's full seed: \(r.fullPages) pages, confirmed \(Bench.fmt(r.fullConfirmMs)) ms after; echo round trip max while repairing \(Bench.fmt(r.rttUs.max() ?? 0)) µs; the last secondary ended with the primary's digest: \(r.digestsMatch ? "yes" : "NO")")
+            } else {
+                notes.append("repair: not run (echo-state needs --memory 96 or more)")
+            }
         }
 
         var results: [Trial] = []
@@ -662,6 +677,7 @@ extension PairBench {
             "failover": ["trials": results.map(\.json), "kill_to_reply_ms": times] as [String: Any],
             "reseed": reseed?.json ?? NSNull(),
             "reseed_dirty": dirty?.json ?? NSNull(),
+            "repair": repair?.json ?? NSNull(),
             "definitions": [
                 "throughput_ratio": "echo: protected requests/s / unprotected requests/s (closed loop when window is 1); others: unprotected guest run time / protected guest run time (first vCPU entry to guest exit, from --verbose)",
                 "replication_lag": "primary's --stats-json: a log batch's first record appended → the secondary's ack that it holds the batch; percentiles over the batches of all protected runs (histograms merged)",

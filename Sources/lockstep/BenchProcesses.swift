@@ -56,7 +56,8 @@ final class Child {
     private let pidfd: Int32
 
     /// `cpu`: the only core the child may use (it inherits the spawning thread's mask, set for the call).
-    init(name: String, exe: String, args: [String], outPath: String, errPath: String, cpu: Int32? = nil) throws {
+    /// `environment`: added to this process's (fault injection for one child).
+    init(name: String, exe: String, args: [String], outPath: String, errPath: String, cpu: Int32? = nil, environment: [String: String] = [:]) throws {
         self.name = name
         self.errPath = errPath
         var fa = posix_spawn_file_actions_t()
@@ -77,7 +78,8 @@ final class Child {
         posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         let argv: [UnsafeMutablePointer<CChar>?] = ([exe] + args).map { strdup($0) } + [nil]
         defer { for a in argv { free(a) } }
-        let envp: [UnsafeMutablePointer<CChar>?] = ProcessInfo.processInfo.environment.map { strdup("\($0)=\($1)") } + [nil]
+        let env = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let envp: [UnsafeMutablePointer<CChar>?] = env.map { strdup("\($0)=\($1)") } + [nil]
         defer { for e in envp { free(e) } }
         var p: pid_t = 0
         if let cpu, lk_pin_current_thread(cpu) != 0 { throw BenchFailure(message: "cannot run \(name) on core \(cpu)") }

@@ -113,3 +113,82 @@ extension PairBench {
         }
     }
 }
+
+// MARK: repairing a divergence
+
+extension PairBench {
+    struct RepairResult {
+        /// The delta seed that repaired the diverged secondary: round 0's pages and what a new machine needs.
+        var deltaPages: Int
+        var newMachinePages: Int
+        var deltaTotalMs: Double
+        var deltaConfirmMs: Double
+        /// Echo round trips while the secondary diverged and was repaired.
+        var rttUs: [Double]
+        /// The full seed of a new secondary of the same guest, for comparison.
+        var fullPages: Int
+        var fullTotalMs: Double
+        var fullConfirmMs: Double
+        var digestsMatch: Bool
+        var json: [String: Any] {
+            ["delta_pages": deltaPages, "new_machine_pages": newMachinePages, "delta_total_ms": deltaTotalMs, "delta_confirm_ms": deltaConfirmMs,
+             "rtt_us_max": rttUs.max() ?? 0, "full_pages": fullPages, "full_total_ms": fullTotalMs, "full_confirm_ms": fullConfirmMs,
+             "digests_match": digestsMatch]
+        }
+    }
+
+    /// `echo-state` holds 48 MiB written at boot. Its primary's log lies once (fault injection,
+    /// `LOCKSTEP_FAULT_SIGNATURE_AT_EXIT`): the secondary diverges, keeps its RAM, and is repaired by a delta
+    /// seed. Then it is killed (kill -9) and a new secondary takes a full seed of the same guest, for
+    /// comparison. Requests run throughout; the last secondary must end with the primary's digest.
+    func repairTrial() throws -> RepairResult {
+        let tag = "repair"
+        progress("echo-state: a divergence repaired by a delta seed, then a new secondary's full seed")
+        let stats = tempFile(tag, "stats.json")
+        let fence = try fenceDirectory(tag)
+        let udp = try LoopbackPort.free()
+        var (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
+        let pri = try startPrimary(tag, guest: "echo-state", peer: port, serial: "udp:127.0.0.1:\(udp)", fence: fence, stats: stats,
+                                   environment: ["LOCKSTEP_FAULT_SIGNATURE_AT_EXIT": "300"])
+        let client = try UDPLineClient(port: udp)
+        try ping(client, [pri, sec])
+        var next: UInt64 = 1
+        var rtt: [Double] = []
+        // Requests (which move the exits on) until the primary is protected for the `n`th time, bounded.
+        func serve(until n: Int, _ alive: [Child]) throws {
+            let deadline = monotonicNs() + timeoutNs
+            while lineCount(pri, "protected: secondary") < n {
+                if monotonicNs() >= deadline { throw failure("repair: the primary was not protected a \(n)th time in time", alive) }
+                let r = try drive(client, count: 20, window: 1, first: next, alive)
+                next += 20
+                rtt += r.rttUs
+            }
+        }
+        try serve(until: 2, [pri, sec])
+        let repairRtt = rtt
+        sec.kill9()
+        _ = sec.wait(until: monotonicNs() + 5_000_000_000)
+        try awaitLines(pri, containing: "continuing unprotected", count: 2, [pri])
+        sec = try startSecondary("\(tag)1", serial: "none", fence: fence, listen: "127.0.0.1:\(port)").0
+        try serve(until: 3, [pri, sec])
+        try quit(client, pri, [sec])
+        try finish(pri, [sec])
+        guard sec.wait(until: monotonicNs() + 30_000_000_000) else { throw failure("repair: the new secondary did not end", [sec, pri]) }
+        let st = try primaryStats(stats, "repair", pri)
+        let lines = pri.stderrText.split(separator: "\n").filter { $0.contains("protected: secondary") }.map(String.init)
+        guard st.seedTotalMs.count == 3, lines.count == 3 else { throw failure("repair: the primary reports \(st.seedTotalMs.count) seeds, not 3", [pri]) }
+        func number(_ line: String, _ pattern: String) throws -> Double {
+            guard let m = try Regex(pattern).firstMatch(in: line), let v = m.output[1].substring.flatMap({ Double($0) }) else {
+                throw failure("repair: no \"\(pattern)\" in: \(line)", [pri])
+            }
+            return v
+        }
+        let confirmed = #"confirmed ([0-9.]+) ms after the pause"#
+        return RepairResult(deltaPages: Int(try number(lines[1], #"round 0 sent (\d+) pages"#)),
+                            newMachinePages: Int(try number(lines[1], #"a new machine needs (\d+)"#)),
+                            deltaTotalMs: st.seedTotalMs[1], deltaConfirmMs: try number(lines[1], confirmed), rttUs: repairRtt,
+                            fullPages: Int(try number(lines[2], #"seeded at exit \d+: (\d+) pages"#)),
+                            fullTotalMs: st.seedTotalMs[2], fullConfirmMs: try number(lines[2], confirmed),
+                            digestsMatch: sec.code == 0 && pri.digest != nil && pri.digest == sec.digest)
+    }
+}
