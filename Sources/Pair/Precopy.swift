@@ -223,7 +223,9 @@ final class Precopy: @unchecked Sendable {
         var held = HeldPages()
         var answered = false
         var next = 0  // pages 0..<next are hashed
-        let step = 4096  // a multiple of 64: each step starts at a bitmap word
+        // Small steps: a page round 0 sends that was hashed here before a new machine's answer came is hashed
+        // again from its frame; at most one step of them (2 MiB). A multiple of 64: a step starts at a bitmap word.
+        let step = StateDigest.pagesPerChunk
         let base = machine.memory.base
         while next < pageCount, !(answered && held.count == 0) {
             let k = min(step, pageCount - next)
