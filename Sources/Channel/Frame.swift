@@ -11,12 +11,14 @@ public enum FrameType: UInt8, Sendable, Equatable, CaseIterable, CustomStringCon
     case goodbye = 9      // orderly close, with a reason text
     case error = 10       // reason code + text; the sender drops the connection
     case bulk = 11        // opaque bulk data after the handshake (guest image, seed pages)
+    case logPart = 12     // a leading part of a log batch: event-log bytes; the batch's `log` frame follows
 
     public var description: String {
         switch self {
         case .hello: "hello"; case .helloReply: "helloReply"; case .helloAuth: "helloAuth"
         case .helloDone: "helloDone"; case .log: "log"; case .ack: "ack"; case .heartbeat: "heartbeat"
         case .status: "status"; case .goodbye: "goodbye"; case .error: "error"; case .bulk: "bulk"
+        case .logPart: "logPart"
         }
     }
 
@@ -24,7 +26,8 @@ public enum FrameType: UInt8, Sendable, Equatable, CaseIterable, CustomStringCon
     /// 12-byte header, before any allocation for the body.
     public var maxBodyBytes: UInt32 {
         switch self {
-        case .log, .bulk: FrameLayout.maxBulkPayload + 64
+        case .log, .logPart: UInt32(FrameLayout.logPartBytes) + 64
+        case .bulk: FrameLayout.maxBulkPayload + 64
         case .hello, .helloReply: FrameLayout.maxHelloPayload + 256
         default: FrameLayout.maxSmallBody
         }
@@ -49,8 +52,14 @@ public enum FrameLayout {
     public static let flagEncrypted: UInt8 = 0x01
     public static let knownFlags: UInt8 = 0x01
     public static let tagBytes = 16
-    /// Largest log/bulk payload (log batches may carry sync points with full state).
+    /// Largest bulk payload (a chunk of seed pages).
     public static let maxBulkPayload: UInt32 = 64 << 20
+    /// Largest log bytes per frame: a larger batch (a sync point of many pages) leaves as `logPart` frames and
+    /// a closing `log` frame, each sealed and sent on its own, so bytes flow while it is sealed and the other
+    /// frames (heartbeats) are not held up behind it.
+    public static let logPartBytes = 256 << 10
+    /// Largest log batch, all parts together: a sync point at the log format's 1 GiB bound and its events.
+    public static let maxLogBatch = (1 << 30) + (64 << 20)
     public static let maxHelloPayload: UInt32 = 1 << 20
     public static let maxSmallBody: UInt32 = 64 << 10
 }
@@ -134,7 +143,7 @@ extension Frame {
         case .status: return .status(body)
         case .goodbye: return .goodbye(String(decoding: body, as: UTF8.self))
         case .bulk: return .bulk(body)
-        case .hello, .helloReply, .helloAuth, .helloDone, .error:
+        case .logPart, .hello, .helloReply, .helloAuth, .helloDone, .error:
             throw ChannelError.unexpectedFrame(expected: "a post-handshake message", got: type)
         }
     }
