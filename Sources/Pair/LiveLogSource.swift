@@ -13,8 +13,9 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     enum End: Equatable {
         case trailer(LogTrailer)
         case goLive(String)
-        /// The primary is alive (it holds the fence): never go live.
-        case fenced(String)
+        /// The primary is alive (it holds the fence) or went on without this side: never go live. `rejoin`: the
+        /// fence answered (this side may wait for a new seed); false: the fence itself is unusable.
+        case fenced(String, rejoin: Bool)
         /// The primary stopped in an orderly way (goodbye without a trailer): nothing to take over.
         case primaryStopped(String)
         /// This side cannot follow the log (bad frame, divergence): the primary is told and re-seeds it.
@@ -40,6 +41,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     private(set) var fenceToken: FenceToken?
     /// The fence this side won (held for the rest of its life once live).
     private(set) var fence: Fence?
+    /// The fence directory failed (not merely held): nothing to wait for.
+    private var fenceUnusable = false
     let heldExit: Atomic<UInt64>
     let bytesReceived = Atomic<UInt64>(0)
     let batchesReceived = Atomic<UInt64>(0)
@@ -243,7 +246,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         case .goLive(let why): return .handedOver("this side took the fence and goes live: \(why)")
         case .trailer: return .refused("handover refused: the guest ended first")
         case .primaryStopped(let why): return .refused("handover refused: \(why)")
-        case .fenced(let why): return .failed("handover failed: this side may not go live: \(why)")
+        case .fenced(let why, _): return .failed("handover failed: this side may not go live: \(why)")
         case .resync(let why): return .failed("handover failed: this side cannot follow the primary's log (\(why)); the primary re-seeds it")
         }
     }
@@ -288,7 +291,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 case .logWarning(let s): warn(s)
                 case .acquireFence: next += fsm.handle(acquireFence())
                 case .drainLogAndGoLive: finish(.goLive(why + (fenceToken.map { "; fence generation \($0.generation)" } ?? "; no fence")))
-                case .stop(let reason): finish(.fenced(reason))
+                case .stop(let reason): finish(.fenced(reason, rejoin: !fenceUnusable))
                 default: break
                 }
             }
@@ -314,6 +317,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                     return .fenceAcquired(generation: t.generation)
                 }
             } catch {
+                fenceUnusable = true
                 return .fenceDenied(holder: "unusable fence (\(error))")
             }
             if lk_monotonic_ns() >= deadline { return .fenceDenied(holder: f.holder?.description ?? "another process") }

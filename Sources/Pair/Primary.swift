@@ -36,6 +36,12 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     private let offered = Mutex<Connection?>(nil)
     private let hasOffer = Atomic<Bool>(false)
     private let connecting = Atomic<Bool>(false)
+    /// When the current secondary was attached, and how many in a row were lost (or failed their seed) within
+    /// `shortLivedNs` of it (vCPU thread): the connector waits longer before each next try, so a secondary
+    /// that keeps coming back only to fail (a pair record that cannot be written) is not re-seeded 10 times a second.
+    private var attachedNs: UInt64 = 0
+    private var shortLived = 0
+    private static let shortLivedNs: UInt64 = 2_000_000_000
     private let finished = Atomic<Bool>(false)
     /// An operator asked for a planned switchover (`requestHandover`, any thread).
     private let handoverWanted = Atomic<Bool>(false)
@@ -350,7 +356,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         for a in actions {
             switch a {
             case .logWarning(let s): warn(s)
-            case .acceptNewSecondary: startConnector()
+            case .acceptNewSecondary:
+                shortLived = lk_monotonic_ns() &- attachedNs < Self.shortLivedNs ? shortLived + 1 : 0
+                startConnector()
             default: break
             }
         }
@@ -379,6 +387,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         } catch {
             p.conn.close()
             warn("could not seed the new secondary: \(error); continuing unprotected")
+            shortLived += 1
             startConnector()
         }
     }
@@ -432,6 +441,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         }
         gate.startGating(from: snap.exit)
         link = l
+        attachedNs = lk_monotonic_ns()
         current.withLock { $0 = l }
         _ = fsm.withLock { $0.handle(.handshakeOK) }
         l.start()
@@ -491,10 +501,14 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     }
 
     /// While unprotected: keep trying the peer address; a secondary that answers is handed to the vCPU thread.
+    /// After secondaries that did not last, the first try waits 0.2, 0.4, ... up to 5 s.
     private func startConnector() {
         guard !connecting.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        let backoffMs = shortLived == 0 ? 0 : min(UInt64(100) << min(shortLived, 6), 5000)
         startThread("lockstep-connect") { [self] in
             var delayMs: UInt64 = 100
+            let until = lk_monotonic_ns() + backoffMs * 1_000_000
+            while !finished.load(ordering: .acquiring), lk_monotonic_ns() < until { usleep(10_000) }
             while !finished.load(ordering: .acquiring) {
                 do {
                     let c = try Connection.connect(host: peerHost, port: peerPort, timeoutMs: 1000, config: config(role: .primary))

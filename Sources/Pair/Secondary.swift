@@ -173,11 +173,17 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         return r
     }
 
-    /// A stream that stopped short of the guest's end: a fence refusal or an orderly stop of the primary is
-    /// the error this side ends with; a resync returns true (wait for a new seed); false: it did not stop short.
+    /// A stream that stopped short of the guest's end: an unusable fence or an orderly stop of the primary is
+    /// the error this side ends with; a resync, or a fence held by a primary that lives or went on without this
+    /// side (a partition, a false alarm), returns true: wait for a new seed. False: it did not stop short.
     private func stoppedShort(_ src: LiveLogSource) throws -> Bool {
         switch src.end {
-        case .fenced(let why)?: throw PairError.fenced(why)
+        case .fenced(let why, let rejoin)?:
+            guard rejoin else { throw PairError.fenced(why) }
+            // The primary looks for a secondary while unprotected: it finds this one again when the link allows,
+            // and seeds it by a delta against the RAM kept here. Leaving would need an operator to restart it.
+            warn("secondary: \(why); waiting for the primary to seed this side again")
+            return true
         case .primaryStopped(let why)?: throw PairError.primaryStopped(why)
         case .resync(let why)?:
             warn("secondary: cannot follow the primary (\(why.split(separator: "\n").first ?? "")); waiting for a new seed")

@@ -148,7 +148,8 @@ extension PairTests { @Suite struct FailoverTests {
     }
 
     /// The pair record cannot be written (here its path is a directory): the secondary is never named, so it
-    /// is dropped before any output leaves on its acks, and it does not go live; the primary serves on.
+    /// is dropped before any output leaves on its acks, and it does not go live; the primary serves on. The
+    /// secondary waits to be seeded again, and the primary tries it again, waiting longer each time.
     @Test func aPairRecordThatCannotBeWrittenLeavesThePrimaryUnprotected() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
@@ -161,13 +162,19 @@ extension PairTests { @Suite struct FailoverTests {
                                         "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)"] + common)
         try pri.waitForLine(containing: "cannot write the pair record in \(ws.fence)", seconds: 20)
         try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
-        #expect(try sec.wait(seconds: 20) == 75, "the secondary must stop, fenced, not go live: \(sec.stderrText)")
-        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") })
+        try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 20)
+        try pri.waitForLine(containing: "secondary lost (channel error: cannot write the pair record", occurrence: 2, seconds: 20)
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
         let client = EchoClient(port: udp)
         #expect(client.request("REQ 1 a", expect: "REP 1 ") != nil, "\(pri.stderrText)")
         _ = client.request("QUIT", expect: "RESULT echo")
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
         #expect(!pri.stderr.contains { $0.hasPrefix("lockstep: protected:") }, "\(pri.stderrText)")
+        // Backed off: 0.2, 0.4, 0.8 s ... between tries, not one try per 100 ms.
+        let tries = pri.stderr.filter { $0.contains("secondary lost (channel error: cannot write the pair record") }.count
+        #expect(tries <= 4, "\(tries) tries: \(pri.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        sec.kill9()
     }
 
     /// A planned switchover (`lockstep control SOCKET handover`; SIGUSR2 does the same): the primary stops where
@@ -273,7 +280,8 @@ extension PairTests { @Suite struct FailoverTests {
     }
 
     /// A secondary that ignores the handover (fault injection): the primary, seeing nobody take the fence,
-    /// takes it back and serves on unprotected; the secondary then finds the fence held and never goes live.
+    /// takes it back and serves on unprotected; the secondary then finds the fence held, never goes live,
+    /// and waits: the primary seeds it again (a delta seed) and the pair runs protected to the guest's end.
     @Test func aHandoverNobodyTakesLeavesThePrimaryServing() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
@@ -290,11 +298,15 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
         pri.signal(SIGUSR2)
         try pri.waitForLine(containing: "handover failed", seconds: 20)
-        #expect(try sec.wait(seconds: 20) == 75, "the secondary must stop, fenced: \(sec.stderrText)")
-        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 20)
         for seq in 2...3 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        let again = try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 20)
+        #expect(again.contains("a delta seed"), "\(again)")
         _ = client.request("QUIT", expect: "RESULT echo")
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec.digest)
         #expect(history.problems.isEmpty, "\(history.problems)")
     }
 
@@ -423,7 +435,9 @@ extension PairTests { @Suite struct FailoverTests {
         try second.wait(seconds: 10)
     }
 
-    @Test func partitionNeverGivesTwoPrimaries() throws {
+    /// A partition with both sides alive never gives two live primaries; once it heals, the primary finds the
+    /// secondary again and protects the guest by a delta seed, with no operator.
+    @Test func partitionNeverGivesTwoPrimariesAndHeals() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         let udp = try PairFixture.freeUDPPort()
@@ -433,43 +447,66 @@ extension PairTests { @Suite struct FailoverTests {
         var history = History()
         for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
         proxy.cut()
-        // Both alive, link gone: the secondary must find the fence held and stop without going live.
-        let status = try sec.wait(seconds: 30)
-        #expect(status == 75, "secondary should exit 75 (fenced): \(sec.stderrText)")
+        // Both alive, link gone: the secondary must find the fence held and not go live; it waits for a seed.
+        try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 30)
         #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "the secondary went live while the primary held the fence")
         try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
         for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        try proxy.heal()
+        let again = try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
+        #expect(again.contains("a delta seed"), "\(again)")
+        for seq in 7...9 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
         _ = client.request("QUIT", expect: "RESULT echo")
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec.digest)
         #expect(history.problems.isEmpty, "\(history.problems)")
     }
 }
 
 }
 
-/// A TCP forwarder the test controls: `cut()` drops both sides and stops accepting (a partition).
+/// A TCP forwarder the test controls: `cut()` drops both sides and stops accepting (a partition); `heal()`
+/// accepts again on the same port.
 final class TCPProxy: @unchecked Sendable {
-    let listenFD: Int32
+    private(set) var listenFD: Int32
     let port: UInt16
     private let lock = NSLock()
     private var fds: [Int32] = []
     private var cutDone = false
+    private var target: UInt16 = 0
 
     init() throws {
+        (listenFD, port) = try Self.listen(port: 0)
+    }
+
+    private static func listen(port: UInt16) throws -> (Int32, UInt16) {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
+        a.sin_port = port.bigEndian
         a.sin_addr.s_addr = inet_addr("127.0.0.1")
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
         guard withUnsafePointer(to: &a, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }) == 0,
-              listen(fd, 4) == 0 else { throw PairTestError("proxy: cannot listen") }
+              Glibc.listen(fd, 4) == 0 else { close(fd); throw PairTestError("proxy: cannot listen on port \(port)") }
         _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-        listenFD = fd
-        port = UInt16(bigEndian: a.sin_port)
+        return (fd, UInt16(bigEndian: a.sin_port))
+    }
+
+    /// The partition ends: connections to the same port get through again.
+    func heal() throws {
+        let (fd, _) = try Self.listen(port: port)
+        lock.withLock { listenFD = fd; cutDone = false; fds = [] }
+        _ = try start(forwardingTo: target)
     }
 
     /// Accepts connections and forwards each to 127.0.0.1:`target`. Returns the proxy's port.
     func start(forwardingTo target: UInt16) throws -> UInt16 {
+        self.target = target
+        let listenFD = listenFD
         Thread { [self] in
             while true {
                 let c = accept(listenFD, nil, nil)
@@ -513,6 +550,7 @@ final class TCPProxy: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         cutDone = true
         shutdown(listenFD, Int32(SHUT_RDWR))
+        close(listenFD)  // frees the port for `heal`; the accept thread sees the shutdown first
         for fd in fds { shutdown(fd, Int32(SHUT_RDWR)) }
     }
 }
