@@ -48,7 +48,8 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
 
     /// Accepts primaries until one completes the handshake and the seed (a bad peer is reported and dropped),
     /// then replays until the guest ends or this side goes live and the guest ends. A divergence while
-    /// replaying is reported to the primary, which seeds this side again. A survivor that hands the guest
+    /// replaying is reported to the primary, which seeds this side again; so does a primary that was presumed
+    /// failed but held the fence, once it finds this side again. A survivor that hands the guest
     /// over becomes a secondary again: it listens for the new primary, which re-protects itself here.
     public func run(acceptTimeoutMs: Int = -1) throws -> SessionResult {
         defer { listener.close() }
