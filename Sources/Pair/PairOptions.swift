@@ -1,5 +1,6 @@
 import CLockstep
 import Channel
+import EventLog
 import Failover
 import Foundation
 import Glibc
@@ -129,13 +130,38 @@ enum PairRecord {
     /// Replaces the record atomically (temporary name, fsync, rename). Returns false on failure.
     @discardableResult
     static func write(_ dir: String?, _ text: String) -> Bool {
-        guard let dir else { return true }
+        guard let e = tryWrite(dir, text) else { return true }
+        warn("cannot write the pair record: \(e)")
+        return false
+    }
+
+    /// `write` without the warning: the error, or nil once written. A failure leaves the old record whole
+    /// (the rename is the last step).
+    static func tryWrite(_ dir: String?, _ text: String) -> LogError? {
+        guard let dir else { return nil }
         let path = dir + "/" + fileName
         do { try replaceFile(path, with: Array((text + "\n").utf8), temporary: path + ".\(getpid()).tmp", sync: true) } catch {
-            warn("cannot write the pair record: \(error)")
-            return false
+            return error
         }
-        return true
+        return nil
+    }
+
+    enum FenceCheck: Equatable { case held, unreadable(String), taken(String) }
+
+    /// After writing a record that lets output leave, this process must still hold the fence: on NFS a holder
+    /// cut off from the server loses its lock when its lease runs out, and a secondary may have taken it and read
+    /// the record before this write. `held` also without a fence.
+    static func checkFence(_ fence: Fence?) -> FenceCheck {
+        guard let f = fence, let t = f.token else { return .held }
+        guard let h = f.readHolder() else { return .unreadable("cannot read the fence file \(f.path)") }
+        return h.generation == t.generation ? .held : .taken(h.description)
+    }
+
+    /// The fence went to another side while this one ran: stop at once, releasing nothing (what this side
+    /// holds back may contradict what the new holder runs).
+    static func stopFenced(_ holder: String) -> Never {
+        warn("the fence is now held by \(holder), not by this process: another side may be live; stopping at once, releasing no held output")
+        _exit(75)
     }
 
     static func read(_ dir: String) -> String? {

@@ -432,7 +432,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         }
         sentWatermark = snap.exit
         let pacer = session.machine.pacer
-        let l = SecondaryLink(conn: p.conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics, unconfirmed: confirmation,
+        let l = SecondaryLink(conn: p.conn, startExit: snap.exit, options: options, gate: gate, metrics: metrics, fence: fence, unconfirmed: confirmation,
                               handoverAsked: { [weak self] reply in
             warn("the secondary asked for a handover")
             self?.requestHandover(reply: reply)
@@ -472,8 +472,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         while ok, l.held.load(ordering: .acquiring) < final, !l.lost.load(ordering: .acquiring), lk_monotonic_ns() < deadline {
             _ = lk_eventfd_wait(l.ackEvent, deadline)
         }
-        gate.stopGating()
+        // Losing the link un-names the secondary first: output it may not hold leaves only after that.
         detach(goodbye: "guest exited")
+        gate.stopGating()
         PairRecord.write(options.fenceDirectory, PairRecord.ended)
     }
 

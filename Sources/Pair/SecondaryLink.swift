@@ -1,5 +1,6 @@
 import CLockstep
 import Channel
+import Failover
 import Foundation
 import Machine
 import Synchronization
@@ -22,6 +23,11 @@ final class SecondaryLink: @unchecked Sendable {
     /// Orders this link's pair-record writes: a loss always writes last.
     private let recordLock = NSLock()
     private var handingOver = false  // under recordLock
+    /// The pair record names this secondary (under recordLock): it may go live if this process dies, so no
+    /// output leaves on its loss until the record says otherwise.
+    private var named = false
+    /// This process's fence (nil: none): checked after each record write that lets output leave.
+    private let fence: Fence?
     /// Signalled on every ack and on loss (flow control waits on it).
     let ackEvent = lk_eventfd()
     let lastSendNs = Atomic<UInt64>(lk_monotonic_ns())
@@ -56,9 +62,9 @@ final class SecondaryLink: @unchecked Sendable {
     /// The secondary's operator asked for a handover (link thread); the argument sends the outcome back.
     private let handoverAsked: @Sendable (@escaping HandoverReplies.Reply) -> Void
 
-    init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics, unconfirmed: Unconfirmed? = nil,
+    init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics, fence: Fence?, unconfirmed: Unconfirmed? = nil,
          handoverAsked: @escaping @Sendable (@escaping HandoverReplies.Reply) -> Void = { _ in }, wakeVCPU: @escaping @Sendable () -> Void = {}) {
-        self.conn = conn; self.options = options; self.gate = gate; self.metrics = metrics
+        self.conn = conn; self.options = options; self.gate = gate; self.metrics = metrics; self.fence = fence
         self.unconfirmed = unconfirmed
         confirmed = Atomic(unconfirmed == nil)
         self.handoverAsked = handoverAsked
@@ -89,7 +95,9 @@ final class SecondaryLink: @unchecked Sendable {
             guard !lost.load(ordering: .acquiring) else { return false }
             lostReason.withLock { $0 = why }
             lost.store(true, ordering: .releasing)
-            if !handingOver { PairRecord.write(options.fenceDirectory, PairRecord.unprotected) }
+            if !handingOver {
+                if named { unname() } else { PairRecord.write(options.fenceDirectory, PairRecord.unprotected) }
+            }
             return true
         }
         guard first else { return }
@@ -97,6 +105,36 @@ final class SecondaryLink: @unchecked Sendable {
         conn.close()
         lk_eventfd_signal(ackEvent)
         wakeVCPU()
+    }
+
+    /// The record names this lost secondary: output it does not hold may leave only once the record says
+    /// `unprotected` and this process still holds the fence. Until then the calling thread retries (the guest
+    /// waits: a primary cut off from its fence directory cannot know whether the secondary has taken over).
+    private func unname() {
+        let retryUs: UInt32 = 100_000
+        var tries = 0
+        while true {
+            let problem: String
+            // Checked before the write too: a side that lost the fence must not overwrite the new holder's record.
+            if case .taken(let holder) = PairRecord.checkFence(fence) { PairRecord.stopFenced(holder) }
+            if let e = PairRecord.tryWrite(options.fenceDirectory, PairRecord.unprotected) {
+                problem = "cannot write the pair record: \(e)"
+            } else {
+                switch PairRecord.checkFence(fence) {
+                case .held:
+                    named = false
+                    if tries > 0 { warn("the pair record says unprotected again after \(tries) tries: held output leaves") }
+                    return
+                case .taken(let holder): PairRecord.stopFenced(holder)
+                case .unreadable(let why): problem = why
+                }
+            }
+            if tries % 50 == 0 {
+                warn("\(problem); the record names the lost secondary, so held output stays held and the guest waits (retrying every \(retryUs / 1000) ms)")
+            }
+            tries += 1
+            usleep(retryUs)  // a fence directory coming back (NFS)
+        }
     }
 
     /// Stops the link thread (after `lose` or at the end of the run).
@@ -191,16 +229,24 @@ final class SecondaryLink: @unchecked Sendable {
             return false
         }
         startThread("lockstep-record") { [self] in
-            // nil: lost meanwhile; false: the record cannot be written.
+            // nil: lost meanwhile; false: the record cannot be written, or the fence cannot be confirmed.
             let named = recordLock.withLock { () -> Bool? in
                 guard !lost.load(ordering: .acquiring) else { return nil }
                 guard PairRecord.write(options.fenceDirectory, PairRecord.protected(u.protectionID)) else { return false }
+                self.named = true
+                switch PairRecord.checkFence(fence) {
+                case .held: break
+                case .taken(let holder): PairRecord.stopFenced(holder)
+                case .unreadable(let why):
+                    warn(why)
+                    return false
+                }
                 // Under the lock: a loss (which takes it) comes after, for the record and for the failover machine.
                 confirmed.store(true, ordering: .sequentiallyConsistent)
                 u.onConfirmed()
                 return true
             }
-            if named == false { lose("cannot write the pair record in \(options.fenceDirectory ?? "")") }
+            if named == false { lose("cannot write the pair record in \(options.fenceDirectory ?? "") or read its fence") }
             // Either this sees the link thread's newest `held`, or the link thread sees `confirmed` and releases.
             if named == true { gate.secondaryHolds(below: held.load(ordering: .sequentiallyConsistent)) }
         }

@@ -1,0 +1,61 @@
+import Foundation
+import Glibc
+import Testing
+
+/// The fence and the pair record when a lock outlives its holder (an NFS lease after a host loss), simulated on
+/// one host: SIGSTOP keeps a silent primary's lock, and the fence file or the record is changed under a live pair.
+extension PairTests { @Suite struct FenceWaitTests {
+    typealias F = FailoverTests
+
+    /// A primary that loses its secondary while the record names it and cannot write the record (its fence
+    /// directory unreachable) releases nothing the secondary lacks: its guest waits until the record is written.
+    @Test func aRecordThatCannotBeUnnamedHoldsOutput() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (pri, sec, _) = try F.startPair(ws, udp: udp)
+        let client = EchoClient(port: udp)
+        var history = F.History()
+        #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
+        let record = ws.fence + "/lockstep.pair"
+        try FileManager.default.removeItem(atPath: record)
+        try FileManager.default.createDirectory(atPath: record + "/in-the-way", withIntermediateDirectories: true)
+        sec.kill9()
+        try pri.waitForLine(containing: "the record names the lost secondary, so held output stays held", seconds: 20)
+        // Bounded negative check: no reply while the record cannot be written.
+        #expect(client.request("REQ 2 b", expect: "REP 2 ", seconds: 0.5, seen: { history.saw($0) }) == nil)
+        try FileManager.default.removeItem(atPath: record)
+        try pri.waitForLine(containing: "the pair record says unprotected again", seconds: 20)
+        #expect(client.request("REQ 2 b", expect: "REP 2 ", seen: { history.saw($0) }) != nil)
+        #expect(PairRecordFile.read(ws.fence) == "unprotected")
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(history.problems.isEmpty, "\(history.problems)")
+    }
+
+    /// A primary that finds, after writing the record on its secondary's loss, that the fence file names another
+    /// holder (on NFS: its lease ran out and the secondary took the lock) stops at once with 75, releasing nothing.
+    @Test func aPrimaryWhoseFenceWasTakenStops() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (pri, sec, _) = try F.startPair(ws, udp: udp)
+        let client = EchoClient(port: udp)
+        #expect(client.request("REQ 1 a", expect: "REP 1 ") != nil)
+        // flock is advisory: the file's text can change under the lock, as a new holder on another host writes it.
+        try "generation=999\nhost=elsewhere\npid=1\n".write(toFile: ws.fence + "/lockstep.fence", atomically: false, encoding: .utf8)
+        sec.kill9()
+        #expect(try pri.wait(seconds: 20) == 75, "\(pri.stderrText)")
+        #expect(pri.stderr.contains { $0.contains("the fence is now held by elsewhere pid 1 (generation 999), not by this process") }, "\(pri.stderrText)")
+        #expect(!pri.stderr.contains { $0.contains("continuing unprotected") }, "\(pri.stderrText)")
+    }
+} }
+
+/// The pair record as the tests read it.
+enum PairRecordFile {
+    static func read(_ fence: String) -> String? {
+        (try? String(contentsOfFile: fence + "/lockstep.pair", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
