@@ -47,6 +47,10 @@ public enum FailoverEvent: Sendable, Equatable {
     case channelError(String)
     case fenceAcquired(generation: UInt64)
     case fenceDenied(holder: String)
+    /// The fence is still held after the fence wait, but the primary's pair record still names this secondary:
+    /// the holder has not gone on without it (it could not have released output this side lacks), so its lock
+    /// is a dead holder's that has not been released yet (an NFS lease running out after a host loss).
+    case fenceHeld(holder: String)
     case guestExited
     case operatorStop
     /// The operator asks the primary to hand the guest over to its secondary (the secondary holds the log
@@ -62,6 +66,7 @@ public enum FailoverEvent: Sendable, Equatable {
         .connected, .handshakeOK, .seedComplete, .heartbeatReceived, .logReceived, .peerGoodbye,
         .peerSilent(ms: 10), .peerSilent(ms: 1000), .channelError("reset"), .fenceAcquired(generation: 7),
         .fenceDenied(holder: "hostA pid 1"), .guestExited, .operatorStop, .handoverRequested, .peerTookOver, .peerHandover,
+        .fenceHeld(holder: "hostA pid 1"),
     ]
 }
 
@@ -72,8 +77,10 @@ public enum FailoverAction: Sendable, Equatable {
     case startProtection
     /// Continue without a secondary (warns).
     case dropProtection
-    /// Try the fence (test-and-set).
+    /// Try the fence (test-and-set), retried for the fence wait.
     case acquireFence
+    /// Keep trying the fence, with no deadline, for as long as the pair record names this secondary.
+    case awaitFence
     /// Replay every received entry, then switch devices from replay to live.
     case drainLogAndGoLive
     /// Take over the service address.
@@ -88,7 +95,7 @@ public enum FailoverAction: Sendable, Equatable {
 
     /// Actions only a secondary may perform.
     public var isSecondaryAction: Bool {
-        switch self { case .acquireFence, .drainLogAndGoLive: true; default: false }
+        switch self { case .acquireFence, .awaitFence, .drainLogAndGoLive: true; default: false }
     }
 }
 
@@ -194,6 +201,10 @@ public struct FailoverMachine: Sendable, Equatable {
         case (.secondaryFencing, .fenceAcquired(let g)):
             return (.live, [.drainLogAndGoLive, .bindServiceAddress,
                             .logWarning("went live with fence generation \(g); unprotected"), .acceptNewSecondary])
+        case (.secondaryFencing, .fenceHeld(let holder)):
+            return (.secondaryFencing, [.logWarning("the fence is held by \(holder), but the pair record still names this secondary: "
+                                                    + "waiting for the lock to be released (a lost host's lease to run out), then going live"),
+                                        .awaitFence])
         case (.secondaryFencing, .fenceDenied(let holder)):
             return (.fenced, [.stop(reason: "fence held by \(holder); the primary is alive, not going live")])
 

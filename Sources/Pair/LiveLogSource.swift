@@ -43,6 +43,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     private(set) var fence: Fence?
     /// The fence directory failed (not merely held): nothing to wait for.
     private var fenceUnusable = false
+    /// The receiver waits on a held fence the pair record lets this side take (for the status line).
+    let awaitingFence = Atomic<Bool>(false)
     let heldExit: Atomic<UInt64>
     let bytesReceived = Atomic<UInt64>(0)
     let batchesReceived = Atomic<UInt64>(0)
@@ -290,6 +292,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 switch a {
                 case .logWarning(let s): warn(s)
                 case .acquireFence: next += fsm.handle(acquireFence())
+                case .awaitFence: next += fsm.handle(awaitFence())
                 case .drainLogAndGoLive: finish(.goLive(why + (fenceToken.map { "; fence generation \($0.generation)" } ?? "; no fence")))
                 case .stop(let reason): finish(.fenced(reason, rejoin: !fenceUnusable))
                 default: break
@@ -299,29 +302,58 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         }
     }
 
+    /// Tries the fence for `fenceWaitMs`. Still held then: `fenceHeld` while the pair record names this side.
     private func acquireFence() -> FailoverEvent {
         guard let dir = options.fenceDirectory else { return .fenceAcquired(generation: 0) }
         let f = Fence(directory: dir)
         let deadline = lk_monotonic_ns() + UInt64(options.fenceWaitMs) * 1_000_000
         while true {
-            do {
-                if let t = try f.tryAcquire(identity: .current()) {
-                    // The fence is ours; the primary's last word decides whether this state may go live.
-                    let record = PairRecord.read(dir) ?? "(none)"
-                    guard record == PairRecord.protected(protectionID) else {
-                        try? f.release()
-                        return .fenceDenied(holder: "nobody, but the primary's pair record says '\(record)': it went on without this secondary, whose state is stale")
-                    }
-                    fence = f
-                    fenceToken = t
-                    return .fenceAcquired(generation: t.generation)
-                }
-            } catch {
-                fenceUnusable = true
-                return .fenceDenied(holder: "unusable fence (\(error))")
+            if let e = tryFence(f, dir) { return e }
+            if lk_monotonic_ns() >= deadline {
+                let holder = f.holder?.description ?? "another process"
+                return PairRecord.read(dir) == PairRecord.protected(protectionID) ? .fenceHeld(holder: holder) : .fenceDenied(holder: holder)
             }
-            if lk_monotonic_ns() >= deadline { return .fenceDenied(holder: f.holder?.description ?? "another process") }
             usleep(2000)  // retry backoff while a dead holder's lock is released
+        }
+    }
+
+    /// How often a secondary waiting on a held fence tries it again (an NFS lease runs for tens of seconds).
+    static let fenceRetryUs: UInt32 = 100_000
+
+    /// Tries the fence until it is free, with no deadline, as long as the pair record names this side: a live
+    /// primary that lost this secondary writes `unprotected` before it releases any output, which ends the wait.
+    private func awaitFence() -> FailoverEvent {
+        guard let dir = options.fenceDirectory else { return .fenceAcquired(generation: 0) }
+        let f = Fence(directory: dir)
+        awaitingFence.store(true, ordering: .relaxed)
+        defer { awaitingFence.store(false, ordering: .relaxed) }
+        while true {
+            usleep(Self.fenceRetryUs)
+            let record = PairRecord.read(dir) ?? "(none)"
+            guard record == PairRecord.protected(protectionID) else {
+                return .fenceDenied(holder: "\(f.readHolder()?.description ?? "another process"), and the primary's pair record now says '\(record)': it went on without this secondary")
+            }
+            if let e = tryFence(f, dir) { return e }
+        }
+    }
+
+    /// One try: `fenceAcquired` when won and the pair record names this side, `fenceDenied` when won but the
+    /// record does not (released again) or when the fence directory fails, nil while someone holds it.
+    private func tryFence(_ f: Fence, _ dir: String) -> FailoverEvent? {
+        do {
+            guard let t = try f.tryAcquire(identity: .current()) else { return nil }
+            // The fence is ours; the primary's last word decides whether this state may go live.
+            let record = PairRecord.read(dir) ?? "(none)"
+            guard record == PairRecord.protected(protectionID) else {
+                try? f.release()
+                return .fenceDenied(holder: "nobody, but the primary's pair record says '\(record)': it went on without this secondary, whose state is stale")
+            }
+            fence = f
+            fenceToken = t
+            return .fenceAcquired(generation: t.generation)
+        } catch {
+            fenceUnusable = true
+            return .fenceDenied(holder: "unusable fence (\(error))")
         }
     }
 }

@@ -7,7 +7,8 @@ typealias S = FailoverState
 let E = FailoverEvent.representatives
 let evConnected = 0, evHandshake = 1, evSeed = 2, evHeartbeat = 3, evLog = 4, evGoodbye = 5,
     evShortSilence = 6, evSilence = 7, evChannelError = 8, evFenceOK = 9, evFenceDenied = 10,
-    evGuestExited = 11, evOperatorStop = 12, evHandoverRequested = 13, evPeerTookOver = 14, evPeerHandover = 15
+    evGuestExited = 11, evOperatorStop = 12, evHandoverRequested = 13, evPeerTookOver = 14, evPeerHandover = 15,
+    evFenceHeld = 16
 
 /// The expected next state for every (state, event) pair; pairs not listed keep the state.
 let expectedNext: [S: [Int: S]] = [
@@ -45,7 +46,8 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
             #expect(next == want, "\(state) + \(event)")
             // A handover asked of a primary no secondary protects is refused with a warning.
             let refusedHandover = i == evHandoverRequested && [.primaryUnprotected, .primarySyncing, .live].contains(state)
-            if next == state && !(state == .secondaryConnecting && (i == evSilence || i == evChannelError))
+            let awaits = state == .secondaryFencing && i == evFenceHeld
+            if next == state && !awaits && !(state == .secondaryConnecting && (i == evSilence || i == evChannelError))
                 && !(state.gatesOutput && state != .primaryHandingOver && i == evLog) && !refusedHandover {
                 #expect(actions.isEmpty, "\(state) + \(event) -> \(actions)")
             }
@@ -62,6 +64,8 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
             if next == .stopped || next == .fenced, state != next { #expect(hasStop(actions)) }
             if actions.contains(.drainLogAndGoLive) { #expect(next == .live && actions.contains(.bindServiceAddress)) }
             if actions.contains(.acquireFence) { #expect(next == .secondaryFencing) }
+            // Only a fencing secondary the record still names waits on a held fence, and it stays fencing.
+            if actions.contains(.awaitFence) { #expect(awaits && next == .secondaryFencing && actions.last == .awaitFence) }
             if refusedHandover { #expect(actions.count == 1 && !actions.contains(.handOver), "\(state) + \(event) -> \(actions)") }
             // Only a protected primary hands over, and a handover ends only on the fence's say.
             if actions.contains(.handOver) { #expect(state == .primaryProtected && next == .primaryHandingOver) }
@@ -109,6 +113,19 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
         guard case .stop(let r) = a.first else { Issue.record("no stop"); return }
         #expect(r.contains("hostA pid 10"))
         #expect(m.handle(.fenceAcquired(generation: 9)) == [] && m.state == .fenced)
+    }
+
+    /// A lock still held after the fence wait while the record names this side: wait on, then go live or stop.
+    @Test func aHeldFenceTheRecordAllowsIsAwaited() {
+        var m = FailoverMachine(state: .secondaryReplaying)
+        m.handle(.peerSilent(ms: 60))
+        let a = m.handle(.fenceHeld(holder: "hostA pid 10"))
+        #expect(m.state == .secondaryFencing && a.last == .awaitFence)
+        guard case .logWarning(let w) = a.first else { Issue.record("no warning"); return }
+        #expect(w.contains("hostA pid 10"))
+        var late = m
+        #expect(late.handle(.fenceAcquired(generation: 4)).first == .drainLogAndGoLive && late.state == .live)
+        #expect(hasStop(m.handle(.fenceDenied(holder: "hostA pid 10"))) && m.state == .fenced)
     }
 
     @Test func primaryLosingItsSecondaryReleasesOutputAndContinues() {

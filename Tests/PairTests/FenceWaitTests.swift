@@ -7,6 +7,57 @@ import Testing
 extension PairTests { @Suite struct FenceWaitTests {
     typealias F = FailoverTests
 
+    /// A silent primary whose lock stays held past the fence wait, while the pair record names the secondary:
+    /// the secondary keeps trying and goes live once the lock goes (here: the stopped primary is killed).
+    @Test func aLockHeldPastTheFenceWaitIsTakenOnceReleased() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (pri, sec, _) = try F.startPair(ws, udp: udp, extraSecondary: ["--fence-wait-ms", "100"])
+        let client = EchoClient(port: udp)
+        var history = F.History()
+        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        pri.signal(SIGSTOP)
+        try sec.waitForLine(containing: "but the pair record still names this secondary: waiting for the lock", seconds: 20)
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        pri.kill9()
+        let live = try sec.waitForLine(containing: "live: ", seconds: 20)
+        #expect(live.contains("fence generation 2"), "\(live)")
+        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        #expect(history.problems.isEmpty, "\(history.problems)")
+        _ = try? pri.wait(seconds: 10)
+    }
+
+    /// The same silence, but the primary was only paused: it finds the link gone, writes the record
+    /// `unprotected` before any output leaves, and the waiting secondary stops waiting, is re-seeded, never live.
+    @Test func aPausedPrimaryEndsTheWaitAndReseeds() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (pri, sec, _) = try F.startPair(ws, udp: udp, extraSecondary: ["--fence-wait-ms", "100"])
+        let client = EchoClient(port: udp)
+        var history = F.History()
+        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        pri.signal(SIGSTOP)
+        try sec.waitForLine(containing: "but the pair record still names this secondary: waiting for the lock", seconds: 20)
+        pri.signal(SIGCONT)
+        try sec.waitForLine(containing: "the primary's pair record now says 'unprotected'", seconds: 20)
+        try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 10)
+        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
+        for seq in 7...9 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        _ = client.request("QUIT", expect: "RESULT echo")
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        #expect(pri.digest != nil && pri.digest == sec.digest)
+        #expect(history.problems.isEmpty, "\(history.problems)")
+    }
+
     /// A primary that loses its secondary while the record names it and cannot write the record (its fence
     /// directory unreachable) releases nothing the secondary lacks: its guest waits until the record is written.
     @Test func aRecordThatCannotBeUnnamedHoldsOutput() throws {
