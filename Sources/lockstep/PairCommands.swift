@@ -10,7 +10,7 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Directory both hosts reach holding the fence file (lockstep.fence).") var fence: String?
     @Option(name: .long, help: "Heartbeat interval when the link is idle (ms).") var heartbeatMs: Int = 5
     @Option(name: .long, help: "Silence after which the peer is presumed failed (ms).") var failureTimeoutMs: Int = 50
-    @Option(name: .long, help: "How long a secondary retries a held fence before concluding the primary is alive (ms).") var fenceWaitMs: Int = 500
+    @Option(name: .long, help: "How long a secondary retries a held fence before asking the pair record: still named by it, it waits for the lock; otherwise the primary is alive (ms).") var fenceWaitMs: Int = 500
     @Option(name: .long, help: "Status line period on stderr (ms, 0 = none).") var statusIntervalMs: Int = 1000
     @Option(name: .long, help: "Rewrite this JSON file with the pair's status every period.") var statusJson: String?
     @Option(name: .long, help: "Write figures as JSON here at the end (primary: lag histograms, bandwidth; secondary: bytes received, whether it went live, and as a survivor its figures as a primary).") var statsJson: String?
