@@ -17,44 +17,29 @@ extension PairTests { @Suite struct FailoverTests {
         return (pri, sec, port)
     }
 
-    /// Checks every reply ever received: a seq is never answered with two different contents, and the
-    /// count of distinct requests always equals the seq (no request lost from the survivor's history).
-    struct History {
-        var replies: [UInt64: String] = [:]
-        var problems: [String] = []
-        mutating func saw(_ line: String) {
-            let f = line.split(separator: " ")
-            guard f.count == 4, f[0] == "REP", let seq = UInt64(f[1]) else { return }
-            if let old = replies[seq], old != line { problems.append("seq \(seq) answered twice: '\(old)' then '\(line)'") }
-            replies[seq] = line
-            if UInt64(f[2]) != seq { problems.append("'\(line)': the service counted \(f[2]) requests at seq \(seq)") }
-        }
-    }
-
     /// One trial: requests, kill -9 of the primary after `killAfter` replies, requests against the survivor, QUIT.
     static func killPrimaryTrial(killAfter: Int, total: Int, extraSecondary: [String] = []) throws -> Double {
         let ws = try PairFixture.workspace()
         let udp = try PairFixture.freeUDPPort()
         let (pri, sec, _) = try startPair(ws, udp: udp, extraSecondary: extraSecondary)
-        let client = EchoClient(port: udp)
-        var history = History()
+        let talk = Conversation(port: udp)
         var failoverMs = 0.0
         for seq in 1...total {
             if seq == killAfter + 1 {
                 pri.kill9()
                 let t0 = Date()
-                let r = client.request("REQ \(seq) after-kill", expect: "REP \(seq) ", seen: { history.saw($0) })
+                let r = talk.request(seq, "after-kill")
                 guard r != nil else { throw PairTestError("no reply from the survivor after kill -9; secondary:\n\(sec.stderrText)") }
                 failoverMs = Date().timeIntervalSince(t0) * 1000
                 continue
             }
-            guard client.request("REQ \(seq) text-\(seq)", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil else {
+            guard talk.request(seq, "text-\(seq)") != nil else {
                 throw PairTestError("no reply to seq \(seq); primary:\n\(pri.stderrText)\nsecondary:\n\(sec.stderrText)")
             }
         }
-        #expect(history.problems.isEmpty, "\(history.problems)")
-        #expect(history.replies.count == total)
-        _ = client.request("QUIT", expect: "RESULT echo")
+        talk.expectConsistent()
+        #expect(talk.history.replies.count == total)
+        talk.quit()
         let status = try sec.wait(seconds: 30)
         #expect(status == 0, "survivor ended with \(status): \(sec.stderrText)")
         #expect(sec.stderr.contains { $0.hasPrefix("live: ") }, "the survivor never said live:")
@@ -93,10 +78,9 @@ extension PairTests { @Suite struct FailoverTests {
         let udp = try PairFixture.freeUDPPort()
         // Reports at most every 200 ms: the reply to REQ 2 is released and not yet reported when the kill lands.
         let (pri, sec, _) = try Self.startPair(ws, udp: udp, extraPrimary: ["--heartbeat-ms", "200"])
-        let client = EchoClient(port: udp)
-        var history = History()
-        #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
-        let reply = client.request("REQ 2 b", expect: "REP 2 ", seen: { history.saw($0) })
+        let talk = Conversation(port: udp)
+        talk.exchange(1...1, "a")
+        let reply = talk.request(2, "b")
         pri.kill9()
         let live = try sec.waitForLine(containing: "went live", seconds: 10)
         // "(N output bytes the primary may not have released are sent again)"; 0 only if a report crossed the kill.
@@ -107,13 +91,13 @@ extension PairTests { @Suite struct FailoverTests {
             var again: [String] = []
             let deadline = Date().addingTimeInterval(10)
             while Date() < deadline, !again.contains(where: { $0.hasPrefix("REP 2 ") }) {
-                for l in client.receive(ms: 100) { history.saw(l); again.append(l) }
+                for l in talk.client.receive(ms: 100) { talk.history.saw(l); again.append(l) }
             }
             #expect(reply != nil && again.contains(reply!), "survivor re-sent \(again), wanted \(reply ?? "-"); secondary:\n\(sec.stderrText)")
         }
-        #expect(client.request("REQ 3 c", expect: "REP 3 ", seen: { history.saw($0) }) != nil)
-        #expect(history.problems.isEmpty, "\(history.problems)")
-        _ = client.request("QUIT", expect: "RESULT echo")
+        talk.exchange(3...3, "c")
+        talk.expectConsistent()
+        talk.quit()
         #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
         try pri.wait(seconds: 10)
         try? FileManager.default.removeItem(atPath: ws.dir)
@@ -124,25 +108,24 @@ extension PairTests { @Suite struct FailoverTests {
         let ws = try PairFixture.workspace()
         let udp = try PairFixture.freeUDPPort()
         let (pri, sec, port) = try Self.startPair(ws, udp: udp)
-        let client = EchoClient(port: udp)
-        var history = History()
-        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
         sec.kill9()
         try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
         // Unprotected: output is not held for anyone.
-        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        talk.exchange(4...6, "b")
         // A new secondary on the same address is seeded from the running guest (pre-copy) and protects it.
         let common = PairFixture.common(ws)
         let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "udp:127.0.0.1:\(udp)"] + common)
         let seeded = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 20)
         #expect(!seeded.contains("at exit 0:"), "the new secondary must be seeded from the running state: \(seeded)")
-        for seq in 7...9 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        talk.exchange(7...9, "c")
         // And it can take over.
         pri.kill9()
-        #expect(client.request("REQ 10 d", expect: "REP 10 ", seen: { history.saw($0) }) != nil, "secondary-2:\n\(sec2.stderrText)")
-        _ = client.request("QUIT", expect: "RESULT echo")
+        talk.exchange(10...10, "d", "secondary-2:\n\(sec2.stderrText)")
+        talk.quit()
         #expect(try sec2.wait(seconds: 30) == 0, "\(sec2.stderrText)")
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.expectConsistent()
         try pri.wait(seconds: 10)
         _ = try? sec.wait(seconds: 10)
     }
@@ -203,9 +186,8 @@ extension PairTests { @Suite struct FailoverTests {
         let udp = try PairFixture.freeUDPPort()
         let priControl = ws.dir + "/primary.sock", secControl = ws.dir + "/secondary.sock"
         let (pri, sec, _) = try Self.startPair(ws, udp: udp, extraPrimary: ["--control", priControl], extraSecondary: ["--control", secControl])
-        let client = EchoClient(port: udp)
-        var history = History()
-        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
         let bogus = try Child("bogus", ["control", priControl, "reboot"], captureStdout: true)
         #expect(try bogus.wait(seconds: 10) == 64, "\(bogus.stderrText)")
         #expect(bogus.stderrText.contains("unknown request reboot: use status or handover"), "\(bogus.stderrText)")
@@ -215,7 +197,7 @@ extension PairTests { @Suite struct FailoverTests {
         let t0 = Date()
         let handover = try Child("handover", ["control", priControl, "handover"], captureStdout: true)
         // Sent at once and resent until answered: whichever side holds the guest answers it, once.
-        #expect(client.request("REQ 4 b", expect: "REP 4 ", seen: { history.saw($0) }) != nil, "secondary:\n\(sec.stderrText)")
+        talk.exchange(4...4, "b", "secondary:\n\(sec.stderrText)")
         print("handover: request → the reply to a request sent with it in \(String(format: "%.1f", Date().timeIntervalSince(t0) * 1000)) ms")
         #expect(try handover.wait(seconds: 30) == 0, "\(handover.stderrText)")
         #expect(handover.stderr.contains { $0.hasPrefix("handed-over: handed over to the secondary at exit") }, "\(handover.stderrText)")
@@ -227,10 +209,10 @@ extension PairTests { @Suite struct FailoverTests {
         let refusal = try Child("refusal", ["control", secControl, "handover"], captureStdout: true)
         #expect(try refusal.wait(seconds: 10) == 1, "\(refusal.stderrText)")
         #expect(refusal.stderr.contains { $0.hasPrefix("refused: handover refused: this side runs the guest unprotected") }, "\(refusal.stderrText)")
-        for seq in 5...6 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
-        _ = client.request("QUIT", expect: "RESULT echo")
+        talk.exchange(5...6, "c")
+        talk.quit()
         #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.expectConsistent()
         // Every reply was released before the handover, and the secondary was told: it sends none again.
         let went = sec.stderr.first { $0.contains("went live at exit") } ?? ""
         #expect(went.contains("(0 output bytes"), "nothing released may be sent again: \(went)")
@@ -260,11 +242,10 @@ extension PairTests { @Suite struct FailoverTests {
         let a = try Child("A", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)",
                                 "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)", "--control", controlA] + common)
         try a.waitForLine(containing: "protected: secondary")
-        let client = EchoClient(port: udp)
-        var history = History()
+        let talk = Conversation(port: udp)
         var seq = 0
         func requests(_ n: Int, _ tag: String) {
-            for _ in 0..<n { seq += 1; #expect(client.request("REQ \(seq) \(tag)", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil, "A:\n\(a.stderrText)\nB:\n\(b.stderrText)") }
+            for _ in 0..<n { seq += 1; #expect(talk.request(seq, tag) != nil, "A:\n\(a.stderrText)\nB:\n\(b.stderrText)") }
         }
         requests(3, "a")
         // A → B: B goes live, and re-protects itself by seeding A, now its secondary.
@@ -286,11 +267,11 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(seededB.contains("a delta seed"), "\(seededB)")
         print("re-seeds after the handovers:\n\(seededA)\n\(seededB)")
         requests(3, "c")
-        _ = client.request("QUIT", expect: "RESULT echo")
+        talk.quit()
         #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
         #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
         #expect(a.digest != nil && a.digest == b.digest, "A \(a.digest ?? "-"), B \(b.digest ?? "-")")
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.expectConsistent()
         #expect(a.stderr.filter { $0.hasPrefix("live: ") }.count == 1 && b.stderr.filter { $0.hasPrefix("live: ") }.count == 1)
     }
 
@@ -308,21 +289,15 @@ extension PairTests { @Suite struct FailoverTests {
         let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(try sec.listeningPort())",
                                         "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)"] + common)
         try pri.waitForLine(containing: "protected: secondary")
-        let client = EchoClient(port: udp)
-        var history = History()
-        #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
+        let talk = Conversation(port: udp)
+        talk.exchange(1...1, "a")
         pri.signal(SIGUSR2)
         try pri.waitForLine(containing: "handover failed", seconds: 20)
         try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 20)
-        for seq in 2...3 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        talk.exchange(2...3, "b")
         let again = try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 20)
         #expect(again.contains("a delta seed"), "\(again)")
-        _ = client.request("QUIT", expect: "RESULT echo")
-        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
-        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
-        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
-        #expect(pri.digest != nil && pri.digest == sec.digest)
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        try talk.quitInLockstep(pri, sec)
     }
 
     /// The secondary refuses a handover whose log it does not hold to the end (fault injection: the primary
@@ -343,9 +318,8 @@ extension PairTests { @Suite struct FailoverTests {
                                         "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)", "--control", priControl] + common,
                             environment: ["LOCKSTEP_FAULT_HANDOVER_EXIT_AHEAD": "1000000"])
         try pri.waitForLine(containing: "protected: secondary")
-        let client = EchoClient(port: udp)
-        var history = History()
-        #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
+        let talk = Conversation(port: udp)
+        talk.exchange(1...1, "a")
         let handover = try Child("handover", ["control", fenced ? priControl : secControl, "handover"], captureStdout: true)
         #expect(try handover.wait(seconds: 30) == 1, "\(handover.stderrText)")
         let failed = fenced ? "failed: handover failed: the secondary diverged" : "failed: handover failed: this side cannot follow the primary's log"
@@ -353,13 +327,8 @@ extension PairTests { @Suite struct FailoverTests {
         let refused = try sec.waitForLine(containing: "cannot follow the primary", seconds: 10)
         #expect(refused.contains("but this side holds the log only to exit"), "\(refused)")
         try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
-        for seq in 2...3 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
-        _ = client.request("QUIT", expect: "RESULT echo")
-        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
-        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
-        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
-        #expect(pri.digest != nil && pri.digest == sec.digest, "primary \(pri.digest ?? "-"), secondary \(sec.digest ?? "-")")
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.exchange(2...3, "b")
+        try talk.quitInLockstep(pri, sec)
     }
 
     /// `echo-tickless` sleeps in HLT with no timer: nothing wakes it but a request. A new secondary is still
@@ -371,21 +340,16 @@ extension PairTests { @Suite struct FailoverTests {
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         let udp = try PairFixture.freeUDPPort()
         let (pri, sec, port) = try Self.startPair(ws, udp: udp, guest: "echo-tickless")
-        let client = EchoClient(port: udp)
-        var history = History()
-        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
         sec.kill9()
         try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
         let sec2 = try Child("secondary-2", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws))
         // No request until the primary says it is protected: the guest stays halted throughout.
         let seeded = try pri.waitForLine(containing: "seeded at exit", occurrence: 2, seconds: 20)
         #expect(seeded.contains(" ms while halted"), "\(seeded)")
-        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
-        _ = client.request("QUIT", expect: "RESULT echo")
-        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
-        #expect(try sec2.wait(seconds: 30) == 0, "\(sec2.stderrText)")
-        #expect(pri.digest != nil && pri.digest == sec2.digest, "primary \(pri.digest ?? "-"), secondary \(sec2.digest ?? "-")")
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.exchange(4...6, "b")
+        try talk.quitInLockstep(pri, sec2)
         _ = try? sec.wait(seconds: 10)
     }
 
@@ -428,20 +392,19 @@ extension PairTests { @Suite struct FailoverTests {
         let first = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(p1)", "--memory", "32",
                                           "--serial", "udp:127.0.0.1:\(udp)"] + common)
         try first.waitForLine(containing: "protected: secondary")
-        let client = EchoClient(port: udp)
-        var history = History()
-        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
         first.kill9()
-        #expect(client.request("REQ 4 b", expect: "REP 4 ", seen: { history.saw($0) }) != nil, "\(second.stderrText)")
+        talk.exchange(4...4, "b", "\(second.stderrText)")
         let seeded = try second.waitForLine(containing: "protected: secondary at", seconds: 30)
         #expect(!seeded.contains("at exit 0:"), "\(seeded)")
-        for seq in 5...6 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        talk.exchange(5...6, "c")
         second.kill9()
-        #expect(client.request("REQ 7 d", expect: "REP 7 ", seen: { history.saw($0) }) != nil, "\(third.stderrText)")
-        _ = client.request("QUIT", expect: "RESULT echo")
+        talk.exchange(7...7, "d", "\(third.stderrText)")
+        talk.quit()
         #expect(try third.wait(seconds: 30) == 0, "\(third.stderrText)")
         #expect(third.stderr.contains { $0.hasPrefix("live: ") })
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.expectConsistent()
         let figures = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
         #expect(figures?["role"] as? String == "survivor" && figures?["wentLive"] as? Bool == true)
         #expect((figures?["logBytesReceived"] as? Int ?? 0) > 0, "\(figures ?? [:])")
@@ -458,25 +421,19 @@ extension PairTests { @Suite struct FailoverTests {
         let udp = try PairFixture.freeUDPPort()
         let proxy = try TCPProxy()
         let (pri, sec, _) = try Self.startPair(ws, udp: udp) { port in try proxy.start(forwardingTo: port) }
-        let client = EchoClient(port: udp)
-        var history = History()
-        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
         proxy.cut()
         // Both alive, link gone: the secondary must find the fence held and not go live; it waits for a seed.
         try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 30)
         #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "the secondary went live while the primary held the fence")
         try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
-        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        talk.exchange(4...6, "b")
         try proxy.heal()
         let again = try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
         #expect(again.contains("a delta seed"), "\(again)")
-        for seq in 7...9 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
-        _ = client.request("QUIT", expect: "RESULT echo")
-        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
-        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
-        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
-        #expect(pri.digest != nil && pri.digest == sec.digest)
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.exchange(7...9, "c")
+        try talk.quitInLockstep(pri, sec)
     }
 }
 

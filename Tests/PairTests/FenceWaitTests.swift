@@ -7,27 +7,33 @@ import Testing
 extension PairTests { @Suite struct FenceWaitTests {
     typealias F = FailoverTests
 
+    /// A pair with a 100 ms fence wait answers three requests; then its primary is stopped (SIGSTOP) until the
+    /// secondary, named by the pair record, says it waits for the primary's lock.
+    static func stopPrimaryPastTheFenceWait(_ ws: (dir: String, key: String, fence: String)) throws -> (Child, Child, Conversation) {
+        let udp = try PairFixture.freeUDPPort()
+        let (pri, sec, _) = try F.startPair(ws, udp: udp, extraSecondary: ["--fence-wait-ms", "100"])
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
+        pri.signal(SIGSTOP)
+        try sec.waitForLine(containing: "but the pair record still names this secondary: waiting for the lock", seconds: 20)
+        return (pri, sec, talk)
+    }
+
     /// A silent primary whose lock stays held past the fence wait, while the pair record names the secondary:
     /// the secondary keeps trying and goes live once the lock goes (here: the stopped primary is killed).
     @Test func aLockHeldPastTheFenceWaitIsTakenOnceReleased() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = try PairFixture.freeUDPPort()
-        let (pri, sec, _) = try F.startPair(ws, udp: udp, extraSecondary: ["--fence-wait-ms", "100"])
-        let client = EchoClient(port: udp)
-        var history = F.History()
-        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
-        pri.signal(SIGSTOP)
-        try sec.waitForLine(containing: "but the pair record still names this secondary: waiting for the lock", seconds: 20)
+        let (pri, sec, talk) = try Self.stopPrimaryPastTheFenceWait(ws)
         #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
         pri.kill9()
         let live = try sec.waitForLine(containing: "live: ", seconds: 20)
         #expect(live.contains("fence generation 2"), "\(live)")
-        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
-        _ = client.request("QUIT", expect: "RESULT echo")
+        talk.exchange(4...6, "b")
+        talk.quit()
         #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.expectConsistent()
         _ = try? pri.wait(seconds: 10)
     }
 
@@ -37,25 +43,14 @@ extension PairTests { @Suite struct FenceWaitTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = try PairFixture.freeUDPPort()
-        let (pri, sec, _) = try F.startPair(ws, udp: udp, extraSecondary: ["--fence-wait-ms", "100"])
-        let client = EchoClient(port: udp)
-        var history = F.History()
-        for seq in 1...3 { #expect(client.request("REQ \(seq) a", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
-        pri.signal(SIGSTOP)
-        try sec.waitForLine(containing: "but the pair record still names this secondary: waiting for the lock", seconds: 20)
+        let (pri, sec, talk) = try Self.stopPrimaryPastTheFenceWait(ws)
         pri.signal(SIGCONT)
         try sec.waitForLine(containing: "the primary's pair record now says 'unprotected'", seconds: 20)
         try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 10)
-        for seq in 4...6 { #expect(client.request("REQ \(seq) b", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
+        talk.exchange(4...6, "b")
         try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
-        for seq in 7...9 { #expect(client.request("REQ \(seq) c", expect: "REP \(seq) ", seen: { history.saw($0) }) != nil) }
-        _ = client.request("QUIT", expect: "RESULT echo")
-        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
-        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
-        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
-        #expect(pri.digest != nil && pri.digest == sec.digest)
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.exchange(7...9, "c")
+        try talk.quitInLockstep(pri, sec)
     }
 
     /// A primary that loses its secondary while the record names it and cannot write the record (its fence
@@ -66,23 +61,22 @@ extension PairTests { @Suite struct FenceWaitTests {
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         let udp = try PairFixture.freeUDPPort()
         let (pri, sec, _) = try F.startPair(ws, udp: udp)
-        let client = EchoClient(port: udp)
-        var history = F.History()
-        #expect(client.request("REQ 1 a", expect: "REP 1 ", seen: { history.saw($0) }) != nil)
+        let talk = Conversation(port: udp)
+        talk.exchange(1...1, "a")
         let record = ws.fence + "/lockstep.pair"
         try FileManager.default.removeItem(atPath: record)
         try FileManager.default.createDirectory(atPath: record + "/in-the-way", withIntermediateDirectories: true)
         sec.kill9()
         try pri.waitForLine(containing: "the record names the lost secondary, so held output stays held", seconds: 20)
         // Bounded negative check: no reply while the record cannot be written.
-        #expect(client.request("REQ 2 b", expect: "REP 2 ", seconds: 0.5, seen: { history.saw($0) }) == nil)
+        #expect(talk.request(2, "b", seconds: 0.5) == nil)
         try FileManager.default.removeItem(atPath: record)
         try pri.waitForLine(containing: "the pair record says unprotected again", seconds: 20)
-        #expect(client.request("REQ 2 b", expect: "REP 2 ", seen: { history.saw($0) }) != nil)
+        talk.exchange(2...2, "b")
         #expect(PairRecordFile.read(ws.fence) == "unprotected")
-        _ = client.request("QUIT", expect: "RESULT echo")
+        talk.quit()
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
-        #expect(history.problems.isEmpty, "\(history.problems)")
+        talk.expectConsistent()
     }
 
     /// A primary that finds, after writing the record on its secondary's loss, that the fence file names another

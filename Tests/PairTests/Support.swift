@@ -191,3 +191,59 @@ final class EchoClient {
         return nil
     }
 }
+
+/// Checks every reply ever received: a seq is never answered with two different contents, and the
+/// count of distinct requests always equals the seq (no request lost from the survivor's history).
+struct History {
+    var replies: [UInt64: String] = [:]
+    var problems: [String] = []
+    mutating func saw(_ line: String) {
+        let f = line.split(separator: " ")
+        guard f.count == 4, f[0] == "REP", let seq = UInt64(f[1]) else { return }
+        if let old = replies[seq], old != line { problems.append("seq \(seq) answered twice: '\(old)' then '\(line)'") }
+        replies[seq] = line
+        if UInt64(f[2]) != seq { problems.append("'\(line)': the service counted \(f[2]) requests at seq \(seq)") }
+    }
+}
+
+/// An echo conversation whose every reply goes into one `History`.
+final class Conversation {
+    let client: EchoClient
+    var history = History()
+
+    init(port: UInt16) { client = EchoClient(port: port) }
+
+    /// `REQ seq tag` for each seq, each retried until answered; an unanswered one is a test failure.
+    func exchange(_ seqs: ClosedRange<Int>, _ tag: String, _ context: @autoclosure () -> String = "",
+                  sourceLocation: SourceLocation = #_sourceLocation) {
+        for seq in seqs {
+            let reply = client.request("REQ \(seq) \(tag)", expect: "REP \(seq) ", seen: { history.saw($0) })
+            #expect(reply != nil, "no reply to REQ \(seq) \(tag)\n\(context())", sourceLocation: sourceLocation)
+        }
+    }
+
+    /// One request and its reply (nil when none came within `seconds`).
+    func request(_ seq: Int, _ tag: String, seconds: Double = 15) -> String? {
+        client.request("REQ \(seq) \(tag)", expect: "REP \(seq) ", seconds: seconds, seen: { history.saw($0) })
+    }
+
+    /// Ends the guest's service (its `RESULT` line).
+    func quit() { _ = client.request("QUIT", expect: "RESULT echo") }
+
+    /// Ends the service of a pair that stayed in lockstep to the end: both processes exit 0, the secondary never
+    /// went live, both end with the same state digest, and every reply is consistent.
+    func quitInLockstep(_ pri: Child, _ sec: Child, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        quit()
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)", sourceLocation: sourceLocation)
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)", sourceLocation: sourceLocation)
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)", sourceLocation: sourceLocation)
+        #expect(pri.digest != nil && pri.digest == sec.digest, "primary \(pri.digest ?? "-"), secondary \(sec.digest ?? "-")",
+                sourceLocation: sourceLocation)
+        expectConsistent(sourceLocation: sourceLocation)
+    }
+
+    /// No seq was answered twice differently, and none was lost from the service's count.
+    func expectConsistent(sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(history.problems.isEmpty, "\(history.problems)", sourceLocation: sourceLocation)
+    }
+}
