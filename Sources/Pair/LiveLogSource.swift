@@ -329,11 +329,11 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         defer { awaitingFence.store(false, ordering: .relaxed) }
         while true {
             usleep(Self.fenceRetryUs)
+            if let e = tryFence(f, dir) { return e }
             let record = PairRecord.read(dir) ?? "(none)"
             guard record == PairRecord.protected(protectionID) else {
-                return .fenceDenied(holder: "\(f.readHolder()?.description ?? "another process"), and the primary's pair record now says '\(record)': it went on without this secondary")
+                return .fenceDenied(holder: "\(f.holder?.description ?? "another process"), and the primary's pair record now says '\(record)': it went on without this secondary")
             }
-            if let e = tryFence(f, dir) { return e }
         }
     }
 

@@ -53,6 +53,20 @@ extension PairTests { @Suite struct FenceWaitTests {
         try talk.quitInLockstep(pri, sec)
     }
 
+    /// A fence directory that fails during the wait is not a held lock: the secondary stops with 75, naming it.
+    @Test func aFenceDirectoryGoneWhileWaitingStopsTheSecondary() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let (pri, sec, _) = try Self.stopPrimaryPastTheFenceWait(ws)
+        try FileManager.default.removeItem(atPath: ws.fence)
+        #expect(try sec.wait(seconds: 20) == 75, "\(sec.stderrText)")
+        #expect(sec.stderr.contains { $0.contains("unusable fence (fence directory \(ws.fence) does not exist)") }, "\(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        pri.kill9()
+        _ = try? pri.wait(seconds: 10)
+    }
+
     /// A primary that loses its secondary while the record names it and cannot write the record (its fence
     /// directory unreachable) releases nothing the secondary lacks: its guest waits until the record is written.
     @Test func aRecordThatCannotBeUnnamedHoldsOutput() throws {
