@@ -265,8 +265,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             return .handedOver("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side's run of the guest ends")
         }
         // This side holds the fence again: the secondary never went live, and it is denied from here on.
+        l.endHandover()
         dropLink(l, losing: "it did not take the fence when handed the guest")
-        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
         let actions = fsm.withLock { $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) }
         carryOut(actions)
         if l.refused.load(ordering: .acquiring) { return .failed("handover failed: \(l.reason); continuing unprotected") }

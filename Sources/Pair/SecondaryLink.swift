@@ -85,6 +85,15 @@ final class SecondaryLink: @unchecked Sendable {
     /// and the link's end (the secondary closes it to take over) must not un-name it.
     func beginHandover() { recordLock.withLock { handingOver = true } }
 
+    /// A handover nobody took: the fence is this side's again, and the record must stop naming the secondary
+    /// before the guest runs on (whether or not the link is lost by now, its output is no longer held).
+    func endHandover() {
+        recordLock.withLock {
+            handingOver = false
+            if named { unname() } else { PairRecord.write(options.fenceDirectory, PairRecord.unprotected) }
+        }
+    }
+
     /// Marks the secondary lost (idempotent): releases everything gated and wakes a throttled vCPU.
     func lose(_ why: String) {
         // Before any held output leaves: this secondary's state is stale from now on, and it must not go

@@ -278,7 +278,9 @@ extension PairTests { @Suite struct FailoverTests {
     /// A secondary that ignores the handover (fault injection): the primary, seeing nobody take the fence,
     /// takes it back and serves on unprotected; the secondary then finds the fence held, never goes live,
     /// and waits: the primary seeds it again (a delta seed) and the pair runs protected to the guest's end.
-    @Test func aHandoverNobodyTakesLeavesThePrimaryServing() throws {
+    /// `recordBlocked`: the pair record cannot be written when the primary takes the fence back, so the guest
+    /// waits, its output held, until the record stops naming the secondary.
+    @Test(arguments: [false, true]) func aHandoverNobodyTakesLeavesThePrimaryServing(recordBlocked: Bool) throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
@@ -291,7 +293,18 @@ extension PairTests { @Suite struct FailoverTests {
         try pri.waitForLine(containing: "protected: secondary")
         let talk = Conversation(port: udp)
         talk.exchange(1...1, "a")
+        let record = ws.fence + "/lockstep.pair"
+        if recordBlocked {
+            try FileManager.default.removeItem(atPath: record)
+            try FileManager.default.createDirectory(atPath: record + "/in-the-way", withIntermediateDirectories: true)
+        }
         pri.signal(SIGUSR2)
+        if recordBlocked {
+            try pri.waitForLine(containing: "the record names the lost secondary, so held output stays held", seconds: 20)
+            #expect(talk.request(2, "b", seconds: 0.5) == nil)
+            try FileManager.default.removeItem(atPath: record)
+            try pri.waitForLine(containing: "the pair record says unprotected again", seconds: 20)
+        }
         try pri.waitForLine(containing: "handover failed", seconds: 20)
         try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 20)
         talk.exchange(2...3, "b")
