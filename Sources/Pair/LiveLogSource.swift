@@ -311,7 +311,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
             if let e = tryFence(f, dir) { return e }
             if lk_monotonic_ns() >= deadline {
                 let holder = f.holder?.description ?? "another process"
-                return PairRecord.read(dir) == PairRecord.protected(protectionID) ? .fenceHeld(holder: holder) : .fenceDenied(holder: holder)
+                return pairRecord(dir).namesThisSide ? .fenceHeld(holder: holder) : .fenceDenied(holder: holder)
             }
             usleep(2000)  // retry backoff while a dead holder's lock is released
         }
@@ -330,11 +330,17 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         while true {
             usleep(Self.fenceRetryUs)
             if let e = tryFence(f, dir) { return e }
-            let record = PairRecord.read(dir) ?? "(none)"
-            guard record == PairRecord.protected(protectionID) else {
-                return .fenceDenied(holder: "\(f.holder?.description ?? "another process"), and the primary's pair record now says '\(record)': it went on without this secondary")
+            let record = pairRecord(dir)
+            guard record.namesThisSide else {
+                return .fenceDenied(holder: "\(f.holder?.description ?? "another process"), and the primary's pair record now says '\(record.text)': it went on without this secondary")
             }
         }
+    }
+
+    /// The primary's pair record, and whether it names this secondary (the one that may take over).
+    private func pairRecord(_ dir: String) -> (text: String, namesThisSide: Bool) {
+        let text = PairRecord.read(dir) ?? "(none)"
+        return (text, text == PairRecord.protected(protectionID))
     }
 
     /// One try: `fenceAcquired` when won and the pair record names this side, `fenceDenied` when won but the
@@ -343,10 +349,10 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         do {
             guard let t = try f.tryAcquire(identity: .current()) else { return nil }
             // The fence is ours; the primary's last word decides whether this state may go live.
-            let record = PairRecord.read(dir) ?? "(none)"
-            guard record == PairRecord.protected(protectionID) else {
+            let record = pairRecord(dir)
+            guard record.namesThisSide else {
                 try? f.release()
-                return .fenceDenied(holder: "nobody, but the primary's pair record says '\(record)': it went on without this secondary, whose state is stale")
+                return .fenceDenied(holder: "nobody, but the primary's pair record says '\(record.text)': it went on without this secondary, whose state is stale")
             }
             fence = f
             fenceToken = t

@@ -146,21 +146,16 @@ enum PairRecord {
         return nil
     }
 
-    enum FenceCheck: Equatable { case held, unreadable(String), taken(String) }
-
     /// After writing a record that lets output leave, this process must still hold the fence: on NFS a holder
     /// cut off from the server loses its lock when its lease runs out, and a secondary may have taken it and read
-    /// the record before this write. `held` also without a fence.
-    static func checkFence(_ fence: Fence?) -> FenceCheck {
-        guard let f = fence, let t = f.token else { return .held }
-        guard let h = f.readHolder() else { return .unreadable("cannot read the fence file \(f.path)") }
-        return h.generation == t.generation ? .held : .taken(h.description)
-    }
-
-    /// The fence went to another side while this one ran: stop at once, releasing nothing (what this side
-    /// holds back may contradict what the new holder runs).
-    static func stopFenced(_ holder: String) -> Never {
-        warn("the fence is now held by \(holder), not by this process: another side may be live; stopping at once, releasing no held output")
+    /// the record before this write. nil: held (or no fence). The fence file naming another holder stops the
+    /// process at once, releasing nothing (what it holds back may contradict what the new holder runs); a file
+    /// that cannot be read returns why.
+    static func confirmFence(_ fence: Fence?) -> String? {
+        guard let f = fence, let t = f.token else { return nil }
+        guard let h = f.readHolder() else { return "cannot read the fence file \(f.path)" }
+        guard h.generation != t.generation else { return nil }
+        warn("the fence is now held by \(h), not by this process: another side may be live; stopping at once, releasing no held output")
         _exit(75)
     }
 

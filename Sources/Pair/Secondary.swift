@@ -327,7 +327,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         let replayed = source?.replayed.load(ordering: .acquiring) ?? 0
         let bytes = source?.bytesReceived.load(ordering: .relaxed) ?? 0
         let state = wentLive ? "live" : source?.awaitingFence.load(ordering: .relaxed) == true ? "awaiting the fence" : "replaying"
-        return PairStatus(role: "secondary", state: state, connected: !wentLive && source?.end == nil && source?.awaitingFence.load(ordering: .relaxed) != true,
+        return PairStatus(role: "secondary", state: state, connected: !wentLive && source?.conn.isClosed == false,
                           protected: false, exit: replayed, heldExit: held, replayedExit: replayed,
                           lagExits: held > replayed ? held - replayed : 0, lagMicroseconds: 0, logBytes: bytes,
                           logBytesPerSecond: 0, heldOutputBytes: 0, throttledMs: 0, secondariesSeeded: 0)

@@ -124,19 +124,16 @@ final class SecondaryLink: @unchecked Sendable {
         var tries = 0
         while true {
             let problem: String
-            // Checked before the write too: a side that lost the fence must not overwrite the new holder's record.
-            if case .taken(let holder) = PairRecord.checkFence(fence) { PairRecord.stopFenced(holder) }
+            // Confirmed before the write too: a side that lost the fence must not overwrite the new holder's record.
+            _ = PairRecord.confirmFence(fence)
             if let e = PairRecord.tryWrite(options.fenceDirectory, PairRecord.unprotected) {
                 problem = "cannot write the pair record: \(e)"
+            } else if let why = PairRecord.confirmFence(fence) {
+                problem = why
             } else {
-                switch PairRecord.checkFence(fence) {
-                case .held:
-                    named = false
-                    if tries > 0 { warn("the pair record says unprotected again after \(tries) tries: held output leaves") }
-                    return
-                case .taken(let holder): PairRecord.stopFenced(holder)
-                case .unreadable(let why): problem = why
-                }
+                named = false
+                if tries > 0 { warn("the pair record says unprotected again after \(tries) tries: held output leaves") }
+                return
             }
             if tries % 50 == 0 {
                 warn("\(problem); the record names the lost secondary, so held output stays held and the guest waits (retrying every \(retryUs / 1000) ms)")
@@ -243,10 +240,7 @@ final class SecondaryLink: @unchecked Sendable {
                 guard !lost.load(ordering: .acquiring) else { return nil }
                 guard PairRecord.write(options.fenceDirectory, PairRecord.protected(u.protectionID)) else { return false }
                 self.named = true
-                switch PairRecord.checkFence(fence) {
-                case .held: break
-                case .taken(let holder): PairRecord.stopFenced(holder)
-                case .unreadable(let why):
+                if let why = PairRecord.confirmFence(fence) {
                     warn(why)
                     return false
                 }
