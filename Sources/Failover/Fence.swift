@@ -31,6 +31,7 @@ public struct FenceToken: Sendable, Equatable {
 public struct FenceHolder: Sendable, Equatable, CustomStringConvertible {
     public var generation: UInt64
     public var identity: FenceIdentity?
+    public init(generation: UInt64, identity: FenceIdentity?) { self.generation = generation; self.identity = identity }
     public var description: String { "\(identity?.description ?? "unknown holder") (generation \(generation))" }
 }
 
@@ -117,14 +118,14 @@ public final class Fence: Fencing, @unchecked Sendable {
         do {
             try sys("flock") { flock(f, LOCK_EX | LOCK_NB) }
         } catch FenceError.system(_, let e, _) {
-            holder = readHolder(f)
+            holder = (try? readHolder(f)) ?? nil
             _ = close(f)
             if e == EWOULDBLOCK { return nil }
             if e == ENOLCK || e == EOPNOTSUPP { throw FenceError.lockingUnsupported(directory) }
             throw FenceError.system(call: "flock", errno: e, path: path)
         }
         do {
-            let previous = readHolder(f)?.generation ?? 0
+            let previous = try readHolder(f)?.generation ?? 0
             let t = FenceToken(generation: previous + 1, identity: identity)
             let text = "generation=\(t.generation)\nhost=\(identity.host)\npid=\(identity.pid)\nacquired_ns=\(lk_realtime_ns())\n"
             let bytes = Array(text.utf8)
@@ -153,16 +154,28 @@ public final class Fence: Fencing, @unchecked Sendable {
     }
 
     /// Reads the record in the fence file (nil when empty or unreadable).
-    public func readHolder() -> FenceHolder? {
-        let f = open(path, O_RDONLY | O_CLOEXEC)
-        guard f >= 0 else { return nil }
+    public func readHolder() -> FenceHolder? { (try? readRecord()) ?? nil }
+
+    /// Reads the record in the fence file by its path (a fresh open: on NFS that asks the server, and so shows
+    /// another host's record and renews this client's lease). nil: the file holds no generation.
+    public func readRecord() throws -> FenceHolder? {
+        let f = try sys("open") { open(path, O_RDONLY | O_CLOEXEC) }
         defer { _ = close(f) }
-        return readHolder(f)
+        return try readHolder(f)
     }
 
-    private func readHolder(_ f: Int32) -> FenceHolder? {
+    /// What one read of the fence file says to a holder of `token`: the generation it wrote is still there, or
+    /// another holder's is (the lock was lost: an NFS lease ran out and another host took it), or nothing can
+    /// be told (the file cannot be read, or holds no generation).
+    public func check(holding token: FenceToken) -> FenceCheck {
+        do { return FenceCheck(record: try readRecord(), holding: token, path: path) } catch { return .unreadable("\(error)") }
+    }
+
+    private func readHolder(_ f: Int32) throws -> FenceHolder? {
         var buf = [UInt8](repeating: 0, count: 1024)
-        let n = buf.withUnsafeMutableBytes { b in pread(f, b.baseAddress, b.count, 0) }
+        var n = -1
+        repeat { n = buf.withUnsafeMutableBytes { b in pread(f, b.baseAddress, b.count, 0) } } while n < 0 && errno == EINTR
+        if n < 0 { throw FenceError.system(call: "pread", errno: errno, path: path) }
         guard n > 0 else { return nil }
         var fields: [String: String] = [:]
         for line in String(decoding: buf[0..<n], as: UTF8.self).split(separator: "\n") {
@@ -173,5 +186,21 @@ public final class Fence: Fencing, @unchecked Sendable {
         var id: FenceIdentity?
         if let h = fields["host"], let p = fields["pid"].flatMap({ Int32($0) }) { id = FenceIdentity(host: h, pid: p) }
         return FenceHolder(generation: g, identity: id)
+    }
+}
+
+/// The verdict of one read of the fence file for a holder (`Fence.check`).
+public enum FenceCheck: Equatable, Sendable {
+    /// The file still carries the holder's generation.
+    case confirmed
+    /// The file carries another generation: someone else took the lock.
+    case taken(FenceHolder)
+    /// Nothing can be told; why.
+    case unreadable(String)
+
+    /// Pure: the verdict on a record read from `path` by the holder of `token`.
+    public init(record: FenceHolder?, holding token: FenceToken, path: String) {
+        guard let record else { self = .unreadable("the fence file \(path) holds no generation"); return }
+        self = record.generation == token.generation ? .confirmed : .taken(record)
     }
 }

@@ -98,4 +98,21 @@ func tempDir() -> String {
         #expect(try fence.tryAcquire(identity: me) != nil)
         try fence.release()
     }
+
+    /// What a holder learns from one read of the fence file: its own generation, another's, or nothing.
+    @Test func aHolderChecksItsGenerationInTheFile() throws {
+        let dir = tempDir()
+        let a = Fence(directory: dir)
+        let t = try #require(try a.tryAcquire(identity: me))
+        #expect(a.check(holding: t) == .confirmed)
+        // flock is advisory: another host's holder writes the file after the lock moved to it.
+        try "generation=7\nhost=hostB\npid=222\n".write(toFile: a.path, atomically: false, encoding: .utf8)
+        #expect(a.check(holding: t) == .taken(FenceHolder(generation: 7, identity: other)))
+        try "garbage\n".write(toFile: a.path, atomically: false, encoding: .utf8)
+        #expect(a.check(holding: t) == .unreadable("the fence file \(a.path) holds no generation"))
+        try FileManager.default.removeItem(atPath: dir)
+        guard case .unreadable(let why) = a.check(holding: t) else { Issue.record("a missing file confirmed the fence"); return }
+        #expect(why.contains("open on \(a.path) failed"), "\(why)")
+        #expect(FenceCheck(record: FenceHolder(generation: t.generation, identity: nil), holding: t, path: "p") == .confirmed)
+    }
 }
