@@ -19,6 +19,9 @@ public struct PairOptions: Sendable {
     /// How long a secondary keeps trying a held fence before deciding the primary is alive (kill -9 releases
     /// a local flock at once; NFS needs its lease time).
     public var fenceWaitMs: Int = 500
+    /// A live side that cannot confirm it holds the fence for this long stops (exit 75): on NFS its lock ends with
+    /// the server's lease, so this must be shorter than that lease (90 s by default). 0: no watch. See `FenceWatch`.
+    public var fenceLeaseMs: Int = 30_000
     /// Flow control: the primary slows down when this many log bytes are not yet replayed by the secondary...
     public var maxLagBytes: UInt64 = 64 << 20
     /// ...or when the secondary's replay is this far behind in time.
@@ -106,6 +109,12 @@ public enum PairError: Error, CustomStringConvertible {
 
 func warn(_ s: String) { FileHandle.standardError.write(Data(("lockstep: " + s + "\n").utf8)) }
 
+/// Watches a fence this side holds, when `--fence-lease-ms` asks for it.
+func watchFence(_ fence: Fence?, _ options: PairOptions) -> FenceWatch? {
+    guard let fence, fence.token != nil, options.fenceLeaseMs > 0 else { return nil }
+    return FenceWatch(fence: fence, leaseMs: options.fenceLeaseMs)
+}
+
 /// Takes the fence for this process, or says who holds it.
 func takeFence(_ dir: String?) throws(PairError) -> Fence? {
     guard let dir else { return nil }
@@ -149,12 +158,19 @@ enum PairRecord {
     /// After writing a record that lets output leave, this process must still hold the fence: on NFS a holder
     /// cut off from the server loses its lock when its lease runs out, and a secondary may have taken it and read
     /// the record before this write. nil: held (or no fence). The fence file naming another holder stops the
-    /// process at once, releasing nothing (what it holds back may contradict what the new holder runs); a file
-    /// that cannot be read returns why.
+    /// process at once (`stopOnTakenFence`); a file that cannot be read returns why.
     static func confirmFence(_ fence: Fence?) -> String? {
         guard let f = fence, let t = f.token else { return nil }
-        guard let h = f.readHolder() else { return "cannot read the fence file \(f.path)" }
-        guard h.generation != t.generation else { return nil }
+        switch f.check(holding: t) {
+        case .confirmed: return nil
+        case .taken(let h): stopOnTakenFence(h)
+        case .unreadable(let why): return "cannot read the fence: \(why)"
+        }
+    }
+
+    /// Another holder's generation in the fence file: stop at once, releasing nothing (what this side holds
+    /// back may contradict what the new holder runs).
+    static func stopOnTakenFence(_ h: FenceHolder) -> Never {
         warn("the fence is now held by \(h), not by this process: another side may be live; stopping at once, releasing no held output")
         _exit(75)
     }

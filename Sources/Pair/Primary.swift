@@ -25,6 +25,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     let metrics = PairMetrics()
     private let reports = JSONReports()
     let fence: Fence?
+    /// Stops this process if the fence stops being its own (`FenceWatch`); shared with a survivor that adopted it.
+    let watch: FenceWatch?
     private let fsm = Mutex(FailoverMachine.primary())
     private var link: SecondaryLink?
     /// A secondary being seeded while the guest runs (vCPU thread only).
@@ -72,6 +74,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         self.image = image; self.config = config; self.options = options
         fence = try takeFence(options.fenceDirectory)
         if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
+        watch = watchFence(fence, options)
         PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
         gate = OutputGate(backend: backend)
         let s: StreamRecordSession
@@ -87,9 +90,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Protects a running machine that is already live and holds the fence (a secondary that went live):
     /// unprotected until the connector finds a new secondary at `peer`. `gate` must already be its output.
     init(adopting session: RecordingSession, image: PVHImage, config: MachineConfig, gate: OutputGate, peer: String,
-         options: PairOptions, fence: Fence?) throws(PairError) {
+         options: PairOptions, fence: Fence?, watch: FenceWatch?) throws(PairError) {
         (peerHost, peerPort) = try PairOptions.hostPort(peer, option: "--peer")
-        self.image = image; self.config = config; self.options = options; self.fence = fence
+        self.image = image; self.config = config; self.options = options; self.fence = fence; self.watch = watch
         self.gate = gate
         self.session = session
         own = nil
@@ -126,6 +129,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Connects the first secondary (bounded by `connectTimeoutMs`), then runs the guest to its end.
     public func run() throws -> SessionResult {
         guard let own else { throw PairError.config("run() drives its own session only") }
+        defer { watch?.stop() }
         // Before the guest runs there is nothing to overlap: the rounds run here.
         let first = seed(try connectInitial())
         try first.copyHere()
@@ -237,6 +241,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         guard fsm.withLock({ $0.handle(.handoverRequested) }).contains(.handOver) else { return .refused("handover refused by the failover machine") }
         let generation = fence?.token?.generation ?? 0
         l.beginHandover()
+        watch?.suspend()
         try? fence?.release()
         let t0 = lk_monotonic_ns()
         // Everything through `exit` is released now: say so, or the secondary would send the last line again.
@@ -255,6 +260,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         if !taken, let f = fence {
             let back = (try? f.tryAcquire(identity: .current())) ?? nil
             taken = back == nil
+            if let back { watch?.resume(back) }
         }
         if taken {
             _ = fsm.withLock { $0.handle(.peerTookOver) }
@@ -540,7 +546,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
                           lagExits: exit > replayed && l != nil ? exit - replayed : 0, lagMicroseconds: Double(metrics.lastReplayLagNs) / 1000,
                           logBytes: bytes, logBytesPerSecond: Double(bytes) / secs, heldOutputBytes: gate.heldBytes,
                           throttledMs: Double(metrics.throttledNs) / 1e6, secondariesSeeded: seeded,
-                          seeding: seedingNow.load(ordering: .relaxed))
+                          seeding: seedingNow.load(ordering: .relaxed), fenceConfirmedMsAgo: watch?.confirmedAgoMs())
     }
 
     private func report() {

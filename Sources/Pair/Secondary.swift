@@ -16,6 +16,9 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     /// `source` for the status and control threads.
     private let sourceForStatus = Mutex<LiveLogSource?>(nil)
     private var backend: SerialBackend?
+    /// Watches the fence this side took to go live (`FenceWatch`); its protector shares it.
+    private var liveWatch: FenceWatch? { didSet { liveWatchForStatus.withLock { $0 = liveWatch } } }
+    private let liveWatchForStatus = Mutex<FenceWatch?>(nil)
     /// Where a survivor looks for a secondary of its own (`--peer`); nil: it runs unprotected once live.
     let reprotectPeer: String?
     /// The survivor's protection (after go-live, with `--peer`).
@@ -56,9 +59,10 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         while true {
             let (s, src) = try acceptSeeded(acceptTimeoutMs: acceptTimeoutMs)
             if let r = try follow(s, src) {
-                guard protector?.handedOver == true else { return r }
+                guard protector?.handedOver == true else { liveWatch?.stop(); return r }
                 warn("secondary: handed the guest over; listening again on \(listener.host):\(port) for the new primary")
-                protector = nil; backend = nil; wentLive = false
+                liveWatch?.stop()
+                protector = nil; backend = nil; wentLive = false; liveWatch = nil
             }
             // The next seed builds a new machine around this one's RAM: the primary sends only what differs.
             retained = try? session?.machine.retainRAM()
@@ -299,11 +303,13 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         if let a = src.replyAddress.withLock({ $0 }) { b.adoptReplyAddress(a) }
         // This side is the only live one now: no earlier secondary of anyone may take over from it.
         PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+        liveWatch = watchFence(src.fence, options)
         var out: SerialOutput = b
         if let peer = reprotectPeer, let image = seedImage {
             let gate = OutputGate(backend: b)
             do {
-                let p = try PrimaryRunner(adopting: s, image: image, config: seedConfig, gate: gate, peer: peer, options: options, fence: src.fence)
+                let p = try PrimaryRunner(adopting: s, image: image, config: seedConfig, gate: gate, peer: peer, options: options,
+                                          fence: src.fence, watch: liveWatch)
                 protector = p
                 out = gate
                 p.beginAdopted()
@@ -330,7 +336,8 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         return PairStatus(role: "secondary", state: state, connected: !wentLive && source?.conn.isClosed == false,
                           protected: false, exit: replayed, heldExit: held, replayedExit: replayed,
                           lagExits: held > replayed ? held - replayed : 0, lagMicroseconds: 0, logBytes: bytes,
-                          logBytesPerSecond: 0, heldOutputBytes: 0, throttledMs: 0, secondariesSeeded: 0)
+                          logBytesPerSecond: 0, heldOutputBytes: 0, throttledMs: 0, secondariesSeeded: 0,
+                          fenceConfirmedMsAgo: liveWatchForStatus.withLock { $0 }?.confirmedAgoMs())
     }
 
     func stats(exits: UInt64) -> SecondaryStats {

@@ -25,6 +25,8 @@ public struct PairStatus: Codable, Sendable {
     public var secondariesSeeded: Int
     /// Primary: a new secondary's pre-copy rounds are running (still unprotected).
     public var seeding: Bool = false
+    /// A live side with a fence watch: how long ago it last read its own generation in the fence file (ms).
+    public var fenceConfirmedMsAgo: Double?
 
     var line: String {
         "status: \(role) \(state) \(protected ? "protected" : seeding ? "UNPROTECTED (seeding a secondary)" : "UNPROTECTED") exit=\(exit) held=\(heldExit) replayed=\(replayedExit) "

@@ -11,6 +11,7 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Heartbeat interval when the link is idle (ms).") var heartbeatMs: Int = 5
     @Option(name: .long, help: "Silence after which the peer is presumed failed (ms).") var failureTimeoutMs: Int = 50
     @Option(name: .long, help: "How long a secondary retries a held fence before asking the pair record: still named by it, it waits for the lock; otherwise the primary is alive (ms).") var fenceWaitMs: Int = 500
+    @Option(name: .long, help: "A live side that cannot confirm it holds the fence for this long stops with 75; keep it below the NFS server's lease time (ms, 0 = never check).") var fenceLeaseMs: Int = 30_000
     @Option(name: .long, help: "Status line period on stderr (ms, 0 = none).") var statusIntervalMs: Int = 1000
     @Option(name: .long, help: "Rewrite this JSON file with the pair's status every period.") var statusJson: String?
     @Option(name: .long, help: "Write figures as JSON here at the end (primary: lag histograms, bandwidth; secondary: bytes received, whether it went live, and as a survivor its figures as a primary).") var statsJson: String?
@@ -33,6 +34,9 @@ struct PairArguments: ParsableArguments {
         guard heartbeatMs > 0, failureTimeoutMs > heartbeatMs else {
             throw fail("--failure-timeout-ms (\(failureTimeoutMs)) must exceed --heartbeat-ms (\(heartbeatMs)) > 0", .usage)
         }
+        guard fenceLeaseMs == 0 || fenceLeaseMs >= 100 else {
+            throw fail("--fence-lease-ms \(fenceLeaseMs): use 0 (no check) or at least 100", .usage)
+        }
         let key: [UInt8]
         do { key = try ChannelConfig.loadKey(path: keyFile) } catch { throw fail("--key-file: \(error)", .usage) }
         do {
@@ -42,6 +46,7 @@ struct PairArguments: ParsableArguments {
         var o = PairOptions(key: key, encryption: mode)
         o.fenceDirectory = fence
         o.heartbeatMs = heartbeatMs; o.failureTimeoutMs = failureTimeoutMs; o.fenceWaitMs = fenceWaitMs
+        o.fenceLeaseMs = fenceLeaseMs
         o.statusIntervalMs = statusIntervalMs; o.statusJSON = statusJson; o.statsJSON = statsJson
         o.maxLagMs = maxLagMs; o.maxLagBytes = maxLagMib << 20; o.replayStallMs = replayStallMs
         do { try o.pinLinkThreads(to: linkCpu) } catch { throw fail("\(error)", .usage) }

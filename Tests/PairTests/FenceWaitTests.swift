@@ -110,6 +110,49 @@ extension PairTests { @Suite struct FenceWaitTests {
         #expect(pri.stderr.contains { $0.contains("the fence is now held by elsewhere pid 1 (generation 999), not by this process") }, "\(pri.stderrText)")
         #expect(!pri.stderr.contains { $0.contains("continuing unprotected") }, "\(pri.stderrText)")
     }
+
+    /// An unprotected primary that cannot read its fence file for `--fence-lease-ms` (on NFS: cut off from the
+    /// server, whose lease may then give the lock to another host) stops with 75 rather than serve on.
+    @Test func aPrimaryThatCannotConfirmItsFenceStops() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (pri, sec, _) = try F.startPair(ws, udp: udp, extraPrimary: ["--fence-lease-ms", "1000"])
+        let talk = Conversation(port: udp)
+        talk.exchange(1...2, "a")
+        sec.kill9()
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 20)
+        talk.exchange(3...3, "b")
+        try FileManager.default.moveItem(atPath: ws.fence, toPath: ws.fence + ".unreachable")
+        let first = try pri.waitForLine(containing: "cannot confirm the fence", seconds: 20)
+        #expect(first.contains("--fence-lease-ms 1000"), "\(first)")
+        #expect(try pri.wait(seconds: 20) == 75, "\(pri.stderrText)")
+        #expect(pri.stderr.contains { $0.contains("the fence in \(ws.fence) was last confirmed") && $0.contains("not within --fence-lease-ms 1000") },
+                "\(pri.stderrText)")
+        talk.expectConsistent()
+    }
+
+    /// A survivor (a secondary gone live) watches the fence it took: another holder's generation in the file
+    /// stops it at once with 75.
+    @Test func aSurvivorWhoseFenceWasTakenStops() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (pri, sec, _) = try F.startPair(ws, udp: udp, extraSecondary: ["--fence-lease-ms", "1000"])
+        let talk = Conversation(port: udp)
+        talk.exchange(1...2, "a")
+        pri.kill9()
+        try sec.waitForLine(containing: "live: ", seconds: 20)
+        talk.exchange(3...3, "b")
+        try "generation=999\nhost=elsewhere\npid=1\n".write(toFile: ws.fence + "/lockstep.fence", atomically: false, encoding: .utf8)
+        #expect(try sec.wait(seconds: 20) == 75, "\(sec.stderrText)")
+        #expect(sec.stderr.contains { $0.contains("the fence is now held by elsewhere pid 1 (generation 999), not by this process") },
+                "\(sec.stderrText)")
+        talk.expectConsistent()
+        _ = try? pri.wait(seconds: 10)
+    }
 } }
 
 /// The pair record as the tests read it.

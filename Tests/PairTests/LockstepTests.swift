@@ -391,7 +391,7 @@ extension PairTests { @Suite struct BadPeerTests {
         #expect(sec.stderrText.contains("--listen 127.0.0.1:http: expected HOST:PORT"), "\(sec.stderrText)")
     }
 
-    @Test func aLinkCoreThisHostLacksOrAPollTooLongIsRefused() throws {
+    @Test func aLinkCoreThisHostLacksAPollTooLongOrALeaseTooShortIsRefused() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
@@ -400,6 +400,8 @@ extension PairTests { @Suite struct BadPeerTests {
                                           "--link-poll-us", "2000000"])
         #expect(try sec.wait() == 64)
         #expect(sec.stderrText.contains("--link-poll-us 2000000: at most 1000000"), "\(sec.stderrText)")
+        try Self.expectRefused(1, key: ws.key, ["--fence-lease-ms", "50"], status: 64,
+                               saying: "--fence-lease-ms 50: use 0 (no check) or at least 100")
     }
 
     @Test func unreachablePeer() throws {
