@@ -191,6 +191,11 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 case .goodbye(let why):
                     // An orderly stop without a trailer: the primary is not failing, do not go live.
                     if queue.withLock({ $0.end == nil }) { finish(.primaryStopped("the primary stopped: \(why)")) }
+                case .heartbeat(let h) where h.sentNs != 0:
+                    // Answered at once: the primary measures the FT link's round trip by it.
+                    if (try? conn.sendHeartbeat(Heartbeat(sentNs: lk_monotonic_ns(), echoNs: h.sentNs))) != nil {
+                        lastSentNs.store(lk_monotonic_ns(), ordering: .relaxed)
+                    }
                 case .heartbeat, .ack, .bulk: break
                 }
                 silence.heard()

@@ -546,7 +546,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
                           lagExits: exit > replayed && l != nil ? exit - replayed : 0, lagMicroseconds: Double(metrics.lastReplayLagNs) / 1000,
                           logBytes: bytes, logBytesPerSecond: Double(bytes) / secs, heldOutputBytes: gate.heldBytes,
                           throttledMs: Double(metrics.throttledNs) / 1e6, secondariesSeeded: seeded,
-                          seeding: seedingNow.load(ordering: .relaxed), fenceConfirmedMsAgo: watch?.confirmedAgoMs())
+                          seeding: seedingNow.load(ordering: .relaxed),
+                          linkRoundTripMicroseconds: l == nil ? 0 : Double(metrics.lastRoundTripNs) / 1000,
+                          fenceConfirmedMsAgo: watch?.confirmedAgoMs())
     }
 
     private func report() {

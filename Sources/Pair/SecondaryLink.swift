@@ -190,6 +190,9 @@ final class SecondaryLink: @unchecked Sendable {
                     acked(a, now: lk_monotonic_ns())
                 case .goodbye(let why): lose("the secondary said goodbye: \(why)")
                 case .status(let body): secondaryReported(body)
+                case .heartbeat(let h) where h.echoNs != 0:
+                    let now = lk_monotonic_ns()
+                    if now > h.echoNs { metrics.roundTrip(now - h.echoNs) }
                 default: break
                 }
                 silence.heard()

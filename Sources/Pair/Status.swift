@@ -25,13 +25,15 @@ public struct PairStatus: Codable, Sendable {
     public var secondariesSeeded: Int
     /// Primary: a new secondary's pre-copy rounds are running (still unprotected).
     public var seeding: Bool = false
+    /// The FT link's last measured round trip (an idle heartbeat and its echo), µs; 0 before the first.
+    public var linkRoundTripMicroseconds: Double = 0
     /// A live side with a fence watch: how long ago it last read its own generation in the fence file (ms).
     public var fenceConfirmedMsAgo: Double?
 
     var line: String {
         "status: \(role) \(state) \(protected ? "protected" : seeding ? "UNPROTECTED (seeding a secondary)" : "UNPROTECTED") exit=\(exit) held=\(heldExit) replayed=\(replayedExit) "
             + "lag=\(lagExits) exits/\(String(format: "%.0f", lagMicroseconds)) µs log=\(String(format: "%.1f", logBytesPerSecond / 1024)) KiB/s "
-            + "gated=\(heldOutputBytes) B"
+            + "gated=\(heldOutputBytes) B" + (linkRoundTripMicroseconds > 0 ? String(format: " rtt=%.0f µs", linkRoundTripMicroseconds) : "")
     }
 }
 
@@ -57,6 +59,8 @@ public struct PairStats: Codable, Sendable {
     public var replayLagUs: Percentiles
     /// Gated output byte: emitted by the guest → released, µs.
     public var gateLatencyUs: Percentiles
+    /// The FT link's round trip, µs: a heartbeat the primary sent when idle → the secondary's echo of it.
+    public var linkRoundTripUs: Percentiles
     /// The same in exits: primary's newest watermark → secondary's replayed exit (sampled per ack).
     public var replayLagExits: Percentiles
     public var replayLagExitsMax: UInt64
@@ -102,6 +106,9 @@ final class PairMetrics: @unchecked Sendable {
     private var replication = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
     private var replay = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
     private var replayExits = Histogram<UInt64>(highestTrackableValue: 1 << 50, numberOfSignificantValueDigits: .three)
+    private var roundTrips = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+    /// The last round trip measured (ns; 0: none yet).
+    var lastRoundTripNs: UInt64 = 0
     private var series: [[Double]] = []
     private var lastSeriesNs: UInt64 = 0
     let startNs = lk_monotonic_ns()
@@ -136,6 +143,12 @@ final class PairMetrics: @unchecked Sendable {
         replayLagExitsMax = max(replayLagExitsMax, lagExits)
     }
 
+    func roundTrip(_ ns: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        _ = roundTrips.record(ns)
+        lastRoundTripNs = ns
+    }
+
     func throttled(_ ns: UInt64) { lock.lock(); throttledNs &+= ns; lock.unlock() }
     func seeded(pauseNs: UInt64, totalNs: UInt64, throttlePercent: UInt8) {
         lock.lock(); defer { lock.unlock() }
@@ -151,6 +164,7 @@ final class PairMetrics: @unchecked Sendable {
             buckets.append([Double(b.value) / 1000, Double(b.count)])
         }
         return PairStats(replicationLagUs: .init(replication), replayLagUs: .init(replay), gateLatencyUs: .init(gate),
+                         linkRoundTripUs: .init(roundTrips),
                          replayLagExits: .init(replayExits, scale: 1), replayLagExitsMax: replayLagExitsMax, logBytes: logBytes, events: events, batches: batches,
                          syncPoints: syncPoints, exits: exits, elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9,
                          throttledMs: Double(throttledNs) / 1e6, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs,

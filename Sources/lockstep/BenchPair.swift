@@ -539,6 +539,10 @@ extension PairBench {
             f += [Figure(key: "\(key)_gate_latency_p50_us", label: "\(g): gate latency p50 (\(gateLines) lines)", value: mid { $0.gateLatencyUs.p50 }, unit: "µs", goal: .atMost(Self.gateP50Target)),
                   Figure(key: "\(key)_gate_latency_p99_us", label: "\(g): gate latency p99", value: mid { $0.gateLatencyUs.p99 }, unit: "µs")]
         }
+        if prot.contains(where: { $0.stats.linkRoundTripUs.count > 0 }) {
+            f += [Figure(key: "\(key)_link_rtt_p50_us", label: "\(g): FT link round trip p50 (idle heartbeats)", value: mid { $0.linkRoundTripUs.p50 }, unit: "µs"),
+                  Figure(key: "\(key)_link_rtt_p99_us", label: "\(g): FT link round trip p99", value: mid { $0.linkRoundTripUs.p99 }, unit: "µs")]
+        }
         f += [Figure(key: "\(key)_log_bytes_per_second", label: "\(g): log bytes/s", value: Double(s.logBytes) / max(s.elapsedSeconds, 1e-9), unit: "B/s"),
               Figure(key: "\(key)_log_bytes_per_event", label: "\(g): log bytes/event", value: s.events == 0 ? 0 : Double(s.logBytes) / Double(s.events), unit: "B/event")]
         // Memory: peak resident sets (medians over the runs), the protected primary's against the unprotected run.

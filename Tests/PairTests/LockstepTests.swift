@@ -485,10 +485,16 @@ extension PairTests { @Suite struct StatusAndFlowTests {
         let port = try sec.listeningPort()
         let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
                                         "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws) + ["--status-interval-ms", "50", "--status-json", status])
-        try pri.waitForLine(containing: "status: primary primaryProtected protected", seconds: 30)
+        // The idle echo guest's link carries heartbeats, each echoed: the line gains the link's round trip.
+        let line = try pri.waitForLine(containing: " rtt=", seconds: 30)
+        #expect(line.contains("status: primary primaryProtected protected"), "\(line)")
         let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: status))) as? [String: Any]
         #expect(json?["protected"] as? Bool == true && json?["connected"] as? Bool == true, "\(String(describing: json))")
         #expect(json?["role"] as? String == "primary")
+        let rtt = json?["linkRoundTripMicroseconds"] as? Double ?? 0
+        #expect(rtt > 0 && rtt < 1_000_000, "\(String(describing: json))")
+        let fenceAge = json?["fenceConfirmedMsAgo"] as? Double ?? .infinity
+        #expect(fenceAge < 30_000, "\(String(describing: json))")
         sec.kill9()
         try pri.waitForLine(containing: "status: primary primaryUnprotected UNPROTECTED", seconds: 30)
         let after = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: status))) as? [String: Any]
