@@ -5,14 +5,17 @@ import Testing
 /// kill -9 and partitions against real `lockstep primary` / `lockstep secondary` processes on loopback.
 extension PairTests { @Suite struct FailoverTests {
     /// Starts a secondary and a primary running the echo guest, both with `--serial udp:127.0.0.1:PORT`.
-    static func startPair(_ ws: (dir: String, key: String, fence: String), udp: UInt16, guest: String = "echo", extraPrimary: [String] = [],
-                          extraSecondary: [String] = [], peerOverride: ((UInt16) throws -> UInt16)? = nil) throws -> (Child, Child, UInt16) {
+    /// `serial`: both sides' service address (default `udp:127.0.0.1:UDP`).
+    static func startPair(_ ws: (dir: String, key: String, fence: String), udp: UInt16, serial: String? = nil, guest: String = "echo",
+                          extraPrimary: [String] = [], extraSecondary: [String] = [],
+                          peerOverride: ((UInt16) throws -> UInt16)? = nil) throws -> (Child, Child, UInt16) {
         let common = PairFixture.common(ws)
-        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + common + extraSecondary)
+        let service = serial ?? "udp:127.0.0.1:\(udp)"
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:0", "--serial", service] + common + extraSecondary)
         let port = try sec.listeningPort()
         let peer = try peerOverride?(port) ?? port
         let pri = try Child("primary", ["primary", try PairFixture.guest(guest), "--peer", "127.0.0.1:\(peer)", "--memory", "32",
-                                        "--serial", "udp:127.0.0.1:\(udp)"] + common + extraPrimary)
+                                        "--serial", service] + common + extraPrimary)
         try pri.waitForLine(containing: "protected: secondary")
         return (pri, sec, port)
     }
@@ -72,6 +75,28 @@ extension PairTests { @Suite struct FailoverTests {
 
     /// Output the primary released after its last `released` report is still held by the secondary, which
     /// sends it again on go-live: to the client the primary answered, without that client sending first.
+    /// The same failover with the service on a TCP port: the client's connection dies with the primary; it
+    /// connects again to the same port, which the survivor now serves, and the conversation goes on.
+    @Test func killPrimaryOverATCPServicePort() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let tcp = try PairFixture.freeTCPPort()
+        let (pri, sec, _) = try Self.startPair(ws, udp: 0, serial: "tcp:127.0.0.1:\(tcp)")
+        let link = TCPLineClient(port: tcp)
+        let talk = Conversation(EchoClient(link))
+        talk.exchange(1...5, "a")
+        #expect(link.connections == 1)
+        pri.kill9()
+        talk.exchange(6...10, "b", sec.stderrText)
+        #expect(sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        #expect(link.connections == 2, "the client connected \(link.connections) times")
+        talk.quit()
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        talk.expectConsistent()
+        _ = try? pri.wait(seconds: 10)
+    }
+
     @Test func survivorResendsTheLastReplyToTheClient() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()

@@ -166,10 +166,83 @@ final class Child: @unchecked Sendable {
 }
 
 /// A UDP client of the echo guest: sends a line, retries until the matching reply arrives (bounded).
+/// Where an echo client's lines go: `--serial udp:` or `--serial tcp:`.
+protocol LineLink: AnyObject {
+    func send(_ line: String)
+    func receive(ms: Int) -> [String]
+    var partialLine: String { get }
+}
+
+extension UDPLineClient: LineLink {}
+
+/// The other end of `--serial tcp:HOST:PORT`, as a client of the service would be: it connects when it has
+/// something to send, and when the connection ends (the server was killed) it drops what it held of a line
+/// and connects again on its next send, to whoever serves the port by then.
+final class TCPLineClient: LineLink {
+    let port: UInt16
+    private var fd: Int32 = -1
+    private var partial: [UInt8] = []
+    /// Connections made, the first included.
+    private(set) var connections = 0
+
+    init(port: UInt16) { self.port = port }
+    deinit { if fd >= 0 { close(fd) } }
+
+    private func connectIfNeeded() -> Bool {
+        if fd >= 0 { return true }
+        let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { return false }
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_port = port.bigEndian
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        // Loopback: refused at once when nobody listens, so this does not block.
+        let ok = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } }
+        guard ok else { close(s); return false }
+        fd = s
+        partial.removeAll()
+        connections += 1
+        return true
+    }
+
+    private func disconnect() { if fd >= 0 { close(fd); fd = -1 } }
+
+    func send(_ line: String) {
+        guard connectIfNeeded() else { return }
+        let bytes = Array((line + "\n").utf8)
+        // MSG_NOSIGNAL: a server killed meanwhile must not SIGPIPE the test process.
+        if Glibc.send(fd, bytes, bytes.count, Int32(MSG_NOSIGNAL)) != bytes.count { disconnect() }
+    }
+
+    func receive(ms: Int) -> [String] {
+        let deadline = Date().addingTimeInterval(Double(ms) / 1000)
+        var lines: [String] = []
+        var buf = [UInt8](repeating: 0, count: 2048)
+        while lines.isEmpty, fd >= 0, case let left = deadline.timeIntervalSinceNow, left > 0 {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, Int32(left * 1000) + 1) <= 0 { continue }
+            let n = recv(fd, &buf, buf.count, Int32(MSG_DONTWAIT))
+            if n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR) { disconnect(); break }
+            if n < 0 { continue }
+            partial += buf[0..<n]
+            while let nl = partial.firstIndex(of: 0x0A) {
+                lines.append(String(decoding: partial[..<nl], as: UTF8.self).trimmingCharacters(in: .whitespaces))
+                partial.removeSubrange(...nl)
+            }
+        }
+        // Not connected: nothing can arrive before the next send connects, so the retry period passes as a poll's would.
+        if fd < 0, lines.isEmpty, case let left = deadline.timeIntervalSinceNow, left > 0 { usleep(useconds_t(left * 1e6)) }
+        return lines
+    }
+
+    var partialLine: String { String(decoding: partial, as: UTF8.self) }
+}
+
 final class EchoClient {
-    let lines: UDPLineClient
+    let lines: any LineLink
 
     init(port: UInt16) { lines = try! UDPLineClient(port: port) }
+    init(_ link: any LineLink) { lines = link }
 
     func send(_ line: String) { lines.send(line) }
 
@@ -212,6 +285,7 @@ final class Conversation {
     var history = History()
 
     init(port: UInt16) { client = EchoClient(port: port) }
+    init(_ client: EchoClient) { self.client = client }
 
     /// `REQ seq tag` for each seq, each retried until answered; an unanswered one is a test failure.
     func exchange(_ seqs: ClosedRange<Int>, _ tag: String, _ context: @autoclosure () -> String = "",
