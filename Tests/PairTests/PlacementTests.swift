@@ -41,10 +41,22 @@ extension PairTests { @Suite struct PlacementTests {
         let all = Set(Cores.all)
         let pid = pri.process.processIdentifier
         func check(_ when: String) {
-            let t = Self.threads(pid)
-            #expect(t.first { $0.tid == pid }?.cores == [vcpu], "\(when): vCPU thread: \(t)")
-            #expect(t.first { $0.name == "lk-pacer" }?.cores == [pacer], "\(when): pacer: \(t)")
-            #expect(t.contains { $0.name == "lk-link" } && t.allSatisfy { $0.name != "lk-link" || $0.cores == all }, "\(when): link thread: \(t)")
+            // A thread names and places itself once it runs: the pacer may start just after the line that said
+            // the pair is protected. So the threads are read again (every 10 ms, for at most 10 s) until all are there.
+            let deadline = Date().addingTimeInterval(10)
+            var t = Self.threads(pid)
+            func placed() -> (vcpu: Bool, pacer: Bool, link: Bool) {
+                (t.first { $0.tid == pid }?.cores == [vcpu], t.first { $0.name == "lk-pacer" }?.cores == [pacer],
+                 t.contains { $0.name == "lk-link" } && t.allSatisfy { $0.name != "lk-link" || $0.cores == all })
+            }
+            while placed() != (true, true, true), Date() < deadline {
+                usleep(10_000)  // re-read /proc: a thread's start leaves no other trace to wait on
+                t = Self.threads(pid)
+            }
+            let p = placed()
+            #expect(p.vcpu, "\(when): vCPU thread: \(t)")
+            #expect(p.pacer, "\(when): pacer: \(t)")
+            #expect(p.link, "\(when): link thread: \(t)")
         }
         check("first secondary")
         sec.kill9()
