@@ -541,13 +541,14 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let replayed = l?.replayed.load(ordering: .acquiring) ?? 0
         let secs = max(Double(lk_monotonic_ns() &- metrics.startNs) / 1e9, 1e-9)
         let bytes = l?.bytesSent ?? 0
+        let latest = metrics.latest
         return PairStatus(role: "primary", state: "\(state)", connected: l != nil && !(l!.lost.load(ordering: .relaxed)),
                           protected: state.gatesOutput, exit: exit, heldExit: held, replayedExit: replayed,
-                          lagExits: exit > replayed && l != nil ? exit - replayed : 0, lagMicroseconds: Double(metrics.lastReplayLagNs) / 1000,
+                          lagExits: exit > replayed && l != nil ? exit - replayed : 0, lagMicroseconds: Double(latest.replayLagNs) / 1000,
                           logBytes: bytes, logBytesPerSecond: Double(bytes) / secs, heldOutputBytes: gate.heldBytes,
                           throttledMs: Double(metrics.throttledNs) / 1e6, secondariesSeeded: seeded,
                           seeding: seedingNow.load(ordering: .relaxed),
-                          linkRoundTripMicroseconds: l == nil ? 0 : Double(metrics.lastRoundTripNs) / 1000,
+                          linkRoundTripMicroseconds: l == nil ? 0 : Double(latest.roundTripNs) / 1000,
                           fenceConfirmedMsAgo: watch?.confirmedAgoMs())
     }
 

@@ -108,12 +108,12 @@ final class PairMetrics: @unchecked Sendable {
     private var replayExits = Histogram<UInt64>(highestTrackableValue: 1 << 50, numberOfSignificantValueDigits: .three)
     private var roundTrips = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
     /// The last round trip measured (ns; 0: none yet).
-    var lastRoundTripNs: UInt64 = 0
+    private var lastRoundTripNs: UInt64 = 0
     private var series: [[Double]] = []
     private var lastSeriesNs: UInt64 = 0
     let startNs = lk_monotonic_ns()
     var replayLagExitsMax: UInt64 = 0
-    var lastReplayLagNs: UInt64 = 0
+    private var lastReplayLagNs: UInt64 = 0
     var throttledNs: UInt64 = 0
     var seedPausesMs: [Double] = []
     var seedTotalsMs: [Double] = []
@@ -141,6 +141,12 @@ final class PairMetrics: @unchecked Sendable {
         _ = replayExits.record(min(lagExits, 1 << 50))
         lastReplayLagNs = lagNs
         replayLagExitsMax = max(replayLagExitsMax, lagExits)
+    }
+
+    /// The newest replay lag and link round trip (ns), for the status thread.
+    var latest: (replayLagNs: UInt64, roundTripNs: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        return (lastReplayLagNs, lastRoundTripNs)
     }
 
     func roundTrip(_ ns: UInt64) {
