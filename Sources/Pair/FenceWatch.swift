@@ -143,9 +143,7 @@ final class FenceWatch: @unchecked Sendable {
     static let stop: @Sendable (FenceLoss) -> Void = { loss in
         switch loss {
         case .taken(let h): PairRecord.stopOnTakenFence(h)
-        case .expired(let why):
-            warn(why)
-            _exit(75)
+        case .expired(let why): PairRecord.stopFenced(why)
         }
     }
 }

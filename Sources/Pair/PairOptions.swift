@@ -171,7 +171,12 @@ enum PairRecord {
     /// Another holder's generation in the fence file: stop at once, releasing nothing (what this side holds
     /// back may contradict what the new holder runs).
     static func stopOnTakenFence(_ h: FenceHolder) -> Never {
-        warn("the fence is now held by \(h), not by this process: another side may be live; stopping at once, releasing no held output")
+        stopFenced("the fence is now held by \(h), not by this process: another side may be live; stopping at once, releasing no held output")
+    }
+
+    /// Says why and ends the process with 75 (fenced) at once: nothing held is released, no record written.
+    static func stopFenced(_ why: String) -> Never {
+        warn(why)
         _exit(75)
     }
 

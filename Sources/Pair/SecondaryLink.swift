@@ -90,7 +90,7 @@ final class SecondaryLink: @unchecked Sendable {
     func endHandover() {
         recordLock.withLock {
             handingOver = false
-            if named { unname() } else { PairRecord.write(options.fenceDirectory, PairRecord.unprotected) }
+            sayUnprotected()
         }
     }
 
@@ -104,9 +104,7 @@ final class SecondaryLink: @unchecked Sendable {
             guard !lost.load(ordering: .acquiring) else { return false }
             lostReason.withLock { $0 = why }
             lost.store(true, ordering: .releasing)
-            if !handingOver {
-                if named { unname() } else { PairRecord.write(options.fenceDirectory, PairRecord.unprotected) }
-            }
+            if !handingOver { sayUnprotected() }
             return true
         }
         guard first else { return }
@@ -114,6 +112,12 @@ final class SecondaryLink: @unchecked Sendable {
         conn.close()
         lk_eventfd_signal(ackEvent)
         wakeVCPU()
+    }
+
+    /// Under recordLock: the record says no secondary may take over. Once it named this one, that must hold
+    /// before output leaves (`unname`); otherwise one write will do.
+    private func sayUnprotected() {
+        if named { unname() } else { PairRecord.write(options.fenceDirectory, PairRecord.unprotected) }
     }
 
     /// The record names this lost secondary: output it does not hold may leave only once the record says
