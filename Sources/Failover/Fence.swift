@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CLockstep
+import Foundation
 
 /// Who holds (or wants) the fence.
 public struct FenceIdentity: Sendable, Equatable, CustomStringConvertible {
@@ -44,6 +45,10 @@ public enum FenceError: Error, Equatable, Sendable, CustomStringConvertible {
     case system(call: String, errno: Int32, path: String)
     /// `release` without holding.
     case notHeld
+    /// A conditional write found the fence no longer this side's: held by `holder` (nil: by nobody, the lease ran out).
+    case notHolder(FenceHolder?)
+    /// The etcd cluster could not be asked, or answered with an error.
+    case etcd(String)
 
     public var description: String {
         switch self {
@@ -53,19 +58,42 @@ public enum FenceError: Error, Equatable, Sendable, CustomStringConvertible {
         case .lockingUnsupported(let d): return "file locking is not supported in \(d) (NFS needs NLM or NFSv4 locks)"
         case .system(let c, let e, let p): return "\(c) on \(p) failed: \(String(cString: strerror(e))) (errno \(e))"
         case .notHeld: return "the fence is not held"
+        case .notHolder(let h): return "the fence is no longer this side's: \(h.map { "now held by \($0)" } ?? "nobody holds it (this side's lease ran out)")"
+        case .etcd(let why): return why
         }
     }
 }
 
-/// The at-most-one-live-primary primitive. The embedded default is `Fence` (flock on a shared
-/// directory); an etcd lease (revision = fencing token) can implement the same protocol.
-public protocol Fencing: AnyObject {
-    /// Takes the fence if nobody holds it. nil = held by someone else (see `holder`).
-    func tryAcquire(identity: FenceIdentity) throws -> FenceToken?
+/// The at-most-one-live-primary primitive, and the pair record kept beside it (which secondary, if any, may take
+/// over from the holder). `Fence` (flock on a shared directory) is the embedded default; `EtcdFence` keeps both
+/// in etcd, where a named secondary can replace a holder that is gone without waiting for its lease.
+public protocol Fencing: AnyObject, Sendable {
+    /// Where the fence lives, for messages: the directory, or the etcd URL.
+    var location: String { get }
+    /// This side's proof of holding the fence; nil when it does not.
+    var token: FenceToken? { get }
     /// The holder as last recorded (after a denied acquisition: the current holder).
     var holder: FenceHolder? { get }
+    /// Takes the fence if nobody holds it, or (where the store can do it atomically) if the pair record reads
+    /// `claim`. nil = held by someone else (see `holder`).
+    func tryAcquire(identity: FenceIdentity, claim: String?) throws -> FenceToken?
     /// Gives the fence up.
     func release() throws
+    /// The current holder, read afresh (nil: nobody, or nothing can be read).
+    func readHolder() -> FenceHolder?
+    /// What one fresh read says to a holder of `token`.
+    func check(holding token: FenceToken) -> FenceCheck
+    /// The pair record's text (nil: none written yet).
+    func readPairRecord() throws -> String?
+    /// Replaces the pair record. Only the holder writes it; where the store can, the write is made
+    /// conditional on still holding the fence (`FenceError.notHolder` otherwise).
+    func writePairRecord(_ text: String) throws
+    /// True when `writePairRecord` itself fails for a side that lost the fence: no read is needed around it.
+    var writesAreConditional: Bool { get }
+}
+
+extension Fencing {
+    public func tryAcquire(identity: FenceIdentity) throws -> FenceToken? { try tryAcquire(identity: identity, claim: nil) }
 }
 
 /// `flock(LOCK_EX|LOCK_NB)` on `DIR/lockstep.fence`. The lock lives with the open file
@@ -73,8 +101,12 @@ public protocol Fencing: AnyObject {
 /// (kill -9 included). Two `Fence` objects in one process are independent (separate opens).
 public final class Fence: Fencing, @unchecked Sendable {
     public static let fileName = "lockstep.fence"
+    public static let pairFileName = "lockstep.pair"
     public let directory: String
+    public var location: String { directory }
+    public var writesAreConditional: Bool { false }
     public var path: String { directory + "/" + Fence.fileName }
+    public var pairPath: String { directory + "/" + Fence.pairFileName }
     public private(set) var holder: FenceHolder?
     public private(set) var token: FenceToken?
     private var fd: Int32 = -1
@@ -91,17 +123,18 @@ public final class Fence: Fencing, @unchecked Sendable {
 
     /// The syscall chokepoint for the fence: retries EINTR, throws a FenceError naming the path.
     @discardableResult
-    private func sys<T: BinaryInteger>(_ call: StaticString, _ body: () -> T) throws -> T {
+    private func sys<T: BinaryInteger>(_ call: StaticString, path: String? = nil, _ body: () -> T) throws -> T {
         while true {
             let r = body()
             if r >= 0 { return r }
             let e = errno
             if e == EINTR { continue }
-            throw FenceError.system(call: "\(call)", errno: e, path: path)
+            throw FenceError.system(call: "\(call)", errno: e, path: path ?? self.path)
         }
     }
 
-    public func tryAcquire(identity: FenceIdentity) throws -> FenceToken? {
+    /// `claim` is not used: a lock file cannot be taken from a holder whose lock the kernel (or the NFS server) keeps.
+    public func tryAcquire(identity: FenceIdentity, claim: String?) throws -> FenceToken? {
         if let t = token { return t }
         var st = stat()
         do { try sys("stat") { stat(directory, &st) } } catch FenceError.system(_, let e, _) {
@@ -127,7 +160,7 @@ public final class Fence: Fencing, @unchecked Sendable {
         do {
             let previous = try readHolder(f)?.generation ?? 0
             let t = FenceToken(generation: previous + 1, identity: identity)
-            let text = "generation=\(t.generation)\nhost=\(identity.host)\npid=\(identity.pid)\nacquired_ns=\(lk_realtime_ns())\n"
+            let text = FenceHolder.recordText(generation: t.generation, identity: identity)
             let bytes = Array(text.utf8)
             // Write over the old record, then trim: the file is never seen empty.
             let n = try bytes.withUnsafeBytes { b in try sys("pwrite") { pwrite(f, b.baseAddress, b.count, 0) } }
@@ -156,6 +189,40 @@ public final class Fence: Fencing, @unchecked Sendable {
     /// Reads the record in the fence file (nil when empty or unreadable).
     public func readHolder() -> FenceHolder? { (try? readRecord()) ?? nil }
 
+    /// `DIR/lockstep.pair`, trimmed; nil when there is none.
+    public func readPairRecord() throws -> String? {
+        let f: Int32
+        do { f = try sys("open", path: pairPath) { open(pairPath, O_RDONLY | O_CLOEXEC) } } catch FenceError.system(_, let e, _) where e == ENOENT {
+            return nil
+        }
+        defer { _ = close(f) }
+        var buf = [UInt8](repeating: 0, count: 4096)
+        let n = try buf.withUnsafeMutableBytes { b in try sys("pread", path: pairPath) { pread(f, b.baseAddress, b.count, 0) } }
+        return String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// Written under a temporary name, fsynced, renamed: a failure leaves the old record whole. The caller checks
+    /// the fence before and after (a lock file cannot make the write conditional).
+    public func writePairRecord(_ text: String) throws {
+        let tmp = pairPath + ".\(getpid()).tmp"
+        let bytes = Array((text + "\n").utf8)
+        do {
+            let f = try sys("open", path: tmp) { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) }
+            defer { _ = close(f) }
+            var off = 0
+            while off < bytes.count {
+                let n = try bytes.withUnsafeBytes { b in try sys("write", path: tmp) { write(f, b.baseAddress! + off, b.count - off) } }
+                guard n > 0 else { throw FenceError.system(call: "write", errno: ENOSPC, path: tmp) }
+                off += n
+            }
+            try sys("fsync", path: tmp) { fsync(f) }
+            try sys("rename", path: pairPath) { rename(tmp, pairPath) }
+        } catch {
+            unlink(tmp)
+            throw error
+        }
+    }
+
     /// Reads the record in the fence file by its path (a fresh open: on NFS that asks the server, and so shows
     /// another host's record and renews this client's lease). nil: the file holds no generation.
     public func readRecord() throws -> FenceHolder? {
@@ -177,15 +244,27 @@ public final class Fence: Fencing, @unchecked Sendable {
         repeat { n = buf.withUnsafeMutableBytes { b in pread(f, b.baseAddress, b.count, 0) } } while n < 0 && errno == EINTR
         if n < 0 { throw FenceError.system(call: "pread", errno: errno, path: path) }
         guard n > 0 else { return nil }
+        return FenceHolder(record: String(decoding: buf[0..<n], as: UTF8.self))
+    }
+}
+
+extension FenceHolder {
+    /// A holder's record: `key=value` lines. The generation is the one given, else the record's own.
+    init?(record text: String, generation given: UInt64? = nil) {
         var fields: [String: String] = [:]
-        for line in String(decoding: buf[0..<n], as: UTF8.self).split(separator: "\n") {
+        for line in text.split(separator: "\n") {
             let kv = line.split(separator: "=", maxSplits: 1)
             if kv.count == 2 { fields[String(kv[0])] = String(kv[1]) }
         }
-        guard let g = fields["generation"].flatMap({ UInt64($0) }) else { return nil }
+        guard let g = given ?? fields["generation"].flatMap({ UInt64($0) }) else { return nil }
         var id: FenceIdentity?
         if let h = fields["host"], let p = fields["pid"].flatMap({ Int32($0) }) { id = FenceIdentity(host: h, pid: p) }
-        return FenceHolder(generation: g, identity: id)
+        self.init(generation: g, identity: id)
+    }
+
+    /// The record a holder writes (`generation` only where the store does not number holders itself).
+    static func recordText(generation: UInt64?, identity: FenceIdentity) -> String {
+        (generation.map { "generation=\($0)\n" } ?? "") + "host=\(identity.host)\npid=\(identity.pid)\nacquired_ns=\(lk_realtime_ns())\n"
     }
 }
 
@@ -197,6 +276,8 @@ public enum FenceCheck: Equatable, Sendable {
     case taken(FenceHolder)
     /// Nothing can be told; why.
     case unreadable(String)
+    /// Nobody holds the fence any more: this side's claim ran out (an etcd lease expired); why.
+    case lost(String)
 
     /// Pure: the verdict on a record read from `path` by the holder of `token`.
     public init(record: FenceHolder?, holding token: FenceToken, path: String) {

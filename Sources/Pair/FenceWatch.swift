@@ -13,10 +13,10 @@ enum FenceLoss: Equatable, Sendable {
     case expired(String)
 }
 
-/// Keeps a live side's claim to the fence current. The flock fences only while the lock is really held: on NFS
-/// a holder cut off from the server loses it when the server's lease runs out (`nfsv4leasetime`, 90 s by
-/// default) and another host may take it, while this process, told nothing, runs on. So the holder reads the
-/// fence file every `intervalNs`: another generation there stops it at once, and a holder that has not seen its
+/// Keeps a live side's claim to the fence current (and renews an etcd fence's lease: `EtcdFence.check`). The
+/// flock fences only while the lock is really held: on NFS a holder cut off from the server loses it when the
+/// server's lease runs out (`nfsv4leasetime`, 90 s by default) and another host may take it, while this
+/// process, told nothing, runs on. So the holder reads the fence file every `intervalNs`: another generation there stops it at once, and a holder that has not seen its
 /// own generation for `leaseNs` stops too, since it can no longer know that nobody else is live. A second thread
 /// keeps that deadline: a read of an unreachable hard-mounted NFS file blocks rather than fails.
 ///
@@ -30,7 +30,7 @@ final class FenceWatch: @unchecked Sendable {
         var problem: String?
     }
 
-    let fence: Fence
+    let fence: any Fencing
     let leaseNs: UInt64
     let intervalNs: UInt64
     private let state: Mutex<State>
@@ -42,7 +42,7 @@ final class FenceWatch: @unchecked Sendable {
 
     /// Starts watching the fence `fence` holds now. `onLoss` is called at most once, on a watch thread; the
     /// default says why and exits 75 without releasing anything.
-    init(fence: Fence, leaseMs: Int, onLoss: @escaping @Sendable (FenceLoss) -> Void = FenceWatch.stop) {
+    init(fence: any Fencing, leaseMs: Int, onLoss: @escaping @Sendable (FenceLoss) -> Void = FenceWatch.stop) {
         self.fence = fence
         leaseNs = UInt64(leaseMs) * 1_000_000
         intervalNs = Self.interval(leaseNs: leaseNs)
@@ -61,7 +61,7 @@ final class FenceWatch: @unchecked Sendable {
                 let (deadline, expired) = state.withLock { s -> (UInt64, String?) in
                     guard s.token != nil else { return (now + leaseNs, nil) }
                     return (s.confirmedNs + leaseNs, Self.expiry(confirmedNs: s.confirmedNs, now: now, leaseNs: leaseNs,
-                                                                 problem: s.problem, directory: fence.directory))
+                                                                 problem: s.problem, location: fence.location))
                 }
                 if let expired { report(.expired(expired)); break }
                 _ = lk_eventfd_wait(deadlineWake, deadline)
@@ -74,10 +74,10 @@ final class FenceWatch: @unchecked Sendable {
     static func interval(leaseNs: UInt64) -> UInt64 { min(1_000_000_000, max(10_000_000, leaseNs / 4)) }
 
     /// Pure: nil while the fence was confirmed within the lease; otherwise why this side must stop.
-    static func expiry(confirmedNs: UInt64, now: UInt64, leaseNs: UInt64, problem: String?, directory: String) -> String? {
+    static func expiry(confirmedNs: UInt64, now: UInt64, leaseNs: UInt64, problem: String?, location: String) -> String? {
         guard now &- confirmedNs >= leaseNs, now >= confirmedNs else { return nil }
-        return "the fence in \(directory) was last confirmed \((now - confirmedNs) / 1_000_000) ms ago, not within --fence-lease-ms "
-            + "\(leaseNs / 1_000_000)\(problem.map { " (\($0))" } ?? ""): on NFS this side's lock may have expired and another side "
+        return "the fence in \(location) was last confirmed \((now - confirmedNs) / 1_000_000) ms ago, not within --fence-lease-ms "
+            + "\(leaseNs / 1_000_000)\(problem.map { " (\($0))" } ?? ""): its lock (an NFS or etcd lease) may have expired and another side "
             + "may be live; stopping at once, releasing no held output"
     }
 
@@ -86,8 +86,9 @@ final class FenceWatch: @unchecked Sendable {
     @discardableResult
     func check() -> (verdict: FenceCheck?, loss: FenceLoss?) {
         guard let t = state.withLock({ $0.token }) else { return (nil, nil) }
-        let verdict = fence.check(holding: t)
+        // A confirmation counts from when the read began: the lease it renewed (NFS, etcd) runs from no earlier.
         let now = lk_monotonic_ns()
+        let verdict = fence.check(holding: t)
         let (loss, say) = state.withLock { s -> (FenceLoss?, String?) in
             guard s.token == t else { return (nil, nil) }
             switch verdict {
@@ -96,6 +97,8 @@ final class FenceWatch: @unchecked Sendable {
                 return (nil, s.problem.map { _ in "the fence is confirmed again after \((now &- s.confirmedNs) / 1_000_000) ms" })
             case .taken(let h):
                 return (.taken(h), nil)
+            case .lost(let why):
+                return (.expired("\(why): another side may be live; stopping at once, releasing no held output"), nil)
             case .unreadable(let why):
                 defer { s.problem = why }
                 let left = s.confirmedNs &+ leaseNs > now ? (s.confirmedNs &+ leaseNs - now) / 1_000_000 : 0

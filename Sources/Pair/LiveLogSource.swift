@@ -40,7 +40,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
     private(set) var fenceToken: FenceToken?
     /// The fence this side won (held for the rest of its life once live).
-    private(set) var fence: Fence?
+    private(set) var fence: (any Fencing)?
     /// The fence directory failed (not merely held): nothing to wait for.
     private var fenceUnusable = false
     /// The receiver waits on a held fence the pair record lets this side take (for the status line).
@@ -309,14 +309,13 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
 
     /// Tries the fence for `fenceWaitMs`. Still held then: `fenceHeld` while the pair record names this side.
     private func acquireFence() -> FailoverEvent {
-        guard let dir = options.fenceDirectory else { return .fenceAcquired(generation: 0) }
-        let f = Fence(directory: dir)
+        guard let f = options.openFence() else { return .fenceAcquired(generation: 0) }
         let deadline = lk_monotonic_ns() + UInt64(options.fenceWaitMs) * 1_000_000
         while true {
-            if let e = tryFence(f, dir) { return e }
+            if let e = tryFence(f) { return e }
             if lk_monotonic_ns() >= deadline {
                 let holder = f.holder?.description ?? "another process"
-                return pairRecord(dir).namesThisSide ? .fenceHeld(holder: holder) : .fenceDenied(holder: holder)
+                return pairRecord(f).namesThisSide ? .fenceHeld(holder: holder) : .fenceDenied(holder: holder)
             }
             usleep(2000)  // retry backoff while a dead holder's lock is released
         }
@@ -328,14 +327,13 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     /// Tries the fence until it is free, with no deadline, as long as the pair record names this side: a live
     /// primary that lost this secondary writes `unprotected` before it releases any output, which ends the wait.
     private func awaitFence() -> FailoverEvent {
-        guard let dir = options.fenceDirectory else { return .fenceAcquired(generation: 0) }
-        let f = Fence(directory: dir)
+        guard let f = options.openFence() else { return .fenceAcquired(generation: 0) }
         awaitingFence.store(true, ordering: .relaxed)
         defer { awaitingFence.store(false, ordering: .relaxed) }
         while true {
             usleep(Self.fenceRetryUs)
-            if let e = tryFence(f, dir) { return e }
-            let record = pairRecord(dir)
+            if let e = tryFence(f) { return e }
+            let record = pairRecord(f)
             guard record.namesThisSide else {
                 return .fenceDenied(holder: "\(f.holder?.description ?? "another process"), and the primary's pair record now says '\(record.text)': it went on without this secondary")
             }
@@ -343,18 +341,19 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     }
 
     /// The primary's pair record, and whether it names this secondary (the one that may take over).
-    private func pairRecord(_ dir: String) -> (text: String, namesThisSide: Bool) {
-        let text = PairRecord.read(dir) ?? "(none)"
+    private func pairRecord(_ f: any Fencing) -> (text: String, namesThisSide: Bool) {
+        let text = PairRecord.read(f) ?? "(none)"
         return (text, text == PairRecord.protected(protectionID))
     }
 
     /// One try: `fenceAcquired` when won and the pair record names this side, `fenceDenied` when won but the
-    /// record does not (released again) or when the fence directory fails, nil while someone holds it.
-    private func tryFence(_ f: Fence, _ dir: String) -> FailoverEvent? {
+    /// record does not (released again) or when the fence fails, nil while someone holds it. Where the store
+    /// can (etcd), a record naming this side lets it take the fence from a holder whose lease still runs.
+    private func tryFence(_ f: any Fencing) -> FailoverEvent? {
         do {
-            guard let t = try f.tryAcquire(identity: .current()) else { return nil }
+            guard let t = try f.tryAcquire(identity: .current(), claim: PairRecord.protected(protectionID)) else { return nil }
             // The fence is ours; the primary's last word decides whether this state may go live.
-            let record = pairRecord(dir)
+            let record = pairRecord(f)
             guard record.namesThisSide else {
                 try? f.release()
                 return .fenceDenied(holder: "nobody, but the primary's pair record says '\(record.text)': it went on without this secondary, whose state is stale")

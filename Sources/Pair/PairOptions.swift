@@ -14,8 +14,9 @@ public struct PairOptions: Sendable {
     public var heartbeatMs: Int = 5
     /// Silence after which the peer is presumed failed.
     public var failureTimeoutMs: Int = 50
-    /// `--fence DIR`; nil runs without a fence (a partition can then give two live primaries: warned).
-    public var fenceDirectory: String?
+    /// `--fence DIR` or `--fence etcd://...`; nil runs without a fence (a partition can then give two live
+    /// primaries: warned).
+    public var fence: FenceLocation?
     /// How long a secondary keeps trying a held fence before deciding the primary is alive (kill -9 releases
     /// a local flock at once; NFS needs its lease time).
     public var fenceWaitMs: Int = 500
@@ -42,6 +43,9 @@ public struct PairOptions: Sendable {
     /// `--link-poll-us N` (secondary): once the replay has caught up, its receiver spins this long for the next
     /// log frame instead of sleeping (0: never). See `Connection.enablePolling`.
     public var linkPollNs: UInt64 = 0
+
+    /// A fence object for `fence` (nil: none); nothing is taken yet.
+    func openFence() -> (any Fencing)? { fence?.open(leaseMs: fenceLeaseMs) }
 
     public init(key: [UInt8], encryption: EncryptionMode = .opportunistic) {
         self.key = key
@@ -109,66 +113,70 @@ public enum PairError: Error, CustomStringConvertible {
 
 func warn(_ s: String) { FileHandle.standardError.write(Data(("lockstep: " + s + "\n").utf8)) }
 
-/// Watches a fence this side holds, when `--fence-lease-ms` asks for it.
-func watchFence(_ fence: Fence?, _ options: PairOptions) -> FenceWatch? {
+/// Watches a fence this side holds, when `--fence-lease-ms` asks for it (an etcd fence always: the watch renews
+/// its lease).
+func watchFence(_ fence: (any Fencing)?, _ options: PairOptions) -> FenceWatch? {
     guard let fence, fence.token != nil, options.fenceLeaseMs > 0 else { return nil }
     return FenceWatch(fence: fence, leaseMs: options.fenceLeaseMs)
 }
 
 /// Takes the fence for this process, or says who holds it.
-func takeFence(_ dir: String?) throws(PairError) -> Fence? {
-    guard let dir else { return nil }
-    let f = Fence(directory: dir)
+func takeFence(_ options: PairOptions) throws(PairError) -> (any Fencing)? {
+    guard let f = options.openFence() else { return nil }
     do {
         if try f.tryAcquire(identity: .current()) != nil { return f }
-    } catch { throw .config("--fence \(dir): \(error)") }
-    throw .fenced("the fence in \(dir) is held by \(f.holder?.description ?? "another process"): another primary is live")
+    } catch { throw .config("--fence \(f.location): \(error)") }
+    throw .fenced("the fence in \(f.location) is held by \(f.holder?.description ?? "another process"): another primary is live")
 }
 
-/// The pair record: a file beside the fence (`DIR/lockstep.pair`) in which the live primary says which
-/// secondary, if any, may take over from it. Only the fence holder writes it. A secondary that wins the
-/// fence goes live only if the record names it: a primary that dropped it and went on unprotected, or
-/// whose guest ended, has made its state stale, and going live would contradict what the world saw.
+/// The pair record: beside the fence (`DIR/lockstep.pair`, or the `PREFIX/pair` key in etcd), in which the live
+/// primary says which secondary, if any, may take over from it. Only the fence holder writes it. A secondary
+/// that wins the fence goes live only if the record names it: a primary that dropped it and went on unprotected,
+/// or whose guest ended, has made its state stale, and going live would contradict what the world saw.
 enum PairRecord {
-    static let fileName = "lockstep.pair"
-
     static func protected(_ id: UInt64) -> String { "protected \(String(id, radix: 16))" }
     static let unprotected = "unprotected"
     static let ended = "ended"
 
-    /// Replaces the record atomically (temporary name, fsync, rename). Returns false on failure.
+    /// Replaces the record (atomically). Returns false on failure.
     @discardableResult
-    static func write(_ dir: String?, _ text: String) -> Bool {
-        guard let e = tryWrite(dir, text) else { return true }
+    static func write(_ fence: (any Fencing)?, _ text: String) -> Bool {
+        guard let e = tryWrite(fence, text) else { return true }
         warn("cannot write the pair record: \(e)")
         return false
     }
 
-    /// `write` without the warning: the error, or nil once written. A failure leaves the old record whole
-    /// (the rename is the last step).
-    static func tryWrite(_ dir: String?, _ text: String) -> LogError? {
-        guard let dir else { return nil }
-        let path = dir + "/" + fileName
-        do { try replaceFile(path, with: Array((text + "\n").utf8), temporary: path + ".\(getpid()).tmp", sync: true) } catch {
-            return error
+    /// `write` without the warning: why it failed, or nil once written (or no fence). A failure leaves the old
+    /// record whole. A store that makes the write conditional (etcd) and finds the fence taken stops the process.
+    static func tryWrite(_ fence: (any Fencing)?, _ text: String) -> String? {
+        guard let fence else { return nil }
+        do { try fence.writePairRecord(text) } catch FenceError.notHolder(let h) {
+            guard let h else {
+                stopFenced("the fence in \(fence.location) is no longer held by anyone (this side's lease ran out): another side may "
+                           + "be live; stopping at once, releasing no held output")
+            }
+            stopOnTakenFence(h)
+        } catch {
+            return "\(error)"
         }
         return nil
     }
 
     /// After writing a record that lets output leave, this process must still hold the fence: on NFS a holder
     /// cut off from the server loses its lock when its lease runs out, and a secondary may have taken it and read
-    /// the record before this write. nil: held (or no fence). The fence file naming another holder stops the
-    /// process at once (`stopOnTakenFence`); a file that cannot be read returns why.
-    static func confirmFence(_ fence: Fence?) -> String? {
+    /// the record before this write. nil: held (or no fence). The fence naming another holder (or nobody, its
+    /// lease gone) stops the process at once; a fence that cannot be read returns why.
+    static func confirmFence(_ fence: (any Fencing)?) -> String? {
         guard let f = fence, let t = f.token else { return nil }
         switch f.check(holding: t) {
         case .confirmed: return nil
         case .taken(let h): stopOnTakenFence(h)
+        case .lost(let why): stopFenced("\(why): another side may be live; stopping at once, releasing no held output")
         case .unreadable(let why): return "cannot read the fence: \(why)"
         }
     }
 
-    /// Another holder's generation in the fence file: stop at once, releasing nothing (what this side holds
+    /// Another holder's generation in the fence: stop at once, releasing nothing (what this side holds
     /// back may contradict what the new holder runs).
     static func stopOnTakenFence(_ h: FenceHolder) -> Never {
         stopFenced("the fence is now held by \(h), not by this process: another side may be live; stopping at once, releasing no held output")
@@ -180,8 +188,6 @@ enum PairRecord {
         _exit(75)
     }
 
-    static func read(_ dir: String) -> String? {
-        guard let d = FileManager.default.contents(atPath: dir + "/" + fileName) else { return nil }
-        return String(decoding: d, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-    }
+    /// The record's text (nil: none, or it cannot be read).
+    static func read(_ fence: any Fencing) -> String? { (try? fence.readPairRecord()) ?? nil }
 }

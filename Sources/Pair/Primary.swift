@@ -24,7 +24,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     let peerPort: UInt16
     let metrics = PairMetrics()
     private let reports = JSONReports()
-    let fence: Fence?
+    let fence: (any Fencing)?
     /// Stops this process if the fence stops being its own (`FenceWatch`); shared with a survivor that adopted it.
     let watch: FenceWatch?
     private let fsm = Mutex(FailoverMachine.primary())
@@ -72,10 +72,10 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     public init(image: PVHImage, config: MachineConfig, backend: SerialOutput, peer: String, options: PairOptions) throws(PairError) {
         (peerHost, peerPort) = try PairOptions.hostPort(peer, option: "--peer")
         self.image = image; self.config = config; self.options = options
-        fence = try takeFence(options.fenceDirectory)
+        fence = try takeFence(options)
         if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
         watch = watchFence(fence, options)
-        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+        PairRecord.write(fence, PairRecord.unprotected)
         gate = OutputGate(backend: backend)
         let s: StreamRecordSession
         do { s = try StreamRecordSession(image: image, config: config, output: gate) } catch { throw .config("\(error)") }
@@ -90,7 +90,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Protects a running machine that is already live and holds the fence (a secondary that went live):
     /// unprotected until the connector finds a new secondary at `peer`. `gate` must already be its output.
     init(adopting session: RecordingSession, image: PVHImage, config: MachineConfig, gate: OutputGate, peer: String,
-         options: PairOptions, fence: Fence?, watch: FenceWatch?) throws(PairError) {
+         options: PairOptions, fence: (any Fencing)?, watch: FenceWatch?) throws(PairError) {
         (peerHost, peerPort) = try PairOptions.hostPort(peer, option: "--peer")
         self.image = image; self.config = config; self.options = options; self.fence = fence; self.watch = watch
         self.gate = gate
@@ -102,7 +102,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     /// A survivor's protection starts: it is live and unprotected; look for a new secondary.
     func beginAdopted() {
-        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+        PairRecord.write(fence, PairRecord.unprotected)
         session.machine.onIdle = { [unowned self] in flushLog(force: true, idle: true) }
         session.machine.beforeEntry = { [unowned self] in flushLog(force: false) }
         startConnector()
@@ -466,7 +466,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Sends the trailer, waits (bounded) for the secondary to hold it, then releases all output.
     private func finishLog(_ trailer: LogTrailer) {
         guard let l = link, !l.lost.load(ordering: .acquiring) else {
-            PairRecord.write(options.fenceDirectory, PairRecord.ended)
+            PairRecord.write(fence, PairRecord.ended)
             gate.stopGating()
             return
         }
@@ -481,7 +481,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         // Losing the link un-names the secondary first: output it may not hold leaves only after that.
         detach(goodbye: "guest exited")
         gate.stopGating()
-        PairRecord.write(options.fenceDirectory, PairRecord.ended)
+        PairRecord.write(fence, PairRecord.ended)
     }
 
     // MARK: connecting

@@ -302,7 +302,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         backend = b
         if let a = src.replyAddress.withLock({ $0 }) { b.adoptReplyAddress(a) }
         // This side is the only live one now: no earlier secondary of anyone may take over from it.
-        PairRecord.write(options.fenceDirectory, PairRecord.unprotected)
+        PairRecord.write(src.fence, PairRecord.unprotected)
         liveWatch = watchFence(src.fence, options)
         var out: SerialOutput = b
         if let peer = reprotectPeer, let image = seedImage {

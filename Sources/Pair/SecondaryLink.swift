@@ -27,7 +27,7 @@ final class SecondaryLink: @unchecked Sendable {
     /// output leaves on its loss until the record says otherwise.
     private var named = false
     /// This process's fence (nil: none): checked after each record write that lets output leave.
-    private let fence: Fence?
+    private let fence: (any Fencing)?
     /// Signalled on every ack and on loss (flow control waits on it).
     let ackEvent = lk_eventfd()
     let lastSendNs = Atomic<UInt64>(lk_monotonic_ns())
@@ -62,7 +62,7 @@ final class SecondaryLink: @unchecked Sendable {
     /// The secondary's operator asked for a handover (link thread); the argument sends the outcome back.
     private let handoverAsked: @Sendable (@escaping HandoverReplies.Reply) -> Void
 
-    init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics, fence: Fence?, unconfirmed: Unconfirmed? = nil,
+    init(conn: Connection, startExit: UInt64, options: PairOptions, gate: OutputGate, metrics: PairMetrics, fence: (any Fencing)?, unconfirmed: Unconfirmed? = nil,
          handoverAsked: @escaping @Sendable (@escaping HandoverReplies.Reply) -> Void = { _ in }, wakeVCPU: @escaping @Sendable () -> Void = {}) {
         self.conn = conn; self.options = options; self.gate = gate; self.metrics = metrics; self.fence = fence
         self.unconfirmed = unconfirmed
@@ -117,7 +117,7 @@ final class SecondaryLink: @unchecked Sendable {
     /// Under recordLock: the record says no secondary may take over. Once it named this one, that must hold
     /// before output leaves (`unname`); otherwise one write will do.
     private func sayUnprotected() {
-        if named { unname() } else { PairRecord.write(options.fenceDirectory, PairRecord.unprotected) }
+        if named { unname() } else { PairRecord.write(fence, PairRecord.unprotected) }
     }
 
     /// The record names this lost secondary: output it does not hold may leave only once the record says
@@ -129,10 +129,12 @@ final class SecondaryLink: @unchecked Sendable {
         while true {
             let problem: String
             // Confirmed before the write too: a side that lost the fence must not overwrite the new holder's record.
-            _ = PairRecord.confirmFence(fence)
-            if let e = PairRecord.tryWrite(options.fenceDirectory, PairRecord.unprotected) {
+            // (etcd's write is one compare-and-swap, which also makes it win a race with a claim more often.)
+            let checked = fence?.writesAreConditional != true
+            if checked { _ = PairRecord.confirmFence(fence) }
+            if let e = PairRecord.tryWrite(fence, PairRecord.unprotected) {
                 problem = "cannot write the pair record: \(e)"
-            } else if let why = PairRecord.confirmFence(fence) {
+            } else if checked, let why = PairRecord.confirmFence(fence) {
                 problem = why
             } else {
                 named = false
@@ -245,7 +247,7 @@ final class SecondaryLink: @unchecked Sendable {
             // nil: lost meanwhile; false: the record cannot be written, or the fence cannot be confirmed.
             let named = recordLock.withLock { () -> Bool? in
                 guard !lost.load(ordering: .acquiring) else { return nil }
-                guard PairRecord.write(options.fenceDirectory, PairRecord.protected(u.protectionID)) else { return false }
+                guard PairRecord.write(fence, PairRecord.protected(u.protectionID)) else { return false }
                 self.named = true
                 if let why = PairRecord.confirmFence(fence) {
                     warn(why)
@@ -256,7 +258,7 @@ final class SecondaryLink: @unchecked Sendable {
                 u.onConfirmed()
                 return true
             }
-            if named == false { lose("cannot write the pair record in \(options.fenceDirectory ?? "") or read its fence") }
+            if named == false { lose("cannot write the pair record in \(fence?.location ?? "") or read its fence") }
             // Either this sees the link thread's newest `held`, or the link thread sees `confirmed` and releases.
             if named == true { gate.secondaryHolds(below: held.load(ordering: .sequentiallyConsistent)) }
         }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Channel
+import Failover
 import Foundation
 import Machine
 import Pair
@@ -7,7 +8,7 @@ import Pair
 struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Pre-shared key file (at least 16 bytes), the same on both hosts.") var keyFile: String
     @Option(name: .long, help: "Channel encryption: disabled, opportunistic or required (AES-256-GCM).") var encrypt: String = "opportunistic"
-    @Option(name: .long, help: "Directory both hosts reach holding the fence file (lockstep.fence).") var fence: String?
+    @Option(name: .long, help: "Where the fence lives: a directory both hosts reach (lockstep.fence, lockstep.pair), or etcd://HOST:PORT[,HOST:PORT...]/PREFIX (keys PREFIX/fence, PREFIX/pair).") var fence: String?
     @Option(name: .long, help: "Heartbeat interval when the link is idle (ms).") var heartbeatMs: Int = 5
     @Option(name: .long, help: "Silence after which the peer is presumed failed (ms).") var failureTimeoutMs: Int = 50
     @Option(name: .long, help: "How long a secondary retries a held fence before asking the pair record: still named by it, it waits for the lock; otherwise the primary is alive (ms).") var fenceWaitMs: Int = 500
@@ -44,7 +45,12 @@ struct PairArguments: ParsableArguments {
             try JSONReports.check(statsJson, option: "--stats-json")
         } catch { throw fail("\(error)", .usage) }
         var o = PairOptions(key: key, encryption: mode)
-        o.fenceDirectory = fence
+        if let fence {
+            do { o.fence = try FenceLocation(parsing: fence) } catch { throw fail("\(error)", .usage) }
+            if case .etcd? = o.fence, fenceLeaseMs == 0 {
+                throw fail("--fence-lease-ms 0 with an etcd fence: the watch renews the etcd lease, so give it a bound (at least 100)", .usage)
+            }
+        }
         o.heartbeatMs = heartbeatMs; o.failureTimeoutMs = failureTimeoutMs; o.fenceWaitMs = fenceWaitMs
         o.fenceLeaseMs = fenceLeaseMs
         o.statusIntervalMs = statusIntervalMs; o.statusJSON = statusJson; o.statsJSON = statsJson

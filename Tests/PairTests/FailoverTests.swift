@@ -253,6 +253,11 @@ extension PairTests { @Suite struct FailoverTests {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        try Self.handoversBackAndForth(ws)
+    }
+
+    /// The handovers of `handoversBackAndForthSwapTheRoles`, with the fence `ws` names.
+    static func handoversBackAndForth(_ ws: (dir: String, key: String, fence: String)) throws {
         let udp = try PairFixture.freeUDPPort()
         let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
         let (controlA, controlB) = (ws.dir + "/a.sock", ws.dir + "/b.sock")

@@ -29,12 +29,12 @@ import Testing
 
     @Test func theLeaseBoundIsKeptToTheNanosecond() {
         let lease: UInt64 = 1_000_000_000
-        #expect(FenceWatch.expiry(confirmedNs: 5, now: 5 + lease - 1, leaseNs: lease, problem: nil, directory: "/f") == nil)
+        #expect(FenceWatch.expiry(confirmedNs: 5, now: 5 + lease - 1, leaseNs: lease, problem: nil, location: "/f") == nil)
         // A confirmation stored after the deadline thread read the clock is newer than its `now`: not expired.
-        #expect(FenceWatch.expiry(confirmedNs: 10, now: 5, leaseNs: lease, problem: nil, directory: "/f") == nil)
-        let why = FenceWatch.expiry(confirmedNs: 5, now: 5 + lease, leaseNs: lease, problem: "open failed", directory: "/f")
-        #expect(why == "the fence in /f was last confirmed 1000 ms ago, not within --fence-lease-ms 1000 (open failed): on NFS this "
-                + "side's lock may have expired and another side may be live; stopping at once, releasing no held output")
+        #expect(FenceWatch.expiry(confirmedNs: 10, now: 5, leaseNs: lease, problem: nil, location: "/f") == nil)
+        let why = FenceWatch.expiry(confirmedNs: 5, now: 5 + lease, leaseNs: lease, problem: "open failed", location: "/f")
+        #expect(why == "the fence in /f was last confirmed 1000 ms ago, not within --fence-lease-ms 1000 (open failed): its lock (an NFS or etcd "
+                + "lease) may have expired and another side may be live; stopping at once, releasing no held output")
         #expect(FenceWatch.interval(leaseNs: 30 * lease) == lease)
         #expect(FenceWatch.interval(leaseNs: lease) == lease / 4)
         #expect(FenceWatch.interval(leaseNs: 20_000_000) == 10_000_000)

@@ -119,10 +119,15 @@ final class Child: @unchecked Sendable {
     /// Waits for a stderr line containing `text`; returns it.
     @discardableResult
     func waitForLine(containing text: String, occurrence: Int = 1, seconds: Double = 30) throws -> String {
+        try waitForLine(matching: { $0.contains(text) }, describing: text, occurrence: occurrence, seconds: seconds)
+    }
+
+    func waitForLine(matching test: (String) -> Bool, describing text: String = "the line asked for", occurrence: Int = 1,
+                     seconds: Double = 30) throws -> String {
         let deadline = Date().addingTimeInterval(seconds)
         cond.lock(); defer { cond.unlock() }
         while true {
-            let hits = lines.filter { $0.contains(text) }
+            let hits = lines.filter(test)
             if hits.count >= occurrence { return hits[occurrence - 1] }
             if exited && eof { throw PairTestError("\(name) exited (status \(process.terminationStatus)) without printing '\(text)'; stderr:\n\(lines.suffix(20).joined(separator: "\n"))") }
             if !cond.wait(until: deadline) { throw PairTestError("\(name) did not print '\(text)' within \(seconds) s; stderr:\n\(lines.suffix(20).joined(separator: "\n"))") }
