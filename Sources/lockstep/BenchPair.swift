@@ -1,4 +1,5 @@
 import ArgumentParser
+import Failover
 import Foundation
 import Glibc
 import Machine
@@ -38,6 +39,7 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "The only core the secondary may use, as if on a host of its own: a core, or none (the default).") var secondaryCpu: String?
     @Option(name: .long, help: "--link-poll-us for the secondary (default 0: its receiver sleeps between frames).") var linkPollUs: UInt64 = 0
     @Option(name: .long, help: "--encrypt for both sides: disabled, opportunistic (the default: AES-256-GCM) or required.") var encrypt: String = "opportunistic"
+    @Option(name: .long, help: "Fence every pair in this etcd (etcd://HOST:PORT[,HOST:PORT...]), each under a fresh key prefix, instead of in a temporary directory.") var fenceEtcd: String?
     @Flag(name: .long, help: "Keep the temporary directory (children's stderr, stats JSON, key) even on success.") var keepTemp = false
 
     func validate() throws {
@@ -50,6 +52,11 @@ struct BenchPairCommand: ParsableCommand {
             }
         }
         guard linkPollUs <= 1_000_000 else { throw ValidationError("--link-poll-us \(linkPollUs): at most 1000000") }
+        if let e = fenceEtcd {
+            guard case .etcd? = try? FenceLocation(parsing: e + "/lockstep-bench") else {
+                throw ValidationError("--fence-etcd \(e): expected etcd://HOST:PORT[,HOST:PORT...]")
+            }
+        }
         guard ["disabled", "opportunistic", "required"].contains(encrypt) else {
             throw ValidationError("--encrypt \(encrypt): use disabled, opportunistic or required")
         }
@@ -65,7 +72,8 @@ struct BenchPairCommand: ParsableCommand {
 
     func run() throws {
         LiveChildren.killOnInterrupt()
-        let h = try PairBench(guestDir: guests, memory: memory, timeoutS: timeoutS, placement: placement, encrypt: encrypt)
+        let h = try PairBench(guestDir: guests, memory: memory, timeoutS: timeoutS, placement: placement, encrypt: encrypt,
+                              fenceEtcd: fenceEtcd)
         var ok = false
         defer {
             h.killAll()
@@ -98,6 +106,8 @@ final class PairBench {
     let placement: Placement
     /// `--encrypt` for both sides.
     let encrypt: String
+    /// `--fence-etcd`: the etcd holding every pair's fence (nil: a temporary directory each).
+    let fenceEtcd: String?
     let tempDir: String
     let keyPath: String
     private var children: [Child] = []
@@ -124,9 +134,11 @@ final class PairBench {
         }
     }
 
-    init(guestDir: String, memory: UInt32, timeoutS: Int, placement: Placement, encrypt: String = "opportunistic") throws {
+    init(guestDir: String, memory: UInt32, timeoutS: Int, placement: Placement, encrypt: String = "opportunistic",
+         fenceEtcd: String? = nil) throws {
         self.placement = placement
         self.encrypt = encrypt
+        self.fenceEtcd = fenceEtcd
         var buf = [CChar](repeating: 0, count: 4096)
         let n = readlink("/proc/self/exe", &buf, buf.count - 1)
         guard n > 0 else { throw fail("cannot read /proc/self/exe: \(String(cString: strerror(errno)))", .internalError) }
@@ -339,8 +351,9 @@ final class PairBench {
         return "\(tempDir)/\(String(format: "%03d", counter))-\(tag).\(ext)"
     }
 
-    /// A fresh fence directory for one pair.
-    func fenceDirectory(_ tag: String) throws -> String {
+    /// A fresh `--fence` for one pair: a prefix in `fenceEtcd`, or a new directory.
+    func fence(_ tag: String) throws -> String {
+        if let e = fenceEtcd { return e + "/lockstep-bench/\(getpid())-\(tag)-\(counter)" }
         let fence = tempFile(tag, "fence")
         try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
         return fence
@@ -365,7 +378,7 @@ final class PairBench {
         let stats = tempFile(tag, "stats.json")
         // A fence, as a real pair has: a secondary that wrongly presumes the primary failed then stops rather
         // than running a second live copy of the guest (which nothing would ever end).
-        let fence = try fenceDirectory(tag)
+        let fence = try fence(tag)
         let (sec, port) = try startSecondary(tag, serial: "none", fence: fence)
         let (ser, udp) = try serial(g, tag)
         let pri = try startPrimary(tag, guest: g, peer: port, serial: ser, fence: fence, stats: stats)
@@ -656,7 +669,7 @@ extension PairBench {
             if let dir = plotDir, let p = writePlot(PairPlots.failover(results.map(\.killToReplyMs), target: Self.failoverP99TargetMs), dir, "pair-failover.svg") { plotPaths.append(p) }
         }
 
-        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), \(placement.text)\(encrypt == "opportunistic" ? "" : ", --encrypt \(encrypt)"))")
+        print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), \(placement.text)\(encrypt == "opportunistic" ? "" : ", --encrypt \(encrypt)"), fence \(fenceEtcd ?? "in a directory"))")
         Bench.printRows(figures, passWord: "PASS")
         for n in notes { print(n) }
         if !plotPaths.isEmpty { print("plots: \(plotPaths.joined(separator: " "))") }
@@ -673,7 +686,7 @@ extension PairBench {
         let targets = figures.compactMap(\.pass)
         return [
             "ok": digestsMatch && failed == 0, "digests_match": digestsMatch, "failover_trials_failed": failed,
-            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory, "placement": placement.json, "encrypt": encrypt,
+            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory, "placement": placement.json, "encrypt": encrypt, "fence": fenceEtcd ?? "directory",
                          "warm_requests_before_kill": Self.warmRequests] as [String: Any],
             "host": host, "figures": figuresJSON, "notes": notes, "plots": plotPaths,
             "targets_met": targets.filter { $0 }.count, "targets_total": targets.count, "all_targets_pass": targets.allSatisfy { $0 },

@@ -26,7 +26,7 @@ extension PairBench {
         let tag = "reseed"
         progress("echo: \(count) re-seeds of the running guest")
         let stats = tempFile(tag, "stats.json")
-        let fence = try fenceDirectory(tag)
+        let fence = try fence(tag)
         let udp = try LoopbackPort.free()
         let serial = "udp:127.0.0.1:\(udp)"
         var (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
@@ -80,7 +80,7 @@ extension PairBench {
         let tag = "reseed-dirty"
         progress("dirty: a re-seed while the guest rewrites 32 MiB")
         let stats = tempFile(tag, "stats.json")
-        let fence = try fenceDirectory(tag)
+        let fence = try fence(tag)
         let (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
         let pri = try startPrimary(tag, guest: "dirty", peer: port, serial: "none", fence: fence, stats: stats)
         try awaitLines(pri, containing: "protected: secondary", count: 1, [pri, sec])
@@ -145,7 +145,7 @@ extension PairBench {
         let tag = "repair"
         progress("echo-state: a divergence repaired by a delta seed, then a new secondary's full seed")
         let stats = tempFile(tag, "stats.json")
-        let fence = try fenceDirectory(tag)
+        let fence = try fence(tag)
         let udp = try LoopbackPort.free()
         var (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
         let pri = try startPrimary(tag, guest: "echo-state", peer: port, serial: "udp:127.0.0.1:\(udp)", fence: fence, stats: stats,
