@@ -57,6 +57,14 @@ final class EtcdServer {
     let me = FenceIdentity(host: "hostA", pid: 111)
     let other = FenceIdentity(host: "hostB", pid: 222)
 
+    /// `a` holds the fence of the pair `/p` and names the secondary `1f` in its record; `b` is the other side.
+    func holderNaming1f(_ etcd: EtcdServer) throws -> (EtcdFence, EtcdFence, FenceToken) {
+        let a = etcd.fence("/p"), b = etcd.fence("/p")
+        let t = try #require(try a.tryAcquire(identity: me))
+        try a.writePairRecord("protected 1f")
+        return (a, b, t)
+    }
+
     @Test func oneHolderAtATimeWithGrowingGenerations() throws {
         if let why = EtcdServer.skipReason { print("skipped: \(why)"); return }
         let etcd = try EtcdServer()
@@ -85,9 +93,7 @@ final class EtcdServer {
         if let why = EtcdServer.skipReason { print("skipped: \(why)"); return }
         let etcd = try EtcdServer()
         defer { etcd.stop() }
-        let a = etcd.fence("/p"), b = etcd.fence("/p")
-        let t = try #require(try a.tryAcquire(identity: me))
-        try a.writePairRecord("protected 1f")
+        let (a, b, t) = try holderNaming1f(etcd)
         #expect(try b.tryAcquire(identity: other, claim: "protected 2") == nil)  // not named
         let t2 = try #require(try b.tryAcquire(identity: other, claim: "protected 1f"))
         #expect(t2.generation > t.generation)
@@ -104,9 +110,7 @@ final class EtcdServer {
         if let why = EtcdServer.skipReason { print("skipped: \(why)"); return }
         let etcd = try EtcdServer()
         defer { etcd.stop() }
-        let a = etcd.fence("/p"), b = etcd.fence("/p")
-        let t = try #require(try a.tryAcquire(identity: me))
-        try a.writePairRecord("protected 1f")
+        let (a, b, t) = try holderNaming1f(etcd)
         try a.writePairRecord("unprotected")
         #expect(try b.tryAcquire(identity: other, claim: "protected 1f") == nil)
         #expect(b.holder == FenceHolder(generation: t.generation, identity: me))
@@ -223,26 +227,34 @@ extension PairTests { @Suite struct EtcdPairTests {
         return (ws.dir, ws.key, etcd.location("/lockstep/t\(UInt32.random(in: 0...UInt32.max))"))
     }
 
+    /// Runs `body` with an echo pair fenced in a fresh etcd (its FT link through `proxy` when given), a
+    /// conversation on its UDP service port; the etcd and the workspace are removed after.
+    static func withPair(peerThrough proxy: TCPProxy? = nil,
+                         _ body: (_ pri: Child, _ sec: Child, _ talk: Conversation) throws -> Void) throws {
+        let etcd = try EtcdServer()
+        defer { etcd.stop() }
+        let ws = try workspace(etcd)
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (pri, sec, _) = try F.startPair(ws, udp: udp, peerOverride: proxy.map { p in { try p.start(forwardingTo: $0) } })
+        try body(pri, sec, Conversation(port: udp))
+    }
+
     /// kill -9 leaves the primary's etcd lease running (60 s here): the secondary, named by the pair record,
     /// takes the fence from it at once and serves on.
     @Test func killPrimaryWithAnEtcdFence() throws {
         if let why = Self.skipReason { print("skipped: \(why)"); return }
-        let etcd = try EtcdServer()
-        defer { etcd.stop() }
-        let ws = try Self.workspace(etcd)
-        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = try PairFixture.freeUDPPort()
-        let (pri, sec, _) = try F.startPair(ws, udp: udp)
-        let talk = Conversation(port: udp)
-        talk.exchange(1...5, "a")
-        pri.kill9()
-        talk.exchange(6...10, "b", sec.stderrText)
-        let live = sec.stderr.first { $0.hasPrefix("live: ") } ?? ""
-        #expect(live.contains("fence generation"), "\(sec.stderrText)")
-        talk.quit()
-        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
-        talk.expectConsistent()
-        _ = try? pri.wait(seconds: 10)
+        try Self.withPair { pri, sec, talk throws in
+            talk.exchange(1...5, "a")
+            pri.kill9()
+            talk.exchange(6...10, "b", sec.stderrText)
+            let live = sec.stderr.first { $0.hasPrefix("live: ") } ?? ""
+            #expect(live.contains("fence generation"), "\(sec.stderrText)")
+            talk.quit()
+            #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+            talk.expectConsistent()
+            _ = try? pri.wait(seconds: 10)
+        }
     }
 
     /// A stopped primary stands in for a lost host: its lease would hold the fence for 60 s, a lock on NFS for
@@ -250,28 +262,23 @@ extension PairTests { @Suite struct EtcdPairTests {
     /// primary, resumed, finds the fence taken and stops with 75, releasing nothing.
     @Test func aStoppedPrimaryLosesItsEtcdFenceAtOnce() throws {
         if let why = Self.skipReason { print("skipped: \(why)"); return }
-        let etcd = try EtcdServer()
-        defer { etcd.stop() }
-        let ws = try Self.workspace(etcd)
-        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = try PairFixture.freeUDPPort()
-        let (pri, sec, _) = try F.startPair(ws, udp: udp)
-        let talk = Conversation(port: udp)
-        talk.exchange(1...3, "a")
-        pri.signal(SIGSTOP)
-        let t0 = Date()
-        _ = try sec.waitForLine(containing: "live: ", seconds: 20)
-        let ms = Date().timeIntervalSince(t0) * 1000
-        #expect(ms < 10_000, "went live \(Int(ms)) ms after the stop")
-        #expect(!sec.stderr.contains { $0.contains("waiting for the lock") }, "\(sec.stderrText)")
-        talk.exchange(4...6, "b")
-        pri.signal(SIGCONT)
-        #expect(try pri.wait(seconds: 20) == 75, "\(pri.stderrText)")
-        #expect(pri.stderrText.contains("not by this process: another side may be live"), "\(pri.stderrText)")
-        talk.exchange(7...8, "c")
-        talk.quit()
-        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
-        talk.expectConsistent()
+        try Self.withPair { pri, sec, talk throws in
+            talk.exchange(1...3, "a")
+            pri.signal(SIGSTOP)
+            let t0 = Date()
+            _ = try sec.waitForLine(containing: "live: ", seconds: 20)
+            let ms = Date().timeIntervalSince(t0) * 1000
+            #expect(ms < 10_000, "went live \(Int(ms)) ms after the stop")
+            #expect(!sec.stderr.contains { $0.contains("waiting for the lock") }, "\(sec.stderrText)")
+            talk.exchange(4...6, "b")
+            pri.signal(SIGCONT)
+            #expect(try pri.wait(seconds: 20) == 75, "\(pri.stderrText)")
+            #expect(pri.stderrText.contains("not by this process: another side may be live"), "\(pri.stderrText)")
+            talk.exchange(7...8, "c")
+            talk.quit()
+            #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+            talk.expectConsistent()
+        }
     }
 
     /// A partition with both sides alive and both reaching etcd: the primary's un-naming and the secondary's
@@ -279,33 +286,28 @@ extension PairTests { @Suite struct EtcdPairTests {
     /// the other stops (the primary with 75) or waits for a seed (the secondary), and no reply contradicts another.
     @Test func aPartitionLeavesExactlyOneLiveSide() throws {
         if let why = Self.skipReason { print("skipped: \(why)"); return }
-        let etcd = try EtcdServer()
-        defer { etcd.stop() }
-        let ws = try Self.workspace(etcd)
-        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = try PairFixture.freeUDPPort()
         let proxy = try TCPProxy()
-        let (pri, sec, _) = try F.startPair(ws, udp: udp) { port in try proxy.start(forwardingTo: port) }
-        let talk = Conversation(port: udp)
-        talk.exchange(1...3, "a")
-        proxy.cut()
-        let outcome = try sec.waitForLine(matching: { $0.hasPrefix("live: ") || $0.contains("waiting for the primary to seed this side again") },
-                                          describing: "live: or waiting for a seed")
-        if outcome.hasPrefix("live: ") {
-            #expect(try pri.wait(seconds: 20) == 75, "\(pri.stderrText)")
-            talk.exchange(4...6, "b", sec.stderrText)
-            talk.quit()
-            #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
-        } else {
-            try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
-            talk.exchange(4...6, "b")
-            try proxy.heal()
-            try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
-            talk.exchange(7...9, "c")
-            try talk.quitInLockstep(pri, sec)
+        try Self.withPair(peerThrough: proxy) { pri, sec, talk throws in
+            talk.exchange(1...3, "a")
+            proxy.cut()
+            let outcome = try sec.waitForLine(matching: { $0.hasPrefix("live: ") || $0.contains("waiting for the primary to seed this side again") },
+                                              describing: "live: or waiting for a seed")
+            if outcome.hasPrefix("live: ") {
+                #expect(try pri.wait(seconds: 20) == 75, "\(pri.stderrText)")
+                talk.exchange(4...6, "b", sec.stderrText)
+                talk.quit()
+                #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+            } else {
+                try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+                talk.exchange(4...6, "b")
+                try proxy.heal()
+                try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
+                talk.exchange(7...9, "c")
+                try talk.quitInLockstep(pri, sec)
+            }
+            print("partition with an etcd fence: the \(outcome.hasPrefix("live: ") ? "secondary" : "primary") won")
+            talk.expectConsistent()
         }
-        print("partition with an etcd fence: the \(outcome.hasPrefix("live: ") ? "secondary" : "primary") won")
-        talk.expectConsistent()
     }
 
     /// Handovers give the fence away (the key deleted) and the other side takes it: roles swap both ways.
