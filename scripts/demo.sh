@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The demo: builds Lockstep and its guests, records a guest whose result depends on where timer
 # interrupts land, replays it bit-exactly, shows the log, and shows that a second recording differs;
-# then the live pair: kill -9 of the primary (failover), SIGUSR2 (a planned switchover), and roles swapped
-# back and forth by `lockstep control`.
+# then the live pair: kill -9 of the primary (failover), SIGUSR2 (a planned switchover), roles swapped
+# back and forth by `lockstep control`, and a lost host (SIGSTOP) with the fence in etcd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,7 +10,9 @@ make -s -C Guests
 swift build -c release
 L=.build/release/lockstep
 OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
+ETCD=""
+trap '[ -z "$ETCD" ] || kill "$ETCD" 2>/dev/null; rm -rf "$OUT"' EXIT
+FENCE="$OUT/fence"
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then echo "demo: /dev/kvm cannot be opened (run as root on a KVM host)" >&2; exit 69; fi
 
 echo "== 1. record timer-compute (ring-3 compute, 1 kHz PIT, interrupts land wherever the host timer says)"
@@ -49,7 +51,7 @@ tail -1 "$OUT/e.err"
 # pair is configured both ways; `lockstep control` on A hands the guest to B and asks for it back, requests between.
 pair_demo() {
     local tag=$1 link=$2 udp=$3 guest=$4 sig=$5 back=$(( $2 + 100 ))
-    local pair=(--key-file "$OUT/key" --fence "$OUT/fence" --serial "udp:127.0.0.1:$udp" --status-interval-ms 0)
+    local pair=(--key-file "$OUT/key" --fence "$FENCE" --serial "udp:127.0.0.1:$udp" --status-interval-ms 0)
     local both=() both_sec=()
     if [ "$sig" = SWAP ]; then
         both=(--listen "127.0.0.1:$back" --control "$OUT/a$tag.sock"); both_sec=(--peer "127.0.0.1:$back" --control "$OUT/b$tag.sock")
@@ -98,6 +100,8 @@ if sig == "SWAP":
 os.kill(pri, getattr(signal, "SIG" + sig)); t0 = time.time()
 print("  kill -%s primary" % ("9" if sig == "KILL" else sig))
 r = ask("REQ 4 after", "REP 4 "); print("  answer:   ", r, "(%.1f ms after the signal)" % ((time.time() - t0) * 1000))
+if sig == "STOP":  # the lost host comes back: it finds the fence taken and stops, releasing nothing
+    os.kill(pri, signal.SIGCONT); print("  kill -CONT old primary")
 print("  survivor: ", ask("REQ 2 before", "REP 2 "), "(a retried request gets the same answer)")
 print("  survivor: ", ask("QUIT", "RESULT"))
 PY
@@ -122,3 +126,31 @@ pair_demo 3 7702 5558 echo SWAP
 wait $PRI && echo "A (primary, then secondary, then primary) exited 0"
 wait $SEC && echo "B (secondary, then primary, then secondary) exited 0"
 grep -h "state-digest" "$OUT/p3.err" "$OUT/s3.err"
+echo "== 9. a lost host, with the fence in etcd: the primary is frozen (SIGSTOP), its etcd lease would run 60 s;"
+echo "   the secondary named by the pair record takes the fence from it at once; resumed, the old primary stops (75)"
+python3 - "$OUT/etcd" 2>"$OUT/etcd.err" <<'PY' &
+import os, sys
+d = sys.argv[1]
+os.execvp("etcd", ["etcd", "--name", "demo", "--data-dir", d, "--log-level", "error",
+    "--listen-client-urls", "http://127.0.0.1:23790", "--advertise-client-urls", "http://127.0.0.1:23790",
+    "--listen-peer-urls", "http://127.0.0.1:23800", "--initial-advertise-peer-urls", "http://127.0.0.1:23800",
+    "--initial-cluster", "demo=http://127.0.0.1:23800"])
+PY
+ETCD=$!
+python3 - <<'PY'
+import socket, time
+deadline = time.time() + 20
+while time.time() < deadline:
+    try:
+        socket.create_connection(("127.0.0.1", 23790), 0.2).close(); break
+    except OSError:
+        time.sleep(0.05)
+else:
+    raise SystemExit("demo: etcd did not start on 127.0.0.1:23790")
+PY
+FENCE="etcd://127.0.0.1:23790/lockstep/demo"
+pair_demo 4 7703 5559 echo STOP
+set +e; wait $PRI; st=$?; set -e
+echo "old primary exited $st (75: fenced)"; grep -E "not by this process" "$OUT/p4.err"
+wait $SEC && echo "survivor exited 0"
+grep -E "^live:" "$OUT/s4.err"
