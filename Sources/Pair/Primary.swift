@@ -118,13 +118,20 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         dropSeeding("the guest ended before this secondary was seeded")
         if !handedOver { releaseFinalOutput() }
         let (result, trailer) = try session.finish(ending)
-        if handedOver { detachTakenOver() } else { finishLog(trailer) }
+        if handedOver { detachTakenOver() } else { finishLog(trailer); endFence() }
         finished.store(true, ordering: .releasing)
         dropOffer()
         return result
     }
 
     var state: FailoverState { fsm.withLock { $0.state } }
+
+    /// The guest ended and the record says so (no secondary may take over): the fence is free from now, not
+    /// when this process exits (an etcd lease would hold it for its TTL and refuse the next primary meanwhile).
+    private func endFence() {
+        watch?.stop()
+        try? fence?.release()
+    }
 
     /// Connects the first secondary (bounded by `connectTimeoutMs`), then runs the guest to its end.
     public func run() throws -> SessionResult {

@@ -59,7 +59,12 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         while true {
             let (s, src) = try acceptSeeded(acceptTimeoutMs: acceptTimeoutMs)
             if let r = try follow(s, src) {
-                guard protector?.handedOver == true else { liveWatch?.stop(); return r }
+                guard protector?.handedOver == true else {
+                    // The guest ended here: free the fence now (see `PrimaryRunner.endFence`; a protector did already).
+                    liveWatch?.stop()
+                    if wentLive, let f = source?.fence, f.token != nil { try? f.release() }
+                    return r
+                }
                 warn("secondary: handed the guest over; listening again on \(listener.host):\(port) for the new primary")
                 liveWatch?.stop()
                 protector = nil; backend = nil; wentLive = false; liveWatch = nil

@@ -228,23 +228,23 @@ extension PairTests { @Suite struct EtcdPairTests {
     }
 
     /// Runs `body` with an echo pair fenced in a fresh etcd (its FT link through `proxy` when given), a
-    /// conversation on its UDP service port; the etcd and the workspace are removed after.
+    /// conversation on its UDP service port and a view of its fence; the etcd and the workspace are removed after.
     static func withPair(peerThrough proxy: TCPProxy? = nil,
-                         _ body: (_ pri: Child, _ sec: Child, _ talk: Conversation) throws -> Void) throws {
+                         _ body: (_ pri: Child, _ sec: Child, _ talk: Conversation, _ fence: any Fencing) throws -> Void) throws {
         let etcd = try EtcdServer()
         defer { etcd.stop() }
         let ws = try workspace(etcd)
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         let udp = try PairFixture.freeUDPPort()
         let (pri, sec, _) = try F.startPair(ws, udp: udp, peerOverride: proxy.map { p in { try p.start(forwardingTo: $0) } })
-        try body(pri, sec, Conversation(port: udp))
+        try body(pri, sec, Conversation(port: udp), try FenceLocation(parsing: ws.fence).open(leaseMs: 30_000))
     }
 
     /// kill -9 leaves the primary's etcd lease running (60 s here): the secondary, named by the pair record,
     /// takes the fence from it at once and serves on.
     @Test func killPrimaryWithAnEtcdFence() throws {
         if let why = Self.skipReason { print("skipped: \(why)"); return }
-        try Self.withPair { pri, sec, talk throws in
+        try Self.withPair { pri, sec, talk, fence throws in
             talk.exchange(1...5, "a")
             pri.kill9()
             talk.exchange(6...10, "b", sec.stderrText)
@@ -253,7 +253,21 @@ extension PairTests { @Suite struct EtcdPairTests {
             talk.quit()
             #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
             talk.expectConsistent()
+            // The survivor's guest ended: it freed the fence rather than leave it to its lease.
+            #expect(fence.readHolder() == nil)
             _ = try? pri.wait(seconds: 10)
+        }
+    }
+
+    /// A pair whose guest ends frees the fence at once: the next primary need not wait out the lease.
+    @Test func aPairThatEndsFreesTheFence() throws {
+        if let why = Self.skipReason { print("skipped: \(why)"); return }
+        try Self.withPair { pri, sec, talk, fence throws in
+            #expect(fence.readHolder() != nil)
+            talk.exchange(1...2, "a")
+            try talk.quitInLockstep(pri, sec)
+            #expect(fence.readHolder() == nil)
+            #expect(try fence.readPairRecord() == "ended")
         }
     }
 
@@ -262,7 +276,7 @@ extension PairTests { @Suite struct EtcdPairTests {
     /// primary, resumed, finds the fence taken and stops with 75, releasing nothing.
     @Test func aStoppedPrimaryLosesItsEtcdFenceAtOnce() throws {
         if let why = Self.skipReason { print("skipped: \(why)"); return }
-        try Self.withPair { pri, sec, talk throws in
+        try Self.withPair { pri, sec, talk, fence throws in
             talk.exchange(1...3, "a")
             pri.signal(SIGSTOP)
             let t0 = Date()
@@ -287,7 +301,7 @@ extension PairTests { @Suite struct EtcdPairTests {
     @Test func aPartitionLeavesExactlyOneLiveSide() throws {
         if let why = Self.skipReason { print("skipped: \(why)"); return }
         let proxy = try TCPProxy()
-        try Self.withPair(peerThrough: proxy) { pri, sec, talk throws in
+        try Self.withPair(peerThrough: proxy) { pri, sec, talk, fence throws in
             talk.exchange(1...3, "a")
             proxy.cut()
             let outcome = try sec.waitForLine(matching: { $0.hasPrefix("live: ") || $0.contains("waiting for the primary to seed this side again") },
