@@ -53,16 +53,27 @@ final class EtcdClient: Sendable {
         var description: String { text }
     }
 
+    /// Connects to the first of the member's addresses that accepts (a name may resolve to IPv6 and IPv4).
     private func connect(_ e: EtcdEndpoint, deadline: UInt64) throws(EtcdFailure) -> Int32 {
         var hints = addrinfo()
         hints.ai_family = AF_UNSPEC
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         var res: UnsafeMutablePointer<addrinfo>?
         let rc = getaddrinfo(e.host, String(e.port), &hints, &res)
-        guard rc == 0, let first = res else { throw EtcdFailure(text: "cannot resolve \(e.host): \(String(cString: gai_strerror(rc)))") }
+        guard rc == 0, res != nil else { throw EtcdFailure(text: "cannot resolve \(e.host): \(String(cString: gai_strerror(rc)))") }
         defer { freeaddrinfo(res) }
-        // SAFETY: `first` is getaddrinfo's list, alive until the deferred freeaddrinfo; only read here.
-        let ai = first.pointee
+        var failure = EtcdFailure(text: "no address")
+        var next = res
+        // SAFETY: the nodes are getaddrinfo's list, alive until the deferred freeaddrinfo; only read here.
+        while let node = next {
+            let ai = node.pointee
+            next = ai.ai_next
+            do { return try connect(ai, deadline: deadline) } catch { failure = error }
+        }
+        throw failure
+    }
+
+    private func connect(_ ai: addrinfo, deadline: UInt64) throws(EtcdFailure) -> Int32 {
         let fd = socket(ai.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw EtcdFailure(text: "socket: \(String(cString: strerror(errno)))") }
         if Glibc.connect(fd, ai.ai_addr, ai.ai_addrlen) != 0 && errno != EINPROGRESS {

@@ -147,6 +147,9 @@ final class EtcdServer {
         let two = EtcdFence(endpoints: [EtcdEndpoint(host: "127.0.0.1", port: dead), EtcdEndpoint(host: "127.0.0.1", port: etcd.port)],
                             prefix: "/p", leaseMs: 1000)
         #expect(try two.tryAcquire(identity: me) != nil)
+        // A name with several addresses (here perhaps ::1, where etcd does not listen, then 127.0.0.1).
+        let named = EtcdFence(endpoints: [EtcdEndpoint(host: "localhost", port: etcd.port)], prefix: "/q", leaseMs: 1000)
+        #expect(try named.tryAcquire(identity: me) != nil)
     }
 
     /// Something that is not etcd on the port: a clear error naming it, whatever it sends.
