@@ -98,7 +98,7 @@ final class FenceWatch: @unchecked Sendable {
             case .taken(let h):
                 return (.taken(h), nil)
             case .lost(let why):
-                return (.expired("\(why): another side may be live; stopping at once, releasing no held output"), nil)
+                return (.expired(PairRecord.lostFence(why)), nil)
             case .unreadable(let why):
                 defer { s.problem = why }
                 let left = s.confirmedNs &+ leaseNs > now ? (s.confirmedNs &+ leaseNs - now) / 1_000_000 : 0

@@ -1,6 +1,5 @@
 import CLockstep
 import Channel
-import EventLog
 import Failover
 import Foundation
 import Glibc
@@ -151,11 +150,8 @@ enum PairRecord {
     static func tryWrite(_ fence: (any Fencing)?, _ text: String) -> String? {
         guard let fence else { return nil }
         do { try fence.writePairRecord(text) } catch FenceError.notHolder(let h) {
-            guard let h else {
-                stopFenced("the fence in \(fence.location) is no longer held by anyone (this side's lease ran out): another side may "
-                           + "be live; stopping at once, releasing no held output")
-            }
-            stopOnTakenFence(h)
+            if let h { stopOnTakenFence(h) }
+            stopFenced(lostFence("the fence in \(fence.location) is no longer held by anyone (this side's lease ran out)"))
         } catch {
             return "\(error)"
         }
@@ -164,14 +160,15 @@ enum PairRecord {
 
     /// After writing a record that lets output leave, this process must still hold the fence: on NFS a holder
     /// cut off from the server loses its lock when its lease runs out, and a secondary may have taken it and read
-    /// the record before this write. nil: held (or no fence). The fence naming another holder (or nobody, its
-    /// lease gone) stops the process at once; a fence that cannot be read returns why.
+    /// the record before this write. nil: held (or no fence, or a store whose writes are conditional: the write
+    /// itself was the check). The fence naming another holder (or nobody, its lease gone) stops the process at
+    /// once; a fence that cannot be read returns why.
     static func confirmFence(_ fence: (any Fencing)?) -> String? {
-        guard let f = fence, let t = f.token else { return nil }
+        guard let f = fence, let t = f.token, !f.writesAreConditional else { return nil }
         switch f.check(holding: t) {
         case .confirmed: return nil
         case .taken(let h): stopOnTakenFence(h)
-        case .lost(let why): stopFenced("\(why): another side may be live; stopping at once, releasing no held output")
+        case .lost(let why): stopFenced(lostFence(why))
         case .unreadable(let why): return "cannot read the fence: \(why)"
         }
     }
@@ -179,7 +176,12 @@ enum PairRecord {
     /// Another holder's generation in the fence: stop at once, releasing nothing (what this side holds
     /// back may contradict what the new holder runs).
     static func stopOnTakenFence(_ h: FenceHolder) -> Never {
-        stopFenced("the fence is now held by \(h), not by this process: another side may be live; stopping at once, releasing no held output")
+        stopFenced(lostFence("the fence is now held by \(h), not by this process"))
+    }
+
+    /// Why a side that no longer holds its fence stops.
+    static func lostFence(_ why: String) -> String {
+        "\(why): another side may be live; stopping at once, releasing no held output"
     }
 
     /// Says why and ends the process with 75 (fenced) at once: nothing held is released, no record written.

@@ -129,12 +129,12 @@ final class SecondaryLink: @unchecked Sendable {
         while true {
             let problem: String
             // Confirmed before the write too: a side that lost the fence must not overwrite the new holder's record.
-            // (etcd's write is one compare-and-swap, which also makes it win a race with a claim more often.)
-            let checked = fence?.writesAreConditional != true
-            if checked { _ = PairRecord.confirmFence(fence) }
+            // (With etcd the write is one compare-and-swap and nothing is read around it, so it also wins a race
+            // with a claim more often.)
+            _ = PairRecord.confirmFence(fence)
             if let e = PairRecord.tryWrite(fence, PairRecord.unprotected) {
                 problem = "cannot write the pair record: \(e)"
-            } else if checked, let why = PairRecord.confirmFence(fence) {
+            } else if let why = PairRecord.confirmFence(fence) {
                 problem = why
             } else {
                 named = false

@@ -103,11 +103,10 @@ extension PairTests { @Suite struct FenceWaitTests {
         let (pri, sec, _) = try F.startPair(ws, udp: udp)
         let client = EchoClient(port: udp)
         #expect(client.request("REQ 1 a", expect: "REP 1 ") != nil)
-        // flock is advisory: the file's text can change under the lock, as a new holder on another host writes it.
-        try "generation=999\nhost=elsewhere\npid=1\n".write(toFile: ws.fence + "/lockstep.fence", atomically: false, encoding: .utf8)
+        try ForeignHolder.write(ws.fence)
         sec.kill9()
         #expect(try pri.wait(seconds: 20) == 75, "\(pri.stderrText)")
-        #expect(pri.stderr.contains { $0.contains("the fence is now held by elsewhere pid 1 (generation 999), not by this process") }, "\(pri.stderrText)")
+        #expect(pri.stderr.contains { $0.contains(ForeignHolder.named) }, "\(pri.stderrText)")
         #expect(!pri.stderr.contains { $0.contains("continuing unprotected") }, "\(pri.stderrText)")
     }
 
@@ -146,9 +145,9 @@ extension PairTests { @Suite struct FenceWaitTests {
         pri.kill9()
         try sec.waitForLine(containing: "live: ", seconds: 20)
         talk.exchange(3...3, "b")
-        try "generation=999\nhost=elsewhere\npid=1\n".write(toFile: ws.fence + "/lockstep.fence", atomically: false, encoding: .utf8)
+        try ForeignHolder.write(ws.fence)
         #expect(try sec.wait(seconds: 20) == 75, "\(sec.stderrText)")
-        #expect(sec.stderr.contains { $0.contains("the fence is now held by elsewhere pid 1 (generation 999), not by this process") },
+        #expect(sec.stderr.contains { $0.contains(ForeignHolder.named) },
                 "\(sec.stderrText)")
         talk.expectConsistent()
         _ = try? pri.wait(seconds: 10)
@@ -160,4 +159,13 @@ enum PairRecordFile {
     static func read(_ fence: String) -> String? {
         (try? String(contentsOfFile: fence + "/lockstep.pair", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
     }
+}
+
+/// Another host's holder record, written into the fence file as a new holder would (flock is advisory: the text
+/// can change under the lock), and the words a side that finds it stops with.
+enum ForeignHolder {
+    static func write(_ fence: String) throws {
+        try "generation=999\nhost=elsewhere\npid=1\n".write(toFile: fence + "/lockstep.fence", atomically: false, encoding: .utf8)
+    }
+    static let named = "the fence is now held by elsewhere pid 1 (generation 999), not by this process"
 }
