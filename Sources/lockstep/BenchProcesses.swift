@@ -60,32 +60,12 @@ final class Child {
     init(name: String, exe: String, args: [String], outPath: String, errPath: String, cpu: Int32? = nil, environment: [String: String] = [:]) throws {
         self.name = name
         self.errPath = errPath
-        var fa = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&fa)
-        defer { posix_spawn_file_actions_destroy(&fa) }
-        posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&fa, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_addopen(&fa, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        // The child starts as it would from a shell: no blocked signals, SIGPIPE at its default.
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        var none = sigset_t(), dfl = sigset_t()
-        sigemptyset(&none); sigemptyset(&dfl)
-        for s in [SIGPIPE, SIGINT, SIGTERM] { sigaddset(&dfl, s) }
-        posix_spawnattr_setsigmask(&attr, &none)
-        posix_spawnattr_setsigdefault(&attr, &dfl)
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        let argv: [UnsafeMutablePointer<CChar>?] = ([exe] + args).map { strdup($0) } + [nil]
-        defer { for a in argv { free(a) } }
-        let env = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        let envp: [UnsafeMutablePointer<CChar>?] = env.map { strdup("\($0)=\($1)") } + [nil]
-        defer { for e in envp { free(e) } }
-        var p: pid_t = 0
-        if let cpu, lk_pin_current_thread(cpu) != 0 { throw BenchFailure(message: "cannot run \(name) on core \(cpu)") }
-        let rc = posix_spawn(&p, exe, &fa, &attr, argv, envp)
-        if cpu != nil { _ = lk_unpin_current_thread() }
-        guard rc == 0 else { throw BenchFailure(message: "cannot start \(name) (\(exe)): \(String(cString: strerror(rc)))") }
+        let files: [Spawn.FileAction] = [.open(0, "/dev/null", O_RDONLY), .open(1, outPath, O_WRONLY | O_CREAT | O_TRUNC),
+                                         .open(2, errPath, O_WRONLY | O_CREAT | O_TRUNC)]
+        let p: pid_t
+        do { p = try Spawn.start(exe, args, files: files, environment: environment, cpu: cpu) } catch {
+            throw BenchFailure(message: "\(name): \(error)")
+        }
         pid = p
         pidfd = lk_pidfd_open(p)
         LiveChildren.add(p)
@@ -103,7 +83,7 @@ final class Child {
         endNs = monotonicNs()
         ended = true
         maxRSSKiB = usage.ru_maxrss
-        if st & 0x7f == 0 { code = (st >> 8) & 0xff } else { signal = st & 0x7f }
+        (code, signal) = Spawn.decode(st)
         LiveChildren.remove(pid)
         return true
     }
