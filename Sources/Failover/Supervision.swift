@@ -1,0 +1,99 @@
+/// HA restart (`lockstep supervise`): what to do when the `lockstep primary|secondary` process a supervisor
+/// runs has ended. Pure: the supervisor feeds each end in and carries the decision out, so every case is
+/// tested without processes.
+///
+/// The rule: a side that died while its guest lived is restarted as a **secondary**. The other side (its
+/// secondary, now live; or the live primary it protected) seeds it and is protected again, as VMware FT's HA
+/// starts a new secondary. Only a primary whose guest never ran protected (killed or failed before its first
+/// secondary confirmed a seed: no output can have left) starts again as the primary.
+public enum SupervisedRole: String, Sendable, Equatable, CaseIterable {
+    case primary, secondary
+}
+
+/// How a supervised process ended.
+public struct ChildEnd: Sendable, Equatable {
+    public enum Exit: Sendable, Equatable {
+        case status(Int32)
+        case signal(Int32)
+    }
+    public var role: SupervisedRole
+    public var exit: Exit
+    /// The status the process reported as its pair's end (the guest ended, or it was stopped on purpose).
+    public var ended: Int32?
+    /// A primary's guest ran protected (a secondary confirmed its seed), so output may have left.
+    public var wasProtected: Bool
+    public var ranMs: UInt64
+
+    public init(role: SupervisedRole, exit: Exit, ended: Int32? = nil, wasProtected: Bool = false, ranMs: UInt64) {
+        self.role = role; self.exit = exit; self.ended = ended; self.wasProtected = wasProtected; self.ranMs = ranMs
+    }
+
+    /// The shell's convention: a status, or 128 + the signal.
+    public var status: Int32 {
+        switch exit {
+        case .status(let s): return s
+        case .signal(let s): return 128 + s
+        }
+    }
+
+    var exitText: String {
+        switch exit {
+        case .status(let s): return "exited with \(s)"
+        case .signal(let s): return "was killed by signal \(s)"
+        }
+    }
+}
+
+public enum SupervisorAction: Sendable, Equatable {
+    case restart(SupervisedRole, delayMs: UInt64, why: String)
+    case stop(status: Int32, why: String)
+}
+
+public struct Supervision: Sendable {
+    /// Exit statuses no restart can cure: 64 usage, 65 bad guest image, 69 no KVM, 71 the guest crashed (its
+    /// replay would crash the same way).
+    public static let hopeless: Set<Int32> = [64, 65, 69, 71]
+    static let meaning: [Int32: String] = [64: "usage", 65: "bad guest image", 69: "KVM unavailable", 71: "the guest crashed"]
+    /// 75: another side holds the fence, so it is live and this side can only be its secondary.
+    public static let fenced: Int32 = 75
+
+    /// Runs shorter than this count toward giving up.
+    public let quickRunMs: UInt64
+    /// Give up after this many quick runs in a row.
+    public let maxQuickRuns: Int
+    public private(set) var quickRuns = 0
+    public private(set) var stopping = false
+
+    public init(quickRunMs: UInt64 = 10_000, maxQuickRuns: Int = 5) {
+        self.quickRunMs = quickRunMs
+        self.maxQuickRuns = maxQuickRuns
+    }
+
+    /// The operator stopped the supervisor (SIGTERM, SIGINT, SIGHUP): the process it runs was told to stop too,
+    /// and is not restarted.
+    public mutating func stopRequested() { stopping = true }
+
+    /// The first restart after a long run is at once (the live side is unprotected until it is back); restarts
+    /// after quick runs back off 0.2, 0.4, ... up to 5 s.
+    static func delayMs(quickRuns: Int) -> UInt64 {
+        quickRuns <= 1 ? 0 : min(5_000, 200 << UInt64(min(quickRuns - 2, 5)))
+    }
+
+    public mutating func childEnded(_ e: ChildEnd) -> SupervisorAction {
+        let who = "the \(e.role.rawValue) \(e.exitText)"
+        if let s = e.ended { return .stop(status: s, why: "the pair ended (status \(s))") }
+        if stopping { return .stop(status: e.status, why: "\(who); stopping as asked") }
+        if case .status(let s) = e.exit, Self.hopeless.contains(s) {
+            return .stop(status: s, why: "\(who): a restart cannot help (\(Self.meaning[s] ?? "status \(s)"))")
+        }
+        quickRuns = e.ranMs < quickRunMs ? quickRuns + 1 : 0
+        if quickRuns > maxQuickRuns {
+            return .stop(status: e.status, why: "\(who); giving up: \(quickRuns) runs in a row ended within \(quickRunMs / 1000) s")
+        }
+        let again = e.role == .primary && !e.wasProtected && e.exit != .status(Self.fenced)
+        let role: SupervisedRole = again ? .primary : .secondary
+        let why = again ? "\(who) before its guest ran protected: starting it again as the primary"
+            : "\(who): restarting as the live side's secondary"
+        return .restart(role, delayMs: Self.delayMs(quickRuns: quickRuns), why: why)
+    }
+}
