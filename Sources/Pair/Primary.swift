@@ -442,6 +442,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let confirmation = SecondaryLink.Unconfirmed(protectionID: protectionID, exit: snap.exit) { [weak self] in
             _ = self?.fsm.withLock { $0.handle(.seedComplete) }
             warn(line + " (confirmed \(ms(lk_monotonic_ns() &- t0)) ms after the pause began)")
+            SupervisorReport.protected()
         }
         sentWatermark = snap.exit
         let pacer = session.machine.pacer

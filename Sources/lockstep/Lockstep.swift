@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Machine
+import Pair
 
 @main
 struct Lockstep: ParsableCommand {
@@ -15,7 +16,7 @@ struct Lockstep: ParsableCommand {
         abstract: "Fault-tolerant KVM virtual machines: record, replay, and a live lockstep pair.",
         discussion: ExitStatus.documentation,
         subcommands: [RunCommand.self, RecordCommand.self, ReplayCommand.self, PrimaryCommand.self, SecondaryCommand.self,
-                      ControlCommand.self, LogCommand.self, BenchCommand.self])
+                      SuperviseCommand.self, ControlCommand.self, LogCommand.self, BenchCommand.self])
 }
 
 /// Exit statuses. A guest that ends through isa-debug-exit passes its own value through (0-255);
@@ -77,6 +78,7 @@ func finish(_ r: SessionResult, verbose: Bool) -> ExitCode {
     case .stopped: stderr("lockstep: stopped")
     }
     stderr("state-digest: \(r.digestHex)")
+    SupervisorReport.ended(status)
     return ExitCode(status)
 }
 

@@ -72,6 +72,7 @@ func pairExit(_ e: Error) -> ExitCode {
     case .config: return fail(p.description, .usage)
     case .primaryStopped(let why):
         stderr("lockstep: \(why); not going live")
+        SupervisorReport.ended(0)
         return ExitCode.success
     }
 }

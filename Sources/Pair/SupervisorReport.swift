@@ -1,0 +1,33 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a process run by `lockstep supervise` tells its supervisor that an exit status cannot: a guest's own
+/// exit value overlaps the engine's statuses, and whether a primary's guest ever ran protected decides the
+/// role it restarts in. One text line per event on the pipe the supervisor passed as `LOCKSTEP_SUPERVISOR_FD`
+/// (a write under PIPE_BUF is atomic, so a kill -9 never leaves half a line):
+///   `protected`        a secondary confirmed a seed: the guest runs, and output may leave
+///   `ended STATUS`     the pair ended (the guest exited, crashed, or an operator stopped it): no restart
+public enum SupervisorReport {
+    public static let environmentName = "LOCKSTEP_SUPERVISOR_FD"
+    /// The descriptor a supervisor gives its child for the pipe.
+    public static let childDescriptor: Int32 = 3
+
+    private static let fd: Int32? = {
+        guard let v = ProcessInfo.processInfo.environment[environmentName], let fd = Int32(v), fd > 2 else { return nil }
+        // Not inherited by anything this process starts.
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return fd
+    }()
+
+    public static func protected() { send("protected") }
+    public static func ended(_ status: Int32) { send("ended \(status)") }
+
+    private static func send(_ line: String) {
+        guard let fd else { return }
+        let bytes = Array((line + "\n").utf8)
+        // A supervisor that is gone (EPIPE, SIGPIPE ignored) or an fd that was never a pipe: nothing to tell.
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+    }
+}

@@ -1,0 +1,228 @@
+import ArgumentParser
+import CLockstep
+import Failover
+import Foundation
+import Glibc
+import Pair
+
+/// HA restart: runs `lockstep primary|secondary ...` and, when it dies while its guest lives, starts this
+/// host's side again as the live side's new secondary, which seeds it and is protected again. The decisions
+/// are `Supervision`'s (pure, in Failover); this is the process plumbing.
+struct SuperviseCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "supervise",
+        abstract: "HA restart: run a primary or secondary and restart this side as the live side's secondary when it dies.",
+        discussion: """
+        lockstep supervise primary GUEST --peer B:PORT --listen A:PORT --fence ... [options]
+        lockstep supervise secondary --listen B:PORT --peer A:PORT --fence ... [options]
+        A side killed (kill -9, a crash) or stopped by its fence while the guest lives is started again as \
+        `lockstep secondary --listen <its --listen> --peer <its --peer>` with the same pair options; the live side \
+        (started with --peer) seeds it. A primary that dies before its guest ran protected starts again as the \
+        primary. Stops, with the pair's status, when the guest ends; on SIGTERM, SIGINT or SIGHUP (passed on to the \
+        process, which is not restarted); after --max-quick-restarts runs in a row shorter than 10 s; and on a \
+        status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). SIGUSR2 is passed on \
+        (a handover). Needs --fence: a restart without one could make a second primary.
+        """)
+    @Option(name: .long, help: "Give up after this many runs in a row that ended within 10 s.") var maxQuickRestarts: Int = 5
+    @Argument(parsing: .allUnrecognized, help: "primary GUEST ... or secondary ...: the command to run.") var command: [String] = []
+
+    func run() throws {
+        let plan = try SupervisePlan(command)
+        guard maxQuickRestarts >= 0 else { throw fail("--max-quick-restarts \(maxQuickRestarts): at least 0", .usage) }
+        var policy = Supervision(maxQuickRuns: maxQuickRestarts)
+        let signals = SupervisorSignals()
+        var role = plan.first
+        while true {
+            let args = plan.arguments(role)
+            let child: SupervisedChild
+            do { child = try SupervisedChild(Spawn.selfExecutable, args) } catch { throw fail("supervise: \(error)", .internalError) }
+            say("started the \(role.rawValue), pid \(child.pid): lockstep \(args.joined(separator: " "))")
+            let end = child.waitForEnd(role: role, signals: signals) { policy.stopRequested() }
+            switch policy.childEnded(end) {
+            case .stop(let status, let why):
+                say("\(why); exiting with \(status)")
+                throw ExitCode(status)
+            case .restart(let next, let delayMs, let why):
+                say(why + (delayMs > 0 ? " in \(delayMs) ms" : ""))
+                if signals.stopArrives(withinMs: delayMs) {
+                    say("stopping as asked before the restart; exiting with \(end.status)")
+                    throw ExitCode(end.status)
+                }
+                role = next
+            }
+        }
+    }
+
+    private func say(_ s: String) { stderr("lockstep supervise: \(s)") }
+}
+
+/// The commands a supervisor runs: the one it was given, and this side's secondary derived from it.
+struct SupervisePlan {
+    let first: SupervisedRole
+    private let given: [String]
+    private let secondary: [String]
+
+    /// Options only a primary takes (each with a value); the rest carry over to its secondary.
+    static let primaryOnly: Set<String> = ["--memory", "--interrupt-latency-us", "--connect-timeout-ms"]
+
+    init(_ command: [String]) throws {
+        guard let verb = command.first, let role = SupervisedRole(rawValue: verb) else {
+            throw fail("supervise: give the command to run: primary GUEST ... or secondary ... (got \(command.first.map { "'\($0)'" } ?? "nothing"))", .usage)
+        }
+        let args = Array(command.dropFirst())
+        let pair: PairArguments
+        switch role {
+        case .primary:
+            let p = try Self.parse(PrimaryCommand.self, args)
+            guard p.listen != nil else {
+                throw fail("supervise primary needs --listen HOST:PORT: its restart is a secondary listening there, for the live side's --peer", .usage)
+            }
+            pair = p.pair
+            secondary = ["--listen", p.listen!] + Self.carriedOver(args)
+            _ = try Self.parse(SecondaryCommand.self, secondary)
+        case .secondary:
+            let s = try Self.parse(SecondaryCommand.self, args)
+            guard s.peer != nil else {
+                throw fail("supervise secondary needs --peer HOST:PORT: once live it seeds the other side's restart there", .usage)
+            }
+            pair = s.pair
+            secondary = args
+        }
+        guard pair.fence != nil else {
+            throw fail("supervise needs --fence: a restart without one could leave two live primaries", .usage)
+        }
+        first = role
+        given = args
+    }
+
+    func arguments(_ role: SupervisedRole) -> [String] {
+        [role.rawValue] + (role == first ? given : secondary)
+    }
+
+    private static func parse<C: ParsableCommand>(_ type: C.Type, _ args: [String]) throws -> C {
+        do { return try C.parse(args) } catch {
+            throw fail("supervise \(C.configuration.commandName ?? ""): \(C.fullMessage(for: error))", .usage)
+        }
+    }
+
+    /// A primary's arguments without its guest image, its primary-only options and its --listen (given first).
+    static func carriedOver(_ args: [String]) -> [String] {
+        var out: [String] = []
+        var i = 0
+        while i < args.count {
+            let a = args[i]
+            i += 1
+            guard a.hasPrefix("--") else { continue }  // the guest image, the only positional argument
+            let name = String(a.split(separator: "=", maxSplits: 1)[0])
+            let inline = a.contains("=")
+            let value = inline || name == "--verbose" || i >= args.count ? nil : args[i]
+            if value != nil { i += 1 }
+            if primaryOnly.contains(name) || name == "--listen" { continue }
+            out.append(a)
+            if let value { out.append(value) }
+        }
+        return out
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP (stop) and SIGUSR2 (a handover), each routed to an eventfd to poll.
+final class SupervisorSignals {
+    let stop: [Int32: Int32]
+    let handover: Int32
+
+    init() {
+        var s: [Int32: Int32] = [:]
+        for signo in [SIGTERM, SIGINT, SIGHUP] { s[signo] = lk_signal_eventfd(signo) }
+        stop = s
+        handover = lk_signal_eventfd(SIGUSR2)
+    }
+
+    /// Polls the stop signals for up to `ms`; true when one arrived.
+    func stopArrives(withinMs ms: UInt64) -> Bool {
+        guard ms > 0 else { return false }
+        var fds = stop.values.filter { $0 >= 0 }.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        return poll(&fds, nfds_t(fds.count), Int32(ms)) > 0
+    }
+}
+
+/// One supervised process and the pipe on which it reports (`SupervisorReport`).
+final class SupervisedChild {
+    let pid: pid_t
+    private let pidfd: Int32
+    private let reports: Int32
+    private let startNs = lk_monotonic_ns()
+    private var partial: [UInt8] = []
+    private var wasProtected = false
+    private var ended: Int32?
+
+    init(_ exe: String, _ args: [String]) throws {
+        var fds: [Int32] = [-1, -1]
+        // pipe2 is not visible from Swift; this process has no other thread that could spawn meanwhile.
+        guard pipe(&fds) == 0 else { throw Spawn.Failure(description: "pipe: \(String(cString: strerror(errno)))") }
+        for f in fds { _ = fcntl(f, F_SETFD, FD_CLOEXEC) }
+        _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
+        let fd = SupervisorReport.childDescriptor
+        // dup2 onto itself would keep O_CLOEXEC: move the write end out of the way first.
+        if fds[1] == fd { let w = fcntl(fd, F_DUPFD_CLOEXEC, fd + 1); close(fd); fds[1] = w }
+        defer { close(fds[1]) }
+        do {
+            pid = try Spawn.start(exe, args, files: [.dup(fds[1], to: fd)], environment: [SupervisorReport.environmentName: "\(fd)"])
+        } catch {
+            close(fds[0])
+            throw error
+        }
+        reports = fds[0]
+        pidfd = lk_pidfd_open(pid)
+    }
+
+    deinit {
+        close(reports)
+        if pidfd >= 0 { close(pidfd) }
+    }
+
+    /// Waits for the process to end, passing the supervisor's signals on (`stopped` runs for a stop signal).
+    func waitForEnd(role: SupervisedRole, signals: SupervisorSignals, stopped: () -> Void) -> ChildEnd {
+        var fds = [pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0), pollfd(fd: reports, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: signals.handover, events: Int16(POLLIN), revents: 0)]
+        let stops = Array(signals.stop)
+        fds += stops.map { pollfd(fd: $0.value, events: Int16(POLLIN), revents: 0) }
+        while true {
+            var st: Int32 = 0
+            if waitpid(pid, &st, WNOHANG) == pid {
+                readReports()
+                let (code, signal) = Spawn.decode(st)
+                return ChildEnd(role: role, exit: code.map { .status($0) } ?? .signal(signal), ended: ended,
+                                wasProtected: wasProtected, ranMs: (lk_monotonic_ns() &- startNs) / 1_000_000)
+            }
+            // Without pidfd_open (Linux < 5.3) the child's end is looked for every 50 ms.
+            for i in fds.indices { fds[i].revents = 0 }
+            guard poll(&fds, nfds_t(fds.count), pidfd >= 0 ? -1 : 50) > 0 else { continue }
+            if fds[1].revents != 0 { readReports() }
+            if fds[2].revents != 0 { drain(signals.handover); kill(pid, SIGUSR2) }
+            for (i, s) in stops.enumerated() where fds[3 + i].revents != 0 {
+                drain(s.value)
+                stopped()
+                kill(pid, s.key)
+            }
+        }
+    }
+
+    private func drain(_ fd: Int32) {
+        var v: UInt64 = 0
+        _ = read(fd, &v, 8)
+    }
+
+    private func readReports() {
+        var buf = [UInt8](repeating: 0, count: 512)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(reports, $0.baseAddress, $0.count) }
+            guard n > 0 else { break }
+            partial += buf[0..<n]
+        }
+        while let nl = partial.firstIndex(of: 0x0A) {
+            let line = String(decoding: partial[..<nl], as: UTF8.self)
+            partial.removeSubrange(...nl)
+            if line == "protected" { wasProtected = true }
+            if line.hasPrefix("ended "), let s = Int32(line.dropFirst(6)) { ended = s }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+import Foundation
+import Glibc
+import Testing
+
+/// `lockstep supervise` (HA restart) with real processes: a killed side comes back as the survivor's secondary.
+extension PairTests { @Suite struct SuperviseTests {
+    /// The pid of the `occurrence`th process a supervisor started (its `started the ROLE, pid N:` line).
+    static func started(_ s: Child, _ occurrence: Int) throws -> pid_t {
+        let l = try s.waitForLine(matching: { $0.hasPrefix("lockstep supervise: started the ") }, describing: "started the", occurrence: occurrence)
+        guard let r = l.range(of: ", pid "), let p = pid_t(l[r.upperBound...].prefix { $0.isNumber }) else { throw PairTestError("no pid in '\(l)'") }
+        return p
+    }
+
+    /// Every process the supervisors started, killed (a failed test must not leave a guest running).
+    static func killStarted(_ supervisors: [Child]) {
+        for s in supervisors {
+            for l in s.stderr where l.hasPrefix("lockstep supervise: started the ") {
+                if let r = l.range(of: ", pid "), let p = pid_t(l[r.upperBound...].prefix { $0.isNumber }) { kill(p, SIGKILL) }
+            }
+            s.kill9()
+        }
+    }
+
+    /// Two kill -9s, one per side, in one conversation: each time the survivor serves on, the supervisor of the
+    /// killed side starts it again as a secondary, and the survivor seeds it and is protected again. The guest's
+    /// end stops both supervisors with its status.
+    @Test func eachKilledSideComesBackAsTheSurvivorsSecondary() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = try PairFixture.freeUDPPort()
+        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
+        let common = PairFixture.common(ws)
+        let b = try Child("supervisor-B", ["supervise", "secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)",
+                                           "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        _ = try b.listeningPort()
+        let a = try Child("supervisor-A", ["supervise", "primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)",
+                                           "--listen", "127.0.0.1:\(portA)", "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        defer { Self.killStarted([a, b]) }
+        try a.waitForLine(containing: "protected: secondary")
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
+
+        kill(try Self.started(a, 1), SIGKILL)
+        talk.exchange(4...4, "b", "\(b.stderrText)")
+        try a.waitForLine(containing: "the primary was killed by signal 9: restarting as the live side's secondary")
+        let restartA = try a.waitForLine(containing: "started the secondary", occurrence: 1)
+        #expect(restartA.contains("lockstep secondary --listen 127.0.0.1:\(portA) --peer 127.0.0.1:\(portB)"), "\(restartA)")
+        #expect(!restartA.contains("echo.elf") && !restartA.contains("--memory"), "\(restartA)")
+        let seededA = try b.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", seconds: 30)
+        #expect(!seededA.contains("at exit 0:"), "\(seededA)")
+        talk.exchange(5...6, "c")
+
+        kill(try Self.started(b, 1), SIGKILL)
+        talk.exchange(7...7, "d", "\(a.stderrText)")
+        try b.waitForLine(containing: "the secondary was killed by signal 9: restarting as the live side's secondary")
+        // The first such line was A's primary's, protected by B's first secondary.
+        try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portB)", occurrence: 2, seconds: 30)
+        talk.exchange(8...9, "e")
+
+        talk.quit()
+        #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
+        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
+        for s in [a, b] {
+            #expect(s.stderr.contains("lockstep supervise: the pair ended (status 0); exiting with 0"), "\(s.stderrText)")
+            #expect(s.stderr.filter { $0.hasPrefix("lockstep supervise: started the ") }.count == 2, "\(s.stderrText)")
+        }
+        talk.expectConsistent()
+    }
+
+    /// A primary that ends before its guest ran protected (here: no secondary within its connect timeout) starts
+    /// again as the primary, backing off; once a secondary listens, the restarted primary is protected by it.
+    @Test func aPrimaryThatNeverRanProtectedStartsAgainAsThePrimary() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = try PairFixture.freeUDPPort()
+        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
+        let common = PairFixture.common(ws)
+        // Many quick restarts allowed: a loaded host may start the secondary late.
+        let a = try Child("supervisor-A", ["supervise", "--max-quick-restarts", "50", "primary", try PairFixture.guest("echo"),
+                                           "--peer", "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)", "--memory", "32",
+                                           "--serial", "udp:127.0.0.1:\(udp)", "--connect-timeout-ms", "200"] + common)
+        defer { Self.killStarted([a]) }
+        try a.waitForLine(containing: "the primary exited with 68 before its guest ran protected: starting it again as the primary")
+        _ = try Self.started(a, 2)
+        let b = try Child("secondary", ["secondary", "--listen", "127.0.0.1:\(portB)", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        defer { b.kill9() }
+        try a.waitForLine(containing: "protected: secondary", seconds: 30)
+        let talk = Conversation(port: udp)
+        talk.exchange(1...2, "a")
+        try talk.quitInLockstep(a, b)
+        #expect(!a.stderr.contains { $0.contains("started the secondary") }, "\(a.stderrText)")
+    }
+
+    /// SIGTERM stops the supervised process and the supervisor, with no restart; a status no restart cures
+    /// (a usage error of the process) stops it at once; the supervisor's own usage errors start nothing.
+    @Test func stopsAndUsageErrorsAreNotRestarted() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let common = PairFixture.common(ws)
+        let peer = ["--peer", "127.0.0.1:\(try PairFixture.freeTCPPort())"]
+        let s = try Child("supervisor", ["supervise", "secondary", "--listen", "127.0.0.1:0"] + peer + common)
+        defer { Self.killStarted([s]) }
+        _ = try s.listeningPort()
+        s.signal(SIGTERM)
+        #expect(try s.wait(seconds: 10) == 143, "\(s.stderrText)")
+        #expect(s.stderr.contains("lockstep supervise: the secondary was killed by signal 15; stopping as asked; exiting with 143"), "\(s.stderrText)")
+
+        let bad = try Child("supervisor-bad", ["supervise", "secondary", "--listen", "127.0.0.1:0", "--encrypt", "sometimes"] + peer + common)
+        #expect(try bad.wait(seconds: 10) == 64, "\(bad.stderrText)")
+        #expect(bad.stderr.contains("lockstep supervise: the secondary exited with 64: a restart cannot help (usage); exiting with 64"), "\(bad.stderrText)")
+
+        let cases: [([String], String)] = [
+            (["supervise"], "give the command to run: primary GUEST ... or secondary ... (got nothing)"),
+            (["supervise", "run", "x.elf"], "(got 'run')"),
+            (["supervise", "secondary", "--listen", "127.0.0.1:0", "--key-file", ws.key] + peer, "supervise needs --fence"),
+            (["supervise", "secondary", "--listen", "127.0.0.1:0"] + common, "supervise secondary needs --peer"),
+            (["supervise", "primary", "x.elf"] + peer + common, "supervise primary needs --listen"),
+            (["supervise", "primary", "--listen", "127.0.0.1:0"] + peer + common, "Missing expected argument '<guest>'"),
+        ]
+        for (args, text) in cases {
+            let c = try Child("supervise-usage", args)
+            #expect(try c.wait(seconds: 10) == 64, "\(args): \(c.stderrText)")
+            #expect(c.stderrText.contains(text), "\(args): \(c.stderrText)")
+            #expect(!c.stderrText.contains("started the"), "\(args): \(c.stderrText)")
+        }
+    }
+} }
