@@ -521,7 +521,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         guard !connecting.exchange(true, ordering: .acquiringAndReleasing) else { return }
         let backoffMs = shortLived == 0 ? 0 : min(UInt64(100) << min(shortLived, 6), 5000)
         startThread("lockstep-connect") { [self] in
-            var delayMs: UInt64 = 100
+            // A refused connect costs microseconds, and a supervised restart listens again tens of ms after its kill:
+            // a short period keeps re-protection from waiting on this loop.
+            var delayMs: UInt64 = 20
             let until = lk_monotonic_ns() + backoffMs * 1_000_000
             while !finished.load(ordering: .acquiring), lk_monotonic_ns() < until { usleep(10_000) }
             while !finished.load(ordering: .acquiring) {
