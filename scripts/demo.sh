@@ -2,7 +2,8 @@
 # The demo: builds Lockstep and its guests, records a guest whose result depends on where timer
 # interrupts land, replays it bit-exactly, shows the log, and shows that a second recording differs;
 # then the live pair: kill -9 of the primary (failover), SIGUSR2 (a planned switchover), roles swapped
-# back and forth by `lockstep control`, and a lost host (SIGSTOP) with the fence in etcd.
+# back and forth by `lockstep control`, a lost host (SIGSTOP) with the fence in etcd, and HA restart
+# (`lockstep supervise`: each killed side comes back as the survivor's secondary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -154,3 +155,49 @@ set +e; wait $PRI; st=$?; set -e
 echo "old primary exited $st (75: fenced)"; grep -E "not by this process" "$OUT/p4.err"
 wait $SEC && echo "survivor exited 0"
 grep -E "^live:" "$OUT/s4.err"
+echo "== 10. HA restart: each side runs under \`lockstep supervise\`; kill -9 the primary: the survivor serves on,"
+echo "   the killed side comes back as its secondary and is seeded; then kill -9 the survivor: the same the other way"
+SUP=(--key-file "$OUT/key" --fence "$OUT/fence" --serial "udp:127.0.0.1:5560" --status-interval-ms 0)
+$L supervise secondary --listen 127.0.0.1:7705 --peer 127.0.0.1:7704 "${SUP[@]}" 2>"$OUT/sb.err" &
+SB=$!
+$L supervise primary Guests/build/echo.elf --peer 127.0.0.1:7705 --listen 127.0.0.1:7704 --memory 64 "${SUP[@]}" 2>"$OUT/sa.err" &
+SA=$!
+python3 - "$OUT/sa.err" "$OUT/sb.err" <<'PY'
+import os, re, signal, socket, sys, time
+err = {"A": sys.argv[1], "B": sys.argv[2]}
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.01)
+def ask(line, want, limit=20.0):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        s.sendto(line.encode() + b"\n", ("127.0.0.1", 5560))
+        try:
+            r = s.recv(200).decode().strip()
+            if r.startswith(want): return r
+        except socket.timeout:
+            pass
+    sys.exit("demo: no reply to %r" % line)
+def line(side, text, n=1, limit=30.0):  # the nth stderr line of a side's supervisor containing text
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        hits = [l for l in open(err[side]).read().splitlines() if text in l]
+        if len(hits) >= n: return hits[n - 1]
+        time.sleep(0.005)
+    sys.exit("demo: %s never printed %r" % (side, text))
+def kill(side, other, port, seq, n):
+    pid = int(re.search(r", pid (\d+):", line(side, "started the", n)).group(1))
+    os.kill(pid, signal.SIGKILL); t0 = time.time()
+    print("  kill -9 %s's process (pid %d)" % (side, pid))
+    print("  %s:         %s (%.1f ms after the kill)" % (other, ask("REQ %d after" % seq, "REP %d " % seq), (time.time() - t0) * 1000))
+    print("  %s" % line(side, "restarting as").replace("lockstep supervise: ", "%s's supervisor: " % side))
+    p = line(other, "protected: secondary at 127.0.0.1:%d" % port, 2 if other == "A" else 1)
+    print("  %s: protected again by %s's restart, %.0f ms after the kill: %s" % (other, side, (time.time() - t0) * 1000,
+          p[p.index("seeded at exit"):p.index(":", p.index("seeded at exit"))]))
+line("A", "protected: secondary")
+for i in range(1, 4): print("  A:         ", ask("REQ %d before" % i, "REP %d " % i))
+kill("A", "B", 7704, 4, 1)
+kill("B", "A", 7705, 5, 1)
+print("  A:         ", ask("QUIT", "RESULT"))
+PY
+wait $SA && echo "supervisor A exited 0"
+wait $SB && echo "supervisor B exited 0"
+grep -h "the pair ended" "$OUT/sa.err" "$OUT/sb.err"
