@@ -31,10 +31,12 @@ struct SuperviseCommand: ParsableCommand {
         var policy = Supervision(maxQuickRuns: maxQuickRestarts)
         let signals = SupervisorSignals()
         var role = plan.first
+        // Resolved once: an upgrade that replaces the file restarts into the new binary, not a deleted inode.
+        let exe = Spawn.selfExecutable
         while true {
             let args = plan.arguments(role)
             let child: SupervisedChild
-            do { child = try SupervisedChild(Spawn.selfExecutable, args) } catch { throw fail("supervise: \(error)", .internalError) }
+            do { child = try SupervisedChild(exe, args) } catch { throw fail("supervise: \(error)", .internalError) }
             say("started the \(role.rawValue), pid \(child.pid): lockstep \(args.joined(separator: " "))")
             let end = child.waitForEnd(role: role, signals: signals) { policy.stopRequested() }
             switch policy.childEnded(end) {
@@ -70,22 +72,26 @@ struct SupervisePlan {
         }
         let args = Array(command.dropFirst())
         let pair: PairArguments
+        let listen: String
         switch role {
         case .primary:
             let p = try Self.parse(PrimaryCommand.self, args)
-            guard p.listen != nil else {
+            guard let l = p.listen else {
                 throw fail("supervise primary needs --listen HOST:PORT: its restart is a secondary listening there, for the live side's --peer", .usage)
             }
-            pair = p.pair
-            secondary = ["--listen", p.listen!] + Self.carriedOver(args)
+            (pair, listen) = (p.pair, l)
+            secondary = ["--listen", l] + Self.carriedOver(args)
             _ = try Self.parse(SecondaryCommand.self, secondary)
         case .secondary:
             let s = try Self.parse(SecondaryCommand.self, args)
             guard s.peer != nil else {
                 throw fail("supervise secondary needs --peer HOST:PORT: once live it seeds the other side's restart there", .usage)
             }
-            pair = s.pair
+            (pair, listen) = (s.pair, s.listen)
             secondary = args
+        }
+        guard !listen.hasSuffix(":0") else {
+            throw fail("supervise: --listen \(listen): the other side's --peer cannot name port 0; give a port", .usage)
         }
         guard pair.fence != nil else {
             throw fail("supervise needs --fence: a restart without one could leave two live primaries", .usage)
@@ -187,7 +193,14 @@ final class SupervisedChild {
         fds += stops.map { pollfd(fd: $0.value, events: Int16(POLLIN), revents: 0) }
         while true {
             var st: Int32 = 0
-            if waitpid(pid, &st, WNOHANG) == pid {
+            let r = waitpid(pid, &st, WNOHANG)
+            let lost = r < 0 && errno != EINTR
+            if lost {
+                // Not this process's child any more (only if SIGCHLD were ignored): its status is unknowable.
+                stderr("lockstep supervise: waitpid(\(pid)): \(String(cString: strerror(errno))); taking it as killed")
+                st = SIGKILL
+            }
+            if r == pid || lost {
                 readReports()
                 let (code, signal) = Spawn.decode(st)
                 return ChildEnd(role: role, exit: code.map { .status($0) } ?? .signal(signal), ended: ended,

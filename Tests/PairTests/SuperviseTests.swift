@@ -98,24 +98,26 @@ extension PairTests { @Suite struct SuperviseTests {
         let ws = try PairFixture.workspace()
         let common = PairFixture.common(ws)
         let peer = ["--peer", "127.0.0.1:\(try PairFixture.freeTCPPort())"]
-        let s = try Child("supervisor", ["supervise", "secondary", "--listen", "127.0.0.1:0"] + peer + common)
+        let listen = ["--listen", "127.0.0.1:\(try PairFixture.freeTCPPort())"]
+        let s = try Child("supervisor", ["supervise", "secondary"] + listen + peer + common)
         defer { Self.killStarted([s]) }
         _ = try s.listeningPort()
         s.signal(SIGTERM)
         #expect(try s.wait(seconds: 10) == 143, "\(s.stderrText)")
         #expect(s.stderr.contains("lockstep supervise: the secondary was killed by signal 15; stopping as asked; exiting with 143"), "\(s.stderrText)")
 
-        let bad = try Child("supervisor-bad", ["supervise", "secondary", "--listen", "127.0.0.1:0", "--encrypt", "sometimes"] + peer + common)
+        let bad = try Child("supervisor-bad", ["supervise", "secondary", "--encrypt", "sometimes"] + listen + peer + common)
         #expect(try bad.wait(seconds: 10) == 64, "\(bad.stderrText)")
         #expect(bad.stderr.contains("lockstep supervise: the secondary exited with 64: a restart cannot help (usage); exiting with 64"), "\(bad.stderrText)")
 
         let cases: [([String], String)] = [
             (["supervise"], "give the command to run: primary GUEST ... or secondary ... (got nothing)"),
             (["supervise", "run", "x.elf"], "(got 'run')"),
-            (["supervise", "secondary", "--listen", "127.0.0.1:0", "--key-file", ws.key] + peer, "supervise needs --fence"),
-            (["supervise", "secondary", "--listen", "127.0.0.1:0"] + common, "supervise secondary needs --peer"),
+            (["supervise", "secondary", "--key-file", ws.key] + listen + peer, "supervise needs --fence"),
+            (["supervise", "secondary"] + listen + common, "supervise secondary needs --peer"),
+            (["supervise", "secondary", "--listen", "127.0.0.1:0"] + peer + common, "the other side's --peer cannot name port 0"),
             (["supervise", "primary", "x.elf"] + peer + common, "supervise primary needs --listen"),
-            (["supervise", "primary", "--listen", "127.0.0.1:0"] + peer + common, "Missing expected argument '<guest>'"),
+            (["supervise", "primary"] + listen + peer + common, "Missing expected argument '<guest>'"),
         ]
         for (args, text) in cases {
             let c = try Child("supervise-usage", args)
