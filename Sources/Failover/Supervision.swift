@@ -22,11 +22,17 @@ public struct ChildEnd: Sendable, Equatable {
     public var ended: Int32?
     /// A primary's guest ran protected (a secondary confirmed its seed), so output may have left.
     public var wasProtected: Bool
+    /// As a secondary, it was seeded (its state matched the primary's).
+    public var wasSeeded: Bool
     public var ranMs: UInt64
 
-    public init(role: SupervisedRole, exit: Exit, ended: Int32? = nil, wasProtected: Bool = false, ranMs: UInt64) {
-        self.role = role; self.exit = exit; self.ended = ended; self.wasProtected = wasProtected; self.ranMs = ranMs
+    public init(role: SupervisedRole, exit: Exit, ended: Int32? = nil, wasProtected: Bool = false, wasSeeded: Bool = false, ranMs: UInt64) {
+        self.role = role; self.exit = exit; self.ended = ended; self.wasProtected = wasProtected; self.wasSeeded = wasSeeded
+        self.ranMs = ranMs
     }
+
+    /// It took its place in a protected pair (either side of one) before it ended: not a crash loop.
+    var servedThePair: Bool { wasProtected || wasSeeded }
 
     /// The shell's convention: a status, or 128 + the signal.
     public var status: Int32 {
@@ -57,7 +63,9 @@ public struct Supervision: Sendable {
     /// 75: another side holds the fence, so it is live and this side can only be its secondary.
     public static let fenced: Int32 = 75
 
-    /// Runs shorter than this count toward giving up.
+    /// A run shorter than this that never served the pair (never seeded, never protected) is quick: a crash
+    /// loop, or a peer that keeps refusing it. Quick runs back off and count toward giving up; a side killed
+    /// after it served the pair is restarted at once, however often that happens.
     public let quickRunMs: UInt64
     /// Give up after this many quick runs in a row.
     public let maxQuickRuns: Int
@@ -73,8 +81,8 @@ public struct Supervision: Sendable {
     /// and is not restarted.
     public mutating func stopRequested() { stopping = true }
 
-    /// The first restart after a long run is at once (the live side is unprotected until it is back); restarts
-    /// after quick runs back off 0.2, 0.4, ... up to 5 s.
+    /// The first restart after a run that was not quick is at once (the live side is unprotected until it is
+    /// back); restarts after quick runs back off 0.2, 0.4, ... up to 5 s.
     static func delayMs(quickRuns: Int) -> UInt64 {
         quickRuns <= 1 ? 0 : min(5_000, 200 << UInt64(min(quickRuns - 2, 5)))
     }
@@ -86,9 +94,9 @@ public struct Supervision: Sendable {
         if case .status(let s) = e.exit, Self.hopeless.contains(s) {
             return .stop(status: s, why: "\(who): a restart cannot help (\(Self.meaning[s] ?? "status \(s)"))")
         }
-        quickRuns = e.ranMs < quickRunMs ? quickRuns + 1 : 0
+        quickRuns = e.ranMs < quickRunMs && !e.servedThePair ? quickRuns + 1 : 0
         if quickRuns > maxQuickRuns {
-            return .stop(status: e.status, why: "\(who); giving up: \(quickRuns) runs in a row ended within \(quickRunMs / 1000) s")
+            return .stop(status: e.status, why: "\(who); giving up: \(quickRuns) runs in a row ended within \(quickRunMs / 1000) s without serving the pair")
         }
         let again = e.role == .primary && !e.wasProtected && e.exit != .status(Self.fenced)
         let role: SupervisedRole = again ? .primary : .secondary

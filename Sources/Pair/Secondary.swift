@@ -286,6 +286,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         // The seed is loaded: the primary may release output up to here.
         try conn.sendAck(Ack(heldExitIndex: end.exit, replayedExitIndex: end.exit))
         warn("secondary: seeded at exit \(end.exit) (\(received) pages sent; state \(StateDigest.hex(digest).prefix(16))…); replaying")
+        SupervisorReport.seeded()
         return (s, src)
     }
 

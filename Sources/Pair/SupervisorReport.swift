@@ -8,6 +8,7 @@ import Glibc
 /// role it restarts in. One text line per event on the pipe the supervisor passed as `LOCKSTEP_SUPERVISOR_FD`
 /// (a write under PIPE_BUF is atomic, so a kill -9 never leaves half a line):
 ///   `protected`        a secondary confirmed a seed: the guest runs, and output may leave
+///   `seeded`           this secondary's seed matched its primary's digest: it protects the guest
 ///   `ended STATUS`     the pair ended (the guest exited, crashed, or an operator stopped it): no restart
 public enum SupervisorReport {
     public static let environmentName = "LOCKSTEP_SUPERVISOR_FD"
@@ -22,6 +23,7 @@ public enum SupervisorReport {
     }()
 
     public static func protected() { send("protected") }
+    public static func seeded() { send("seeded") }
     public static func ended(_ status: Int32) { send("ended \(status)") }
 
     private static func send(_ line: String) {

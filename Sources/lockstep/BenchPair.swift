@@ -19,7 +19,8 @@ struct BenchPairCommand: ParsableCommand {
         protected run (secondary + primary) and an unprotected `lockstep run`; then --reseeds re-seeds of a running \
         echo (pre-copy pause, connected → protected), one of the dirty guest (auto-converge), one divergence of \
         echo-state repaired by a delta seed against a new secondary's full seed (these three skipped with \
-        --reseeds 0) and --trials kill -9 failovers of echo. \
+        --reseeds 0), --trials kill -9 failovers of echo, and --restarts kill -9s of an echo pair whose sides run under \
+        `lockstep supervise` (kill → survivor's reply, kill → protected again by the killed side's restart). \
         Children's stderr, the key and the stats files live in a temporary directory (kept and named when something \
         fails). Exits 1 (FAIL) when a run fails, the two sides' state digests differ or a failover gets no reply; a \
         missed performance target is reported (MISS), not an error.
@@ -30,6 +31,7 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "Directory for the SVG plots (default: the --json file's directory; none without either).") var plots: String?
     @Option(name: .long, help: "kill -9 failover trials.") var trials: Int = 20
     @Option(name: .long, help: "Re-seeds of the running echo guest (kill -9 of the secondary, a new one seeded by pre-copy); above 0, one of the dirty guest and a divergence repair of echo-state too.") var reseeds: Int = 5
+    @Option(name: .long, help: "kill -9s of a supervised echo pair, alternating sides (HA restart: the killed side comes back as the survivor's secondary).") var restarts: Int = 6
     @Option(name: .long, help: "Echo requests per throughput run.") var requests: Int = 2000
     @Option(name: .long, help: "Echo requests in flight at once (1: closed loop, one request per round trip).") var window: Int = 1
     @Option(name: .long, help: "Protected/unprotected run pairs per guest (medians are reported).") var `repeat`: Int = 1
@@ -43,8 +45,8 @@ struct BenchPairCommand: ParsableCommand {
     @Flag(name: .long, help: "Keep the temporary directory (children's stderr, stats JSON, key) even on success.") var keepTemp = false
 
     func validate() throws {
-        guard trials >= 0, reseeds >= 0, requests >= 1, window >= 1, `repeat` >= 1, timeoutS >= 10 else {
-            throw ValidationError("need --trials ≥ 0, --reseeds ≥ 0, --requests ≥ 1, --window ≥ 1, --repeat ≥ 1, --timeout-s ≥ 10")
+        guard trials >= 0, reseeds >= 0, restarts >= 0, requests >= 1, window >= 1, `repeat` >= 1, timeoutS >= 10 else {
+            throw ValidationError("need --trials ≥ 0, --reseeds ≥ 0, --restarts ≥ 0, --requests ≥ 1, --window ≥ 1, --repeat ≥ 1, --timeout-s ≥ 10")
         }
         for (name, v) in [("--link-cpu", linkCpu), ("--secondary-cpu", secondaryCpu)] {
             if let c = v, c != "none", Int32(c).map(Cores.allows) != true {
@@ -82,7 +84,7 @@ struct BenchPairCommand: ParsableCommand {
         let plotDir = plots ?? json.map { ($0 as NSString).deletingLastPathComponent }.map { $0.isEmpty ? "." : $0 }
         var report: [String: Any]
         do {
-            report = try h.measure(requests: requests, window: window, repeats: `repeat`, trials: trials, reseeds: reseeds, plotDir: plotDir)
+            report = try h.measure(requests: requests, window: window, repeats: `repeat`, trials: trials, reseeds: reseeds, restarts: restarts, plotDir: plotDir)
         } catch let e as BenchFailure {
             print("FAIL: \(e.message)")
             if let json { try? Bench.writeJSON(["ok": false, "failure": e.message, "host": Bench.hostInfo()], to: json) }
@@ -575,7 +577,7 @@ extension PairBench {
         } catch { progress("cannot write \(path): \(error.localizedDescription)"); return nil }
     }
 
-    func measure(requests: Int, window: Int, repeats: Int, trials: Int, reseeds: Int, plotDir: String?) throws -> [String: Any] {
+    func measure(requests: Int, window: Int, repeats: Int, trials: Int, reseeds: Int, restarts: Int, plotDir: String?) throws -> [String: Any] {
         let loadStart = Bench.hostInfo()["loadavg"] ?? ""
         var figures: [Figure] = [], notes: [String] = [], plotPaths: [String] = []
         // First, on a quiet host: what the link's wake-up chain costs here at the least.
@@ -669,6 +671,16 @@ extension PairBench {
             if let dir = plotDir, let p = writePlot(PairPlots.failover(results.map(\.killToReplyMs), target: Self.failoverP99TargetMs), dir, "pair-failover.svg") { plotPaths.append(p) }
         }
 
+        var restart: RestartResult?
+        if restarts > 0 {
+            let r = try supervisedRestarts(restarts)
+            restart = r
+            figures += [Figure(key: "restart_kill_to_reply_p50_ms", label: "HA restart (supervise): kill -9 → survivor reply p50", value: percentile(r.killToReplyMs, 50) ?? .infinity, unit: "ms"),
+                        Figure(key: "restart_kill_to_protected_p50_ms", label: "HA restart: kill -9 → protected again by the restart p50", value: percentile(r.killToProtectedMs, 50) ?? .infinity, unit: "ms"),
+                        Figure(key: "restart_kill_to_protected_max_ms", label: "HA restart: kill -9 → protected again max", value: r.killToProtectedMs.max() ?? .infinity, unit: "ms")]
+            notes.append("HA restart: \(restarts) kill -9s of a supervised echo pair, alternating sides; each killed side came back as the survivor's secondary and both supervisors ended with the guest's status")
+        }
+
         print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), \(placement.text)\(encrypt == "opportunistic" ? "" : ", --encrypt \(encrypt)"), fence \(fenceEtcd ?? "in a directory"))")
         Bench.printRows(figures, passWord: "PASS")
         for n in notes { print(n) }
@@ -686,7 +698,7 @@ extension PairBench {
         let targets = figures.compactMap(\.pass)
         return [
             "ok": digestsMatch && failed == 0, "digests_match": digestsMatch, "failover_trials_failed": failed,
-            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "memory_mib": memory, "placement": placement.json, "encrypt": encrypt, "fence": fenceEtcd ?? "directory",
+            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "restarts": restarts, "memory_mib": memory, "placement": placement.json, "encrypt": encrypt, "fence": fenceEtcd ?? "directory",
                          "warm_requests_before_kill": Self.warmRequests] as [String: Any],
             "host": host, "figures": figuresJSON, "notes": notes, "plots": plotPaths,
             "targets_met": targets.filter { $0 }.count, "targets_total": targets.count, "all_targets_pass": targets.allSatisfy { $0 },
@@ -695,6 +707,7 @@ extension PairBench {
             "reseed": reseed?.json ?? NSNull(),
             "reseed_dirty": dirty?.json ?? NSNull(),
             "repair": repair?.json ?? NSNull(),
+            "restart": restart?.json ?? NSNull(),
             "definitions": [
                 "throughput_ratio": "echo: protected requests/s / unprotected requests/s (closed loop when window is 1); others: unprotected guest run time / protected guest run time (first vCPU entry to guest exit, from --verbose)",
                 "replication_lag": "primary's --stats-json: a log batch's first record appended → the secondary's ack that it holds the batch; percentiles over the batches of all protected runs (histograms merged)",
@@ -706,6 +719,7 @@ extension PairBench {
                 "reseed_pause": "primary's seedPauseMs: the guest paused for the last pages, the machine state and the seed digest (pre-copy rounds run beside the guest)",
                 "reseed_total": "primary's seedTotalMs: a connected secondary → the pause's end",
                 "host_wake_round_trip": "median of 2,000 round trips between two threads that wake each other through eventfds, both on the vCPU core or one on it and one on the pacer's core; a log batch's replication lag contains two such wake-ups",
+                "restart_kill_to_protected": "SIGKILL of the process serving the guest (under lockstep supervise) → the survivor's `protected: secondary at <killed side>` line, polled every 1 ms: the supervisor's restart, a process start, the survivor's connector and the seed",
                 "reseed_dirty_throttle": "primary's seedThrottlePercent: the share of its time the guest slept at the most during the rounds (auto-converge)",
             ],
         ]

@@ -18,11 +18,12 @@ struct SuperviseCommand: ParsableCommand {
         `lockstep secondary --listen <its --listen> --peer <its --peer>` with the same pair options; the live side \
         (started with --peer) seeds it. A primary that dies before its guest ran protected starts again as the \
         primary. Stops, with the pair's status, when the guest ends; on SIGTERM, SIGINT or SIGHUP (passed on to the \
-        process, which is not restarted); after --max-quick-restarts runs in a row shorter than 10 s; and on a \
+        process, which is not restarted); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
+        nor protected); and on a \
         status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). SIGUSR2 is passed on \
         (a handover). Needs --fence: a restart without one could make a second primary.
         """)
-    @Option(name: .long, help: "Give up after this many runs in a row that ended within 10 s.") var maxQuickRestarts: Int = 5
+    @Option(name: .long, help: "Give up after this many quick runs in a row: ended within 10 s, never seeded nor protected (a side killed after it served the pair is always restarted at once).") var maxQuickRestarts: Int = 5
     @Argument(parsing: .allUnrecognized, help: "primary GUEST ... or secondary ...: the command to run.") var command: [String] = []
 
     func run() throws {
@@ -158,6 +159,7 @@ final class SupervisedChild {
     private let startNs = lk_monotonic_ns()
     private var partial: [UInt8] = []
     private var wasProtected = false
+    private var wasSeeded = false
     private var ended: Int32?
 
     init(_ exe: String, _ args: [String]) throws {
@@ -204,7 +206,7 @@ final class SupervisedChild {
                 readReports()
                 let (code, signal) = Spawn.decode(st)
                 return ChildEnd(role: role, exit: code.map { .status($0) } ?? .signal(signal), ended: ended,
-                                wasProtected: wasProtected, ranMs: (lk_monotonic_ns() &- startNs) / 1_000_000)
+                                wasProtected: wasProtected, wasSeeded: wasSeeded, ranMs: (lk_monotonic_ns() &- startNs) / 1_000_000)
             }
             // Without pidfd_open (Linux < 5.3) the child's end is looked for every 50 ms.
             for i in fds.indices { fds[i].revents = 0 }
@@ -235,6 +237,7 @@ final class SupervisedChild {
             let line = String(decoding: partial[..<nl], as: UTF8.self)
             partial.removeSubrange(...nl)
             if line == "protected" { wasProtected = true }
+            if line == "seeded" { wasSeeded = true }
             if line.hasPrefix("ended "), let s = Int32(line.dropFirst(6)) { ended = s }
         }
     }

@@ -77,7 +77,7 @@ import Testing
         }
         #expect(delays == [0, 200, 400, 800, 1600])
         guard case .stop(137, let why) = s.childEnded(quick) else { Issue.record("did not give up"); return }
-        #expect(why.contains("giving up: 6 runs in a row ended within 10 s"), "\(why)")
+        #expect(why.contains("giving up: 6 runs in a row ended within 10 s without serving the pair"), "\(why)")
 
         var t = Supervision(quickRunMs: 10_000, maxQuickRuns: 5)
         for _ in 0..<4 { _ = t.childEnded(quick) }
@@ -85,6 +85,21 @@ import Testing
                 why: "the secondary was killed by signal 9: restarting as the live side's secondary"))
         #expect(t.quickRuns == 0)
         #expect(Supervision.delayMs(quickRuns: 40) == 5_000)
+    }
+
+    /// A side killed right after it was seeded or protected is no crash loop: restarted at once, every time.
+    @Test func aSideThatServedThePairIsAlwaysRestartedAtOnce() {
+        var s = Supervision(quickRunMs: 10_000, maxQuickRuns: 2)
+        for i in 0..<50 {
+            let primary = i % 2 == 0
+            let e = ChildEnd(role: primary ? .primary : .secondary, exit: .signal(9), wasProtected: primary, wasSeeded: !primary, ranMs: 50)
+            #expect(s.childEnded(e) == .restart(.secondary, delayMs: 0, why: "the \(e.role.rawValue) was killed by signal 9: restarting as the live side's secondary"))
+        }
+        // Then a quick run that never served: the count starts from there.
+        #expect(s.childEnded(ChildEnd(role: .secondary, exit: .status(76), ranMs: 50))
+                == .restart(.secondary, delayMs: 0, why: "the secondary exited with 76: restarting as the live side's secondary"))
+        guard case .restart(_, 200, _) = s.childEnded(ChildEnd(role: .secondary, exit: .status(76), ranMs: 50)) else { Issue.record("no back-off"); return }
+        guard case .stop = s.childEnded(ChildEnd(role: .secondary, exit: .status(76), ranMs: 50)) else { Issue.record("did not give up"); return }
     }
 
     @Test func zeroQuickRestartsGivesUpOnTheFirstQuickEnd() {
