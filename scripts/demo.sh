@@ -61,20 +61,11 @@ pair_demo() {
     SEC=$!
     $L primary "Guests/build/$guest.elf" --peer "127.0.0.1:$link" --memory 64 "${pair[@]}" ${both[@]+"${both[@]}"} 2>"$OUT/p$tag.err" &
     PRI=$!
-    python3 - "$PRI" "$udp" "$sig" "$L" "$OUT/a$tag.sock" "$OUT/b$tag.sock" "$OUT/p$tag.err" "$OUT/s$tag.err" <<'PY'
-import os, signal, socket, subprocess, sys, time
+    PYTHONPATH="$OUT" python3 - "$PRI" "$udp" "$sig" "$L" "$OUT/a$tag.sock" "$OUT/b$tag.sock" "$OUT/p$tag.err" "$OUT/s$tag.err" <<'PY'
+import os, signal, subprocess, sys, time
 pri, port, sig, lockstep, sock_a, sock_b, err_a, err_b = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.01)
-def ask(line, want, limit=20.0):
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        s.sendto(line.encode() + b"\n", ("127.0.0.1", port))
-        try:
-            r = s.recv(200).decode().strip()
-            if r.startswith(want): return r
-        except socket.timeout:
-            pass
-    sys.exit("demo: no reply to %r" % line)
+from democlient import asker
+ask = asker(port)
 for i in range(1, 4): print("  primary:  ", ask("REQ %d before" % i, "REP %d " % i))
 if sig == "SWAP":
     def handover(sock, side):
@@ -109,6 +100,23 @@ PY
 }
 
 head -c 32 /dev/urandom > "$OUT/key"; mkdir -p "$OUT/fence"
+# The pair steps' UDP client of the echo guest (imported by their Python).
+cat > "$OUT/democlient.py" <<'PY'
+import socket, sys, time
+def asker(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.01)
+    def ask(line, want, limit=20.0):  # resent every 10 ms until a reply starting with want, bounded
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            s.sendto(line.encode() + b"\n", ("127.0.0.1", port))
+            try:
+                r = s.recv(200).decode().strip()
+                if r.startswith(want): return r
+            except socket.timeout:
+                pass
+        sys.exit("demo: no reply to %r" % line)
+    return ask
+PY
 echo "== 6. the live pair: a secondary replays the primary in lockstep; kill -9 the primary; the survivor answers"
 pair_demo 1 7700 5556 echo KILL
 { wait $PRI; } 2>/dev/null || true  # killed on purpose
@@ -162,20 +170,11 @@ $L supervise secondary --listen 127.0.0.1:7705 --peer 127.0.0.1:7704 "${SUP[@]}"
 SB=$!
 $L supervise primary Guests/build/echo.elf --peer 127.0.0.1:7705 --listen 127.0.0.1:7704 --memory 64 "${SUP[@]}" 2>"$OUT/sa.err" &
 SA=$!
-python3 - "$OUT/sa.err" "$OUT/sb.err" <<'PY'
-import os, re, signal, socket, sys, time
+PYTHONPATH="$OUT" python3 - "$OUT/sa.err" "$OUT/sb.err" <<'PY'
+import os, re, signal, sys, time
 err = {"A": sys.argv[1], "B": sys.argv[2]}
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.01)
-def ask(line, want, limit=20.0):
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        s.sendto(line.encode() + b"\n", ("127.0.0.1", 5560))
-        try:
-            r = s.recv(200).decode().strip()
-            if r.startswith(want): return r
-        except socket.timeout:
-            pass
-    sys.exit("demo: no reply to %r" % line)
+from democlient import asker
+ask = asker(5560)
 def line(side, text, n=1, limit=30.0):  # the nth stderr line of a side's supervisor containing text
     deadline = time.time() + limit
     while time.time() < deadline:
