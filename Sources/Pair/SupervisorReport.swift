@@ -1,4 +1,3 @@
-import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -16,11 +15,15 @@ public enum SupervisorReport {
     public static let childDescriptor: Int32 = 3
 
     private static let fd: Int32? = {
-        guard let v = ProcessInfo.processInfo.environment[environmentName], let fd = Int32(v), fd > 2 else { return nil }
-        // Not inherited by anything this process starts.
+        guard let v = getenv(environmentName).map({ String(cString: $0) }), let fd = Int32(v), fd > 2 else { return nil }
+        // Neither the descriptor nor the variable reaches anything this process starts.
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        unsetenv(environmentName)
         return fd
     }()
+
+    /// Takes the supervisor's pipe, if any, before anything else runs (so no other process inherits it).
+    public static func adopt() { _ = fd }
 
     public static func protected() { send("protected") }
     public static func seeded() { send("seeded") }

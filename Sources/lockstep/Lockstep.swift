@@ -8,6 +8,7 @@ struct Lockstep: ParsableCommand {
     static func main() {
         // A serial client or peer that hangs up must be an error on that socket, never the death of the VM.
         signal(SIGPIPE, SIG_IGN)
+        SupervisorReport.adopt()
         main(nil)
     }
 

@@ -19,9 +19,8 @@ struct SuperviseCommand: ParsableCommand {
         (started with --peer) seeds it. A primary that dies before its guest ran protected starts again as the \
         primary. Stops, with the pair's status, when the guest ends; on SIGTERM, SIGINT or SIGHUP (passed on to the \
         process, which is not restarted); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
-        nor protected); and on a \
-        status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). SIGUSR2 is passed on \
-        (a handover). Needs --fence: a restart without one could make a second primary.
+        nor protected); and on a status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). \
+        SIGUSR2 is passed on (a handover). Needs --fence: a restart without one could make a second primary.
         """)
     @Option(name: .long, help: "Give up after this many quick runs in a row: ended within 10 s, never seeded nor protected (a side killed after it served the pair is always restarted at once).") var maxQuickRestarts: Int = 5
     @Argument(parsing: .allUnrecognized, help: "primary GUEST ... or secondary ...: the command to run.") var command: [String] = []
@@ -112,6 +111,7 @@ struct SupervisePlan {
     }
 
     /// A primary's arguments without its guest image, its primary-only options and its --listen (given first).
+    /// Every option of `primary` takes a value except `--verbose`; the derived command is parsed before use.
     static func carriedOver(_ args: [String]) -> [String] {
         var out: [String] = []
         var i = 0
