@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CLockstep
+import EventLog
 import Foundation
 
 /// Who holds (or wants) the fence.
@@ -201,26 +202,11 @@ public final class Fence: Fencing, @unchecked Sendable {
         return String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
-    /// Written under a temporary name, fsynced, renamed: a failure leaves the old record whole. The caller checks
-    /// the fence before and after (a lock file cannot make the write conditional).
+    /// Written under a temporary name, fsynced, renamed: a failure leaves the old record whole (`LogError.io`,
+    /// naming the file and the reason). The caller checks the fence before and after (a lock file cannot make
+    /// the write conditional).
     public func writePairRecord(_ text: String) throws {
-        let tmp = pairPath + ".\(getpid()).tmp"
-        let bytes = Array((text + "\n").utf8)
-        do {
-            let f = try sys("open", path: tmp) { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) }
-            defer { _ = close(f) }
-            var off = 0
-            while off < bytes.count {
-                let n = try bytes.withUnsafeBytes { b in try sys("write", path: tmp) { write(f, b.baseAddress! + off, b.count - off) } }
-                guard n > 0 else { throw FenceError.system(call: "write", errno: ENOSPC, path: tmp) }
-                off += n
-            }
-            try sys("fsync", path: tmp) { fsync(f) }
-            try sys("rename", path: pairPath) { rename(tmp, pairPath) }
-        } catch {
-            unlink(tmp)
-            throw error
-        }
+        try replaceFile(pairPath, with: Array((text + "\n").utf8), temporary: pairPath + ".\(getpid()).tmp", sync: true)
     }
 
     /// Reads the record in the fence file by its path (a fresh open: on NFS that asks the server, and so shows
@@ -240,9 +226,7 @@ public final class Fence: Fencing, @unchecked Sendable {
 
     private func readHolder(_ f: Int32) throws -> FenceHolder? {
         var buf = [UInt8](repeating: 0, count: 1024)
-        var n = -1
-        repeat { n = buf.withUnsafeMutableBytes { b in pread(f, b.baseAddress, b.count, 0) } } while n < 0 && errno == EINTR
-        if n < 0 { throw FenceError.system(call: "pread", errno: errno, path: path) }
+        let n = try buf.withUnsafeMutableBytes { b in try sys("pread") { pread(f, b.baseAddress, b.count, 0) } }
         guard n > 0 else { return nil }
         return FenceHolder(record: String(decoding: buf[0..<n], as: UTF8.self))
     }
