@@ -39,7 +39,7 @@ public final class EtcdFence: Fencing, @unchecked Sendable {
         fenceKey = prefix + "/fence"
         pairKey = prefix + "/pair"
         ttlSeconds = max(5, (2 * leaseMs + 999) / 1000)
-        location = "etcd://" + endpoints.map(\.description).joined(separator: ",") + prefix
+        location = FenceLocation.etcd(endpoints, prefix: prefix).description
     }
 
     public var writesAreConditional: Bool { true }
