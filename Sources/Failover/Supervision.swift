@@ -82,10 +82,8 @@ public struct Supervision: Sendable {
     public mutating func stopRequested() { stopping = true }
 
     /// The first restart after a run that was not quick is at once (the live side is unprotected until it is
-    /// back); restarts after quick runs back off 0.2, 0.4, ... up to 5 s.
-    static func delayMs(quickRuns: Int) -> UInt64 {
-        quickRuns <= 1 ? 0 : min(5_000, 200 << UInt64(min(quickRuns - 2, 5)))
-    }
+    /// back), and so is the first after one quick run; then `Backoff`.
+    static func delayMs(quickRuns: Int) -> UInt64 { Backoff.ms(after: quickRuns - 1) }
 
     public mutating func childEnded(_ e: ChildEnd) -> SupervisorAction {
         let who = "the \(e.role.rawValue) \(e.exitText)"
@@ -103,5 +101,13 @@ public struct Supervision: Sendable {
         let why = again ? "\(who) before its guest ran protected: starting it again as the primary"
             : "\(who): restarting as the live side's secondary"
         return .restart(role, delayMs: Self.delayMs(quickRuns: quickRuns), why: why)
+    }
+}
+
+/// The wait before trying again after `failures` failures in a row: none after none, then 0.2, 0.4, 0.8 ... up
+/// to 5 s. A supervisor's restarts and a primary's search for a new secondary both back off by it.
+public enum Backoff {
+    public static func ms(after failures: Int) -> UInt64 {
+        failures <= 0 ? 0 : min(5_000, 200 << UInt64(min(failures - 1, 5)))
     }
 }

@@ -519,7 +519,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// After secondaries that did not last, the first try waits 0.2, 0.4, ... up to 5 s.
     private func startConnector() {
         guard !connecting.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        let backoffMs = shortLived == 0 ? 0 : min(UInt64(100) << min(shortLived, 6), 5000)
+        let backoffMs = Backoff.ms(after: shortLived)
         startThread("lockstep-connect") { [self] in
             // A refused connect costs microseconds, and a supervised restart listens again tens of ms after its kill:
             // a short period keeps re-protection from waiting on this loop.
