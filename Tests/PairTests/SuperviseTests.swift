@@ -4,19 +4,24 @@ import Testing
 
 /// `lockstep supervise` (HA restart) with real processes: a killed side comes back as the survivor's secondary.
 extension PairTests { @Suite struct SuperviseTests {
-    /// The pid of the `occurrence`th process a supervisor started (its `started the ROLE, pid N:` line).
+    static let startedLine = "lockstep supervise: started the "
+
+    /// The pid in a supervisor's `started the ROLE, pid N: ...` line.
+    static func pid(in line: String) -> pid_t? {
+        line.range(of: ", pid ").flatMap { pid_t(line[$0.upperBound...].prefix { $0.isNumber }) }
+    }
+
+    /// The pid of the `occurrence`th process a supervisor started.
     static func started(_ s: Child, _ occurrence: Int) throws -> pid_t {
-        let l = try s.waitForLine(matching: { $0.hasPrefix("lockstep supervise: started the ") }, describing: "started the", occurrence: occurrence)
-        guard let r = l.range(of: ", pid "), let p = pid_t(l[r.upperBound...].prefix { $0.isNumber }) else { throw PairTestError("no pid in '\(l)'") }
+        let l = try s.waitForLine(matching: { $0.hasPrefix(startedLine) }, describing: "started the", occurrence: occurrence)
+        guard let p = pid(in: l) else { throw PairTestError("no pid in '\(l)'") }
         return p
     }
 
     /// Every process the supervisors started, killed (a failed test must not leave a guest running).
     static func killStarted(_ supervisors: [Child]) {
         for s in supervisors {
-            for l in s.stderr where l.hasPrefix("lockstep supervise: started the ") {
-                if let r = l.range(of: ", pid "), let p = pid_t(l[r.upperBound...].prefix { $0.isNumber }) { kill(p, SIGKILL) }
-            }
+            for l in s.stderr where l.hasPrefix(startedLine) { if let p = pid(in: l) { kill(p, SIGKILL) } }
             s.kill9()
         }
     }
@@ -62,7 +67,7 @@ extension PairTests { @Suite struct SuperviseTests {
         #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
         for s in [a, b] {
             #expect(s.stderr.contains("lockstep supervise: the pair ended (status 0); exiting with 0"), "\(s.stderrText)")
-            #expect(s.stderr.filter { $0.hasPrefix("lockstep supervise: started the ") }.count == 2, "\(s.stderrText)")
+            #expect(s.stderr.filter { $0.hasPrefix(Self.startedLine) }.count == 2, "\(s.stderrText)")
         }
         talk.expectConsistent()
     }
