@@ -15,6 +15,19 @@ public enum Ending: Equatable, Sendable {
     case haltedForever
     /// An operator or the pair asked the machine to stop.
     case stopped
+
+    /// The status a process ends with for this ending (and the pair record's `ended STATUS`): the guest's own
+    /// value, 71 for a crash, 0 when stopped.
+    public var processStatus: Int32 {
+        switch self {
+        case .guestExit(let s): return Int32(s)
+        case .shutdown, .haltedForever: return Ending.crashedStatus
+        case .stopped: return 0
+        }
+    }
+
+    /// `lockstep`'s "guest crashed" status.
+    public static let crashedStatus: Int32 = 71
 }
 
 public enum MachineError: Error, CustomStringConvertible {

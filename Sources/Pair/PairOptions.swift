@@ -30,6 +30,9 @@ public struct PairOptions: Sendable {
     public var replayStallMs: UInt64 = 5000
     /// How long the primary waits for its first secondary before failing.
     public var connectTimeoutMs: Int = 30_000
+    /// A primary booting the guest again for a pair that lost it (`lockstep supervise`): it boots only if the pair
+    /// record, read once it holds the fence, does not say the guest ended.
+    public var coldRestart = false
     /// Status line on stderr and `--status-json` rewrite period (0: none).
     public var statusIntervalMs: Int = 1000
     public var statusJSON: String?
@@ -86,6 +89,8 @@ public enum PairError: Error, CustomStringConvertible {
     /// The seed or the log from the peer is unusable.
     case badPeerData(String)
     case config(String)
+    /// A cold restart found the pair record saying the guest ended, with this status: nothing to boot again.
+    case pairEnded(status: Int32, String)
 
     public var description: String {
         switch self {
@@ -95,6 +100,7 @@ public enum PairError: Error, CustomStringConvertible {
         case .primaryStopped(let s): return s
         case .badPeerData(let s): return s
         case .config(let s): return s
+        case .pairEnded(_, let s): return s
         }
     }
 
@@ -132,10 +138,19 @@ func takeFence(_ options: PairOptions) throws(PairError) -> (any Fencing)? {
 /// primary says which secondary, if any, may take over from it. Only the fence holder writes it. A secondary
 /// that wins the fence goes live only if the record names it: a primary that dropped it and went on unprotected,
 /// or whose guest ended, has made its state stale, and going live would contradict what the world saw.
-enum PairRecord {
+public enum PairRecord {
     static func protected(_ id: UInt64) -> String { "protected \(String(id, radix: 16))" }
     static let unprotected = "unprotected"
-    static let ended = "ended"
+    /// The guest ended with this process status: nobody may take over, and a side waiting to rejoin stops with it.
+    static func ended(_ status: Int32) -> String { "ended \(status)" }
+
+    /// The status an `ended STATUS` record carries (a bare `ended`, written before records carried it: 0); nil
+    /// for any other record.
+    public static func endedStatus(_ text: String) -> Int32? {
+        let f = text.split(separator: " ")
+        guard f.first == "ended", f.count <= 2 else { return nil }
+        return f.count == 1 ? 0 : Int32(f[1])
+    }
 
     /// Replaces the record (atomically). Returns false on failure.
     @discardableResult

@@ -74,6 +74,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         self.image = image; self.config = config; self.options = options
         fence = try takeFence(options)
         if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
+        if options.coldRestart { try Self.checkColdRestart(fence) }
         watch = watchFence(fence, options)
         PairRecord.write(fence, PairRecord.unprotected)
         gate = OutputGate(backend: backend)
@@ -85,6 +86,18 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             warn("fault injection: the log lies about the signature of the first event at exit \(n) or later")
             session.machine.hooks.faultAtExit = n
         }
+    }
+
+    /// A cold restart reads the pair record once it holds the fence, so no live side can write it meanwhile: a
+    /// guest that ended is not booted again (this process ends with its status instead).
+    private static func checkColdRestart(_ fence: (any Fencing)?) throws(PairError) {
+        guard let fence else { throw .config("--cold-restart needs --fence: the pair record says whether the guest ended") }
+        let text = PairRecord.read(fence) ?? "(none)"
+        if let status = PairRecord.endedStatus(text) {
+            try? fence.release()
+            throw .pairEnded(status: status, "cold restart: the pair record in \(fence.location) says '\(text)': the guest ended with \(status); not booting it again")
+        }
+        warn("cold restart: this side took the fence in \(fence.location) and the pair record says '\(text)': nobody runs the guest, so it boots again (its clients see it restart)")
     }
 
     /// Protects a running machine that is already live and holds the fence (a secondary that went live):
@@ -118,7 +131,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         dropSeeding("the guest ended before this secondary was seeded")
         if !handedOver { releaseFinalOutput() }
         let (result, trailer) = try session.finish(ending)
-        if handedOver { detachTakenOver() } else { finishLog(trailer); endFence() }
+        if handedOver { detachTakenOver() } else { finishLog(trailer, status: ending.processStatus); endFence() }
         finished.store(true, ordering: .releasing)
         dropOffer()
         return result
@@ -472,9 +485,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     }
 
     /// Sends the trailer, waits (bounded) for the secondary to hold it, then releases all output.
-    private func finishLog(_ trailer: LogTrailer) {
+    private func finishLog(_ trailer: LogTrailer, status: Int32) {
         guard let l = link, !l.lost.load(ordering: .acquiring) else {
-            PairRecord.write(fence, PairRecord.ended)
+            PairRecord.write(fence, PairRecord.ended(status))
             gate.stopGating()
             return
         }
@@ -489,7 +502,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         // Losing the link un-names the secondary first: output it may not hold leaves only after that.
         detach(goodbye: "guest exited")
         gate.stopGating()
-        PairRecord.write(fence, PairRecord.ended)
+        PairRecord.write(fence, PairRecord.ended(status))
     }
 
     // MARK: connecting

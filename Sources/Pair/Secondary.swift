@@ -62,7 +62,10 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 guard protector?.handedOver == true else {
                     // The guest ended here: free the fence now (see `PrimaryRunner.endFence`; a protector did already).
                     liveWatch?.stop()
-                    if wentLive, let f = source?.fence, f.token != nil { try? f.release() }
+                    if wentLive, let f = source?.fence, f.token != nil {
+                        PairRecord.write(f, PairRecord.ended(r.ending.processStatus))
+                        try? f.release()
+                    }
                     return r
                 }
                 warn("secondary: handed the guest over; listening again on \(listener.host):\(port) for the new primary")

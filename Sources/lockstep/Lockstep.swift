@@ -71,13 +71,13 @@ func finish(_ r: SessionResult, verbose: Bool) -> ExitCode {
         let ms = Double(r.elapsedNs) / 1e6
         stderr("lockstep: \(r.exits) exits, \(r.events) events, \(r.syncPoints) sync points (\(r.syncPointPages) pages), \(r.kicks) kicks in \(String(format: "%.1f", ms)) ms" + (r.logBytes > 0 ? ", log \(r.logBytes) bytes" : ""))
     }
-    var status: Int32 = 0
     switch r.ending {
-    case .guestExit(let s): status = Int32(s)
-    case .shutdown(let why): stderr("lockstep: guest stopped: \(why)"); status = ExitStatus.guestCrashed.rawValue
-    case .haltedForever: stderr("lockstep: guest halted with interrupts disabled (cli; hlt): it can never wake"); status = ExitStatus.guestCrashed.rawValue
+    case .guestExit: break
+    case .shutdown(let why): stderr("lockstep: guest stopped: \(why)")
+    case .haltedForever: stderr("lockstep: guest halted with interrupts disabled (cli; hlt): it can never wake")
     case .stopped: stderr("lockstep: stopped")
     }
+    let status = r.ending.processStatus
     stderr("state-digest: \(r.digestHex)")
     SupervisorReport.ended(status)
     return ExitCode(status)

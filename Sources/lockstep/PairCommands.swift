@@ -74,6 +74,10 @@ func pairExit(_ e: Error) -> ExitCode {
         stderr("lockstep: \(why); not going live")
         SupervisorReport.ended(0)
         return ExitCode.success
+    case .pairEnded(let status, let why):
+        stderr("lockstep: \(why)")
+        SupervisorReport.ended(status)
+        return ExitCode(status)
     }
 }
 
@@ -87,10 +91,13 @@ struct PrimaryCommand: ParsableCommand {
     @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
     @Option(name: .long, help: "How long to wait for the first secondary (ms).") var connectTimeoutMs: Int = 30_000
     @Option(name: .long, help: "After handing the guest over, stay as the new primary's secondary, listening here (HOST:PORT; start the other side with --peer to it).") var listen: String?
+    @Flag(name: .long, help: "Boot the guest again for a pair that lost it (lockstep supervise does this): once this side holds the fence, a pair record saying the guest ended stops it with that status instead.") var coldRestart = false
 
     func run() throws {
         var o = try pair.options()
         o.connectTimeoutMs = connectTimeoutMs
+        guard !coldRestart || o.fence != nil else { throw fail("--cold-restart needs --fence: the pair record there says whether the guest ended", .usage) }
+        o.coldRestart = coldRestart
         do {
             let spec = try SerialSpec.parse(options.serial)
             let role = CurrentRole()

@@ -270,7 +270,7 @@ extension PairTests { @Suite struct EtcdPairTests {
             talk.exchange(1...2, "a")
             try talk.quitInLockstep(pri, sec)
             #expect(fence.readHolder() == nil)
-            #expect(try fence.readPairRecord() == "ended")
+            #expect(try fence.readPairRecord() == "ended 0")
         }
     }
 
