@@ -5,9 +5,28 @@
 /// The rule: a side that died while its guest lived is restarted as a **secondary**. The other side (its
 /// secondary, now live; or the live primary it protected) seeds it and is protected again, as VMware FT's HA
 /// starts a new secondary. Only a primary whose guest never ran protected (killed or failed before its first
-/// secondary confirmed a seed: no output can have left) starts again as the primary.
+/// secondary confirmed a seed: no output can have left) starts again as the primary. A restarted secondary
+/// that no live side seeds within the rejoin timeout makes the supervisor read the pair record: the guest
+/// ended (stop with its status), or nobody runs it (both sides were lost): the side holding the guest image
+/// boots it again as the primary, a cold restart, and the fence refuses that if a live side exists after all.
 public enum SupervisedRole: String, Sendable, Equatable, CaseIterable {
     case primary, secondary
+}
+
+/// What a supervisor starts.
+public enum SupervisedLaunch: Sendable, Equatable, CaseIterable {
+    /// The primary command it was given.
+    case primary
+    /// That command with `--cold-restart`: it boots the guest of a pair that lost it, unless the pair record
+    /// (read once it holds the fence) says the guest ended.
+    case coldPrimary
+    /// The secondary (given, or derived from the primary's command), waiting for a primary as long as it takes.
+    case secondary
+    /// The secondary rejoining a pair that ran: it waits the rejoin timeout for a live side's seed, then ends
+    /// (68), and the supervisor reads the pair record.
+    case rejoin
+
+    public var role: SupervisedRole { self == .primary || self == .coldPrimary ? .primary : .secondary }
 }
 
 /// How a supervised process ended.
@@ -16,7 +35,7 @@ public struct ChildEnd: Sendable, Equatable {
         case status(Int32)
         case signal(Int32)
     }
-    public var role: SupervisedRole
+    public var launch: SupervisedLaunch
     public var exit: Exit
     /// The status the process reported as its pair's end (the guest ended, or it was stopped on purpose).
     public var ended: Int32?
@@ -26,10 +45,12 @@ public struct ChildEnd: Sendable, Equatable {
     public var wasSeeded: Bool
     public var ranMs: UInt64
 
-    public init(role: SupervisedRole, exit: Exit, ended: Int32? = nil, wasProtected: Bool = false, wasSeeded: Bool = false, ranMs: UInt64) {
-        self.role = role; self.exit = exit; self.ended = ended; self.wasProtected = wasProtected; self.wasSeeded = wasSeeded
+    public init(launch: SupervisedLaunch, exit: Exit, ended: Int32? = nil, wasProtected: Bool = false, wasSeeded: Bool = false, ranMs: UInt64) {
+        self.launch = launch; self.exit = exit; self.ended = ended; self.wasProtected = wasProtected; self.wasSeeded = wasSeeded
         self.ranMs = ranMs
     }
+
+    public var role: SupervisedRole { launch.role }
 
     /// It took its place in a protected pair (either side of one) before it ended: not a crash loop.
     var servedThePair: Bool { wasProtected || wasSeeded }
@@ -51,8 +72,20 @@ public struct ChildEnd: Sendable, Equatable {
 }
 
 public enum SupervisorAction: Sendable, Equatable {
-    case restart(SupervisedRole, delayMs: UInt64, why: String)
+    case restart(SupervisedLaunch, delayMs: UInt64, why: String)
     case stop(status: Int32, why: String)
+    /// Read the pair record and give it to `pairRecordRead`.
+    case readPairRecord(why: String)
+}
+
+/// The pair record as a supervisor read it.
+public enum PairRecordReading: Sendable, Equatable {
+    /// `ended STATUS`: the guest ended.
+    case ended(Int32)
+    /// Any other record (`protected ID`, `unprotected`), or none ("(none)").
+    case says(String)
+    /// The fence's store could not be read; why.
+    case unreadable(String)
 }
 
 public struct Supervision: Sendable {
@@ -62,6 +95,8 @@ public struct Supervision: Sendable {
     static let meaning: [Int32: String] = [64: "usage", 65: "bad guest image", 69: "KVM unavailable", 71: "the guest crashed"]
     /// 75: another side holds the fence, so it is live and this side can only be its secondary.
     public static let fenced: Int32 = 75
+    /// 68: a rejoining secondary's accept timeout ran out (no live side seeded it).
+    public static let unreached: Int32 = 68
 
     /// A run shorter than this that never served the pair (never seeded, never protected) is quick: a crash
     /// loop, or a peer that keeps refusing it. Quick runs back off and count toward giving up; a side killed
@@ -69,12 +104,21 @@ public struct Supervision: Sendable {
     public let quickRunMs: UInt64
     /// Give up after this many quick runs in a row.
     public let maxQuickRuns: Int
+    /// How long a restarted secondary waits for a live side's seed before the pair record is read (0: forever,
+    /// and nothing is read).
+    public let rejoinMs: UInt64
+    /// This supervisor has the guest image (it runs `supervise primary`), so it can boot the guest again.
+    public let canColdStart: Bool
     public private(set) var quickRuns = 0
     public private(set) var stopping = false
+    /// A process of this supervisor served a protected pair: its later secondaries rejoin that pair.
+    public private(set) var pairRan = false
 
-    public init(quickRunMs: UInt64 = 10_000, maxQuickRuns: Int = 5) {
+    public init(quickRunMs: UInt64 = 10_000, maxQuickRuns: Int = 5, rejoinMs: UInt64 = 0, canColdStart: Bool = false) {
         self.quickRunMs = quickRunMs
         self.maxQuickRuns = maxQuickRuns
+        self.rejoinMs = rejoinMs
+        self.canColdStart = canColdStart
     }
 
     /// The operator stopped the supervisor (SIGTERM, SIGINT, SIGHUP): the process it runs was told to stop too,
@@ -87,20 +131,45 @@ public struct Supervision: Sendable {
 
     public mutating func childEnded(_ e: ChildEnd) -> SupervisorAction {
         let who = "the \(e.role.rawValue) \(e.exitText)"
+        if e.servedThePair { pairRan = true }
         if let s = e.ended { return .stop(status: s, why: "the pair ended (status \(s))") }
         if stopping { return .stop(status: e.status, why: "\(who); stopping as asked") }
         if case .status(let s) = e.exit, Self.hopeless.contains(s) {
             return .stop(status: s, why: "\(who): a restart cannot help (\(Self.meaning[s] ?? "status \(s)"))")
         }
+        if e.launch == .rejoin, e.exit == .status(Self.unreached) {
+            // Waiting for a live side is not a failure: it neither backs off nor counts toward giving up.
+            quickRuns = 0
+            return .readPairRecord(why: "no live side seeded the secondary within \(rejoinMs) ms")
+        }
         quickRuns = e.ranMs < quickRunMs && !e.servedThePair ? quickRuns + 1 : 0
         if quickRuns > maxQuickRuns {
             return .stop(status: e.status, why: "\(who); giving up: \(quickRuns) runs in a row ended within \(quickRunMs / 1000) s without serving the pair")
         }
-        let again = e.role == .primary && !e.wasProtected && e.exit != .status(Self.fenced)
-        let role: SupervisedRole = again ? .primary : .secondary
-        let why = again ? "\(who) before its guest ran protected: starting it again as the primary"
-            : "\(who): restarting as the live side's secondary"
-        return .restart(role, delayMs: Self.delayMs(quickRuns: quickRuns), why: why)
+        let delay = Self.delayMs(quickRuns: quickRuns)
+        if e.role == .primary && !e.wasProtected && e.exit != .status(Self.fenced) {
+            return .restart(e.launch, delayMs: delay, why: "\(who) before its guest ran protected: starting it again as the primary")
+        }
+        // After the pair ran, or with the fence held by a live side, a secondary rejoins that pair.
+        let next: SupervisedLaunch = rejoinMs > 0 && (pairRan || e.exit == .status(Self.fenced)) ? .rejoin : .secondary
+        return .restart(next, delayMs: delay, why: "\(who): restarting as the live side's secondary")
+    }
+
+    /// After `.readPairRecord`: a guest that ended stops the supervisor with its status; one that nobody runs is
+    /// booted again here if this supervisor can (a cold restart: the fence refuses it while a live side holds it);
+    /// otherwise the secondary waits again.
+    public func pairRecordRead(_ r: PairRecordReading) -> SupervisorAction {
+        let waited = "no live side seeded the secondary within \(rejoinMs) ms"
+        switch r {
+        case .ended(let s):
+            return .stop(status: s, why: "\(waited), and the pair record says the guest ended (status \(s)): the pair ended")
+        case .says(let text) where canColdStart:
+            return .restart(.coldPrimary, delayMs: 0, why: "\(waited), and the pair record says '\(text)': nobody may run the guest; booting it again as the primary (a cold restart: the fence refuses it if a live side holds it)")
+        case .says(let text):
+            return .restart(.rejoin, delayMs: 0, why: "\(waited), and the pair record says '\(text)': waiting again (only the side started with the guest image can boot it again)")
+        case .unreadable(let why):
+            return .restart(.rejoin, delayMs: 0, why: "\(waited), and the pair record cannot be read (\(why)): waiting again")
+        }
     }
 }
 

@@ -17,29 +17,35 @@ struct SuperviseCommand: ParsableCommand {
         A side killed (kill -9, a crash) or stopped by its fence while the guest lives is started again as \
         `lockstep secondary --listen <its --listen> --peer <its --peer>` with the same pair options; the live side \
         (started with --peer) seeds it. A primary that dies before its guest ran protected starts again as the \
-        primary. Stops, with the pair's status, when the guest ends; on SIGTERM, SIGINT or SIGHUP (passed on to the \
+        primary. A restarted secondary that no live side seeds within --rejoin-timeout-ms makes the supervisor read \
+        the pair record: if the guest ended, it stops with that status; if nobody runs the guest (both sides were \
+        lost), supervise primary boots it again as the primary (a cold restart; the fence refuses it while a live \
+        side holds it), and supervise secondary waits again. Stops, with the pair's status, when the guest ends; on SIGTERM, SIGINT or SIGHUP (passed on to the \
         process, which is not restarted); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
         nor protected); and on a status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). \
         SIGUSR2 is passed on (a handover). Needs --fence: a restart without one could make a second primary.
         """)
     @Option(name: .long, help: "Give up after this many quick runs in a row: ended within 10 s, never seeded nor protected (a side killed after it served the pair is always restarted at once).") var maxQuickRestarts: Int = 5
+    @Option(name: .long, help: "How long a restarted secondary waits for a live side's seed before the pair record is read: the guest ended (stop with its status), or nobody runs it (supervise primary boots it again: a cold restart) (ms; 0: wait forever, never a cold restart).") var rejoinTimeoutMs: UInt64 = 5_000
     @Argument(parsing: .allUnrecognized, help: "primary GUEST ... or secondary ...: the command to run.") var command: [String] = []
 
     func run() throws {
         let plan = try SupervisePlan(command)
         guard maxQuickRestarts >= 0 else { throw fail("--max-quick-restarts \(maxQuickRestarts): at least 0", .usage) }
-        var policy = Supervision(maxQuickRuns: maxQuickRestarts)
+        var policy = Supervision(maxQuickRuns: maxQuickRestarts, rejoinMs: rejoinTimeoutMs, canColdStart: plan.first == .primary)
         let signals = SupervisorSignals()
-        var role = plan.first
+        var launch: SupervisedLaunch = plan.first == .primary ? .primary : .secondary
         // Resolved once: an upgrade that replaces the file restarts into the new binary, not a deleted inode.
         let exe = Spawn.selfExecutable
         while true {
-            let args = plan.arguments(role)
+            let args = plan.arguments(launch, rejoinMs: rejoinTimeoutMs)
             let child: SupervisedChild
             do { child = try SupervisedChild(exe, args) } catch { throw fail("supervise: \(error)", .internalError) }
-            say("started the \(role.rawValue), pid \(child.pid): lockstep \(args.joined(separator: " "))")
-            let end = child.waitForEnd(role: role, signals: signals) { policy.stopRequested() }
-            switch policy.childEnded(end) {
+            say("started the \(launch.role.rawValue), pid \(child.pid): lockstep \(args.joined(separator: " "))")
+            let end = child.waitForEnd(launch: launch, signals: signals) { policy.stopRequested() }
+            var action = policy.childEnded(end)
+            if case .readPairRecord = action { action = policy.pairRecordRead(plan.readPairRecord()) }
+            switch action {
             case .stop(let status, let why):
                 say("\(why); exiting with \(status)")
                 throw ExitCode(status)
@@ -49,7 +55,9 @@ struct SuperviseCommand: ParsableCommand {
                     say("stopping as asked before the restart; exiting with \(end.status)")
                     throw ExitCode(end.status)
                 }
-                role = next
+                launch = next
+            case .readPairRecord:
+                throw fail("supervise: the pair record was asked for twice", .internalError)
             }
         }
     }
@@ -62,9 +70,13 @@ struct SupervisePlan {
     let first: SupervisedRole
     private let given: [String]
     private let secondary: [String]
+    private let fence: FenceLocation
+    private let fenceLeaseMs: Int
 
-    /// Options only a primary takes (each with a value); the rest carry over to its secondary.
-    static let primaryOnly: Set<String> = ["--memory", "--interrupt-latency-us", "--connect-timeout-ms"]
+    /// Options only a primary takes; the rest carry over to its secondary.
+    static let primaryOnly: Set<String> = ["--memory", "--interrupt-latency-us", "--connect-timeout-ms", "--cold-restart"]
+    /// The options of `primary` that take no value.
+    static let flags: Set<String> = ["--verbose", "--cold-restart"]
 
     init(_ command: [String]) throws {
         guard let verb = command.first, let role = SupervisedRole(rawValue: verb) else {
@@ -93,15 +105,46 @@ struct SupervisePlan {
         guard !listen.hasSuffix(":0") else {
             throw fail("supervise: --listen \(listen): the other side's --peer cannot name port 0; give a port", .usage)
         }
-        guard pair.fence != nil else {
+        guard let f = pair.fence else {
             throw fail("supervise needs --fence: a restart without one could leave two live primaries", .usage)
         }
+        do { fence = try FenceLocation(parsing: f) } catch { throw fail("\(error)", .usage) }
+        fenceLeaseMs = pair.fenceLeaseMs
         first = role
         given = args
     }
 
-    func arguments(_ role: SupervisedRole) -> [String] {
-        [role.rawValue] + (role == first ? given : secondary)
+    /// The command for `launch`: a rejoining secondary with the rejoin timeout as its accept timeout (replacing
+    /// any given), a cold restart's primary with `--cold-restart`.
+    func arguments(_ launch: SupervisedLaunch, rejoinMs: UInt64) -> [String] {
+        switch launch {
+        case .primary: return ["primary"] + given
+        case .coldPrimary: return ["primary"] + given + (given.contains("--cold-restart") ? [] : ["--cold-restart"])
+        case .secondary: return ["secondary"] + (first == .secondary ? given : secondary)
+        case .rejoin:
+            return ["secondary"] + Self.without("--accept-timeout-ms", first == .secondary ? given : secondary)
+                + ["--accept-timeout-ms", "\(rejoinMs)"]
+        }
+    }
+
+    /// The pair record, read without the fence (only a holder writes it; `ended` stays until a new primary starts).
+    func readPairRecord() -> PairRecordReading {
+        do {
+            let text = try fence.open(leaseMs: fenceLeaseMs).readPairRecord() ?? "(none)"
+            return PairRecord.endedStatus(text).map { .ended($0) } ?? .says(text)
+        } catch { return .unreadable("\(error)") }
+    }
+
+    /// `args` without the option `name` (and its value).
+    static func without(_ name: String, _ args: [String]) -> [String] {
+        var out: [String] = []
+        var i = 0
+        while i < args.count {
+            if args[i] == name { i += 2; continue }
+            if !args[i].hasPrefix(name + "=") { out.append(args[i]) }
+            i += 1
+        }
+        return out
     }
 
     private static func parse<C: ParsableCommand>(_ type: C.Type, _ args: [String]) throws -> C {
@@ -111,7 +154,7 @@ struct SupervisePlan {
     }
 
     /// A primary's arguments without its guest image, its primary-only options and its --listen (given first).
-    /// Every option of `primary` takes a value except `--verbose`; the derived command is parsed before use.
+    /// Every option of `primary` takes a value except `flags`; the derived command is parsed before use.
     static func carriedOver(_ args: [String]) -> [String] {
         var out: [String] = []
         var i = 0
@@ -121,7 +164,7 @@ struct SupervisePlan {
             guard a.hasPrefix("--") else { continue }  // the guest image, the only positional argument
             let name = String(a.split(separator: "=", maxSplits: 1)[0])
             let inline = a.contains("=")
-            let value = inline || name == "--verbose" || i >= args.count ? nil : args[i]
+            let value = inline || flags.contains(name) || i >= args.count ? nil : args[i]
             if value != nil { i += 1 }
             if primaryOnly.contains(name) || name == "--listen" { continue }
             out.append(a)
@@ -188,7 +231,7 @@ final class SupervisedChild {
     }
 
     /// Waits for the process to end, passing the supervisor's signals on (`stopped` runs for a stop signal).
-    func waitForEnd(role: SupervisedRole, signals: SupervisorSignals, stopped: () -> Void) -> ChildEnd {
+    func waitForEnd(launch: SupervisedLaunch, signals: SupervisorSignals, stopped: () -> Void) -> ChildEnd {
         var fds = [pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0), pollfd(fd: reports, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: signals.handover, events: Int16(POLLIN), revents: 0)]
         let stops = Array(signals.stop)
@@ -205,7 +248,7 @@ final class SupervisedChild {
             if r == pid || lost {
                 readReports()
                 let (code, signal) = Spawn.decode(st)
-                return ChildEnd(role: role, exit: code.map { .status($0) } ?? .signal(signal), ended: ended,
+                return ChildEnd(launch: launch, exit: code.map { .status($0) } ?? .signal(signal), ended: ended,
                                 wasProtected: wasProtected, wasSeeded: wasSeeded, ranMs: (lk_monotonic_ns() &- startNs) / 1_000_000)
             }
             // Without pidfd_open (Linux < 5.3) the child's end is looked for every 50 ms.

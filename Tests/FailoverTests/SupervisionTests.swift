@@ -6,13 +6,15 @@ import Testing
     static let exits: [ChildEnd.Exit] = [.status(0), .status(1), .status(68), .status(70), .status(72), .status(74),
                                          .status(75), .status(76), .status(143), .signal(9), .signal(15), .signal(11)]
     static let long: UInt64 = 60_000
+    /// The launches of a supervisor without a rejoin timeout.
+    static let plain: [SupervisedLaunch] = [.primary, .secondary]
 
     @Test func aReportedEndStopsWithItsStatusWhateverTheExit() {
-        for role in SupervisedRole.allCases {
+        for role in Self.plain {
             for exit in Self.exits + [.status(64), .status(71)] {
                 for protected in [false, true] {
                     var s = Supervision()
-                    let a = s.childEnded(ChildEnd(role: role, exit: exit, ended: 3, wasProtected: protected, ranMs: 5))
+                    let a = s.childEnded(ChildEnd(launch: role, exit: exit, ended: 3, wasProtected: protected, ranMs: 5))
                     #expect(a == .stop(status: 3, why: "the pair ended (status 3)"), "\(role) \(exit)")
                 }
             }
@@ -20,27 +22,27 @@ import Testing
     }
 
     @Test func theRestartedRoleIsTheSecondaryUnlessAPrimaryNeverRanProtected() {
-        for role in SupervisedRole.allCases {
+        for role in Self.plain {
             for exit in Self.exits {
                 for protected in [false, true] {
                     var s = Supervision()
-                    guard case .restart(let next, let delay, let why) = s.childEnded(ChildEnd(role: role, exit: exit, wasProtected: protected, ranMs: Self.long)) else {
+                    guard case .restart(let next, let delay, let why) = s.childEnded(ChildEnd(launch: role, exit: exit, wasProtected: protected, ranMs: Self.long)) else {
                         Issue.record("\(role) \(exit) protected=\(protected) was not restarted"); continue
                     }
                     let again = role == .primary && !protected && exit != .status(75)
                     #expect(next == (again ? .primary : .secondary), "\(role) \(exit) protected=\(protected)")
                     #expect(delay == 0)
-                    #expect(why.hasPrefix("the \(role.rawValue) "), "\(why)")
+                    #expect(why.hasPrefix("the \(role.role.rawValue) "), "\(why)")
                 }
             }
         }
     }
 
     @Test func statusesNoRestartCuresStop() {
-        for role in SupervisedRole.allCases {
+        for role in Self.plain {
             for s in Supervision.hopeless.sorted() {
                 var p = Supervision()
-                guard case .stop(let status, let why) = p.childEnded(ChildEnd(role: role, exit: .status(s), ranMs: Self.long)) else {
+                guard case .stop(let status, let why) = p.childEnded(ChildEnd(launch: role, exit: .status(s), ranMs: Self.long)) else {
                     Issue.record("\(role) exit \(s) was restarted"); continue
                 }
                 #expect(status == s && why.contains("a restart cannot help"), "\(why)")
@@ -49,27 +51,27 @@ import Testing
         // A signal's number is not a status: death by signal 64 (SIGRTMAX) is not exit status 64 (usage).
         for signo: Int32 in [1, 9, 64] {
             var p = Supervision()
-            guard case .restart(.secondary, _, _) = p.childEnded(ChildEnd(role: .secondary, exit: .signal(signo), ranMs: Self.long)) else {
+            guard case .restart(.secondary, _, _) = p.childEnded(ChildEnd(launch: .secondary, exit: .signal(signo), ranMs: Self.long)) else {
                 Issue.record("signal \(signo) was not restarted"); continue
             }
         }
     }
 
     @Test func aStopRequestIsNeverFollowedByARestart() {
-        for role in SupervisedRole.allCases {
+        for role in Self.plain {
             for exit in Self.exits {
                 var s = Supervision()
                 s.stopRequested()
-                let a = s.childEnded(ChildEnd(role: role, exit: exit, wasProtected: true, ranMs: Self.long))
+                let a = s.childEnded(ChildEnd(launch: role, exit: exit, wasProtected: true, ranMs: Self.long))
                 guard case .stop(let status, let why) = a else { Issue.record("\(role) \(exit): \(a)"); continue }
-                #expect(status == ChildEnd(role: role, exit: exit, ranMs: 0).status && why.hasSuffix("stopping as asked"))
+                #expect(status == ChildEnd(launch: role, exit: exit, ranMs: 0).status && why.hasSuffix("stopping as asked"))
             }
         }
     }
 
     @Test func quickRunsBackOffThenGiveUpAndALongRunForgetsThem() {
         var s = Supervision(quickRunMs: 10_000, maxQuickRuns: 5)
-        let quick = ChildEnd(role: .secondary, exit: .signal(9), ranMs: 9_999)
+        let quick = ChildEnd(launch: .secondary, exit: .signal(9), ranMs: 9_999)
         var delays: [UInt64] = []
         for _ in 0..<5 {
             guard case .restart(.secondary, let d, _) = s.childEnded(quick) else { Issue.record("stopped early"); return }
@@ -81,7 +83,7 @@ import Testing
 
         var t = Supervision(quickRunMs: 10_000, maxQuickRuns: 5)
         for _ in 0..<4 { _ = t.childEnded(quick) }
-        #expect(t.childEnded(ChildEnd(role: .secondary, exit: .signal(9), ranMs: 10_000)) == .restart(.secondary, delayMs: 0,
+        #expect(t.childEnded(ChildEnd(launch: .secondary, exit: .signal(9), ranMs: 10_000)) == .restart(.secondary, delayMs: 0,
                 why: "the secondary was killed by signal 9: restarting as the live side's secondary"))
         #expect(t.quickRuns == 0)
         #expect(Supervision.delayMs(quickRuns: 40) == 5_000)
@@ -92,20 +94,101 @@ import Testing
         var s = Supervision(quickRunMs: 10_000, maxQuickRuns: 2)
         for i in 0..<50 {
             let primary = i % 2 == 0
-            let e = ChildEnd(role: primary ? .primary : .secondary, exit: .signal(9), wasProtected: primary, wasSeeded: !primary, ranMs: 50)
+            let e = ChildEnd(launch: primary ? .primary : .secondary, exit: .signal(9), wasProtected: primary, wasSeeded: !primary, ranMs: 50)
             #expect(s.childEnded(e) == .restart(.secondary, delayMs: 0, why: "the \(e.role.rawValue) was killed by signal 9: restarting as the live side's secondary"))
         }
         // Then a quick run that never served: the count starts from there.
-        #expect(s.childEnded(ChildEnd(role: .secondary, exit: .status(76), ranMs: 50))
+        #expect(s.childEnded(ChildEnd(launch: .secondary, exit: .status(76), ranMs: 50))
                 == .restart(.secondary, delayMs: 0, why: "the secondary exited with 76: restarting as the live side's secondary"))
-        guard case .restart(_, 200, _) = s.childEnded(ChildEnd(role: .secondary, exit: .status(76), ranMs: 50)) else { Issue.record("no back-off"); return }
-        guard case .stop = s.childEnded(ChildEnd(role: .secondary, exit: .status(76), ranMs: 50)) else { Issue.record("did not give up"); return }
+        guard case .restart(_, 200, _) = s.childEnded(ChildEnd(launch: .secondary, exit: .status(76), ranMs: 50)) else { Issue.record("no back-off"); return }
+        guard case .stop = s.childEnded(ChildEnd(launch: .secondary, exit: .status(76), ranMs: 50)) else { Issue.record("did not give up"); return }
     }
 
     @Test func zeroQuickRestartsGivesUpOnTheFirstQuickEnd() {
         var s = Supervision(maxQuickRuns: 0)
-        #expect(s.childEnded(ChildEnd(role: .primary, exit: .status(70), wasProtected: true, ranMs: Self.long))
+        #expect(s.childEnded(ChildEnd(launch: .primary, exit: .status(70), wasProtected: true, ranMs: Self.long))
                 == .restart(.secondary, delayMs: 0, why: "the primary exited with 70: restarting as the live side's secondary"))
-        guard case .stop(70, _) = s.childEnded(ChildEnd(role: .secondary, exit: .status(70), ranMs: 1)) else { Issue.record("restarted"); return }
+        guard case .stop(70, _) = s.childEnded(ChildEnd(launch: .secondary, exit: .status(70), ranMs: 1)) else { Issue.record("restarted"); return }
+    }
+
+    /// With a rejoin timeout, a secondary restarted after the pair ran (or while a live side holds the fence)
+    /// rejoins it; before that, it waits as long as it takes (the pair record may be an old pair's `ended`).
+    @Test func restartsAfterThePairRanRejoinIt() {
+        var s = Supervision(rejoinMs: 5_000)
+        #expect(s.childEnded(ChildEnd(launch: .secondary, exit: .signal(9), ranMs: Self.long))
+                == .restart(.secondary, delayMs: 0, why: "the secondary was killed by signal 9: restarting as the live side's secondary"))
+        #expect(!s.pairRan)
+        #expect(s.childEnded(ChildEnd(launch: .primary, exit: .status(75), ranMs: 1)) == .restart(.rejoin, delayMs: 0,
+                why: "the primary exited with 75: restarting as the live side's secondary"))
+        for launch in SupervisedLaunch.allCases {
+            for exit in Self.exits where exit != .status(68) || launch != .rejoin {
+                var t = Supervision(rejoinMs: 5_000)
+                _ = t.childEnded(ChildEnd(launch: .secondary, exit: .signal(9), wasSeeded: true, ranMs: Self.long))
+                #expect(t.pairRan)
+                let a = t.childEnded(ChildEnd(launch: launch, exit: exit, wasProtected: true, ranMs: Self.long))
+                #expect(a == .restart(.rejoin, delayMs: 0, why: "the \(launch.role.rawValue) \(ChildEnd(launch: launch, exit: exit, ranMs: 0).exitText): restarting as the live side's secondary"), "\(launch) \(exit)")
+            }
+        }
+        var never = Supervision(rejoinMs: 0)
+        _ = never.childEnded(ChildEnd(launch: .secondary, exit: .signal(9), wasSeeded: true, ranMs: Self.long))
+        guard case .restart(.secondary, _, _) = never.childEnded(ChildEnd(launch: .primary, exit: .status(75), ranMs: 1)) else {
+            Issue.record("no rejoin timeout still rejoined"); return
+        }
+    }
+
+    /// A rejoining secondary nobody seeded in time makes the supervisor read the pair record: ended stops with the
+    /// guest's status; anything else boots the guest again where the image is (else waits again).
+    @Test func aRejoinThatTimesOutReadsThePairRecord() {
+        for cold in [false, true] {
+            var s = Supervision(maxQuickRuns: 1, rejoinMs: 5_000, canColdStart: cold)
+            _ = s.childEnded(ChildEnd(launch: .primary, exit: .status(1), ranMs: 1))  // one quick run
+            #expect(s.quickRuns == 1)
+            #expect(s.childEnded(ChildEnd(launch: .rejoin, exit: .status(68), ranMs: 5_001)) == .readPairRecord(why: "no live side seeded the secondary within 5000 ms"))
+            #expect(s.quickRuns == 0)
+            let waited = "no live side seeded the secondary within 5000 ms, and the pair record"
+            #expect(s.pairRecordRead(.ended(3)) == .stop(status: 3, why: "\(waited) says the guest ended (status 3): the pair ended"))
+            let says = s.pairRecordRead(.says("protected 1f"))
+            if cold {
+                #expect(says == .restart(.coldPrimary, delayMs: 0, why: "\(waited) says 'protected 1f': nobody may run the guest; booting it again as the primary (a cold restart: the fence refuses it if a live side holds it)"))
+            } else {
+                #expect(says == .restart(.rejoin, delayMs: 0, why: "\(waited) says 'protected 1f': waiting again (only the side started with the guest image can boot it again)"))
+            }
+            #expect(s.pairRecordRead(.unreadable("EIO")) == .restart(.rejoin, delayMs: 0, why: "\(waited) cannot be read (EIO): waiting again"))
+            // A 68 from any other launch is a failure like any other.
+            guard case .restart(let next, _, _) = s.childEnded(ChildEnd(launch: .secondary, exit: .status(68), ranMs: 1)), next != .coldPrimary else {
+                Issue.record("a plain secondary's 68 was taken as a rejoin timeout"); continue
+            }
+        }
+    }
+
+    /// A cold primary that never ran protected starts again as a cold primary (the record is read again, under the
+    /// fence); one refused by a held fence rejoins the live side.
+    @Test func aColdPrimaryStaysColdUntilItRanProtected() {
+        var s = Supervision(rejoinMs: 5_000, canColdStart: true)
+        #expect(s.childEnded(ChildEnd(launch: .coldPrimary, exit: .status(68), ranMs: Self.long)) == .restart(.coldPrimary, delayMs: 0,
+                why: "the primary exited with 68 before its guest ran protected: starting it again as the primary"))
+        #expect(s.childEnded(ChildEnd(launch: .coldPrimary, exit: .status(75), ranMs: 1)).isRestart(.rejoin))
+        #expect(s.childEnded(ChildEnd(launch: .coldPrimary, exit: .signal(9), wasProtected: true, ranMs: 1)).isRestart(.rejoin))
+    }
+
+    /// A live side that cannot reach this one (a cut FT link) makes it wait, try a cold restart the fence refuses,
+    /// and wait again, for as long as that lasts: never a back-off, never giving up.
+    @Test func waitingForAnUnreachableLiveSideNeverGivesUp() {
+        var s = Supervision(maxQuickRuns: 2, rejoinMs: 5_000, canColdStart: true)
+        _ = s.childEnded(ChildEnd(launch: .primary, exit: .signal(9), wasProtected: true, ranMs: Self.long))
+        for _ in 0..<100 {
+            guard case .readPairRecord = s.childEnded(ChildEnd(launch: .rejoin, exit: .status(68), ranMs: 5_000)) else { Issue.record("no record read"); return }
+            #expect(s.pairRecordRead(.says("unprotected")).isRestart(.coldPrimary))
+            guard case .restart(.rejoin, 0, _) = s.childEnded(ChildEnd(launch: .coldPrimary, exit: .status(75), ranMs: 30)) else {
+                Issue.record("the fenced cold primary did not rejoin at once"); return
+            }
+        }
+    }
+}
+
+extension SupervisorAction {
+    func isRestart(_ launch: SupervisedLaunch) -> Bool {
+        if case .restart(launch, _, _) = self { return true }
+        return false
     }
 }

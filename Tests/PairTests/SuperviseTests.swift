@@ -29,20 +29,32 @@ extension PairTests { @Suite struct SuperviseTests {
     /// Two kill -9s, one per side, in one conversation: each time the survivor serves on, the supervisor of the
     /// killed side starts it again as a secondary, and the survivor seeds it and is protected again. The guest's
     /// end stops both supervisors with its status.
+    /// Supervisor A runs the echo guest's primary (`supervise OPTIONS primary`), supervisor B its secondary; A is
+    /// protected by B when this returns.
+    struct Pair {
+        let a, b: Child
+        let udp, portA, portB: UInt16
+
+        init(_ supervise: [String] = []) throws {
+            let ws = try PairFixture.workspace()
+            udp = try PairFixture.freeUDPPort()
+            (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
+            let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
+            b = try Child("supervisor-B", ["supervise"] + supervise + ["secondary", "--listen", "127.0.0.1:\(portB)",
+                                           "--peer", "127.0.0.1:\(portA)"] + common)
+            _ = try b.listeningPort()
+            a = try Child("supervisor-A", ["supervise"] + supervise + ["primary", try PairFixture.guest("echo"), "--peer",
+                                           "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)", "--memory", "32"] + common)
+            try a.waitForLine(containing: "protected: secondary")
+        }
+    }
+
     @Test func eachKilledSideComesBackAsTheSurvivorsSecondary() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let ws = try PairFixture.workspace()
-        let udp = try PairFixture.freeUDPPort()
-        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
-        let common = PairFixture.common(ws)
-        let b = try Child("supervisor-B", ["supervise", "secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)",
-                                           "--serial", "udp:127.0.0.1:\(udp)"] + common)
-        _ = try b.listeningPort()
-        let a = try Child("supervisor-A", ["supervise", "primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)",
-                                           "--listen", "127.0.0.1:\(portA)", "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)"] + common)
+        let pair = try Pair()
+        let (a, b, portA, portB) = (pair.a, pair.b, pair.portA, pair.portB)
         defer { Self.killStarted([a, b]) }
-        try a.waitForLine(containing: "protected: secondary")
-        let talk = Conversation(port: udp)
+        let talk = Conversation(port: pair.udp)
         talk.exchange(1...3, "a")
 
         kill(try Self.started(a, 1), SIGKILL)
@@ -69,6 +81,61 @@ extension PairTests { @Suite struct SuperviseTests {
             #expect(s.stderr.contains("lockstep supervise: the pair ended (status 0); exiting with 0"), "\(s.stderrText)")
             #expect(s.stderr.filter { $0.hasPrefix(Self.startedLine) }.count == 2, "\(s.stderrText)")
         }
+        talk.expectConsistent()
+    }
+
+    /// Both sides killed at once: each supervisor restarts its side as a secondary, nobody seeds either, and
+    /// after the rejoin timeout A's supervisor (it has the image) boots the guest again as the primary, which
+    /// B's restarted secondary protects. The guest's clients see it restart.
+    @Test func whenBothSidesAreKilledTheGuestBootsAgainProtected() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let pair = try Pair(["--rejoin-timeout-ms", "1000"])
+        let (a, b) = (pair.a, pair.b)
+        defer { Self.killStarted([a, b]) }
+        let talk = Conversation(port: pair.udp)
+        talk.exchange(1...3, "a")
+        let (pa, pb) = (try Self.started(a, 1), try Self.started(b, 1))
+        kill(pa, SIGKILL)
+        kill(pb, SIGKILL)
+        try a.waitForLine(containing: "the primary was killed by signal 9: restarting as the live side's secondary")
+        try b.waitForLine(containing: "the secondary was killed by signal 9: restarting as the live side's secondary")
+        let cold = try a.waitForLine(containing: "booting it again as the primary (a cold restart")
+        // 'protected ID' (A's last record), or 'unprotected' if B saw A's socket close and went live before its kill.
+        #expect(cold.contains("no live side seeded the secondary within 1000 ms, and the pair record says '"), "\(cold)")
+        let started = try a.waitForLine(containing: "started the primary", occurrence: 2)
+        #expect(started.hasSuffix("--cold-restart"), "\(started)")
+        try a.waitForLine(containing: "lockstep: cold restart: this side took the fence")
+        try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(pair.portB)", occurrence: 2)
+        // A new incarnation: its service counts requests from 1 again.
+        let again = Conversation(port: pair.udp)
+        again.exchange(1...2, "b")
+        #expect(again.history.replies[1]?.hasPrefix("REP 1 1 ") == true, "\(again.history.replies)")
+        again.quit()
+        #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
+        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
+        #expect(!b.stderr.contains { $0.contains("--cold-restart") }, "\(b.stderrText)")
+        talk.expectConsistent()
+        again.expectConsistent()
+    }
+
+    /// A side restarted after the survivor's guest ended (its supervisor was stopped meanwhile) finds nobody to
+    /// seed it; the pair record says the guest ended, so its supervisor stops with that status, booting nothing.
+    @Test func aSideRejoiningAPairWhoseGuestEndedStops() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let pair = try Pair(["--rejoin-timeout-ms", "500"])
+        let (a, b) = (pair.a, pair.b)
+        defer { Self.killStarted([a, b]); a.signal(SIGCONT) }
+        let talk = Conversation(port: pair.udp)
+        talk.exchange(1...2, "a")
+        a.signal(SIGSTOP)
+        kill(try Self.started(a, 1), SIGKILL)
+        talk.exchange(3...3, "b", "\(b.stderrText)")
+        talk.quit()
+        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
+        a.signal(SIGCONT)
+        #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
+        #expect(a.stderr.contains("lockstep supervise: no live side seeded the secondary within 500 ms, and the pair record says the guest ended (status 0): the pair ended; exiting with 0"), "\(a.stderrText)")
+        #expect(!a.stderr.contains { $0.contains("--cold-restart") }, "\(a.stderrText)")
         talk.expectConsistent()
     }
 
