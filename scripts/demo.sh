@@ -3,7 +3,7 @@
 # interrupts land, replays it bit-exactly, shows the log, and shows that a second recording differs;
 # then the live pair: kill -9 of the primary (failover), SIGUSR2 (a planned switchover), roles swapped
 # back and forth by `lockstep control`, a lost host (SIGSTOP) with the fence in etcd, and HA restart
-# (`lockstep supervise`: each killed side comes back as the survivor's secondary).
+# (`lockstep supervise`: each killed side comes back as the survivor's secondary; both lost: a cold restart).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -102,7 +102,7 @@ PY
 head -c 32 /dev/urandom > "$OUT/key"; mkdir -p "$OUT/fence"
 # The pair steps' UDP client of the echo guest (imported by their Python).
 cat > "$OUT/democlient.py" <<'PY'
-import socket, sys, time
+import re, socket, sys, time
 def asker(port):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.01)
     def ask(line, want, limit=20.0):  # resent every 10 ms until a reply starting with want, bounded
@@ -116,6 +116,17 @@ def asker(port):
                 pass
         sys.exit("demo: no reply to %r" % line)
     return ask
+def supervised(err):  # err: each side's supervisor's stderr file
+    def line(side, text, n=1, limit=30.0):  # the nth line of a side's supervisor containing text
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            hits = [l for l in open(err[side]).read().splitlines() if text in l]
+            if len(hits) >= n: return hits[n - 1]
+            time.sleep(0.005)
+        sys.exit("demo: %s never printed %r" % (side, text))
+    def started(side, n):  # the pid of the nth process a side's supervisor started
+        return int(re.search(r", pid (\d+):", line(side, "started the", n)).group(1))
+    return line, started
 PY
 echo "== 6. the live pair: a secondary replays the primary in lockstep; kill -9 the primary; the survivor answers"
 pair_demo 1 7700 5556 echo KILL
@@ -171,19 +182,12 @@ SB=$!
 $L supervise primary Guests/build/echo.elf --peer 127.0.0.1:7705 --listen 127.0.0.1:7704 --memory 64 "${SUP[@]}" 2>"$OUT/sa.err" &
 SA=$!
 PYTHONPATH="$OUT" python3 - "$OUT/sa.err" "$OUT/sb.err" <<'PY'
-import os, re, signal, sys, time
-err = {"A": sys.argv[1], "B": sys.argv[2]}
-from democlient import asker
+import os, signal, sys, time
+from democlient import asker, supervised
+line, started = supervised({"A": sys.argv[1], "B": sys.argv[2]})
 ask = asker(5560)
-def line(side, text, n=1, limit=30.0):  # the nth stderr line of a side's supervisor containing text
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        hits = [l for l in open(err[side]).read().splitlines() if text in l]
-        if len(hits) >= n: return hits[n - 1]
-        time.sleep(0.005)
-    sys.exit("demo: %s never printed %r" % (side, text))
 def kill(side, other, port, seq, n):
-    pid = int(re.search(r", pid (\d+):", line(side, "started the", n)).group(1))
+    pid = started(side, n)
     os.kill(pid, signal.SIGKILL); t0 = time.time()
     print("  kill -9 %s's process (pid %d)" % (side, pid))
     print("  %s:         %s (%.1f ms after the kill)" % (other, ask("REQ %d after" % seq, "REP %d " % seq), (time.time() - t0) * 1000))
@@ -200,3 +204,30 @@ PY
 wait $SA && echo "supervisor A exited 0"
 wait $SB && echo "supervisor B exited 0"
 grep -h "the pair ended" "$OUT/sa.err" "$OUT/sb.err"
+echo "== 11. both sides lost: kill -9 both processes at once; each supervisor restarts a secondary that nobody"
+echo "   seeds; after --rejoin-timeout-ms (1 s here) A's supervisor boots the guest again (a cold restart), B protects it"
+SUP=(--key-file "$OUT/key" --fence "$OUT/fence" --serial "udp:127.0.0.1:5561" --status-interval-ms 0)
+$L supervise --rejoin-timeout-ms 1000 secondary --listen 127.0.0.1:7707 --peer 127.0.0.1:7706 "${SUP[@]}" 2>"$OUT/sd.err" &
+SD=$!
+$L supervise --rejoin-timeout-ms 1000 primary Guests/build/echo.elf --peer 127.0.0.1:7707 --listen 127.0.0.1:7706 --memory 64 "${SUP[@]}" 2>"$OUT/sc.err" &
+SC=$!
+PYTHONPATH="$OUT" python3 - "$OUT/sc.err" "$OUT/sd.err" <<'PY'
+import os, signal, sys, time
+from democlient import asker, supervised
+line, started = supervised({"A": sys.argv[1], "B": sys.argv[2]})
+ask = asker(5561)
+line("A", "protected: secondary")
+for i in range(1, 3): print("  A:         ", ask("REQ %d before" % i, "REP %d " % i))
+pids = started("A", 1), started("B", 1)
+for p in pids: os.kill(p, signal.SIGKILL)
+t0 = time.time()
+print("  kill -9 A's primary (pid %d) and B's secondary (pid %d)" % pids)
+c = line("A", "a cold restart")
+print("  A's supervisor: " + c[c.index("no live side"):])
+line("A", "protected: secondary at 127.0.0.1:7707", 2)
+print("  A: the guest booted again, protected by B's restarted secondary %.0f ms after the kills" % ((time.time() - t0) * 1000))
+print("  A:         ", ask("REQ 1 again", "REP 1 "), "(a new incarnation: its request count starts again)")
+print("  A:         ", ask("QUIT", "RESULT"))
+PY
+wait $SC && echo "supervisor A exited 0"
+wait $SD && echo "supervisor B exited 0"
