@@ -677,8 +677,11 @@ extension PairBench {
             restart = r
             figures += [Figure(key: "restart_kill_to_reply_p50_ms", label: "HA restart (supervise): kill -9 → survivor reply p50", value: percentile(r.killToReplyMs, 50) ?? .infinity, unit: "ms"),
                         Figure(key: "restart_kill_to_protected_p50_ms", label: "HA restart: kill -9 → protected again by the restart p50", value: percentile(r.killToProtectedMs, 50) ?? .infinity, unit: "ms"),
-                        Figure(key: "restart_kill_to_protected_max_ms", label: "HA restart: kill -9 → protected again max", value: r.killToProtectedMs.max() ?? .infinity, unit: "ms")]
+                        Figure(key: "restart_kill_to_protected_max_ms", label: "HA restart: kill -9 → protected again max", value: r.killToProtectedMs.max() ?? .infinity, unit: "ms"),
+                        Figure(key: "cold_restart_kill_to_reply_ms", label: "Both sides killed: kill -9s → rebooted guest's reply", value: r.coldKillToReplyMs, unit: "ms"),
+                        Figure(key: "cold_restart_kill_to_protected_ms", label: "Both sides killed: kill -9s → protected again", value: r.coldKillToProtectedMs, unit: "ms")]
             notes.append("HA restart: \(restarts) kill -9s of a supervised echo pair, alternating sides; each killed side came back as the survivor's secondary and both supervisors ended with the guest's status")
+            notes.append("Both sides killed: the times include the supervisors' --rejoin-timeout-ms \(Self.rejoinMs) (waiting for a live side before A's cold restart)")
         }
 
         print("Lockstep pair bench (\(Bench.hostInfo()["kernel"] ?? ""), loopback, \(repeats) run\(repeats == 1 ? "" : "s") per mode, echo: \(requests) requests, window \(window), \(placement.text)\(encrypt == "opportunistic" ? "" : ", --encrypt \(encrypt)"), fence \(fenceEtcd ?? "in a directory"))")
