@@ -33,6 +33,9 @@ public struct PairOptions: Sendable {
     /// A primary booting the guest again for a pair that lost it (`lockstep supervise`): it boots only if the pair
     /// record, read once it holds the fence, does not say the guest ended.
     public var coldRestart = false
+    /// With no first secondary within `connectTimeoutMs`, run the guest unprotected and keep looking for one
+    /// (as a primary that lost its secondary does) instead of failing.
+    public var startUnprotected = false
     /// Status line on stderr and `--status-json` rewrite period (0: none).
     public var statusIntervalMs: Int = 1000
     public var statusJSON: String?

@@ -146,14 +146,24 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         try? fence?.release()
     }
 
-    /// Connects the first secondary (bounded by `connectTimeoutMs`), then runs the guest to its end.
+    /// Connects the first secondary (bounded by `connectTimeoutMs`), then runs the guest to its end. With
+    /// `startUnprotected` and no secondary by then, the guest runs unprotected while the connector looks on.
     public func run() throws -> SessionResult {
         guard let own else { throw PairError.config("run() drives its own session only") }
         defer { watch?.stop() }
-        // Before the guest runs there is nothing to overlap: the rounds run here.
-        let first = seed(try connectInitial())
-        try first.copyHere()
-        try attach(first)
+        let conn: Connection?
+        do { conn = try connectInitial() } catch PairError.peerUnreachable(let why) where options.startUnprotected {
+            warn("no secondary within --connect-timeout-ms \(options.connectTimeoutMs) (\(why)): running the guest unprotected; looking for one at \(peerHost):\(peerPort)")
+            conn = nil
+        }
+        if let conn {
+            // Before the guest runs there is nothing to overlap: the rounds run here.
+            let first = seed(conn)
+            try first.copyHere()
+            try attach(first)
+        } else {
+            startConnector()
+        }
         session.machine.onIdle = { [unowned self] in flushLog(force: true, idle: true) }
         session.machine.beforeEntry = { [unowned self] in flushLog(force: false) }
         let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil

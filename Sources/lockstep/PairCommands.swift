@@ -91,6 +91,7 @@ struct PrimaryCommand: ParsableCommand {
     @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
     @Option(name: .long, help: "How long to wait for the first secondary (ms).") var connectTimeoutMs: Int = 30_000
     @Option(name: .long, help: "After handing the guest over, stay as the new primary's secondary, listening here (HOST:PORT; start the other side with --peer to it).") var listen: String?
+    @Flag(name: .long, help: "When no secondary answers within --connect-timeout-ms, run the guest unprotected and keep looking for one at --peer (default: exit 68).") var startUnprotected = false
     @Flag(name: .long, help: "Boot the guest again for a pair that lost it (lockstep supervise does this): once this side holds the fence, a pair record saying the guest ended stops it with that status instead.") var coldRestart = false
 
     func run() throws {
@@ -98,6 +99,7 @@ struct PrimaryCommand: ParsableCommand {
         o.connectTimeoutMs = connectTimeoutMs
         guard !coldRestart || o.fence != nil else { throw fail("--cold-restart needs --fence: the pair record there says whether the guest ended", .usage) }
         o.coldRestart = coldRestart
+        o.startUnprotected = startUnprotected
         do {
             let spec = try SerialSpec.parse(options.serial)
             let role = CurrentRole()

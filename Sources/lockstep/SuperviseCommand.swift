@@ -74,9 +74,9 @@ struct SupervisePlan {
     private let fenceLeaseMs: Int
 
     /// Options only a primary takes; the rest carry over to its secondary.
-    static let primaryOnly: Set<String> = ["--memory", "--interrupt-latency-us", "--connect-timeout-ms", "--cold-restart"]
+    static let primaryOnly: Set<String> = ["--memory", "--interrupt-latency-us", "--connect-timeout-ms", "--cold-restart", "--start-unprotected"]
     /// The options of `primary` that take no value.
-    static let flags: Set<String> = ["--verbose", "--cold-restart"]
+    static let flags: Set<String> = ["--verbose", "--cold-restart", "--start-unprotected"]
 
     init(_ command: [String]) throws {
         guard let verb = command.first, let role = SupervisedRole(rawValue: verb) else {

@@ -155,6 +155,28 @@ extension PairTests { @Suite struct FailoverTests {
         _ = try? sec.wait(seconds: 10)
     }
 
+    /// `--start-unprotected`: with no secondary within the connect timeout the guest runs unprotected (its
+    /// output leaves at once), and a secondary that comes later is seeded from the running guest and protects it.
+    @Test func aPrimaryStartedUnprotectedIsProtectedOnceASecondaryListens() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = try PairFixture.freeUDPPort()
+        let port = try PairFixture.freeTCPPort()
+        let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
+                                        "--connect-timeout-ms", "200", "--start-unprotected"] + common)
+        defer { pri.kill9() }
+        try pri.waitForLine(containing: "no secondary within --connect-timeout-ms 200 (")
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a", "\(pri.stderrText)")
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:\(port)"] + common)
+        defer { sec.kill9() }
+        let seeded = try pri.waitForLine(containing: "protected: secondary at 127.0.0.1:\(port) seeded at exit")
+        #expect(!seeded.contains("at exit 0:"), "seeded from the running guest: \(seeded)")
+        talk.exchange(4...6, "b")
+        try talk.quitInLockstep(pri, sec)
+    }
+
     /// The pair record cannot be written (here its path is a directory): the secondary is never named, so it
     /// is dropped before any output leaves on its acks, and it does not go live; the primary serves on. The
     /// secondary waits to be seeded again, and the primary tries it again, waiting longer each time.
