@@ -20,8 +20,8 @@ struct SuperviseCommand: ParsableCommand {
         primary. A restarted secondary that no live side seeds within --rejoin-timeout-ms makes the supervisor read \
         the pair record: if the guest ended, it stops with that status; if nobody runs the guest (both sides were \
         lost), supervise primary boots it again as the primary (a cold restart; the fence refuses it while a live \
-        side holds it), and supervise secondary waits again. Stops, with the pair's status, when the guest ends; on SIGTERM, SIGINT or SIGHUP (passed on to the \
-        process, which is not restarted); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
+        side holds it), and supervise secondary waits again. Stops, with the pair's status, when the guest ends; \
+        on SIGTERM, SIGINT or SIGHUP (passed on to the process, which is not restarted); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
         nor protected); and on a status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). \
         SIGUSR2 is passed on (a handover). Needs --fence: a restart without one could make a second primary.
         """)
