@@ -74,8 +74,8 @@ public struct ChildEnd: Sendable, Equatable {
 public enum SupervisorAction: Sendable, Equatable {
     case restart(SupervisedLaunch, delayMs: UInt64, why: String)
     case stop(status: Int32, why: String)
-    /// Read the pair record and give it to `pairRecordRead`.
-    case readPairRecord(why: String)
+    /// A rejoin timed out: read the pair record and give it to `pairRecordRead`, which says why.
+    case readPairRecord
 }
 
 /// The pair record as a supervisor read it.
@@ -140,7 +140,7 @@ public struct Supervision: Sendable {
         if e.launch == .rejoin, e.exit == .status(Self.unreached) {
             // Waiting for a live side is not a failure: it neither backs off nor counts toward giving up.
             quickRuns = 0
-            return .readPairRecord(why: "no live side seeded the secondary within \(rejoinMs) ms")
+            return .readPairRecord
         }
         quickRuns = e.ranMs < quickRunMs && !e.servedThePair ? quickRuns + 1 : 0
         if quickRuns > maxQuickRuns {

@@ -143,7 +143,7 @@ import Testing
             var s = Supervision(maxQuickRuns: 1, rejoinMs: 5_000, canColdStart: cold)
             _ = s.childEnded(ChildEnd(launch: .primary, exit: .status(1), ranMs: 1))  // one quick run
             #expect(s.quickRuns == 1)
-            #expect(s.childEnded(ChildEnd(launch: .rejoin, exit: .status(68), ranMs: 5_001)) == .readPairRecord(why: "no live side seeded the secondary within 5000 ms"))
+            #expect(s.childEnded(ChildEnd(launch: .rejoin, exit: .status(68), ranMs: 5_001)) == .readPairRecord)
             #expect(s.quickRuns == 0)
             let waited = "no live side seeded the secondary within 5000 ms, and the pair record"
             #expect(s.pairRecordRead(.ended(3)) == .stop(status: 3, why: "\(waited) says the guest ended (status 3): the pair ended"))
