@@ -1,4 +1,5 @@
 import Foundation
+import Failover
 import Glibc
 import Testing
 
@@ -137,6 +138,26 @@ extension PairTests { @Suite struct SuperviseTests {
         #expect(a.stderr.contains("lockstep supervise: no live side seeded the secondary within 500 ms, and the pair record says the guest ended (status 0): the pair ended; exiting with 0"), "\(a.stderrText)")
         #expect(!a.stderr.contains { $0.contains("--cold-restart") }, "\(a.stderrText)")
         talk.expectConsistent()
+    }
+
+    /// `primary --cold-restart` boots nothing when the pair record says the guest ended: it exits with that status
+    /// (reported as the pair's end), freeing the fence; without a fence to read the record from it is a usage error.
+    @Test func aColdRestartOfAGuestThatEndedBootsNothing() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        try "ended 3\n".write(toFile: ws.fence + "/lockstep.pair", atomically: true, encoding: .utf8)
+        let args = ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(try PairFixture.freeTCPPort())", "--cold-restart"]
+        let ended = try Child("cold-primary", args + PairFixture.common(ws))
+        #expect(try ended.wait(seconds: 10) == 3, "\(ended.stderrText)")
+        #expect(ended.stderr.contains("lockstep: cold restart: the pair record in \(ws.fence) says 'ended 3': the guest ended with 3; not booting it again"),
+                "\(ended.stderrText)")
+        #expect(try Fence(directory: ws.fence).readPairRecord() == "ended 3")
+        let free = Fence(directory: ws.fence)
+        #expect(try free.tryAcquire(identity: .current()) != nil, "the fence was left held")
+
+        let unfenced = try Child("cold-primary-unfenced", args + ["--key-file", ws.key])
+        #expect(try unfenced.wait(seconds: 10) == 64, "\(unfenced.stderrText)")
+        #expect(unfenced.stderrText.contains("--cold-restart needs --fence"), "\(unfenced.stderrText)")
     }
 
     /// A primary that ends before its guest ran protected (here: no secondary within its connect timeout) starts
