@@ -36,6 +36,8 @@ public struct PairOptions: Sendable {
     /// With no first secondary within `connectTimeoutMs`, run the guest unprotected and keep looking for one
     /// (as a primary that lost its secondary does) instead of failing.
     public var startUnprotected = false
+    /// `--save-guest DIR` (secondary): every seed's guest image and machine size are saved there (`SavedGuest`).
+    public var saveGuestDir: String?
     /// Status line on stderr and `--status-json` rewrite period (0: none).
     public var statusIntervalMs: Int = 1000
     public var statusJSON: String?

@@ -290,6 +290,12 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         try conn.sendAck(Ack(heldExitIndex: end.exit, replayedExitIndex: end.exit))
         warn("secondary: seeded at exit \(end.exit) (\(received) pages sent; state \(StateDigest.hex(digest).prefix(16))…); replaying")
         SupervisorReport.seeded()
+        if let dir = options.saveGuestDir {
+            // After the ack: the primary's output does not wait for this host's disk.
+            do { try SavedGuest.save(dir, image: header.image, config: header.config) } catch {
+                warn("secondary: cannot save the guest (--save-guest): \(error); if both sides are lost, this host cannot boot it again")
+            }
+        }
         return (s, src)
     }
 

@@ -140,10 +140,15 @@ struct SecondaryCommand: ParsableCommand {
     @Option(name: .long, help: "Give up when no primary connects within this many ms (default: wait forever).") var acceptTimeoutMs: Int = -1
     @Option(name: .long, help: "Once the replay has caught up, spin up to this many µs for the primary's next log frame instead of sleeping (busy polling: saves a wake-up per frame, keeps a core busy while the guest is; 0 = off). The receiver then runs at normal priority.") var linkPollUs: UInt64 = 0
     @Option(name: .long, help: "Once live, seed and protect itself with a new secondary listening here (HOST:PORT).") var peer: String?
+    @Option(name: .long, help: "Save each seed's guest image and machine size in this directory (guest.elf, guest.conf), so that `lockstep supervise secondary` can boot the guest again on this host when both sides are lost.") var saveGuest: String?
     @Flag(name: .long, help: "Print run statistics.") var verbose = false
 
     func run() throws {
         var o = try pair.options()
+        if let saveGuest {
+            do { try SavedGuest.prepare(saveGuest) } catch { throw fail("--save-guest \(error)", .usage) }
+            o.saveGuestDir = saveGuest
+        }
         guard linkPollUs <= 1_000_000 else { throw fail("--link-poll-us \(linkPollUs): at most 1000000 (1 s)", .usage) }
         o.linkPollNs = linkPollUs * 1000
         do {
