@@ -7,8 +7,9 @@
 /// starts a new secondary. Only a primary whose guest never ran protected (killed or failed before its first
 /// secondary confirmed a seed: no output can have left) starts again as the primary. A restarted secondary
 /// that no live side seeds within the rejoin timeout makes the supervisor read the pair record: the guest
-/// ended (stop with its status), or nobody runs it (both sides were lost): the side holding the guest image
-/// boots it again as the primary, a cold restart, and the fence refuses that if a live side exists after all.
+/// ended (stop with its status), or nobody runs it (both sides were lost): a side holding the guest image (the
+/// one it was given, or the copy `--save-guest` kept of its seed) boots it again as the primary, a cold
+/// restart, and the fence refuses that if a live side exists after all.
 public enum SupervisedRole: String, Sendable, Equatable, CaseIterable {
     case primary, secondary
 }
@@ -88,6 +89,14 @@ public enum PairRecordReading: Sendable, Equatable {
     case unreadable(String)
 }
 
+/// Whether a supervisor could boot the guest itself (a cold restart).
+public enum GuestAtHand: Sendable, Equatable {
+    /// The image it was given, or a checked copy its secondary saved (`--save-guest`).
+    case yes
+    /// Why not (no `--save-guest`, nothing saved yet, a damaged copy).
+    case no(String)
+}
+
 public struct Supervision: Sendable {
     /// Exit statuses no restart can cure: 64 usage, 65 bad guest image, 69 no KVM, 71 the guest crashed (its
     /// replay would crash the same way).
@@ -107,18 +116,15 @@ public struct Supervision: Sendable {
     /// How long a restarted secondary waits for a live side's seed before the pair record is read (0: forever,
     /// and nothing is read).
     public let rejoinMs: UInt64
-    /// This supervisor has the guest image (it runs `supervise primary`), so it can boot the guest again.
-    public let canColdStart: Bool
     public private(set) var quickRuns = 0
     public private(set) var stopping = false
     /// A process of this supervisor served a protected pair: its later secondaries rejoin that pair.
     public private(set) var pairRan = false
 
-    public init(quickRunMs: UInt64 = 10_000, maxQuickRuns: Int = 5, rejoinMs: UInt64 = 0, canColdStart: Bool = false) {
+    public init(quickRunMs: UInt64 = 10_000, maxQuickRuns: Int = 5, rejoinMs: UInt64 = 0) {
         self.quickRunMs = quickRunMs
         self.maxQuickRuns = maxQuickRuns
         self.rejoinMs = rejoinMs
-        self.canColdStart = canColdStart
     }
 
     /// The operator stopped the supervisor (SIGTERM, SIGINT, SIGHUP): the process it runs was told to stop too,
@@ -156,17 +162,19 @@ public struct Supervision: Sendable {
     }
 
     /// After `.readPairRecord`: a guest that ended stops the supervisor with its status; one that nobody runs is
-    /// booted again here if this supervisor can (a cold restart: the fence refuses it while a live side holds it);
+    /// booted again here if this side has its image (a cold restart: the fence refuses it while a live side
+    /// holds it; when both sides can, the first to take the fence boots and the other becomes its secondary);
     /// otherwise the secondary waits again.
-    public func pairRecordRead(_ r: PairRecordReading) -> SupervisorAction {
+    public func pairRecordRead(_ r: PairRecordReading, guest: GuestAtHand) -> SupervisorAction {
         let waited = "no live side seeded the secondary within \(rejoinMs) ms"
         switch r {
         case .ended(let s):
             return .stop(status: s, why: "\(waited), and the pair record says the guest ended (status \(s)): the pair ended")
-        case .says(let text) where canColdStart:
-            return .restart(.coldPrimary, delayMs: 0, why: "\(waited), and the pair record says '\(text)': nobody may run the guest; booting it again as the primary (a cold restart: the fence refuses it if a live side holds it)")
         case .says(let text):
-            return .restart(.rejoin, delayMs: 0, why: "\(waited), and the pair record says '\(text)': waiting again (only the side started with the guest image can boot it again)")
+            guard case .no(let why) = guest else {
+                return .restart(.coldPrimary, delayMs: 0, why: "\(waited), and the pair record says '\(text)': nobody may run the guest; booting it again as the primary (a cold restart: the fence refuses it if a live side holds it)")
+            }
+            return .restart(.rejoin, delayMs: 0, why: "\(waited), and the pair record says '\(text)': waiting again (this side cannot boot the guest: \(why))")
         case .unreadable(let why):
             return .restart(.rejoin, delayMs: 0, why: "\(waited), and the pair record cannot be read (\(why)): waiting again")
         }

@@ -19,20 +19,22 @@ struct SuperviseCommand: ParsableCommand {
         (started with --peer) seeds it. A primary that dies before its guest ran protected starts again as the \
         primary. A restarted secondary that no live side seeds within --rejoin-timeout-ms makes the supervisor read \
         the pair record: if the guest ended, it stops with that status; if nobody runs the guest (both sides were \
-        lost), supervise primary boots it again as the primary (a cold restart; the fence refuses it while a live \
-        side holds it), and supervise secondary waits again. Stops, with the pair's status, when the guest ends; \
+        lost), a side that has the guest image boots it again as the primary (a cold restart, unprotected until a \
+        secondary answers at its --peer; the fence refuses it while a live side holds it): supervise primary always, \
+        supervise secondary when given --save-guest DIR and seeded once; otherwise it waits again. \
+        Stops, with the pair's status, when the guest ends; \
         on SIGTERM, SIGINT or SIGHUP (passed on to the process, which is not restarted); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
         nor protected); and on a status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). \
         SIGUSR2 is passed on (a handover). Needs --fence: a restart without one could make a second primary.
         """)
     @Option(name: .long, help: "Give up after this many quick runs in a row: ended within 10 s, never seeded nor protected (a side killed after it served the pair is always restarted at once).") var maxQuickRestarts: Int = 5
-    @Option(name: .long, help: "How long a restarted secondary waits for a live side's seed before the pair record is read: the guest ended (stop with its status), or nobody runs it (supervise primary boots it again: a cold restart) (ms; 0: wait forever, never a cold restart).") var rejoinTimeoutMs: UInt64 = 5_000
+    @Option(name: .long, help: "How long a restarted secondary waits for a live side's seed before the pair record is read: the guest ended (stop with its status), or nobody runs it (both sides were lost: this side boots it again if it has the image, a cold restart) (ms; 0: wait forever, never a cold restart).") var rejoinTimeoutMs: UInt64 = 5_000
     @Argument(parsing: .allUnrecognized, help: "primary GUEST ... or secondary ...: the command to run.") var command: [String] = []
 
     func run() throws {
-        let plan = try SupervisePlan(command)
+        var plan = try SupervisePlan(command)
         guard maxQuickRestarts >= 0 else { throw fail("--max-quick-restarts \(maxQuickRestarts): at least 0", .usage) }
-        var policy = Supervision(maxQuickRuns: maxQuickRestarts, rejoinMs: rejoinTimeoutMs, canColdStart: plan.first == .primary)
+        var policy = Supervision(maxQuickRuns: maxQuickRestarts, rejoinMs: rejoinTimeoutMs)
         let signals = SupervisorSignals()
         var launch: SupervisedLaunch = plan.first == .primary ? .primary : .secondary
         // Resolved once: an upgrade that replaces the file restarts into the new binary, not a deleted inode.
@@ -44,7 +46,7 @@ struct SuperviseCommand: ParsableCommand {
             say("started the \(launch.role.rawValue), pid \(child.pid): lockstep \(args.joined(separator: " "))")
             let end = child.waitForEnd(launch: launch, signals: signals) { policy.stopRequested() }
             var action = policy.childEnded(end)
-            if case .readPairRecord = action { action = policy.pairRecordRead(plan.readPairRecord()) }
+            if case .readPairRecord = action { action = policy.pairRecordRead(plan.readPairRecord(), guest: plan.lookForGuest()) }
             switch action {
             case .stop(let status, let why):
                 say("\(why); exiting with \(status)")
@@ -65,18 +67,26 @@ struct SuperviseCommand: ParsableCommand {
     private func say(_ s: String) { stderr("lockstep supervise: \(s)") }
 }
 
-/// The commands a supervisor runs: the one it was given, and this side's secondary derived from it.
+/// The commands a supervisor runs: the one it was given, this side's secondary derived from it, and (for a
+/// cold restart) a primary of the guest image it was given or its secondary saved.
 struct SupervisePlan {
     let first: SupervisedRole
     private let given: [String]
     private let secondary: [String]
     private let fence: FenceLocation
     private let fenceLeaseMs: Int
+    /// supervise secondary: its `--save-guest`, and the primary's options its cold restart takes from it.
+    private let saveGuest: String?
+    private let coldCarried: [String]
+    /// The saved guest `lookForGuest` found (supervise secondary).
+    private var saved: SavedGuest?
 
     /// Options only a primary takes; the rest carry over to its secondary.
     static let primaryOnly: Set<String> = ["--memory", "--interrupt-latency-us", "--connect-timeout-ms", "--cold-restart", "--start-unprotected"]
     /// The options of `primary` that take no value.
     static let flags: Set<String> = ["--verbose", "--cold-restart", "--start-unprotected"]
+    /// Options only a secondary takes (and its addresses, which a cold primary takes as --listen and --peer).
+    static let secondaryOnly: Set<String> = ["--listen", "--peer", "--accept-timeout-ms", "--link-poll-us", "--save-guest"]
 
     init(_ command: [String]) throws {
         guard let verb = command.first, let role = SupervisedRole(rawValue: verb) else {
@@ -92,15 +102,19 @@ struct SupervisePlan {
                 throw fail("supervise primary needs --listen HOST:PORT: its restart is a secondary listening there, for the live side's --peer", .usage)
             }
             (pair, listen) = (p.pair, l)
-            secondary = ["--listen", l] + Self.carriedOver(args)
+            secondary = ["--listen", l] + Self.carriedOver(args, dropping: Self.primaryOnly.union(["--listen"]), flags: Self.flags)
             _ = try Self.parse(SecondaryCommand.self, secondary)
+            (saveGuest, coldCarried) = (nil, [])
         case .secondary:
             let s = try Self.parse(SecondaryCommand.self, args)
-            guard s.peer != nil else {
+            guard let peer = s.peer else {
                 throw fail("supervise secondary needs --peer HOST:PORT: once live it seeds the other side's restart there", .usage)
             }
             (pair, listen) = (s.pair, s.listen)
             secondary = args
+            saveGuest = s.saveGuest
+            coldCarried = ["--peer", peer, "--listen", listen] + Self.carriedOver(args, dropping: Self.secondaryOnly, flags: ["--verbose"])
+            _ = try Self.parse(PrimaryCommand.self, ["guest.elf"] + coldCarried)
         }
         guard !listen.hasSuffix(":0") else {
             throw fail("supervise: --listen \(listen): the other side's --peer cannot name port 0; give a port", .usage)
@@ -115,11 +129,21 @@ struct SupervisePlan {
     }
 
     /// The command for `launch`: a rejoining secondary with the rejoin timeout as its accept timeout (replacing
-    /// any given), a cold restart's primary with `--cold-restart`.
+    /// any given); a cold restart's primary (the given image, or the saved guest with the secondary's options)
+    /// with `--cold-restart --start-unprotected` and the rejoin timeout as its connect timeout.
     func arguments(_ launch: SupervisedLaunch, rejoinMs: UInt64) -> [String] {
         switch launch {
         case .primary: return ["primary"] + given
-        case .coldPrimary: return ["primary"] + given + (given.contains("--cold-restart") ? [] : ["--cold-restart"])
+        case .coldPrimary:
+            // Booted for a pair that lost its guest: unprotected rather than down while no secondary answers, and
+            // a live other side answers within the rejoin timeout (it listens again after each one).
+            var boot = given
+            if first == .secondary {
+                guard let g = saved else { preconditionFailure("a cold restart of supervise secondary before lookForGuest found a guest") }
+                boot = [g.imagePath, "--memory", "\(g.memoryMiB)", "--interrupt-latency-us", "\(g.interruptLatencyUs)"] + coldCarried
+            }
+            return ["primary"] + Self.without("--connect-timeout-ms", boot.filter { $0 != "--cold-restart" && $0 != "--start-unprotected" })
+                + ["--connect-timeout-ms", "\(rejoinMs)", "--start-unprotected", "--cold-restart"]
         case .secondary: return ["secondary"] + (first == .secondary ? given : secondary)
         case .rejoin:
             return ["secondary"] + Self.without("--accept-timeout-ms", first == .secondary ? given : secondary)
@@ -133,6 +157,18 @@ struct SupervisePlan {
             let text = try fence.open(leaseMs: fenceLeaseMs).readPairRecord() ?? "(none)"
             return PairRecord.endedStatus(text).map { .ended($0) } ?? .says(text)
         } catch { return .unreadable("\(error)") }
+    }
+
+    /// Whether this side could boot the guest now: supervise primary has its image; supervise secondary has the
+    /// copy its secondaries saved (`--save-guest`), checked here and kept for `arguments(.coldPrimary, ...)`.
+    mutating func lookForGuest() -> GuestAtHand {
+        guard first == .secondary else { return .yes }
+        guard let dir = saveGuest else { return .no("supervise secondary keeps a copy of the guest only with --save-guest DIR") }
+        do { saved = try SavedGuest.load(dir) } catch {
+            saved = nil
+            return .no("\(error)")
+        }
+        return .yes
     }
 
     /// `args` without the option `name` (and its value).
@@ -153,9 +189,9 @@ struct SupervisePlan {
         }
     }
 
-    /// A primary's arguments without its guest image, its primary-only options and its --listen (given first).
-    /// Every option of `primary` takes a value except `flags`; the derived command is parsed before use.
-    static func carriedOver(_ args: [String]) -> [String] {
+    /// One side's arguments without its positional arguments (a primary's guest image) and the options in
+    /// `dropping`. Every option takes a value except `flags`; the derived command is parsed before use.
+    static func carriedOver(_ args: [String], dropping: Set<String>, flags: Set<String>) -> [String] {
         var out: [String] = []
         var i = 0
         while i < args.count {
@@ -166,7 +202,7 @@ struct SupervisePlan {
             let inline = a.contains("=")
             let value = inline || flags.contains(name) || i >= args.count ? nil : args[i]
             if value != nil { i += 1 }
-            if primaryOnly.contains(name) || name == "--listen" { continue }
+            if dropping.contains(name) { continue }
             out.append(a)
             if let value { out.append(value) }
         }

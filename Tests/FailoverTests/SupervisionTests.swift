@@ -137,23 +137,23 @@ import Testing
     }
 
     /// A rejoining secondary nobody seeded in time makes the supervisor read the pair record: ended stops with the
-    /// guest's status; anything else boots the guest again where the image is (else waits again).
+    /// guest's status; anything else boots the guest again where the image is (else waits again, saying why).
     @Test func aRejoinThatTimesOutReadsThePairRecord() {
-        for cold in [false, true] {
-            var s = Supervision(maxQuickRuns: 1, rejoinMs: 5_000, canColdStart: cold)
+        for guest in [GuestAtHand.no("nothing saved"), .yes] {
+            var s = Supervision(maxQuickRuns: 1, rejoinMs: 5_000)
             _ = s.childEnded(ChildEnd(launch: .primary, exit: .status(1), ranMs: 1))  // one quick run
             #expect(s.quickRuns == 1)
             #expect(s.childEnded(ChildEnd(launch: .rejoin, exit: .status(68), ranMs: 5_001)) == .readPairRecord)
             #expect(s.quickRuns == 0)
             let waited = "no live side seeded the secondary within 5000 ms, and the pair record"
-            #expect(s.pairRecordRead(.ended(3)) == .stop(status: 3, why: "\(waited) says the guest ended (status 3): the pair ended"))
-            let says = s.pairRecordRead(.says("protected 1f"))
-            if cold {
+            #expect(s.pairRecordRead(.ended(3), guest: guest) == .stop(status: 3, why: "\(waited) says the guest ended (status 3): the pair ended"))
+            let says = s.pairRecordRead(.says("protected 1f"), guest: guest)
+            if guest == .yes {
                 #expect(says == .restart(.coldPrimary, delayMs: 0, why: "\(waited) says 'protected 1f': nobody may run the guest; booting it again as the primary (a cold restart: the fence refuses it if a live side holds it)"))
             } else {
-                #expect(says == .restart(.rejoin, delayMs: 0, why: "\(waited) says 'protected 1f': waiting again (only the side started with the guest image can boot it again)"))
+                #expect(says == .restart(.rejoin, delayMs: 0, why: "\(waited) says 'protected 1f': waiting again (this side cannot boot the guest: nothing saved)"))
             }
-            #expect(s.pairRecordRead(.unreadable("EIO")) == .restart(.rejoin, delayMs: 0, why: "\(waited) cannot be read (EIO): waiting again"))
+            #expect(s.pairRecordRead(.unreadable("EIO"), guest: guest) == .restart(.rejoin, delayMs: 0, why: "\(waited) cannot be read (EIO): waiting again"))
             // A 68 from any other launch is a failure like any other.
             guard case .restart(let next, _, _) = s.childEnded(ChildEnd(launch: .secondary, exit: .status(68), ranMs: 1)), next != .coldPrimary else {
                 Issue.record("a plain secondary's 68 was taken as a rejoin timeout"); continue
@@ -164,7 +164,7 @@ import Testing
     /// A cold primary that never ran protected starts again as a cold primary (the record is read again, under the
     /// fence); one refused by a held fence rejoins the live side.
     @Test func aColdPrimaryStaysColdUntilItRanProtected() {
-        var s = Supervision(rejoinMs: 5_000, canColdStart: true)
+        var s = Supervision(rejoinMs: 5_000)
         #expect(s.childEnded(ChildEnd(launch: .coldPrimary, exit: .status(68), ranMs: Self.long)) == .restart(.coldPrimary, delayMs: 0,
                 why: "the primary exited with 68 before its guest ran protected: starting it again as the primary"))
         #expect(s.childEnded(ChildEnd(launch: .coldPrimary, exit: .status(75), ranMs: 1)).isRestart(.rejoin))
@@ -174,11 +174,11 @@ import Testing
     /// A live side that cannot reach this one (a cut FT link) makes it wait, try a cold restart the fence refuses,
     /// and wait again, for as long as that lasts: never a back-off, never giving up.
     @Test func waitingForAnUnreachableLiveSideNeverGivesUp() {
-        var s = Supervision(maxQuickRuns: 2, rejoinMs: 5_000, canColdStart: true)
+        var s = Supervision(maxQuickRuns: 2, rejoinMs: 5_000)
         _ = s.childEnded(ChildEnd(launch: .primary, exit: .signal(9), wasProtected: true, ranMs: Self.long))
         for _ in 0..<100 {
             guard case .readPairRecord = s.childEnded(ChildEnd(launch: .rejoin, exit: .status(68), ranMs: 5_000)) else { Issue.record("no record read"); return }
-            #expect(s.pairRecordRead(.says("unprotected")).isRestart(.coldPrimary))
+            #expect(s.pairRecordRead(.says("unprotected"), guest: .yes).isRestart(.coldPrimary))
             guard case .restart(.rejoin, 0, _) = s.childEnded(ChildEnd(launch: .coldPrimary, exit: .status(75), ranMs: 30)) else {
                 Issue.record("the fenced cold primary did not rejoin at once"); return
             }

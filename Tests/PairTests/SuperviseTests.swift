@@ -35,14 +35,19 @@ extension PairTests { @Suite struct SuperviseTests {
     struct Pair {
         let a, b: Child
         let udp, portA, portB: UInt16
+        let ws: (dir: String, key: String, fence: String)
 
-        init(_ supervise: [String] = []) throws {
-            let ws = try PairFixture.workspace()
+        /// B's secondary saves its seeds' guest here with `saveGuest`.
+        var saved: String { ws.dir + "/saved" }
+
+        init(_ supervise: [String] = [], saveGuest: Bool = false) throws {
+            ws = try PairFixture.workspace()
+            let secondary = saveGuest ? ["--save-guest", ws.dir + "/saved"] : []
             udp = try PairFixture.freeUDPPort()
             (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
             let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
             b = try Child("supervisor-B", ["supervise"] + supervise + ["secondary", "--listen", "127.0.0.1:\(portB)",
-                                           "--peer", "127.0.0.1:\(portA)"] + common)
+                                           "--peer", "127.0.0.1:\(portA)"] + secondary + common)
             _ = try b.listeningPort()
             a = try Child("supervisor-A", ["supervise"] + supervise + ["primary", try PairFixture.guest("echo"), "--peer",
                                            "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)", "--memory", "32"] + common)
@@ -87,12 +92,13 @@ extension PairTests { @Suite struct SuperviseTests {
 
     /// Both sides killed at once: each supervisor restarts its side as a secondary, nobody seeds either, and
     /// after the rejoin timeout A's supervisor (it has the image) boots the guest again as the primary, which
-    /// B's restarted secondary protects. The guest's clients see it restart.
-    @Test func whenBothSidesAreKilledTheGuestBootsAgainProtected() throws {
+    /// B's restarted secondary protects. The guest's clients see it restart. When B has a saved copy too
+    /// (`bothHaveIt`), both try: the first to take the fence boots the guest, the other becomes its secondary.
+    @Test(arguments: [false, true]) func whenBothSidesAreKilledTheGuestBootsAgainProtected(bothHaveIt: Bool) throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let pair = try Pair(["--rejoin-timeout-ms", "1000"])
+        let pair = try Pair(["--rejoin-timeout-ms", "1000"], saveGuest: bothHaveIt)
         let (a, b) = (pair.a, pair.b)
-        defer { Self.killStarted([a, b]) }
+        defer { Self.killStarted([a, b]); try? FileManager.default.removeItem(atPath: pair.ws.dir) }
         let talk = Conversation(port: pair.udp)
         talk.exchange(1...3, "a")
         let (pa, pb) = (try Self.started(a, 1), try Self.started(b, 1))
@@ -100,13 +106,17 @@ extension PairTests { @Suite struct SuperviseTests {
         kill(pb, SIGKILL)
         try a.waitForLine(containing: "the primary was killed by signal 9: restarting as the live side's secondary")
         try b.waitForLine(containing: "the secondary was killed by signal 9: restarting as the live side's secondary")
-        let cold = try a.waitForLine(containing: "booting it again as the primary (a cold restart")
+        // Whoever boots the guest again says so once it holds the fence.
+        let booted = "lockstep: cold restart: this side took the fence"
+        let winner = try Child.first(of: [a, b], containing: booted)
+        let (loser, loserPort) = winner === a ? (b, pair.portB) : (a, pair.portA)
+        if !bothHaveIt { #expect(winner === a) }
+        let cold = try winner.waitForLine(containing: "booting it again as the primary (a cold restart")
         // 'protected ID' (A's last record), or 'unprotected' if B saw A's socket close and went live before its kill.
         #expect(cold.contains("no live side seeded the secondary within 1000 ms, and the pair record says '"), "\(cold)")
-        let started = try a.waitForLine(containing: "started the primary", occurrence: 2)
+        let started = try winner.waitForLine(containing: "started the primary", occurrence: winner === a ? 2 : 1)
         #expect(started.hasSuffix("--cold-restart"), "\(started)")
-        try a.waitForLine(containing: "lockstep: cold restart: this side took the fence")
-        try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(pair.portB)", occurrence: 2)
+        try winner.waitForLine(containing: "protected: secondary at 127.0.0.1:\(loserPort)", occurrence: winner === a ? 2 : 1)
         // A new incarnation: its service counts requests from 1 again.
         let again = Conversation(port: pair.udp)
         again.exchange(1...2, "b")
@@ -114,7 +124,49 @@ extension PairTests { @Suite struct SuperviseTests {
         again.quit()
         #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
         #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
-        #expect(!b.stderr.contains { $0.contains("--cold-restart") }, "\(b.stderrText)")
+        #expect(!loser.stderr.contains { $0.hasPrefix(booted) }, "\(loser.stderrText)")
+        if !bothHaveIt {
+            #expect(!b.stderr.contains { $0.contains("--cold-restart") }, "\(b.stderrText)")
+            #expect(b.stderr.contains { $0.contains("this side cannot boot the guest: supervise secondary keeps a copy of the guest only with --save-guest DIR") }
+                    || !b.stderr.contains { $0.contains("no live side seeded") }, "\(b.stderrText)")
+        }
+        talk.expectConsistent()
+        again.expectConsistent()
+    }
+
+    /// Host A lost (its supervisor and primary killed), then B's process: B's supervisor restarts it, nobody seeds
+    /// it, and it boots the guest again from the copy its secondary saved (`--save-guest`): unprotected at first
+    /// (A's host is gone), protected once a secondary listens at A's address again.
+    @Test func theSecondarysHostBootsTheGuestAgainFromItsSavedCopy() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let pair = try Pair(["--rejoin-timeout-ms", "500"], saveGuest: true)
+        let (a, b) = (pair.a, pair.b)
+        defer { Self.killStarted([a, b]); try? FileManager.default.removeItem(atPath: pair.ws.dir) }
+        let talk = Conversation(port: pair.udp)
+        talk.exchange(1...2, "a")
+        a.kill9()
+        kill(try Self.started(a, 1), SIGKILL)
+        try b.waitForLine(containing: "live: ")
+        talk.exchange(3...3, "b", "\(b.stderrText)")
+        kill(try Self.started(b, 1), SIGKILL)
+        let cold = try b.waitForLine(containing: "booting it again as the primary (a cold restart")
+        #expect(cold.contains("no live side seeded the secondary within 500 ms, and the pair record says 'unprotected'"), "\(cold)")
+        let started = try b.waitForLine(containing: "started the primary")
+        #expect(started.contains("lockstep primary \(pair.saved)/guest.elf --memory 32 --interrupt-latency-us 1000 --peer 127.0.0.1:\(pair.portA) --listen 127.0.0.1:\(pair.portB) "), "\(started)")
+        #expect(started.hasSuffix("--connect-timeout-ms 500 --start-unprotected --cold-restart"), "\(started)")
+        try b.waitForLine(containing: "running the guest unprotected; looking for one at 127.0.0.1:\(pair.portA)")
+        // A new incarnation: its service counts requests from 1 again.
+        let again = Conversation(port: pair.udp)
+        again.exchange(1...1, "c")
+        #expect(again.history.replies[1]?.hasPrefix("REP 1 1 ") == true, "\(again.history.replies)")
+        let newA = try Child("secondary-A", ["secondary", "--listen", "127.0.0.1:\(pair.portA)", "--serial", "udp:127.0.0.1:\(pair.udp)"]
+                             + PairFixture.common(pair.ws))
+        defer { newA.kill9() }
+        try b.waitForLine(containing: "protected: secondary at 127.0.0.1:\(pair.portA)", seconds: 30)
+        again.exchange(2...3, "d")
+        again.quit()
+        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
+        #expect(try newA.wait(seconds: 30) == 0, "\(newA.stderrText)")
         talk.expectConsistent()
         again.expectConsistent()
     }

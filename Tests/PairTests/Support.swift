@@ -134,6 +134,25 @@ final class Child: @unchecked Sendable {
         }
     }
 
+    /// The first of `children` to print a line containing `text` (each one's lines waited on by a thread of its own,
+    /// which ends when that child prints it, exits, or `seconds` pass).
+    static func first(of children: [Child], containing text: String, seconds: Double = 30) throws -> Child {
+        let done = DispatchSemaphore(value: 0)
+        let winner = NSLock()
+        nonisolated(unsafe) var first: Child?
+        for c in children {
+            Thread.detachNewThread {
+                guard (try? c.waitForLine(containing: text, seconds: seconds)) != nil else { return }
+                winner.lock(); if first == nil { first = c }; winner.unlock()
+                done.signal()
+            }
+        }
+        _ = done.wait(timeout: .now() + seconds)
+        winner.lock(); defer { winner.unlock() }
+        guard let first else { throw PairTestError("none of \(children.map(\.name)) printed '\(text)' within \(seconds) s") }
+        return first
+    }
+
     /// Waits for the process to end; returns its status (or the signal number for a signal death).
     @discardableResult
     func wait(seconds: Double = 60) throws -> Int32 {
