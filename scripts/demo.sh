@@ -3,7 +3,8 @@
 # interrupts land, replays it bit-exactly, shows the log, and shows that a second recording differs;
 # then the live pair: kill -9 of the primary (failover), SIGUSR2 (a planned switchover), roles swapped
 # back and forth by `lockstep control`, a lost host (SIGSTOP) with the fence in etcd, and HA restart
-# (`lockstep supervise`: each killed side comes back as the survivor's secondary; both lost: a cold restart).
+# (`lockstep supervise`: each killed side comes back as the survivor's secondary; both lost: a cold restart,
+# on host B from the copy of the guest its secondary saved when host A is gone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -231,3 +232,41 @@ print("  A:         ", ask("QUIT", "RESULT"))
 PY
 wait $SC && echo "supervisor A exited 0"
 wait $SD && echo "supervisor B exited 0"
+echo "== 12. host A gone: kill -9 A's supervisor and primary (B goes live), then B's process; B's secondary saved the"
+echo "   guest (--save-guest), so B's supervisor boots it again from that copy, unprotected until a secondary listens at A"
+SUP=(--key-file "$OUT/key" --fence "$OUT/fence" --serial "udp:127.0.0.1:5562" --status-interval-ms 0)
+$L supervise --rejoin-timeout-ms 1000 secondary --listen 127.0.0.1:7709 --peer 127.0.0.1:7708 --save-guest "$OUT/saved" "${SUP[@]}" 2>"$OUT/sf.err" &
+SF=$!
+# A's supervisor and the secondary that comes later are the Python's children: it kills A's, so the shell never reports it.
+PYTHONPATH="$OUT" python3 - "$OUT" "$L" "${SUP[@]}" <<'PY'
+import os, signal, subprocess, sys, time
+from democlient import asker, supervised
+out, lockstep, sup = sys.argv[1], sys.argv[2], sys.argv[3:]
+supA = subprocess.Popen([lockstep, "supervise", "--rejoin-timeout-ms", "1000", "primary", "Guests/build/echo.elf", "--peer", "127.0.0.1:7709",
+                         "--listen", "127.0.0.1:7708", "--memory", "64"] + sup, stderr=open(out + "/se.err", "w"))
+line, started = supervised({"A": out + "/se.err", "B": out + "/sf.err"})
+ask = asker(5562)
+line("A", "protected: secondary")
+for i in range(1, 3): print("  A:         ", ask("REQ %d before" % i, "REP %d " % i))
+a = started("A", 1)
+supA.kill(); os.kill(a, signal.SIGKILL); supA.wait()
+print("  kill -9 A's supervisor and its primary (pid %d): host A is gone" % a)
+print("  B:         ", ask("REQ 3 after", "REP 3 "))
+b = started("B", 1)
+os.kill(b, signal.SIGKILL); t0 = time.time()
+print("  kill -9 B's process (pid %d)" % b)
+c = line("B", "a cold restart")
+print("  B's supervisor: " + c[c.index("no live side"):])
+p = line("B", "started the primary")
+print("  B's supervisor: " + p[p.index("lockstep primary"):p.index(" --peer")] + " ... --cold-restart")
+print("  B:         ", ask("REQ 1 again", "REP 1 "), "(rebooted from the saved copy %.0f ms after the kill:" % ((time.time() - t0) * 1000))
+print("              a rejoin timeout, then one more for a secondary before it runs unprotected)")
+sec = subprocess.Popen([lockstep, "secondary", "--listen", "127.0.0.1:7708"] + sup, stderr=open(out + "/sg.err", "w"))
+print("  a secondary started at A's address")
+line("B", "protected: secondary at 127.0.0.1:7708")
+print("  B: protected again")
+print("  B:         ", ask("REQ 2 again", "REP 2 "))
+print("  B:         ", ask("QUIT", "RESULT"))
+if sec.wait(30) != 0: sys.exit("demo: the new secondary did not exit 0")
+PY
+wait $SF && echo "supervisor B exited 0"
