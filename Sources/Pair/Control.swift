@@ -80,6 +80,9 @@ final class HandoverReplies: Sendable {
 public protocol PairRole: AnyObject, Sendable {
     func status() -> PairStatus
     func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)?)
+    /// SIGTERM: a side running the guest hands it to its secondary and then ends (not staying on as the new
+    /// primary's secondary); any other side is refused at once.
+    func handOverToLeave(reply: @escaping @Sendable (HandoverOutcome) -> Void)
 }
 
 /// The role a pair process has now: a primary that handed its guest over may go on as the new primary's
@@ -93,6 +96,36 @@ public final class CurrentRole: Sendable {
 
     public func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)? = nil) {
         if let r = role.withLock({ $0 }) { r.requestHandover(reply: reply) } else { reply?(.refused("handover refused: nothing runs yet")) }
+    }
+
+    /// A SIGTERM arrived: this process is ending (a primary that hands over does not stay as a secondary).
+    public var terminating: Bool { stopping.load(ordering: .acquiring) }
+    private let stopping = Atomic<Bool>(false)
+
+    /// SIGTERM (its signal thread): an orderly stop. A side running the guest protected hands it to its secondary,
+    /// which goes on as the primary (nothing lost or repeated, as with SIGUSR2), and this process then ends by
+    /// itself. Anything else (a secondary, a side running the guest unprotected, a refused or failed handover,
+    /// a second SIGTERM) dies of the signal, as a process without this handler would.
+    public func terminate(boundMs: Int) {
+        guard !stopping.exchange(true, ordering: .acquiringAndReleasing), let r = role.withLock({ $0 }) else { Self.dieOfSIGTERM() }
+        let answer = Mutex<HandoverOutcome?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        r.handOverToLeave { outcome in answer.withLock { $0 = outcome }; done.signal() }
+        guard done.wait(timeout: .now() + .milliseconds(boundMs)) == .success, let outcome = answer.withLock({ $0 }) else {
+            warn("SIGTERM: no handover within \(boundMs) ms; stopping without one")
+            Self.dieOfSIGTERM()
+        }
+        guard case .handedOver = outcome else {
+            warn("SIGTERM: \(outcome.message); stopping without a handover")
+            Self.dieOfSIGTERM()
+        }
+        warn("SIGTERM: the secondary runs the guest now; this side ends")
+    }
+
+    private static func dieOfSIGTERM() -> Never {
+        signal(SIGTERM, SIG_DFL)
+        raise(SIGTERM)
+        _exit(128 + SIGTERM)
     }
 }
 

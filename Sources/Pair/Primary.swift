@@ -238,6 +238,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         session.machine.pacer?.raise(.boundary)
     }
 
+    public func handOverToLeave(reply: @escaping @Sendable (HandoverOutcome) -> Void) { requestHandover(reply: reply) }
+
     /// Answers everyone waiting for a handover; after the run's end, answers come at once.
     private func answerHandovers(_ outcome: HandoverOutcome, closing: Bool = true) { handoverReplies.answer(outcome, closing: closing) }
 

@@ -31,6 +31,10 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     private var seedConfig = MachineConfig()
     /// How the run ended, for the exit status.
     public private(set) var wentLive = false
+    /// Asked to end after a handover (SIGTERM) instead of listening for the new primary.
+    private let leaving = Atomic<Bool>(false)
+    /// `run` returned because this side handed its guest over and was asked to end (SIGTERM).
+    public var handedOverToLeave: Bool { leaving.load(ordering: .acquiring) && protector?.handedOver == true }
     private let startNs = lk_monotonic_ns()
     private let reports = JSONReports()
 
@@ -68,6 +72,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                     }
                     return r
                 }
+                if leaving.load(ordering: .acquiring) { return r }
                 warn("secondary: handed the guest over; listening again on \(listener.host):\(port) for the new primary")
                 liveWatch?.stop()
                 protector = nil; backend = nil; wentLive = false; liveWatch = nil
@@ -96,6 +101,15 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 throw e
             }
         }
+    }
+
+    /// SIGTERM: a survivor protecting itself hands its guest over and `run` returns instead of listening again.
+    public func handOverToLeave(reply: @escaping @Sendable (HandoverOutcome) -> Void) {
+        guard let p = protectorForSignals.withLock({ $0 }) else {
+            reply(.refused("this side does not run the guest protected (a secondary, or a survivor with no secondary of its own)")); return
+        }
+        leaving.store(true, ordering: .releasing)
+        p.requestHandover(reply: reply)
     }
 
     /// A planned switchover (any thread): a survivor protecting itself hands its guest to its secondary; a

@@ -66,7 +66,8 @@ func engineExit(_ error: MachineError) -> ExitCode {
 func stderr(_ s: String) { FileHandle.standardError.write(Data((s + "\n").utf8)) }
 
 /// Reports how a run ended and returns the process exit code.
-func finish(_ r: SessionResult, verbose: Bool) -> ExitCode {
+/// `pairEnded`: tell a supervisor the pair ended with this status (not after handing the guest over to leave).
+func finish(_ r: SessionResult, verbose: Bool, pairEnded: Bool = true) -> ExitCode {
     if verbose {
         let ms = Double(r.elapsedNs) / 1e6
         stderr("lockstep: \(r.exits) exits, \(r.events) events, \(r.syncPoints) sync points (\(r.syncPointPages) pages), \(r.kicks) kicks in \(String(format: "%.1f", ms)) ms" + (r.logBytes > 0 ? ", log \(r.logBytes) bytes" : ""))
@@ -79,7 +80,7 @@ func finish(_ r: SessionResult, verbose: Bool) -> ExitCode {
     }
     let status = r.ending.processStatus
     stderr("state-digest: \(r.digestHex)")
-    SupervisorReport.ended(status)
+    if pairEnded { SupervisorReport.ended(status) }
     return ExitCode(status)
 }
 

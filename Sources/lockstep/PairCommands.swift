@@ -22,9 +22,11 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Answer `lockstep control PATH status|handover` on this Unix socket (created 0600, removed at the end).") var control: String?
     @Option(name: .long, help: "Pin the FT-link threads to this core (default: the scheduler's choice). On one host, give both processes the primary's vCPU core (1).") var linkCpu: Int32?
 
-    /// SIGUSR2 and, when asked for, the control socket, both reaching whatever role `role` holds.
+    /// SIGUSR2 (a handover), SIGTERM (an orderly stop: a handover, then the end) and, when asked for, the
+    /// control socket, all reaching whatever role `role` holds.
     func operatorAccess(_ o: PairOptions, _ role: CurrentRole) throws -> ControlServer? {
         onSignal(SIGUSR2) { role.requestHandover() }
+        onSignal(SIGTERM) { role.terminate(boundMs: o.fenceWaitMs + 2 * o.failureTimeoutMs + 5_000) }
         return try control.map { try ControlServer(path: $0, options: o, role: role) }
     }
 
@@ -108,7 +110,8 @@ struct PrimaryCommand: ParsableCommand {
             let control = try pair.operatorAccess(o, role)
             defer { control?.stop() }
             let (r, handedOver, ram) = try runPrimary(spec, o, role, keepRAM: after != nil)
-            guard handedOver, let s = after else { throw finish(r, verbose: options.verbose) }
+            // After a SIGTERM's handover the guest runs on elsewhere: nothing is reported as the pair's end.
+            guard handedOver, let s = after, !role.terminating else { throw finish(r, verbose: options.verbose, pairEnded: !handedOver) }
             if let ram { s.keep(ram) }
             role.set(s)
             FileHandle.standardError.write(Data("lockstep: now the secondary of the new primary, listening on \(listen!)\n".utf8))
@@ -160,7 +163,7 @@ struct SecondaryCommand: ParsableCommand {
             defer { control?.stop() }
             FileHandle.standardError.write(Data("lockstep: secondary listening on \(listen.split(separator: ":").dropLast().joined(separator: ":")):\(s.port)\n".utf8))
             let r = try s.run(acceptTimeoutMs: acceptTimeoutMs)
-            throw finish(r, verbose: verbose)
+            throw finish(r, verbose: verbose, pairEnded: !s.handedOverToLeave)
         } catch { throw pairExit(error) }
     }
 }

@@ -23,7 +23,7 @@ struct SuperviseCommand: ParsableCommand {
         secondary answers at its --peer; the fence refuses it while a live side holds it): supervise primary always, \
         supervise secondary when given --save-guest DIR and seeded once; otherwise it waits again. \
         Stops, with the pair's status, when the guest ends; \
-        on SIGTERM, SIGINT or SIGHUP (passed on to the process, which is not restarted); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
+        on SIGTERM, SIGINT or SIGHUP (passed on to the process, which is not restarted; on SIGTERM a process running the guest protected hands it over first); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
         nor protected); and on a status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). \
         SIGUSR2 is passed on (a handover). Needs --fence: a restart without one could make a second primary.
         """)

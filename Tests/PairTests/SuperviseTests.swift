@@ -171,6 +171,31 @@ extension PairTests { @Suite struct SuperviseTests {
         again.expectConsistent()
     }
 
+    /// SIGTERM to a supervisor whose primary runs protected (systemctl stop on host A): the primary hands the guest
+    /// to B (nothing lost or repeated) and ends with 0, and nothing is restarted. SIGTERM to B's supervisor then,
+    /// with nobody to hand the guest to, stops it the old way (its process dies of the signal).
+    @Test func sigtermHandsAProtectedGuestOverBeforeTheSideStops() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let pair = try Pair()
+        let (a, b) = (pair.a, pair.b)
+        defer { Self.killStarted([a, b]); try? FileManager.default.removeItem(atPath: pair.ws.dir) }
+        let talk = Conversation(port: pair.udp)
+        talk.exchange(1...3, "a")
+        a.signal(SIGTERM)
+        #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
+        #expect(a.stderr.contains("lockstep: SIGTERM: the secondary runs the guest now; this side ends"), "\(a.stderrText)")
+        #expect(a.stderr.contains("lockstep supervise: the primary exited with 0; stopping as asked; exiting with 0"), "\(a.stderrText)")
+        #expect(a.stderr.filter { $0.hasPrefix(Self.startedLine) }.count == 1, "\(a.stderrText)")
+        talk.exchange(4...5, "b", "\(b.stderrText)")
+        #expect(b.stderr.contains { $0.hasPrefix("live: the primary handed the guest over at exit ") }, "\(b.stderrText)")
+        #expect(b.stderr.contains { $0.contains("(0 output bytes the primary may not have released are sent again)") }, "\(b.stderrText)")
+        b.signal(SIGTERM)
+        #expect(try b.wait(seconds: 30) == 143, "\(b.stderrText)")
+        #expect(b.stderr.contains("lockstep: SIGTERM: handover refused: no secondary holds this guest's state yet; stopping without a handover"), "\(b.stderrText)")
+        #expect(b.stderr.contains("lockstep supervise: the secondary was killed by signal 15; stopping as asked; exiting with 143"), "\(b.stderrText)")
+        talk.expectConsistent()
+    }
+
     /// A side restarted after the survivor's guest ended (its supervisor was stopped meanwhile) finds nobody to
     /// seed it; the pair record says the guest ended, so its supervisor stops with that status, booting nothing.
     @Test func aSideRejoiningAPairWhoseGuestEndedStops() throws {
