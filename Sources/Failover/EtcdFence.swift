@@ -9,6 +9,7 @@ import Synchronization
 /// - `PREFIX/fence`: the holder's record (`host`, `pid`, `acquired_ns`), attached to the holder's lease. Its
 ///   `mod_revision` is the generation: etcd numbers every write, so the fencing token grows with each holder.
 /// - `PREFIX/pair`: the pair record, with no lease (it outlives its writer).
+/// - `PREFIX/id`: the store's ID (`storeID`), made once by the first side to ask.
 ///
 /// Every step is one compare-and-swap transaction. A holder writes the pair record only while `PREFIX/fence` still
 /// carries its generation, so "check, then write" cannot interleave with a takeover. And a secondary named by
@@ -25,6 +26,7 @@ public final class EtcdFence: Fencing, @unchecked Sendable {
     let client: EtcdClient
     let fenceKey: String
     let pairKey: String
+    let idKey: String
     let ttlSeconds: Int
 
     private struct State {
@@ -38,6 +40,7 @@ public final class EtcdFence: Fencing, @unchecked Sendable {
         client = EtcdClient(endpoints: endpoints, timeoutMs: timeoutMs)
         fenceKey = prefix + "/fence"
         pairKey = prefix + "/pair"
+        idKey = prefix + "/id"
         ttlSeconds = max(5, (2 * leaseMs + 999) / 1000)
         location = FenceLocation.etcd(endpoints, prefix: prefix).description
     }
@@ -128,6 +131,17 @@ public final class EtcdFence: Fencing, @unchecked Sendable {
 
     private func txn(compare: [[String: Any]], success: [[String: Any]], failure: [[String: Any]]) throws -> [String: Any] {
         try client.call("/v3/kv/txn", ["compare": compare, "success": success, "failure": failure])
+    }
+
+    /// `PREFIX/id`, created if absent in one transaction, so of two sides asking at once both read the winner's.
+    public func storeID() throws -> String {
+        let key = EtcdJSON.b64(idKey)
+        let absent: [String: Any] = ["key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"]
+        let mine = newStoreID()
+        let reply = try txn(compare: [absent], success: [["request_put": ["key": key, "value": EtcdJSON.b64(mine)]]], failure: [range(idKey)])
+        let id = reply["succeeded"] as? Bool == true ? mine : value(of: idKey, in: reply) ?? ""
+        guard isStoreID(id) else { throw FenceError.damagedID("\(location) key \(idKey)") }
+        return id
     }
 
     private func range(_ key: String) -> [String: Any] { ["request_range": ["key": EtcdJSON.b64(key)]] }

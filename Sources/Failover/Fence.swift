@@ -50,6 +50,8 @@ public enum FenceError: Error, Equatable, Sendable, CustomStringConvertible {
     case notHolder(FenceHolder?)
     /// The etcd cluster could not be asked, or answered with an error.
     case etcd(String)
+    /// The store's ID (`storeID`) is there but is not 32 hex digits.
+    case damagedID(String)
 
     public var description: String {
         switch self {
@@ -57,6 +59,7 @@ public enum FenceError: Error, Equatable, Sendable, CustomStringConvertible {
         case .notADirectory(let d): return "fence path \(d) is not a directory"
         case .permissionDenied(let d): return "no permission to create/lock the fence file in \(d)"
         case .lockingUnsupported(let d): return "file locking is not supported in \(d) (NFS needs NLM or NFSv4 locks)"
+        case .damagedID(let p): return "the fence's ID at \(p) is damaged (not 32 hex digits); remove it with no pair running and both sides make a new one"
         case .system(let c, let e, let p): return "\(c) on \(p) failed: \(String(cString: strerror(e))) (errno \(e))"
         case .notHeld: return "the fence is not held"
         case .notHolder(let h): return "the fence is no longer this side's: \(h.map { "now held by \($0)" } ?? "nobody holds it (this side's lease ran out)")"
@@ -91,7 +94,18 @@ public protocol Fencing: AnyObject, Sendable {
     func writePairRecord(_ text: String) throws
     /// True when `writePairRecord` itself fails for a side that lost the fence: no read is needed around it.
     var writesAreConditional: Bool { get }
+    /// The store's own name: 32 hex digits made by the first side to ask and kept there, so two sides agree on
+    /// it exactly when their `--fence` reaches the same store (a directory's path may differ between hosts).
+    func storeID() throws -> String
 }
+
+/// A new store ID: 16 random bytes in hex.
+func newStoreID() -> String {
+    var g = SystemRandomNumberGenerator()
+    return (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &g)) }.joined()
+}
+
+func isStoreID(_ s: String) -> Bool { s.count == 32 && s.allSatisfy(\.isHexDigit) }
 
 extension Fencing {
     public func tryAcquire(identity: FenceIdentity) throws -> FenceToken? { try tryAcquire(identity: identity, claim: nil) }
@@ -200,6 +214,31 @@ public final class Fence: Fencing, @unchecked Sendable {
         var buf = [UInt8](repeating: 0, count: 4096)
         let n = try buf.withUnsafeMutableBytes { b in try sys("pread", path: pairPath) { pread(f, b.baseAddress, b.count, 0) } }
         return String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    public static let idFileName = "lockstep.id"
+
+    /// `DIR/lockstep.id`, made whole under a temporary name and linked into place: `link` fails when the name
+    /// exists (on NFS too), so of two sides making it at once one wins and both read its ID.
+    public func storeID() throws -> String {
+        let path = directory + "/" + Fence.idFileName
+        if (try? readID(path)) == nil {
+            let tmp = path + ".\(getpid()).\(UInt32.random(in: 0...UInt32.max)).tmp"
+            try replaceFile(tmp, with: Array((newStoreID() + "\n").utf8), temporary: tmp + ".part", sync: true)
+            defer { unlink(tmp) }
+            if link(tmp, path) != 0, errno != EEXIST { throw FenceError.system(call: "link", errno: errno, path: path) }
+        }
+        return try readID(path)
+    }
+
+    private func readID(_ path: String) throws -> String {
+        let f = try sys("open", path: path) { open(path, O_RDONLY | O_CLOEXEC) }
+        defer { _ = close(f) }
+        var buf = [UInt8](repeating: 0, count: 64)
+        let n = try buf.withUnsafeMutableBytes { b in try sys("pread", path: path) { pread(f, b.baseAddress, b.count, 0) } }
+        let id = String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard isStoreID(id) else { throw FenceError.damagedID(path) }
+        return id
     }
 
     /// Written under a temporary name, fsynced, renamed: a failure leaves the old record whole (`LogError.io`,

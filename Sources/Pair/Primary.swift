@@ -25,6 +25,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     let metrics = PairMetrics()
     private let reports = JSONReports()
     let fence: (any Fencing)?
+    /// The fence store's ID (`Fencing.storeID`; "" without a fence), sent in each seed: a secondary whose
+    /// `--fence` reaches another store refuses it.
+    let fenceID: String
     /// Stops this process if the fence stops being its own (`FenceWatch`); shared with a survivor that adopted it.
     let watch: FenceWatch?
     private let fsm = Mutex(FailoverMachine.primary())
@@ -75,6 +78,10 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         fence = try takeFence(options)
         if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
         if options.coldRestart { try Self.checkColdRestart(fence) }
+        do { fenceID = try fence?.storeID() ?? "" } catch {
+            try? fence?.release()
+            throw .config("--fence \(fence?.location ?? ""): cannot read or make the fence's ID: \(error)")
+        }
         watch = watchFence(fence, options)
         PairRecord.write(fence, PairRecord.unprotected)
         gate = OutputGate(backend: backend)
@@ -103,9 +110,10 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Protects a running machine that is already live and holds the fence (a secondary that went live):
     /// unprotected until the connector finds a new secondary at `peer`. `gate` must already be its output.
     init(adopting session: RecordingSession, image: PVHImage, config: MachineConfig, gate: OutputGate, peer: String,
-         options: PairOptions, fence: (any Fencing)?, watch: FenceWatch?) throws(PairError) {
+         options: PairOptions, fence: (any Fencing)?, fenceID: String, watch: FenceWatch?) throws(PairError) {
         (peerHost, peerPort) = try PairOptions.hostPort(peer, option: "--peer")
         self.image = image; self.config = config; self.options = options; self.fence = fence; self.watch = watch
+        self.fenceID = fenceID
         self.gate = gate
         self.session = session
         own = nil
@@ -404,7 +412,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     /// Starts seeding a connected secondary (see `Precopy`).
     private func seed(_ conn: Connection) -> Precopy {
-        let header = SeedHeader(config: config, imageSHA256: StateDigest.sha256(image.bytes), cpuidSHA256: session.machine.cpuidDigest, image: image.bytes)
+        let header = SeedHeader(config: config, imageSHA256: StateDigest.sha256(image.bytes), cpuidSHA256: session.machine.cpuidDigest, image: image.bytes,
+                                fenceID: fenceID, fenceLocation: fence?.location ?? "")
         return Precopy(conn: conn, machine: session.machine, header: header)
     }
 

@@ -29,6 +29,8 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     /// The RAM of the last machine, kept for the next seed (a delta seed sends only what differs from it).
     private var retained: RetainedRAM?
     private var seedConfig = MachineConfig()
+    /// This side's fence store ID (`Fencing.storeID`; "" without a fence), read at the first seed.
+    private var fenceID: String?
     /// How the run ended, for the exit status.
     public private(set) var wentLive = false
     /// Asked to end after a handover (SIGTERM) instead of listening for the new primary.
@@ -110,6 +112,20 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         }
         leaving.store(true, ordering: .releasing)
         p.requestHandover(reply: reply)
+    }
+
+    /// Both sides must fence in one store, or nothing stops two live primaries: compares the store IDs.
+    private func checkFence(_ header: SeedHeader) throws(PairError) {
+        let mine = options.fence?.description ?? ""
+        if fenceID == nil, let f = options.openFence() {
+            do { fenceID = try f.storeID() } catch {
+                throw .peerUnreachable("cannot read this side's fence ID in \(mine) (\(error)): a secondary that cannot reach its fence could never go live")
+            }
+        }
+        let id = fenceID ?? ""
+        guard header.fenceID != id else { return }
+        func side(_ loc: String, _ id: String) -> String { id.isEmpty ? "no --fence" : "--fence \(loc) (store \(id.prefix(8))…)" }
+        throw .config("the primary runs with \(side(header.fenceLocation, header.fenceID)) and this side with \(side(mine, id)): they must be one store both hosts reach, or nothing stops two live primaries; give both the same --fence")
     }
 
     /// A planned switchover (any thread): a survivor protecting itself hands its guest to its secondary; a
@@ -233,6 +249,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         let header: SeedHeader
         do { header = try SeedCodec.decodeHeader(try part(.header, from: conn)) } catch let e as SeedError { throw PairError.badPeerData(e.description) }
         guard StateDigest.sha256(header.image) == header.imageSHA256 else { throw PairError.badPeerData("the seed's guest image does not match its SHA-256") }
+        try checkFence(header)
         let cpuid: [UInt8]
         do { cpuid = try CPUIDTable.hostDigest() } catch { throw PairError.config("\(error)") }
         guard cpuid == header.cpuidSHA256 else {
@@ -338,7 +355,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
             let gate = OutputGate(backend: b)
             do {
                 let p = try PrimaryRunner(adopting: s, image: image, config: seedConfig, gate: gate, peer: peer, options: options,
-                                          fence: src.fence, watch: liveWatch)
+                                          fence: src.fence, fenceID: fenceID ?? "", watch: liveWatch)
                 protector = p
                 out = gate
                 p.beginAdopted()

@@ -6,7 +6,9 @@ import Machine
 /// from the same state. Layout (little-endian), each part one bulk frame whose first byte is its `SeedPart`:
 ///
 ///     header: u16 seed version | u32 memory MiB | u32 interrupt latency µs | u64 epoch seconds |
-///             32 image SHA-256 | 32 CPUID table SHA-256 | u32 image length | image bytes
+///             32 image SHA-256 | 32 CPUID table SHA-256 | u32 image length | image bytes |
+///             u32 length + fence store ID (32 hex digits, `Fencing.storeID`; none without a fence) |
+///             u32 length + the primary's --fence (for messages: a directory's path may differ between hosts)
 ///     held:   (secondary → primary, answers the header; one or more) u8 flags (bit 0: the last part) |
 ///             u32 count | count x u32 page number (ascending across parts) | count x 32 page SHA-256
 ///     pages:  u32 count | count x u32 page number | count x 4096 page bytes      (zero or more; built
@@ -22,7 +24,7 @@ import Machine
 /// machine, for a kept one the pages whose hash differs (a delta seed); then a page again each time
 /// pre-copy found it written since it was sent (the last copy wins; `total pages` counts every copy).
 /// After loading, its `StateDigest.seed` must equal the one in `end`, or the pair does not start.
-/// Version 5: `held`. Version 4: the run state (a seed may be taken while the guest halts). Version 3: pre-copy (pages repeat)
+/// Version 6: the fence store ID (a secondary refuses a seed from a primary fenced elsewhere). Version 5: `held`. Version 4: the run state (a seed may be taken while the guest halts). Version 3: pre-copy (pages repeat)
 /// and the two-level seed digest (pages, chunks of 512 pages); version 2 hashed the page hashes as one list,
 /// version 1 sent each page once with a digest over RAM as one stream.
 enum SeedPart: UInt8 {
@@ -42,11 +44,13 @@ enum SeedRunState: UInt8 {
 }
 
 struct SeedHeader: Equatable {
-    static let version: UInt16 = 5
+    static let version: UInt16 = 6
     var config: MachineConfig
     var imageSHA256: [UInt8]
     var cpuidSHA256: [UInt8]
     var image: [UInt8]
+    var fenceID: String
+    var fenceLocation: String
 }
 
 struct SeedEnd: Equatable {
@@ -80,7 +84,7 @@ enum SeedCodec {
     static func header(_ h: SeedHeader) -> [UInt8] {
         var w = Wire(SeedPart.header)
         w.u16(SeedHeader.version); w.u32(h.config.memoryMiB); w.u32(h.config.interruptLatencyUs); w.u64(h.config.epochSeconds)
-        w.raw(h.imageSHA256); w.raw(h.cpuidSHA256); w.blob(h.image)
+        w.raw(h.imageSHA256); w.raw(h.cpuidSHA256); w.blob(h.image); w.blob(Array(h.fenceID.utf8)); w.blob(Array(h.fenceLocation.utf8))
         return w.out
     }
 
@@ -142,7 +146,9 @@ enum SeedCodec {
         let v = try r.u16()
         guard v == SeedHeader.version else { throw SeedError("seed version \(v); this side speaks \(SeedHeader.version)") }
         let config = MachineConfig(memoryMiB: try r.u32(), interruptLatencyUs: try r.u32(), epochSeconds: try r.u64())
-        let h = SeedHeader(config: config, imageSHA256: try r.raw(32), cpuidSHA256: try r.raw(32), image: try r.blob(limit: 64 << 20))
+        let h = SeedHeader(config: config, imageSHA256: try r.raw(32), cpuidSHA256: try r.raw(32), image: try r.blob(limit: 64 << 20),
+                           fenceID: String(decoding: try r.blob(limit: 64), as: UTF8.self),
+                           fenceLocation: String(decoding: try r.blob(limit: 4096), as: UTF8.self))
         try r.done()
         return h
     }

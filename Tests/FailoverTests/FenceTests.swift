@@ -1,5 +1,6 @@
 import Testing
 import Foundation
+import Synchronization
 @testable import Failover
 
 func tempDir() -> String {
@@ -11,6 +12,25 @@ func tempDir() -> String {
 @Suite struct FenceTests {
     let me = FenceIdentity(host: "hostA", pid: 111)
     let other = FenceIdentity(host: "hostB", pid: 222)
+
+    /// The store ID: made once, the same for every side of one directory (eight threads racing to make it agree),
+    /// another for another directory; a damaged one is named, not replaced.
+    @Test func theStoreIDIsOnePerDirectory() throws {
+        let d = tempDir(), e = tempDir()
+        let ids = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 8) { _ in
+            if let id = try? Fence(directory: d).storeID() { ids.withLock { $0.append(id) } }
+        }
+        let all = ids.withLock { $0 }
+        #expect(all.count == 8 && Set(all).count == 1, "\(all)")
+        #expect(isStoreID(all[0]))
+        #expect(try Fence(directory: d).storeID() == all[0])
+        #expect(try Fence(directory: e).storeID() != all[0])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: d).filter { $0.contains(".tmp") }.isEmpty)
+        try "not an id\n".write(toFile: e + "/" + Fence.idFileName, atomically: true, encoding: .utf8)
+        #expect(throws: FenceError.damagedID(e + "/" + Fence.idFileName)) { try Fence(directory: e).storeID() }
+        #expect(throws: (any Error).self) { try Fence(directory: d + "/missing").storeID() }
+    }
 
     @Test func secondFenceInTheSameProcessIsDenied() throws {
         let dir = tempDir()

@@ -87,6 +87,17 @@ final class EtcdServer {
         #expect(try etcd.fence("/pair2").tryAcquire(identity: me) != nil)
     }
 
+    /// The store ID in etcd: made by the first to ask, read by the rest; another prefix is another pair's store.
+    @Test func theStoreIDIsOnePerPrefix() throws {
+        if let why = EtcdServer.skipReason { print("skipped: \(why)"); return }
+        let etcd = try EtcdServer()
+        defer { etcd.stop() }
+        let id = try etcd.fence("/ids").storeID()
+        #expect(id.count == 32 && id.allSatisfy(\.isHexDigit))
+        #expect(try etcd.fence("/ids").storeID() == id)
+        #expect(try etcd.fence("/ids2").storeID() != id)
+    }
+
     /// The secondary the record names takes the fence from a holder whose lease still runs (a lost host), and
     /// the old holder's next record write fails its compare: exactly one of them goes on.
     @Test func theNamedSecondaryTakesALiveLeaseAndTheOldHolderCannotWrite() throws {

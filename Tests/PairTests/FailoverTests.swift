@@ -177,6 +177,32 @@ extension PairTests { @Suite struct FailoverTests {
         try talk.quitInLockstep(pri, sec)
     }
 
+    /// A secondary whose --fence reaches another store than the primary's (here: another directory; or none)
+    /// refuses the seed by naming both and exits 64, so no pair starts that a partition could split into two
+    /// live primaries; the primary, whose first secondary this was, ends with the same reason (68).
+    @Test(arguments: [true, false]) func aSecondaryFencedElsewhereRefusesThePrimary(fenced: Bool) throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let other = ws.dir + "/other-fence"
+        try FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
+        let port = try PairFixture.freeTCPPort()
+        let secFence = fenced ? ["--fence", other] : []
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "none", "--key-file", ws.key,
+                                          "--status-interval-ms", "0"] + secFence)
+        defer { sec.kill9() }
+        _ = try sec.listeningPort()
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
+                                        "--serial", "none"] + PairFixture.common(ws))
+        defer { pri.kill9() }
+        #expect(try sec.wait(seconds: 30) == 64, "\(sec.stderrText)")
+        let mine = fenced ? "--fence \(other) (store " : "no --fence"
+        #expect(sec.stderr.contains { $0.contains("the primary runs with --fence \(ws.fence) (store ") && $0.contains("and this side with \(mine)")
+                                       && $0.hasSuffix("give both the same --fence") }, "\(sec.stderrText)")
+        #expect(try pri.wait(seconds: 30) == 68, "\(pri.stderrText)")
+        #expect(pri.stderr.contains { $0.hasPrefix("lockstep: error: secondary unreachable: cannot send the seed: peer reported protocolViolation: the primary runs with --fence") && $0.hasSuffix("give both the same --fence") }, "\(pri.stderrText)")
+    }
+
     /// The pair record cannot be written (here its path is a directory): the secondary is never named, so it
     /// is dropped before any output leaves on its acks, and it does not go live; the primary serves on. The
     /// secondary waits to be seeded again, and the primary tries it again, waiting longer each time.
