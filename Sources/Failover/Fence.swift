@@ -206,13 +206,15 @@ public final class Fence: Fencing, @unchecked Sendable {
 
     /// `DIR/lockstep.pair`, trimmed; nil when there is none.
     public func readPairRecord() throws -> String? {
-        let f: Int32
-        do { f = try sys("open", path: pairPath) { open(pairPath, O_RDONLY | O_CLOEXEC) } } catch FenceError.system(_, let e, _) where e == ENOENT {
-            return nil
-        }
+        do { return try readText(pairPath, limit: 4096) } catch FenceError.system(_, let e, _) where e == ENOENT { return nil }
+    }
+
+    /// The first `limit` bytes of a small file beside the fence, trimmed.
+    private func readText(_ path: String, limit: Int) throws -> String {
+        let f = try sys("open", path: path) { open(path, O_RDONLY | O_CLOEXEC) }
         defer { _ = close(f) }
-        var buf = [UInt8](repeating: 0, count: 4096)
-        let n = try buf.withUnsafeMutableBytes { b in try sys("pread", path: pairPath) { pread(f, b.baseAddress, b.count, 0) } }
+        var buf = [UInt8](repeating: 0, count: limit)
+        let n = try buf.withUnsafeMutableBytes { b in try sys("pread", path: path) { pread(f, b.baseAddress, b.count, 0) } }
         return String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
@@ -232,11 +234,7 @@ public final class Fence: Fencing, @unchecked Sendable {
     }
 
     private func readID(_ path: String) throws -> String {
-        let f = try sys("open", path: path) { open(path, O_RDONLY | O_CLOEXEC) }
-        defer { _ = close(f) }
-        var buf = [UInt8](repeating: 0, count: 64)
-        let n = try buf.withUnsafeMutableBytes { b in try sys("pread", path: path) { pread(f, b.baseAddress, b.count, 0) } }
-        let id = String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let id = try readText(path, limit: 64)
         guard isStoreID(id) else { throw FenceError.damagedID(path) }
         return id
     }

@@ -76,6 +76,19 @@ final class HandoverReplies: Sendable {
     }
 }
 
+extension HandoverOutcome {
+    /// Asks for a handover through `ask` and waits for its outcome: nil when none came within `ms`.
+    static func awaited(withinMs ms: Int, _ ask: (@escaping @Sendable (HandoverOutcome) -> Void) -> Void) -> HandoverOutcome? {
+        let answer = Mutex<HandoverOutcome?>(nil)
+        let answered = DispatchSemaphore(value: 0)
+        ask { outcome in
+            answer.withLock { $0 = outcome }
+            answered.signal()
+        }
+        return answered.wait(timeout: .now() + .milliseconds(ms)) == .success ? answer.withLock { $0 } : nil
+    }
+}
+
 /// What the operator reaches in a running pair process (SIGUSR2, the control socket).
 public protocol PairRole: AnyObject, Sendable {
     func status() -> PairStatus
@@ -108,10 +121,7 @@ public final class CurrentRole: Sendable {
     /// a second SIGTERM) dies of the signal, as a process without this handler would.
     public func terminate(boundMs: Int) {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing), let r = role.withLock({ $0 }) else { Self.dieOfSIGTERM() }
-        let answer = Mutex<HandoverOutcome?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        r.handOverToLeave { outcome in answer.withLock { $0 = outcome }; done.signal() }
-        guard done.wait(timeout: .now() + .milliseconds(boundMs)) == .success, let outcome = answer.withLock({ $0 }) else {
+        guard let outcome = HandoverOutcome.awaited(withinMs: boundMs, { r.handOverToLeave(reply: $0) }) else {
             warn("SIGTERM: no handover within \(boundMs) ms; stopping without one")
             Self.dieOfSIGTERM()
         }
@@ -143,7 +153,7 @@ public final class ControlServer: @unchecked Sendable {
     public init(path: String, options: PairOptions, role: CurrentRole) throws(PairError) {
         do { listener = try ControlListener(path: path) } catch { throw .config("--control \(path): \(error)") }
         self.role = role
-        handoverBoundMs = options.fenceWaitMs + 2 * options.failureTimeoutMs + 5_000
+        handoverBoundMs = options.handoverBoundMs
         startThread("lockstep-control") { [self] in
             while !stopped.load(ordering: .acquiring) {
                 do {
@@ -171,14 +181,7 @@ public final class ControlServer: @unchecked Sendable {
             let json = role.status.flatMap { try? JSONEncoder().encode($0) }.map { String(decoding: $0, as: UTF8.self) } ?? "{}"
             try? c.writeLine(json)
         case "handover":
-            let answer = Mutex<HandoverOutcome?>(nil)
-            let answered = DispatchSemaphore(value: 0)
-            role.requestHandover { outcome in
-                answer.withLock { $0 = outcome }
-                answered.signal()
-            }
-            let outcome = answered.wait(timeout: .now() + .milliseconds(handoverBoundMs)) == .success
-                ? answer.withLock { $0 } : nil
+            let outcome = HandoverOutcome.awaited(withinMs: handoverBoundMs) { role.requestHandover(reply: $0) }
             try? c.writeLine(outcome?.line ?? "failed: no outcome within \(handoverBoundMs) ms")
         default:
             try? c.writeLine("refused: unknown request \"\(request.prefix(80))\" (status, handover)")

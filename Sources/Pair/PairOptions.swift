@@ -77,6 +77,9 @@ public struct PairOptions: Sendable {
         return (String(value[..<colon]), port)
     }
 
+    /// The longest a handover may take before whoever asked stops waiting (the fence wait, failure timeouts, ack).
+    public var handoverBoundMs: Int { fenceWaitMs + 2 * failureTimeoutMs + 5_000 }
+
     var heartbeatNs: UInt64 { UInt64(heartbeatMs) * 1_000_000 }
     var failureNs: UInt64 { UInt64(failureTimeoutMs) * 1_000_000 }
 }

@@ -26,7 +26,7 @@ struct PairArguments: ParsableArguments {
     /// control socket, all reaching whatever role `role` holds.
     func operatorAccess(_ o: PairOptions, _ role: CurrentRole) throws -> ControlServer? {
         onSignal(SIGUSR2) { role.requestHandover() }
-        onSignal(SIGTERM) { role.terminate(boundMs: o.fenceWaitMs + 2 * o.failureTimeoutMs + 5_000) }
+        onSignal(SIGTERM) { role.terminate(boundMs: o.handoverBoundMs) }
         return try control.map { try ControlServer(path: $0, options: o, role: role) }
     }
 
