@@ -166,9 +166,18 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         }
         if let conn {
             // Before the guest runs there is nothing to overlap: the rounds run here.
-            let first = seed(conn)
-            try first.copyHere()
-            try attach(first)
+            do {
+                let first = seed(conn)
+                try first.copyHere()
+                try attach(first)
+            } catch where options.startUnprotected {
+                // The guest need not wait on a secondary that refused (another fence store, a bad guest copy):
+                // it runs as if none had answered, and the connector tries again, backing off.
+                conn.close()
+                warn("could not seed the secondary at \(peerHost):\(peerPort): \(error); running the guest unprotected; looking for one at \(peerHost):\(peerPort)")
+                shortLived += 1
+                startConnector()
+            }
         } else {
             startConnector()
         }

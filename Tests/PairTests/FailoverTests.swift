@@ -203,6 +203,38 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(pri.stderr.contains { $0.hasPrefix("lockstep: error: secondary unreachable: cannot send the seed: peer reported protocolViolation: the primary runs with --fence") && $0.hasSuffix("give both the same --fence") }, "\(pri.stderrText)")
     }
 
+    /// With --start-unprotected, a first secondary that refuses the seed (here: fenced elsewhere) does not end
+    /// the primary: its guest runs unprotected, output leaving at once, and a secondary that takes the seed
+    /// at the same address protects it.
+    @Test func aPrimaryStartedUnprotectedOutlivesASecondaryThatRefusesIt() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let other = ws.dir + "/other-fence"
+        try FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
+        let udp = try PairFixture.freeUDPPort()
+        let port = try PairFixture.freeTCPPort()
+        let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
+        let refusing = try Child("secondary", ["secondary", "--listen", "127.0.0.1:\(port)", "--serial", "none", "--key-file", ws.key,
+                                               "--status-interval-ms", "0", "--fence", other])
+        defer { refusing.kill9() }
+        _ = try refusing.listeningPort()
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(port)", "--memory", "32",
+                                        "--start-unprotected"] + common)
+        defer { pri.kill9() }
+        #expect(try refusing.wait(seconds: 30) == 64, "\(refusing.stderrText)")
+        try pri.waitForLine(containing: "could not seed the secondary at 127.0.0.1:\(port): secondary unreachable: cannot send the seed: peer reported protocolViolation: the primary runs with --fence")
+        #expect(pri.stderr.contains { $0.hasSuffix("running the guest unprotected; looking for one at 127.0.0.1:\(port)") }, "\(pri.stderrText)")
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a", "\(pri.stderrText)")
+        let sec = try Child("secondary", ["secondary", "--listen", "127.0.0.1:\(port)"] + common)
+        defer { sec.kill9() }
+        let seeded = try pri.waitForLine(containing: "protected: secondary at 127.0.0.1:\(port) seeded at exit")
+        #expect(!seeded.contains("at exit 0:"), "seeded from the running guest: \(seeded)")
+        talk.exchange(4...6, "b")
+        try talk.quitInLockstep(pri, sec)
+    }
+
     /// The pair record cannot be written (here its path is a directory): the secondary is never named, so it
     /// is dropped before any output leaves on its acks, and it does not go live; the primary serves on. The
     /// secondary waits to be seeded again, and the primary tries it again, waiting longer each time.
