@@ -25,7 +25,7 @@ let package = Package(
         // The FT link: frames, handshake, pre-shared-key auth, AES-256-GCM, heartbeats.
         .target(name: "Channel", dependencies: ["CLockstep", "COpenSSL"]),
         // Pure failover state machine and the fence (no split brain).
-        .target(name: "Failover", dependencies: ["CLockstep", "EventLog"]),
+        .target(name: "Failover", dependencies: ["CLockstep", "EventLog", "COpenSSL"]),
         // The live pair: primary/secondary sessions, output gate, status, lag harness.
         .target(name: "Pair", dependencies: ["Machine", "EventLog", "Channel", "Failover",
                                              .product(name: "Histogram", package: "hdrhistogram-swift")]),

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what Lockstep needs on a fresh Debian machine with Swift: the C libraries it links
 # (capstone, OpenSSL), the guest toolchain (gcc, binutils, make), QEMU for the guest cross-check, and etcd
-# (the etcd fence's tests start their own server on loopback).
+# (the etcd fence's tests start their own server on loopback, with TLS certificates made by openssl).
 set -euo pipefail
 need=()
-for p in libcapstone-dev libssl-dev pkg-config gcc binutils make qemu-system-x86 etcd-server; do
+for p in libcapstone-dev libssl-dev openssl pkg-config gcc binutils make qemu-system-x86 etcd-server; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -4,7 +4,7 @@ import Glibc
 import CLockstep
 import Foundation
 
-/// One member of an etcd cluster: `HOST:PORT` of its client URL (plain HTTP).
+/// One member of an etcd cluster: `HOST:PORT` of its client URL.
 public struct EtcdEndpoint: Sendable, Equatable, CustomStringConvertible {
     public var host: String
     public var port: UInt16
@@ -13,22 +13,30 @@ public struct EtcdEndpoint: Sendable, Equatable, CustomStringConvertible {
 }
 
 /// A blocking client for etcd's v3 JSON gateway (`POST /v3/...`, base64 keys, int64s as strings), enough for the
-/// fence: a request per call on a fresh connection (`Connection: close`), each bounded by `timeoutMs`. It tries
-/// the endpoints in order and moves on only when one cannot be reached: a request that was sent is never
-/// repeated elsewhere, since it may have been applied.
+/// fence: a request per call on a fresh connection (`Connection: close`), over TLS when given `EtcdTLS`, each
+/// bounded by `timeoutMs`. It tries the endpoints in order and moves on only when one cannot be reached (or
+/// its certificate is refused): a request that was sent is never repeated elsewhere, since it may have been
+/// applied.
 final class EtcdClient: Sendable {
     let endpoints: [EtcdEndpoint]
     let timeoutMs: Int
+    /// The TLS context, or why it could not be built (a CA, certificate or key file unreadable): every call
+    /// then fails with that, so the side's first fence operation (at its start) names the file.
+    private let tls: Result<TLSClient?, FenceError>
     /// The most a reply may carry: a fence's replies are a few hundred bytes; this bounds a stray server's.
     static let maxReply = 1 << 20
 
-    init(endpoints: [EtcdEndpoint], timeoutMs: Int = 2000) {
+    init(endpoints: [EtcdEndpoint], tls: EtcdTLS? = nil, location: String = "", timeoutMs: Int = 2000) {
         self.endpoints = endpoints
         self.timeoutMs = timeoutMs
+        do throws(FenceError) { self.tls = .success(try tls.map { t throws(FenceError) in try TLSClient(t, location: location) }) } catch {
+            self.tls = .failure(error)
+        }
     }
 
     /// Calls `path` with a JSON body; the reply's JSON object, or `FenceError.etcd` saying which member failed how.
     func call(_ path: String, _ body: [String: Any]) throws -> [String: Any] {
+        let tls = try self.tls.get()
         let json = try JSONSerialization.data(withJSONObject: body)
         var unreachable: [String] = []
         for e in endpoints {
@@ -36,9 +44,19 @@ final class EtcdClient: Sendable {
             let fd: Int32
             do { fd = try connect(e, deadline: deadline) } catch { unreachable.append("\(e): \(error)"); continue }
             defer { close(fd) }
+            let waitTLS = { (events: Int16) throws(EtcdFailure) in try self.wait(fd, for: events, until: deadline, doing: "TLS") }
+            var session: TLSSession?
+            if let tls {
+                do { session = try tls.handshake(fd: fd, host: e.host, wait: waitTLS) } catch { unreachable.append("\(e): \(error)"); continue }
+            }
             let head = "POST \(path) HTTP/1.1\r\nHost: \(e)\r\nContent-Type: application/json\r\nContent-Length: \(json.count)\r\nConnection: close\r\n\r\n"
+            let request = Array(head.utf8) + Array(json)
             do throws(EtcdFailure) {
-                try send(fd, Array(head.utf8) + Array(json), deadline: deadline)
+                if let session {
+                    try session.send(request, wait: waitTLS)
+                    return try Self.parse(reply: try session.receive(limit: Self.maxReply, wait: waitTLS))
+                }
+                try send(fd, request, deadline: deadline)
                 return try Self.parse(reply: try receive(fd, deadline: deadline))
             } catch {
                 throw FenceError.etcd("etcd at \(e) (\(path)): \(error.text)")
@@ -144,6 +162,9 @@ final class EtcdClient: Sendable {
         var body = Array(reply[split.upperBound...])
         if head.contains(where: { $0.lowercased().hasPrefix("transfer-encoding:") && $0.lowercased().contains("chunked") }) {
             body = try dechunk(body)
+        } else if let length = head.lazy.compactMap({ h in h.lowercased().hasPrefix("content-length:") ? Int(h.dropFirst(15).trimmingCharacters(in: .whitespaces)) : nil }).first,
+                  body.count < length {
+            throw EtcdFailure(text: "a reply cut short (\(body.count) of \(length) bytes)")
         }
         let object = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any]
         guard code == 200 else {

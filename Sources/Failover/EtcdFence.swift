@@ -36,13 +36,13 @@ public final class EtcdFence: Fencing, @unchecked Sendable {
     }
     private let state = Mutex(State())
 
-    public init(endpoints: [EtcdEndpoint], prefix: String, leaseMs: Int, timeoutMs: Int = 2000) {
-        client = EtcdClient(endpoints: endpoints, timeoutMs: timeoutMs)
+    public init(endpoints: [EtcdEndpoint], prefix: String, leaseMs: Int, tls: EtcdTLS? = nil, timeoutMs: Int = 2000) {
+        location = FenceLocation.etcd(endpoints, prefix: prefix, tls: tls).description
+        client = EtcdClient(endpoints: endpoints, tls: tls, location: location, timeoutMs: timeoutMs)
         fenceKey = prefix + "/fence"
         pairKey = prefix + "/pair"
         idKey = prefix + "/id"
         ttlSeconds = max(5, (2 * leaseMs + 999) / 1000)
-        location = FenceLocation.etcd(endpoints, prefix: prefix).description
     }
 
     public var writesAreConditional: Bool { true }
@@ -178,17 +178,27 @@ public final class EtcdFence: Fencing, @unchecked Sendable {
     }
 }
 
-/// Where `--fence` points: a directory both hosts reach, or an etcd cluster and a key prefix.
+/// Where `--fence` points: a directory both hosts reach, or an etcd cluster and a key prefix (over TLS when
+/// `tls` is set).
 public enum FenceLocation: Sendable, Equatable, CustomStringConvertible {
     case directory(String)
-    case etcd([EtcdEndpoint], prefix: String)
+    case etcd([EtcdEndpoint], prefix: String, tls: EtcdTLS?)
 
-    /// `DIR`, or `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (the prefix names this pair's keys).
+    /// `DIR`, `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (the prefix names this pair's keys), or the same with
+    /// `etcds://` and optionally `?cacert=FILE&cert=FILE&key=FILE` for TLS.
     public init(parsing s: String) throws(FenceError) {
-        guard s.hasPrefix("etcd://") else { self = .directory(s); return }
-        let rest = s.dropFirst("etcd://".count)
+        let secure = s.hasPrefix("etcds://")
+        guard secure || s.hasPrefix("etcd://") else { self = .directory(s); return }
+        var rest = s.dropFirst(secure ? "etcds://".count : "etcd://".count)
+        var tls: EtcdTLS? = secure ? EtcdTLS() : nil
+        if let q = rest.firstIndex(of: "?") {
+            guard secure else { throw .etcd("--fence \(s): TLS options need etcds://") }
+            tls = try EtcdTLS(query: rest[rest.index(after: q)...], in: s)
+            rest = rest[..<q]
+        }
+        let scheme = secure ? "etcds" : "etcd"
         guard let slash = rest.firstIndex(of: "/"), rest[slash...].count > 1 else {
-            throw .etcd("--fence \(s): give a key prefix after the members, as etcd://HOST:PORT/lockstep/NAME")
+            throw .etcd("--fence \(s): give a key prefix after the members, as \(scheme)://HOST:PORT/lockstep/NAME")
         }
         var members: [EtcdEndpoint] = []
         for m in rest[..<slash].split(separator: ",") {
@@ -204,24 +214,25 @@ public enum FenceLocation: Sendable, Equatable, CustomStringConvertible {
             guard let port, port > 0, !host.isEmpty else { throw .etcd("--fence \(s): '\(m)' is not HOST:PORT") }
             members.append(EtcdEndpoint(host: String(host), port: port))
         }
-        guard !members.isEmpty else { throw .etcd("--fence \(s): name at least one etcd member, as etcd://HOST:PORT/PREFIX") }
+        guard !members.isEmpty else { throw .etcd("--fence \(s): name at least one etcd member, as \(scheme)://HOST:PORT/PREFIX") }
         var prefix = String(rest[slash...])
         while prefix.count > 1 && prefix.hasSuffix("/") { prefix.removeLast() }
-        self = .etcd(members, prefix: prefix)
+        self = .etcd(members, prefix: prefix, tls: tls)
     }
 
     /// The fence object for this location (nothing is contacted yet).
     public func open(leaseMs: Int) -> any Fencing {
         switch self {
         case .directory(let d): return Fence(directory: d)
-        case .etcd(let m, let p): return EtcdFence(endpoints: m, prefix: p, leaseMs: leaseMs)
+        case .etcd(let m, let p, let tls): return EtcdFence(endpoints: m, prefix: p, leaseMs: leaseMs, tls: tls)
         }
     }
 
     public var description: String {
         switch self {
         case .directory(let d): return d
-        case .etcd(let m, let p): return "etcd://" + m.map(\.description).joined(separator: ",") + p
+        case .etcd(let m, let p, let tls):
+            return (tls == nil ? "etcd://" : "etcds://") + m.map(\.description).joined(separator: ",") + p + (tls?.query ?? "")
         }
     }
 }

@@ -41,7 +41,7 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "The only core the secondary may use, as if on a host of its own: a core, or none (the default).") var secondaryCpu: String?
     @Option(name: .long, help: "--link-poll-us for the secondary (default 0: its receiver sleeps between frames).") var linkPollUs: UInt64 = 0
     @Option(name: .long, help: "--encrypt for both sides: disabled, opportunistic (the default: AES-256-GCM) or required.") var encrypt: String = "opportunistic"
-    @Option(name: .long, help: "Fence every pair in this etcd (etcd://HOST:PORT[,HOST:PORT...]), each under a fresh key prefix, instead of in a temporary directory.") var fenceEtcd: String?
+    @Option(name: .long, help: "Fence every pair in this etcd (etcd://HOST:PORT[,HOST:PORT...], or etcds://...[?cacert=FILE&cert=FILE&key=FILE] over TLS), each under a fresh key prefix, instead of in a temporary directory.") var fenceEtcd: String?
     @Flag(name: .long, help: "Keep the temporary directory (children's stderr, stats JSON, key) even on success.") var keepTemp = false
 
     func validate() throws {
@@ -55,8 +55,8 @@ struct BenchPairCommand: ParsableCommand {
         }
         guard linkPollUs <= 1_000_000 else { throw ValidationError("--link-poll-us \(linkPollUs): at most 1000000") }
         if let e = fenceEtcd {
-            guard case .etcd? = try? FenceLocation(parsing: e + "/lockstep-bench") else {
-                throw ValidationError("--fence-etcd \(e): expected etcd://HOST:PORT[,HOST:PORT...]")
+            guard case .etcd? = try? FenceLocation(parsing: PairBench.etcdFence(e, prefix: "/lockstep-bench")) else {
+                throw ValidationError("--fence-etcd \(e): expected etcd://HOST:PORT[,HOST:PORT...] or etcds://HOST:PORT[,...][?cacert=FILE&cert=FILE&key=FILE]")
             }
         }
         guard ["disabled", "opportunistic", "required"].contains(encrypt) else {
@@ -353,9 +353,15 @@ final class PairBench {
         return "\(tempDir)/\(String(format: "%03d", counter))-\(tag).\(ext)"
     }
 
+    /// `--fence-etcd`'s members with a key prefix, before its TLS query if it has one.
+    static func etcdFence(_ members: String, prefix: String) -> String {
+        guard let q = members.firstIndex(of: "?") else { return members + prefix }
+        return members[..<q] + prefix + members[q...]
+    }
+
     /// A fresh `--fence` for one pair: a prefix in `fenceEtcd`, or a new directory.
     func fence(_ tag: String) throws -> String {
-        if let e = fenceEtcd { return e + "/lockstep-bench/\(getpid())-\(tag)-\(counter)" }
+        if let e = fenceEtcd { return Self.etcdFence(e, prefix: "/lockstep-bench/\(getpid())-\(tag)-\(counter)") }
         let fence = tempFile(tag, "fence")
         try FileManager.default.createDirectory(atPath: fence, withIntermediateDirectories: true)
         return fence

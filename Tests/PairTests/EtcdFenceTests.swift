@@ -5,7 +5,8 @@ import Testing
 @testable import Failover
 
 /// A real etcd (Debian's `etcd-server`) on loopback for one test: free ports, a fresh data directory, stopped
-/// and removed by `stop()`.
+/// and removed by `stop()`. With `tls`, its client port serves only TLS and wants a client certificate
+/// signed by the test CA (`--client-cert-auth`).
 final class EtcdServer {
     static let binary = ["/usr/bin/etcd", "/usr/local/bin/etcd"].first { FileManager.default.isExecutableFile(atPath: $0) }
     /// Why etcd tests cannot run here, or nil.
@@ -16,17 +17,21 @@ final class EtcdServer {
     let process = Process()
     let dir: String
     let port: UInt16
+    let tls: TestCerts?
 
-    init() throws {
+    init(tls: TestCerts? = nil) throws {
         guard let binary = Self.binary else { throw PairTestError("etcd is not installed") }
+        self.tls = tls
         port = try LoopbackPort.free(tcp: true)
         let peer = try LoopbackPort.free(tcp: true)
         dir = FileManager.default.temporaryDirectory.appendingPathComponent("lockstep-etcd-\(getpid())-\(port)").path
         process.executableURL = URL(fileURLWithPath: binary)
+        let client = (tls == nil ? "http" : "https") + "://127.0.0.1:\(port)"
         process.arguments = ["--name", "t", "--data-dir", dir,
-                             "--listen-client-urls", "http://127.0.0.1:\(port)", "--advertise-client-urls", "http://127.0.0.1:\(port)",
+                             "--listen-client-urls", client, "--advertise-client-urls", client,
                              "--listen-peer-urls", "http://127.0.0.1:\(peer)", "--initial-advertise-peer-urls", "http://127.0.0.1:\(peer)",
                              "--initial-cluster", "t=http://127.0.0.1:\(peer)", "--log-level", "error"]
+            + (tls.map { ["--cert-file", $0.serverCert, "--key-file", $0.serverKey, "--client-cert-auth", "--trusted-ca-file", $0.ca] } ?? [])
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
@@ -40,10 +45,12 @@ final class EtcdServer {
         }
     }
 
-    var url: String { "etcd://127.0.0.1:\(port)" }
-    func location(_ prefix: String) -> String { url + prefix }
+    /// Its members for `--fence` (with TLS: by the name its certificate carries, and the client's files).
+    var url: String { tls == nil ? "etcd://127.0.0.1:\(port)" : "etcds://localhost:\(port)" }
+    func location(_ prefix: String) -> String { url + prefix + (tls.map { "?cacert=\($0.ca)&cert=\($0.clientCert)&key=\($0.clientKey)" } ?? "") }
     func fence(_ prefix: String, leaseMs: Int = 30_000) -> EtcdFence {
-        EtcdFence(endpoints: [EtcdEndpoint(host: "127.0.0.1", port: port)], prefix: prefix, leaseMs: leaseMs)
+        EtcdFence(endpoints: [EtcdEndpoint(host: tls == nil ? "127.0.0.1" : "localhost", port: port)], prefix: prefix, leaseMs: leaseMs,
+                  tls: tls.map { EtcdTLS(caFile: $0.ca, certFile: $0.clientCert, keyFile: $0.clientKey) })
     }
 
     func stop() {
@@ -166,14 +173,15 @@ final class EtcdServer {
     /// Something that is not etcd on the port: a clear error naming it, whatever it sends.
     @Test func aServerThatIsNotEtcdIsNamed() throws {
         for reply in ["SSH-2.0-OpenSSH_9.2\r\n", "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found",
-                      "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", ""] {
+                      "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", "", "HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"header\":"] {
             let server = try OneReplyServer(reply)
             let f = EtcdFence(endpoints: [EtcdEndpoint(host: "127.0.0.1", port: server.port)], prefix: "/p", leaseMs: 1000)
             do {
                 _ = try f.readPairRecord()
                 Issue.record("no error for \(reply.debugDescription)")
             } catch FenceError.etcd(let why) {
-                let expected = reply.isEmpty ? "closed without a reply" : reply.hasPrefix("HTTP/1.1 404") ? "HTTP 404: 'not found'" : "not an etcd server"
+                let expected = reply.isEmpty ? "closed without a reply" : reply.hasPrefix("HTTP/1.1 404") ? "HTTP 404: 'not found'"
+                    : reply.contains("50") ? "a reply cut short (10 of 50 bytes)" : "not an etcd server"
                 #expect(why.hasPrefix("etcd at 127.0.0.1:\(server.port) (/v3/kv/txn): ") && why.contains(expected), "\(why)")
             }
             server.join()
@@ -184,7 +192,7 @@ final class EtcdServer {
         #expect(try FenceLocation(parsing: "/mnt/ft") == .directory("/mnt/ft"))
         #expect(try FenceLocation(parsing: "etcd://10.0.0.1:2379,etcd-b,[::1]:2380/lockstep/vm1/")
                 == .etcd([EtcdEndpoint(host: "10.0.0.1", port: 2379), EtcdEndpoint(host: "etcd-b", port: 2379),
-                          EtcdEndpoint(host: "::1", port: 2380)], prefix: "/lockstep/vm1"))
+                          EtcdEndpoint(host: "::1", port: 2380)], prefix: "/lockstep/vm1", tls: nil))
         #expect(try FenceLocation(parsing: "etcd://a:1/p").description == "etcd://a:1/p")
         for bad in ["etcd://a:1", "etcd://a:1/", "etcd:///p", "etcd://a:x/p", "etcd://a:0/p", "etcd://:1/p"] {
             #expect(throws: FenceError.self, "\(bad)") { try FenceLocation(parsing: bad) }
@@ -243,9 +251,11 @@ extension PairTests { @Suite struct EtcdPairTests {
 
     /// Runs `body` with an echo pair fenced in a fresh etcd (its FT link through `proxy` when given), a
     /// conversation on its UDP service port and a view of its fence; the etcd and the workspace are removed after.
-    static func withPair(peerThrough proxy: TCPProxy? = nil,
+    static func withPair(peerThrough proxy: TCPProxy? = nil, tls: Bool = false,
                          _ body: (_ pri: Child, _ sec: Child, _ talk: Conversation, _ fence: any Fencing) throws -> Void) throws {
-        let etcd = try EtcdServer()
+        let certs = tls ? try TestCerts() : nil
+        defer { certs?.remove() }
+        let etcd = try EtcdServer(tls: certs)
         defer { etcd.stop() }
         let ws = try workspace(etcd)
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
@@ -255,10 +265,11 @@ extension PairTests { @Suite struct EtcdPairTests {
     }
 
     /// kill -9 leaves the primary's etcd lease running (60 s here): the secondary, named by the pair record,
-    /// takes the fence from it at once and serves on.
-    @Test func killPrimaryWithAnEtcdFence() throws {
-        if let why = Self.skipReason { print("skipped: \(why)"); return }
-        try Self.withPair { pri, sec, talk, fence throws in
+    /// takes the fence from it at once and serves on. Also with the fence over TLS (`etcds://`, client
+    /// certificates).
+    @Test(arguments: [false, true]) func killPrimaryWithAnEtcdFence(tls: Bool) throws {
+        if let why = tls ? TestCerts.skipReason ?? PairFixture.skipReason : Self.skipReason { print("skipped: \(why)"); return }
+        try Self.withPair(tls: tls) { pri, sec, talk, fence throws in
             talk.exchange(1...5, "a")
             pri.kill9()
             talk.exchange(6...10, "b", sec.stderrText)
@@ -361,5 +372,9 @@ extension PairTests { @Suite struct EtcdPairTests {
         let dead = try LoopbackPort.free(tcp: true)
         try L.expectRefused(1, key: ws.key, ["--fence", "etcd://127.0.0.1:\(dead)/p"], status: 64,
                             saying: "--fence etcd://127.0.0.1:\(dead)/p: no etcd member reachable: 127.0.0.1:\(dead): connect: Connection refused")
+        try L.expectRefused(1, key: ws.key, ["--fence", "etcds://127.0.0.1:\(dead)/p?cacert=\(ws.dir)/no-ca.pem"], status: 64,
+                            saying: "--fence etcds://127.0.0.1:\(dead)/p?cacert=\(ws.dir)/no-ca.pem: cannot read \(ws.dir)/no-ca.pem: No such file or directory")
+        try L.expectRefused(1, key: ws.key, ["--fence", "etcd://127.0.0.1:\(dead)/p?cacert=/x"], status: 64,
+                            saying: "--fence etcd://127.0.0.1:\(dead)/p?cacert=/x: TLS options need etcds://")
     }
 } }
