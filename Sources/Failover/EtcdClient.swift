@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CLockstep
 import Foundation
+import Synchronization
 
 /// One member of an etcd cluster: `HOST:PORT` of its client URL.
 public struct EtcdEndpoint: Sendable, Equatable, CustomStringConvertible {
@@ -13,30 +14,70 @@ public struct EtcdEndpoint: Sendable, Equatable, CustomStringConvertible {
 }
 
 /// A blocking client for etcd's v3 JSON gateway (`POST /v3/...`, base64 keys, int64s as strings), enough for the
-/// fence: a request per call on a fresh connection (`Connection: close`), over TLS when given `EtcdTLS`, each
-/// bounded by `timeoutMs`. It tries the endpoints in order and moves on only when one cannot be reached (or
-/// its certificate is refused): a request that was sent is never repeated elsewhere, since it may have been
-/// applied.
+/// fence: a request per call on a fresh connection (`Connection: close`), over TLS and as an etcd user when
+/// `EtcdAccess` says so, each bounded by `timeoutMs`. It tries the endpoints in order and moves on only when
+/// one cannot be reached (or its certificate is refused): a request that was sent is never repeated
+/// elsewhere, since it may have been applied.
 final class EtcdClient: Sendable {
     let endpoints: [EtcdEndpoint]
     let timeoutMs: Int
-    /// The TLS context, or why it could not be built (a CA, certificate or key file unreadable): every call
-    /// then fails with that, so the side's first fence operation (at its start) names the file.
-    private let tls: Result<TLSClient?, FenceError>
+    /// What every call needs (the TLS context, the user's password), or why it could not be had (a file
+    /// unreadable): every call then fails with that, so the side's first fence operation (at its start)
+    /// names the file.
+    private let setup: Result<Setup, FenceError>
+    /// The token etcd gave the user (nil: none yet, or it expired).
+    let token = Mutex<String?>(nil)
     /// The most a reply may carry: a fence's replies are a few hundred bytes; this bounds a stray server's.
     static let maxReply = 1 << 20
 
-    init(endpoints: [EtcdEndpoint], tls: EtcdTLS? = nil, location: String = "", timeoutMs: Int = 2000) {
+    private struct Setup: Sendable {
+        var tls: TLSClient?
+        var user: String?
+        var password: String?
+    }
+
+    init(endpoints: [EtcdEndpoint], access: EtcdAccess = EtcdAccess(), location: String = "", timeoutMs: Int = 2000) {
         self.endpoints = endpoints
         self.timeoutMs = timeoutMs
-        do throws(FenceError) { self.tls = .success(try tls.map { t throws(FenceError) in try TLSClient(t, location: location) }) } catch {
-            self.tls = .failure(error)
+        do throws(FenceError) {
+            let tls = try access.tls.map { t throws(FenceError) in try TLSClient(t, location: location) }
+            let password = try access.passwordFile.map { f throws(FenceError) in try Self.password(in: f, location: location) }
+            setup = .success(Setup(tls: tls, user: access.user, password: password))
+        } catch {
+            setup = .failure(error)
         }
     }
 
     /// Calls `path` with a JSON body; the reply's JSON object, or `FenceError.etcd` saying which member failed how.
     func call(_ path: String, _ body: [String: Any]) throws -> [String: Any] {
-        let tls = try self.tls.get()
+        let setup = try self.setup.get()
+        guard let user = setup.user, let password = setup.password else { return try exchange(path, body, setup.tls, token: nil) }
+        var renewed = false
+        while true {
+            let current: String
+            if let t = token.withLock({ $0 }) { current = t } else {
+                let reply = try exchange("/v3/auth/authenticate", ["name": user, "password": password], setup.tls, token: nil, user: user)
+                guard let t = reply["token"] as? String, !t.isEmpty else {
+                    throw FenceError.etcd("etcd gave user \(user) no token: is authentication enabled in the cluster (etcdctl auth enable)?")
+                }
+                token.withLock { $0 = t }
+                current = t
+            }
+            do { return try exchange(path, body, setup.tls, token: current, user: user) } catch let e as ExpiredToken {
+                // A simple token expires unused after the cluster's --auth-token-ttl; the refused request was
+                // not applied, so it goes again under a new token (once).
+                token.withLock { if $0 == current { $0 = nil } }
+                if renewed { throw e.error }
+                renewed = true
+            }
+        }
+    }
+
+    /// etcd refused the token (expired): the request was not applied.
+    private struct ExpiredToken: Error { var error: FenceError }
+
+    /// One request to the first member that can be reached.
+    private func exchange(_ path: String, _ body: [String: Any], _ tls: TLSClient?, token: String?, user: String? = nil) throws -> [String: Any] {
         let json = try JSONSerialization.data(withJSONObject: body)
         var unreachable: [String] = []
         for e in endpoints {
@@ -49,7 +90,8 @@ final class EtcdClient: Sendable {
             if let tls {
                 do { session = try tls.handshake(fd: fd, host: e.host, wait: waitTLS) } catch { unreachable.append("\(e): \(error)"); continue }
             }
-            let head = "POST \(path) HTTP/1.1\r\nHost: \(e)\r\nContent-Type: application/json\r\nContent-Length: \(json.count)\r\nConnection: close\r\n\r\n"
+            let head = "POST \(path) HTTP/1.1\r\nHost: \(e)\r\nContent-Type: application/json\r\nContent-Length: \(json.count)\r\n"
+                + (token.map { "Authorization: \($0)\r\n" } ?? "") + "Connection: close\r\n\r\n"
             let request = Array(head.utf8) + Array(json)
             do throws(EtcdFailure) {
                 if let session {
@@ -59,10 +101,30 @@ final class EtcdClient: Sendable {
                 try send(fd, request, deadline: deadline)
                 return try Self.parse(reply: try receive(fd, deadline: deadline))
             } catch {
-                throw FenceError.etcd("etcd at \(e) (\(path)): \(error.text)")
+                let failure = FenceError.etcd("etcd at \(e) (\(path)): \(error.text)" + Self.hint(error.text, user: user))
+                if token != nil, error.text.hasSuffix("invalid auth token") { throw ExpiredToken(error: failure) }
+                throw failure
             }
         }
         throw FenceError.etcd("no etcd member reachable: " + unreachable.joined(separator: "; "))
+    }
+
+    /// What to do about etcd's authentication refusals.
+    static func hint(_ text: String, user: String?) -> String {
+        if text.hasSuffix("user name is empty") { return " (the cluster has authentication on: add user=NAME&password-file=FILE)" }
+        if text.hasSuffix("permission denied"), let user { return " (give user \(user) a role that may read and write this fence's prefix)" }
+        return ""
+    }
+
+    /// The first line of `file`, which must not be empty.
+    private static func password(in file: String, location: String) throws(FenceError) -> String {
+        guard let text = FileManager.default.contents(atPath: file).map({ String(decoding: $0, as: UTF8.self) }) else {
+            let why = access(file, R_OK) == 0 ? "not readable" : String(cString: strerror(errno))
+            throw .etcd("--fence \(location): cannot read the password file \(file): \(why)")
+        }
+        let line = text.split(separator: "\n", omittingEmptySubsequences: false).first.map { $0.hasSuffix("\r") ? String($0.dropLast()) : String($0) } ?? ""
+        guard !line.isEmpty else { throw .etcd("--fence \(location): the password file \(file) is empty") }
+        return line
     }
 
     /// Why one exchange failed, before the member is named.

@@ -36,9 +36,9 @@ public final class EtcdFence: Fencing, @unchecked Sendable {
     }
     private let state = Mutex(State())
 
-    public init(endpoints: [EtcdEndpoint], prefix: String, leaseMs: Int, tls: EtcdTLS? = nil, timeoutMs: Int = 2000) {
-        location = FenceLocation.etcd(endpoints, prefix: prefix, tls: tls).description
-        client = EtcdClient(endpoints: endpoints, tls: tls, location: location, timeoutMs: timeoutMs)
+    public init(endpoints: [EtcdEndpoint], prefix: String, leaseMs: Int, access: EtcdAccess = EtcdAccess(), timeoutMs: Int = 2000) {
+        location = FenceLocation.etcd(endpoints, prefix: prefix, access: access).description
+        client = EtcdClient(endpoints: endpoints, access: access, location: location, timeoutMs: timeoutMs)
         fenceKey = prefix + "/fence"
         pairKey = prefix + "/pair"
         idKey = prefix + "/id"
@@ -179,21 +179,20 @@ public final class EtcdFence: Fencing, @unchecked Sendable {
 }
 
 /// Where `--fence` points: a directory both hosts reach, or an etcd cluster and a key prefix (over TLS when
-/// `tls` is set).
+/// `access.tls` is set) with the options in `access`.
 public enum FenceLocation: Sendable, Equatable, CustomStringConvertible {
     case directory(String)
-    case etcd([EtcdEndpoint], prefix: String, tls: EtcdTLS?)
+    case etcd([EtcdEndpoint], prefix: String, access: EtcdAccess)
 
-    /// `DIR`, `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (the prefix names this pair's keys), or the same with
-    /// `etcds://` and optionally `?cacert=FILE&cert=FILE&key=FILE` for TLS.
+    /// `DIR`, or `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (the prefix names this pair's keys), `etcds://` for
+    /// TLS, either with an optional `?cacert=FILE&cert=FILE&key=FILE&user=NAME&password-file=FILE`.
     public init(parsing s: String) throws(FenceError) {
         let secure = s.hasPrefix("etcds://")
         guard secure || s.hasPrefix("etcd://") else { self = .directory(s); return }
         var rest = s.dropFirst(secure ? "etcds://".count : "etcd://".count)
-        var tls: EtcdTLS? = secure ? EtcdTLS() : nil
+        var access = EtcdAccess(tls: secure ? EtcdTLS() : nil)
         if let q = rest.firstIndex(of: "?") {
-            guard secure else { throw .etcd("--fence \(s): TLS options need etcds://") }
-            tls = try EtcdTLS(query: rest[rest.index(after: q)...], in: s)
+            access = try EtcdAccess(query: rest[rest.index(after: q)...], secure: secure, in: s)
             rest = rest[..<q]
         }
         let scheme = secure ? "etcds" : "etcd"
@@ -217,22 +216,22 @@ public enum FenceLocation: Sendable, Equatable, CustomStringConvertible {
         guard !members.isEmpty else { throw .etcd("--fence \(s): name at least one etcd member, as \(scheme)://HOST:PORT/PREFIX") }
         var prefix = String(rest[slash...])
         while prefix.count > 1 && prefix.hasSuffix("/") { prefix.removeLast() }
-        self = .etcd(members, prefix: prefix, tls: tls)
+        self = .etcd(members, prefix: prefix, access: access)
     }
 
     /// The fence object for this location (nothing is contacted yet).
     public func open(leaseMs: Int) -> any Fencing {
         switch self {
         case .directory(let d): return Fence(directory: d)
-        case .etcd(let m, let p, let tls): return EtcdFence(endpoints: m, prefix: p, leaseMs: leaseMs, tls: tls)
+        case .etcd(let m, let p, let access): return EtcdFence(endpoints: m, prefix: p, leaseMs: leaseMs, access: access)
         }
     }
 
     public var description: String {
         switch self {
         case .directory(let d): return d
-        case .etcd(let m, let p, let tls):
-            return (tls == nil ? "etcd://" : "etcds://") + m.map(\.description).joined(separator: ",") + p + (tls?.query ?? "")
+        case .etcd(let m, let p, let access):
+            return (access.tls == nil ? "etcd://" : "etcds://") + m.map(\.description).joined(separator: ",") + p + access.query
         }
     }
 }

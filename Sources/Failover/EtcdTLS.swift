@@ -5,8 +5,7 @@ import COpenSSL
 
 /// How an `etcds://` fence reaches its members: TLS 1.2 or newer, the member's certificate checked against
 /// `caFile` (nil: the system's trust store) and its name or IP address, and a client certificate when the
-/// cluster asks for one (etcd's `--client-cert-auth`). PEM files, named in the fence location's query
-/// (`?cacert=FILE&cert=FILE&key=FILE`), as etcdctl's `--cacert`, `--cert` and `--key`.
+/// cluster asks for one (etcd's `--client-cert-auth`). PEM files, as etcdctl's `--cacert`, `--cert` and `--key`.
 public struct EtcdTLS: Sendable, Equatable {
     public var caFile: String?
     public var certFile: String?
@@ -14,29 +13,50 @@ public struct EtcdTLS: Sendable, Equatable {
     public init(caFile: String? = nil, certFile: String? = nil, keyFile: String? = nil) {
         self.caFile = caFile; self.certFile = certFile; self.keyFile = keyFile
     }
+}
 
-    /// The query that names the files ("" when none is given).
+/// What an etcd fence needs besides its members: TLS (`etcds://`), and a user of etcd's authentication with
+/// the file holding its password. Given in the location's query:
+/// `?cacert=FILE&cert=FILE&key=FILE&user=NAME&password-file=FILE`, any of them.
+public struct EtcdAccess: Sendable, Equatable {
+    public var tls: EtcdTLS?
+    public var user: String?
+    public var passwordFile: String?
+    public init(tls: EtcdTLS? = nil, user: String? = nil, passwordFile: String? = nil) {
+        self.tls = tls; self.user = user; self.passwordFile = passwordFile
+    }
+
+    /// The query that names them ("" when none is given).
     var query: String {
-        let parts = [("cacert", caFile), ("cert", certFile), ("key", keyFile)].compactMap { k, v in v.map { "\(k)=\($0)" } }
+        let parts = [("cacert", tls?.caFile), ("cert", tls?.certFile), ("key", tls?.keyFile), ("user", user), ("password-file", passwordFile)]
+            .compactMap { k, v in v.map { "\(k)=\($0)" } }
         return parts.isEmpty ? "" : "?" + parts.joined(separator: "&")
     }
 
-    /// `cacert=FILE&cert=FILE&key=FILE`, any of them; an unknown name, or a certificate without its key, is refused.
-    init(query: Substring, in location: String) throws(FenceError) {
+    /// An unknown name, TLS files without `etcds://`, a certificate without its key or a user without a
+    /// password file (or the reverse) is refused naming it.
+    init(query: Substring, secure: Bool, in location: String) throws(FenceError) {
+        var files = EtcdTLS()
         for pair in query.split(separator: "&") {
             guard let eq = pair.firstIndex(of: "="), !pair[pair.index(after: eq)...].isEmpty else {
-                throw .etcd("--fence \(location): '\(pair)' is not NAME=FILE (cacert, cert or key)")
+                throw .etcd("--fence \(location): '\(pair)' is not NAME=VALUE (cacert, cert, key, user, password-file)")
             }
-            let file = String(pair[pair.index(after: eq)...])
+            let value = String(pair[pair.index(after: eq)...])
             switch pair[..<eq] {
-            case "cacert": caFile = file
-            case "cert": certFile = file
-            case "key": keyFile = file
-            default: throw .etcd("--fence \(location): unknown TLS option '\(pair[..<eq])' (cacert, cert or key)")
+            case "cacert": files.caFile = value
+            case "cert": files.certFile = value
+            case "key": files.keyFile = value
+            case "user": user = value
+            case "password-file": passwordFile = value
+            default: throw .etcd("--fence \(location): unknown option '\(pair[..<eq])' (cacert, cert, key, user, password-file)")
             }
         }
-        guard (certFile == nil) == (keyFile == nil) else {
+        if secure { tls = files } else if files != EtcdTLS() { throw .etcd("--fence \(location): TLS options need etcds://") }
+        guard (files.certFile == nil) == (files.keyFile == nil) else {
             throw .etcd("--fence \(location): give a client certificate and its key together (cert=FILE&key=FILE)")
+        }
+        guard (user == nil) == (passwordFile == nil) else {
+            throw .etcd("--fence \(location): give a user and the file with its password together (user=NAME&password-file=FILE)")
         }
     }
 }

@@ -27,7 +27,7 @@ enum ExitStatus: Int32 {
     case badInput = 65       // bad guest image, corrupt/truncated/wrong-version log, image/log mismatch
     case kvmUnavailable = 69 // /dev/kvm missing or not permitted
     case internalError = 70  // an unexpected KVM failure
-    case guestCrashed = 71   // triple fault, cli;hlt, KVM emulation failure
+    case guestCrashed = 71   // triple fault, cli;hlt, KVM emulation failure (Ending.crashedStatus, as the pair record says it)
     case divergence = 72     // replay does not match its log
     case peerUnreachable = 68 // pair: no secondary answered at --peer; control: no answer on the socket
     case ioError = 74        // disk full, unwritable log (a serial backend that cannot bind is a usage error, 64)

@@ -8,7 +8,7 @@ import Pair
 struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Pre-shared key file (at least 16 bytes), the same on both hosts.") var keyFile: String
     @Option(name: .long, help: "Channel encryption: disabled, opportunistic or required (AES-256-GCM).") var encrypt: String = "opportunistic"
-    @Option(name: .long, help: "Where the fence lives: a directory both hosts reach (lockstep.fence, lockstep.pair, lockstep.id), or etcd://HOST:PORT[,HOST:PORT...]/PREFIX (keys PREFIX/fence, PREFIX/pair, PREFIX/id); both sides must reach the same one.") var fence: String?
+    @Option(name: .long, help: "Where the fence lives: a directory both hosts reach (lockstep.fence, lockstep.pair, lockstep.id), or etcd://HOST:PORT[,HOST:PORT...]/PREFIX (keys PREFIX/fence, PREFIX/pair, PREFIX/id), etcds:// over TLS, with ?cacert=FILE&cert=FILE&key=FILE&user=NAME&password-file=FILE as needed; both sides must reach the same one.") var fence: String?
     @Option(name: .long, help: "Heartbeat interval when the link is idle (ms).") var heartbeatMs: Int = 5
     @Option(name: .long, help: "Silence after which the peer is presumed failed (ms).") var failureTimeoutMs: Int = 50
     @Option(name: .long, help: "How long a secondary retries a held fence before asking the pair record: still named by it, it waits for the lock; otherwise the primary is alive (ms).") var fenceWaitMs: Int = 500

@@ -47,15 +47,41 @@ final class EtcdServer {
 
     /// Its members for `--fence` (with TLS: by the name its certificate carries, and the client's files).
     var url: String { tls == nil ? "etcd://127.0.0.1:\(port)" : "etcds://localhost:\(port)" }
-    func location(_ prefix: String) -> String { url + prefix + (tls.map { "?cacert=\($0.ca)&cert=\($0.clientCert)&key=\($0.clientKey)" } ?? "") }
+    func location(_ prefix: String) -> String {
+        let options = (tls.map { ["cacert=\($0.ca)", "cert=\($0.clientCert)", "key=\($0.clientKey)"] } ?? [])
+            + (user.map { ["user=\($0.name)", "password-file=\($0.passwordFile)"] } ?? [])
+        return url + prefix + (options.isEmpty ? "" : "?" + options.joined(separator: "&"))
+    }
     func fence(_ prefix: String, leaseMs: Int = 30_000) -> EtcdFence {
         EtcdFence(endpoints: [EtcdEndpoint(host: tls == nil ? "127.0.0.1" : "localhost", port: port)], prefix: prefix, leaseMs: leaseMs,
-                  tls: tls.map { EtcdTLS(caFile: $0.ca, certFile: $0.clientCert, keyFile: $0.clientKey) })
+                  access: EtcdAccess(tls: tls.map { EtcdTLS(caFile: $0.ca, certFile: $0.clientCert, keyFile: $0.clientKey) },
+                                     user: user?.name, passwordFile: user?.passwordFile))
+    }
+
+    /// The user `fence` and `location` act as, once `enableAuth` has turned etcd's authentication on.
+    private(set) var user: (name: String, passwordFile: String)?
+
+    /// Turns on etcd's authentication: `root` (password `rootpw`), and user `lockstep` (its password in a file
+    /// in `dir`) whose role may read and write the keys under `prefix` only; `fence` and `location` then act
+    /// as `lockstep`.
+    func enableAuth(prefix: String, passwordFile: String) throws {
+        let c = EtcdClient(endpoints: [EtcdEndpoint(host: "127.0.0.1", port: port)])
+        let b64 = { (s: String) in Data(s.utf8).base64EncodedString() }
+        try "lockstep-pw\n".write(toFile: passwordFile, atomically: true, encoding: .utf8)
+        for (path, body) in [("/v3/auth/user/add", ["name": "root", "password": "rootpw"]), ("/v3/auth/user/grant", ["user": "root", "role": "root"]),
+                             ("/v3/auth/role/add", ["name": "lockstep"]),
+                             ("/v3/auth/role/grant", ["name": "lockstep", "perm": ["key": b64(prefix + "/"), "range_end": b64(prefix + "0"), "permType": "READWRITE"]] as [String: Any]),
+                             ("/v3/auth/user/add", ["name": "lockstep", "password": "lockstep-pw"]), ("/v3/auth/user/grant", ["user": "lockstep", "role": "lockstep"]),
+                             ("/v3/auth/enable", [:])] as [(String, [String: Any])] {
+            _ = try c.call(path, body)
+        }
+        user = ("lockstep", passwordFile)
     }
 
     func stop() {
         if process.isRunning { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
         try? FileManager.default.removeItem(atPath: dir)
+        try? FileManager.default.removeItem(atPath: dir + ".password")
     }
 }
 
@@ -192,7 +218,7 @@ final class EtcdServer {
         #expect(try FenceLocation(parsing: "/mnt/ft") == .directory("/mnt/ft"))
         #expect(try FenceLocation(parsing: "etcd://10.0.0.1:2379,etcd-b,[::1]:2380/lockstep/vm1/")
                 == .etcd([EtcdEndpoint(host: "10.0.0.1", port: 2379), EtcdEndpoint(host: "etcd-b", port: 2379),
-                          EtcdEndpoint(host: "::1", port: 2380)], prefix: "/lockstep/vm1", tls: nil))
+                          EtcdEndpoint(host: "::1", port: 2380)], prefix: "/lockstep/vm1", access: EtcdAccess()))
         #expect(try FenceLocation(parsing: "etcd://a:1/p").description == "etcd://a:1/p")
         for bad in ["etcd://a:1", "etcd://a:1/", "etcd:///p", "etcd://a:x/p", "etcd://a:0/p", "etcd://:1/p"] {
             #expect(throws: FenceError.self, "\(bad)") { try FenceLocation(parsing: bad) }
@@ -251,12 +277,16 @@ extension PairTests { @Suite struct EtcdPairTests {
 
     /// Runs `body` with an echo pair fenced in a fresh etcd (its FT link through `proxy` when given), a
     /// conversation on its UDP service port and a view of its fence; the etcd and the workspace are removed after.
-    static func withPair(peerThrough proxy: TCPProxy? = nil, tls: Bool = false,
+    /// How a pair's sides reach etcd.
+    enum Access: CaseIterable { case plain, tls, user }
+
+    static func withPair(peerThrough proxy: TCPProxy? = nil, access: Access = .plain,
                          _ body: (_ pri: Child, _ sec: Child, _ talk: Conversation, _ fence: any Fencing) throws -> Void) throws {
-        let certs = tls ? try TestCerts() : nil
+        let certs = access == .tls ? try TestCerts() : nil
         defer { certs?.remove() }
         let etcd = try EtcdServer(tls: certs)
         defer { etcd.stop() }
+        if access == .user { try etcd.enableAuth(prefix: "/lockstep", passwordFile: etcd.dir + ".password") }
         let ws = try workspace(etcd)
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         let udp = try PairFixture.freeUDPPort()
@@ -266,10 +296,10 @@ extension PairTests { @Suite struct EtcdPairTests {
 
     /// kill -9 leaves the primary's etcd lease running (60 s here): the secondary, named by the pair record,
     /// takes the fence from it at once and serves on. Also with the fence over TLS (`etcds://`, client
-    /// certificates).
-    @Test(arguments: [false, true]) func killPrimaryWithAnEtcdFence(tls: Bool) throws {
-        if let why = tls ? TestCerts.skipReason ?? PairFixture.skipReason : Self.skipReason { print("skipped: \(why)"); return }
-        try Self.withPair(tls: tls) { pri, sec, talk, fence throws in
+    /// certificates), and as a user of etcd's authentication.
+    @Test(arguments: Access.allCases) func killPrimaryWithAnEtcdFence(access: Access) throws {
+        if let why = access == .tls ? TestCerts.skipReason ?? PairFixture.skipReason : Self.skipReason { print("skipped: \(why)"); return }
+        try Self.withPair(access: access) { pri, sec, talk, fence throws in
             talk.exchange(1...5, "a")
             pri.kill9()
             talk.exchange(6...10, "b", sec.stderrText)

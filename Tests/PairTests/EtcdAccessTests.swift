@@ -116,17 +116,72 @@ final class TestCerts {
         #expect(etcd.fence("/p").readHolder() == nil)
     }
 
-    @Test func tlsLocations() throws {
+    @Test func accessInLocations() throws {
         #expect(try FenceLocation(parsing: "etcds://a:1,b/p/?cacert=/c.pem&cert=/x.pem&key=/x.key")
                 == .etcd([EtcdEndpoint(host: "a", port: 1), EtcdEndpoint(host: "b", port: 2379)], prefix: "/p",
-                         tls: EtcdTLS(caFile: "/c.pem", certFile: "/x.pem", keyFile: "/x.key")))
-        #expect(try FenceLocation(parsing: "etcds://a:1/p") == .etcd([EtcdEndpoint(host: "a", port: 1)], prefix: "/p", tls: EtcdTLS()))
-        #expect(try FenceLocation(parsing: "etcds://a:1/p?key=/k&cert=/c").description == "etcds://a:1/p?cert=/c&key=/k")
+                         access: EtcdAccess(tls: EtcdTLS(caFile: "/c.pem", certFile: "/x.pem", keyFile: "/x.key"))))
+        #expect(try FenceLocation(parsing: "etcds://a:1/p") == .etcd([EtcdEndpoint(host: "a", port: 1)], prefix: "/p", access: EtcdAccess(tls: EtcdTLS())))
+        #expect(try FenceLocation(parsing: "etcd://a:1/p?user=u&password-file=/pw")
+                == .etcd([EtcdEndpoint(host: "a", port: 1)], prefix: "/p", access: EtcdAccess(user: "u", passwordFile: "/pw")))
+        #expect(try FenceLocation(parsing: "etcds://a:1/p?key=/k&user=u&cert=/c&password-file=/pw").description
+                == "etcds://a:1/p?cert=/c&key=/k&user=u&password-file=/pw")
         for (bad, why) in [("etcd://a:1/p?cacert=/c", "TLS options need etcds://"), ("etcds://a:1/p?cert=/c", "together"),
-                           ("etcds://a:1/p?ca=/c", "unknown TLS option 'ca'"), ("etcds://a:1/p?cacert", "'cacert' is not NAME=FILE"),
-                           ("etcds://a:1?cacert=/c", "give a key prefix")] {
+                           ("etcds://a:1/p?ca=/c", "unknown option 'ca'"), ("etcds://a:1/p?cacert", "'cacert' is not NAME=VALUE"),
+                           ("etcds://a:1?cacert=/c", "give a key prefix"), ("etcd://a:1/p?user=u", "give a user and the file with its password together")] {
             #expect(throws: FenceError.self, "\(bad)") { try FenceLocation(parsing: bad) }
             do { _ = try FenceLocation(parsing: bad) } catch { #expect("\(error)".contains(why), "\(bad): \(error)") }
         }
+    }
+}
+
+/// The etcd fence as a user of etcd's authentication (`?user=NAME&password-file=FILE`), against a real etcd
+/// with authentication on and a role that reaches one prefix.
+@Suite struct EtcdAuthTests {
+    let me = FenceIdentity(host: "hostA", pid: 111)
+
+    @Test func theFenceWorksAsAnEtcdUser() throws {
+        if let why = EtcdServer.skipReason { print("skipped: \(why)"); return }
+        let etcd = try EtcdServer()
+        defer { etcd.stop() }
+        try etcd.enableAuth(prefix: "/p", passwordFile: etcd.dir + ".password")
+        let a = try #require(try FenceLocation(parsing: etcd.location("/p")).open(leaseMs: 1000) as? EtcdFence)
+        let t = try #require(try a.tryAcquire(identity: me))
+        try a.writePairRecord("secondary 1f")
+        #expect(a.check(holding: t) == .confirmed)
+        // A token etcd no longer knows (as after --auth-token-ttl unused): the call is made again with a new one.
+        a.client.token.withLock { $0 = "expired.1" }
+        #expect(try a.readPairRecord() == "secondary 1f")
+        #expect(a.client.token.withLock { $0 } != "expired.1")
+        #expect(try a.storeID() == etcd.fence("/p").storeID())
+    }
+
+    /// Each refusal names what is wrong; nothing is written.
+    @Test func badCredentialsAreAClearError() throws {
+        if let why = EtcdServer.skipReason { print("skipped: \(why)"); return }
+        let etcd = try EtcdServer()
+        defer { etcd.stop() }
+        let pw = etcd.dir + ".password"
+        try etcd.enableAuth(prefix: "/p", passwordFile: pw)
+        let wrong = etcd.dir + ".wrong"
+        try "not-it\n".write(toFile: wrong, atomically: true, encoding: .utf8)
+        let empty = etcd.dir + ".empty"
+        try "\n".write(toFile: empty, atomically: true, encoding: .utf8)
+        defer { for f in [wrong, empty] { try? FileManager.default.removeItem(atPath: f) } }
+        let u = "etcd://127.0.0.1:\(etcd.port)"
+        for (location, expected) in [
+            ("\(u)/p?user=lockstep&password-file=\(wrong)", "(/v3/auth/authenticate): HTTP 400: etcdserver: authentication failed, invalid user ID or password"),
+            ("\(u)/p", "etcdserver: user name is empty (the cluster has authentication on: add user=NAME&password-file=FILE)"),
+            ("\(u)/other?user=lockstep&password-file=\(pw)", "etcdserver: permission denied (give user lockstep a role that may read and write this fence's prefix)"),
+            ("\(u)/p?user=lockstep&password-file=\(etcd.dir).missing", "cannot read the password file \(etcd.dir).missing: No such file or directory"),
+            ("\(u)/p?user=lockstep&password-file=\(empty)", "the password file \(empty) is empty"),
+        ] {
+            do {
+                _ = try FenceLocation(parsing: location).open(leaseMs: 1000).tryAcquire(identity: me)
+                Issue.record("no error for \(location)")
+            } catch {
+                #expect("\(error)".contains(expected), "\(location): \(error)")
+            }
+        }
+        #expect(etcd.fence("/p").readHolder() == nil)
     }
 }
