@@ -58,8 +58,12 @@ public final class Connection: @unchecked Sendable {
 
     static let initialBuffer = 256 << 10
 
-    init(fd: Int32) {
+    /// `HOST:PORT` this side connected to, as it was asked ("" for an accepted connection).
+    public let remote: String
+
+    init(fd: Int32, remote: String = "") {
         self.fd = fd
+        self.remote = remote
         scap = Connection.initialBuffer
         sbuf = .allocate(byteCount: scap, alignment: 16)
         rcap = Connection.initialBuffer
@@ -75,7 +79,7 @@ public final class Connection: @unchecked Sendable {
 
     /// Opens a TCP connection (no handshake). Clear errors for refused / unreachable / timeout.
     public static func connectRaw(host: String, port: UInt16, timeoutMs: Int) throws -> Connection {
-        Connection(fd: try SocketOps.connect(host: host, port: port, timeoutMs: timeoutMs))
+        Connection(fd: try SocketOps.connect(host: host, port: port, timeoutMs: timeoutMs), remote: host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)")
     }
 
     /// Opens a TCP connection and runs the handshake as initiator.

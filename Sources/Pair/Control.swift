@@ -96,6 +96,9 @@ public protocol PairRole: AnyObject, Sendable {
     /// SIGTERM: a side running the guest hands it to its secondary and then ends (not staying on as the new
     /// primary's secondary); any other side is refused at once.
     func handOverToLeave(reply: @escaping @Sendable (HandoverOutcome) -> Void)
+    /// The control socket's `peer HOST:PORT`: where new secondaries are sought from now on; the reply line
+    /// (`ok: …` or `refused: …`).
+    func changePeer(_ address: String) -> String
 }
 
 /// The role a pair process has now: a primary that handed its guest over may go on as the new primary's
@@ -106,6 +109,8 @@ public final class CurrentRole: Sendable {
     public func set(_ r: any PairRole) { role.withLock { $0 = r } }
 
     var status: PairStatus? { role.withLock { $0 }?.status() }
+
+    func changePeer(_ address: String) -> String { role.withLock { $0 }?.changePeer(address) ?? "refused: nothing runs yet" }
 
     public func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)? = nil) {
         if let r = role.withLock({ $0 }) { r.requestHandover(reply: reply) } else { reply?(.refused("handover refused: nothing runs yet")) }
@@ -139,8 +144,9 @@ public final class CurrentRole: Sendable {
     }
 }
 
-/// `--control PATH` of `primary` and `secondary`: answers `status` (the status JSON on one line) and
-/// `handover` (waits for the outcome, then one line: `handed-over: …`, `refused: …` or `failed: …`).
+/// `--control PATH` of `primary` and `secondary`: answers `status` (the status JSON on one line),
+/// `handover` (waits for the outcome, then one line: `handed-over: …`, `refused: …` or `failed: …`) and
+/// `peer HOST:PORT` (`ok: …` or `refused: …`).
 /// One request per connection, one connection at a time, on its own thread.
 public final class ControlServer: @unchecked Sendable {
     private let listener: ControlListener
@@ -183,8 +189,10 @@ public final class ControlServer: @unchecked Sendable {
         case "handover":
             let outcome = HandoverOutcome.awaited(withinMs: handoverBoundMs) { role.requestHandover(reply: $0) }
             try? c.writeLine(outcome?.line ?? "failed: no outcome within \(handoverBoundMs) ms")
+        case let r where r.hasPrefix("peer "):
+            try? c.writeLine(role.changePeer(String(r.dropFirst(5)).trimmingCharacters(in: .whitespaces)))
         default:
-            try? c.writeLine("refused: unknown request \"\(request.prefix(80))\" (status, handover)")
+            try? c.writeLine("refused: unknown request \"\(request.prefix(80))\" (status, handover, peer HOST:PORT)")
         }
     }
 }

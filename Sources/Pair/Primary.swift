@@ -20,8 +20,12 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     let config: MachineConfig
     let gate: OutputGate
     let options: PairOptions
-    let peerHost: String
-    let peerPort: UInt16
+    /// Where the connector looks for a new secondary: `--peer`, until the operator moves it (`changePeer`).
+    private let peerAddress: Mutex<(host: String, port: UInt16)>
+    var peerHost: String { peerAddress.withLock { $0.host } }
+    var peerPort: UInt16 { peerAddress.withLock { $0.port } }
+    /// `HOST:PORT` of `peerAddress`, read once.
+    var peer: String { peerAddress.withLock { $0.host.contains(":") ? "[\($0.host)]:\($0.port)" : "\($0.host):\($0.port)" } }
     let metrics = PairMetrics()
     private let reports = JSONReports()
     let fence: (any Fencing)?
@@ -73,7 +77,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     static let handoverExitAhead = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_HANDOVER_EXIT_AHEAD"].flatMap { UInt64($0) } ?? 0
 
     public init(image: PVHImage, config: MachineConfig, backend: SerialOutput, peer: String, options: PairOptions) throws(PairError) {
-        (peerHost, peerPort) = try PairOptions.hostPort(peer, option: "--peer")
+        peerAddress = Mutex(try PairOptions.hostPort(peer, option: "--peer"))
         self.image = image; self.config = config; self.options = options
         fence = try takeFence(options)
         if fence == nil { warn("no --fence: nothing stops two live primaries after a partition") }
@@ -111,7 +115,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// unprotected until the connector finds a new secondary at `peer`. `gate` must already be its output.
     init(adopting session: RecordingSession, image: PVHImage, config: MachineConfig, gate: OutputGate, peer: String,
          options: PairOptions, fence: (any Fencing)?, fenceID: String, watch: FenceWatch?) throws(PairError) {
-        (peerHost, peerPort) = try PairOptions.hostPort(peer, option: "--peer")
+        peerAddress = Mutex(try PairOptions.hostPort(peer, option: "--peer"))
         self.image = image; self.config = config; self.options = options; self.fence = fence; self.watch = watch
         self.fenceID = fenceID
         self.gate = gate
@@ -161,7 +165,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         defer { watch?.stop() }
         let conn: Connection?
         do { conn = try connectInitial() } catch PairError.peerUnreachable(let why) where options.startUnprotected {
-            warn("no secondary within --connect-timeout-ms \(options.connectTimeoutMs) (\(why)): running the guest unprotected; looking for one at \(peerHost):\(peerPort)")
+            warn("no secondary within --connect-timeout-ms \(options.connectTimeoutMs) (\(why)): running the guest unprotected; looking for one at \(self.peer)")
             conn = nil
         }
         if let conn {
@@ -174,7 +178,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
                 // The guest need not wait on a secondary that refused (another fence store, a bad guest copy):
                 // it runs as if none had answered, and the connector tries again, backing off.
                 conn.close()
-                warn("could not seed the secondary at \(peerHost):\(peerPort): \(error); running the guest unprotected; looking for one at \(peerHost):\(peerPort)")
+                warn("could not seed the secondary at \(self.peer): \(error); running the guest unprotected; looking for one at \(self.peer)")
                 shortLived += 1
                 startConnector()
             }
@@ -243,6 +247,24 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let now = lk_monotonic_ns()
         // What waits for the next entry goes first: the secondary replays toward it while the guest waits.
         if l.mustSlowDown(now: now) { flushLog(force: true); throttle(l, since: now) }
+    }
+
+    // MARK: the operator
+
+    /// The control socket's `peer HOST:PORT` (any thread): new secondaries are sought there from now on, as
+    /// when a host is lost for good and a third takes its place. A secondary protecting the guest now stays
+    /// until it is lost (or leaves: SIGTERM to it); the connector, if looking, tries the new address next.
+    public func changePeer(_ address: String) -> String {
+        let next: (host: String, port: UInt16)
+        do { next = try PairOptions.hostPort(address, option: "peer") } catch { return "refused: \(error)" }
+        let old = peer
+        peerAddress.withLock { $0 = next }
+        warn("the operator moved the peer address from \(old) to \(peer)")
+        let l = current.withLock { $0 }
+        if let l, !l.lost.load(ordering: .acquiring) {
+            return "ok: new secondaries are sought at \(peer); the secondary that protects the guest now stays until it is lost"
+        }
+        return "ok: looking for a secondary at \(peer)"
     }
 
     // MARK: planned switchover
@@ -476,7 +498,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         }
         let pause = lk_monotonic_ns() &- t0
         let ms: @Sendable (UInt64) -> String = { String(format: "%.1f", Double($0) / 1e6) }
-        let line = "protected: secondary at \(peerHost):\(peerPort) seeded at exit \(snap.exit):"
+        let line = "protected: secondary at \(p.conn.remote) seeded at exit \(snap.exit):"
             + " \(p.pagesSent - p.pagesInPause) pages in \(p.rounds) rounds (\(ms(t0 &- p.startNs)) ms"
             + (p.throttleReached > 0 ? ", guest throttled up to \(p.throttleReached) %)," : "),")
             + " then \(p.pagesInPause) with the guest paused \(ms(pause)) ms" + (snap.halted ? " while halted" : "")
@@ -545,10 +567,11 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// version or encryption refusal is final.
     private func connectInitial() throws -> Connection {
         let deadline = lk_monotonic_ns() + UInt64(options.connectTimeoutMs) * 1_000_000
-        var last: PairError = .peerUnreachable("\(peerHost):\(peerPort): no attempt made")
+        var last: PairError = .peerUnreachable("\(peer): no attempt made")
         while lk_monotonic_ns() < deadline {
             do {
-                return try Connection.connect(host: peerHost, port: peerPort, timeoutMs: 1000, config: config(role: .primary))
+                let (host, port) = peerAddress.withLock { $0 }
+                return try Connection.connect(host: host, port: port, timeoutMs: 1000, config: config(role: .primary))
             } catch {
                 last = PairError.from(error)
                 if case .peerRejected = last { throw last }
@@ -571,7 +594,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             while !finished.load(ordering: .acquiring), lk_monotonic_ns() < until { usleep(10_000) }
             while !finished.load(ordering: .acquiring) {
                 do {
-                    let c = try Connection.connect(host: peerHost, port: peerPort, timeoutMs: 1000, config: config(role: .primary))
+                    let (host, port) = peerAddress.withLock { $0 }
+                    let c = try Connection.connect(host: host, port: port, timeoutMs: 1000, config: config(role: .primary))
                     offered.withLock { $0 = c }
                     hasOffer.store(true, ordering: .releasing)
                     session.machine.pacer?.raise(.boundary)  // a halted guest's vCPU thread adopts it now

@@ -19,8 +19,10 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     /// Watches the fence this side took to go live (`FenceWatch`); its protector shares it.
     private var liveWatch: FenceWatch? { didSet { liveWatchForStatus.withLock { $0 = liveWatch } } }
     private let liveWatchForStatus = Mutex<FenceWatch?>(nil)
-    /// Where a survivor looks for a secondary of its own (`--peer`); nil: it runs unprotected once live.
-    let reprotectPeer: String?
+    /// `--peer`: once live, this side protects itself with a new secondary there (nil: it runs unprotected).
+    /// The operator may move it (`changePeer`).
+    var reprotectPeer: String? { reprotectAddress.withLock { $0 } }
+    private let reprotectAddress: Mutex<String?>
     /// The survivor's protection (after go-live, with `--peer`).
     private var protector: PrimaryRunner? { didSet { protectorForSignals.withLock { $0 = protector } } }
     /// `protector` for the thread that asks for a handover.
@@ -41,7 +43,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     private let reports = JSONReports()
 
     public init(listen: String, serial: SerialSpec, options: PairOptions, reprotectPeer: String? = nil) throws(PairError) {
-        self.reprotectPeer = reprotectPeer
+        reprotectAddress = Mutex(reprotectPeer)
         let (host, port) = try PairOptions.hostPort(listen, option: "--listen", anyPort: true)
         do { listener = try Listener(host: host, port: port) } catch {
             throw .config("--listen \(listen): \(error)")
@@ -103,6 +105,21 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 throw e
             }
         }
+    }
+
+    /// The control socket's `peer HOST:PORT`: a survivor protecting itself seeks new secondaries there; a
+    /// secondary started with `--peer` will, once live. One started without it never protects itself.
+    public func changePeer(_ address: String) -> String {
+        do { _ = try PairOptions.hostPort(address, option: "peer") } catch { return "refused: \(error)" }
+        let moved = reprotectAddress.withLock { a -> Bool in
+            guard a != nil else { return false }
+            a = address
+            return true
+        }
+        guard moved else { return "refused: this secondary was started without --peer: once live it runs the guest unprotected" }
+        if let p = protectorForSignals.withLock({ $0 }) { return p.changePeer(address) }
+        warn("the operator moved the peer address to \(address): once live, this side looks for its secondary there")
+        return "ok: once live, this side looks for its secondary at \(address)"
     }
 
     /// SIGTERM: a survivor protecting itself hands its guest over and `run` returns instead of listening again.
@@ -357,6 +374,8 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 let p = try PrimaryRunner(adopting: s, image: image, config: seedConfig, gate: gate, peer: peer, options: options,
                                           fence: src.fence, fenceID: fenceID ?? "", watch: liveWatch)
                 protector = p
+                // Moved by the operator meanwhile: the protector looks there.
+                if let moved = reprotectPeer, moved != peer { _ = p.changePeer(moved) }
                 out = gate
                 p.beginAdopted()
             } catch { warn("cannot protect the survivor: \(error); running unprotected") }

@@ -170,22 +170,27 @@ struct SecondaryCommand: ParsableCommand {
 
 struct ControlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "control",
-        abstract: "Ask a running primary or secondary (its --control socket) for its status, or for a planned switchover.",
-        discussion: "handover: exit 0 once the secondary took the guest over; 1 when refused (nothing changed) or failed (the primary serves on, unprotected).")
+        abstract: "Ask a running primary or secondary (its --control socket) for its status, for a planned switchover, or to seek new secondaries at another address.",
+        discussion: "handover: exit 0 once the secondary took the guest over; 1 when refused (nothing changed) or failed (the primary serves on, unprotected). peer HOST:PORT: exit 0 when taken (a secondary protecting the guest now stays until it is lost), 1 when refused.")
     @Argument(help: "The --control socket of the running process.") var socket: String
-    @Argument(help: "status (one line of JSON) or handover (waits for the outcome).") var request: String
+    @Argument(help: "status (one line of JSON), handover (waits for the outcome) or peer (where new secondaries are sought from now on).") var request: String
+    @Argument(help: "peer: the new secondary's FT-link address, HOST:PORT.") var address: String?
     @Option(name: .long, help: "Give up waiting for the answer after this many ms.") var timeoutMs: Int = 30_000
 
     func run() throws {
-        guard ["status", "handover"].contains(request) else { throw fail("unknown request \(request): use status or handover", .usage) }
+        guard ["status", "handover", "peer"].contains(request) else { throw fail("unknown request \(request): use status, handover or peer HOST:PORT", .usage) }
+        guard (request == "peer") == (address != nil) else {
+            throw fail(request == "peer" ? "peer: give the new address, HOST:PORT" : "\(request) takes no address", .usage)
+        }
         let answer: String?
         do {
             let c = try ControlConnection(path: socket)
-            try c.writeLine(request)
+            try c.writeLine(request + (address.map { " " + $0 } ?? ""))
             answer = try c.readLine(timeoutMs: timeoutMs)
         } catch { throw fail("control \(socket): \(error)", .peerUnreachable) }
         guard let answer else { throw fail("control \(socket): closed without an answer", .peerUnreachable) }
         print(answer)
         if request == "handover", !answer.hasPrefix("handed-over:") { throw ExitCode.failure }
+        if request == "peer", !answer.hasPrefix("ok:") { throw ExitCode.failure }
     }
 }

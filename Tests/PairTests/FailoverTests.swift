@@ -295,7 +295,7 @@ extension PairTests { @Suite struct FailoverTests {
         talk.exchange(1...3, "a")
         let bogus = try Child("bogus", ["control", priControl, "reboot"], captureStdout: true)
         #expect(try bogus.wait(seconds: 10) == 64, "\(bogus.stderrText)")
-        #expect(bogus.stderrText.contains("unknown request reboot: use status or handover"), "\(bogus.stderrText)")
+        #expect(bogus.stderrText.contains("unknown request reboot: use status, handover or peer HOST:PORT"), "\(bogus.stderrText)")
         let status = try Child("status", ["control", priControl, "status"], captureStdout: true)
         #expect(try status.wait(seconds: 10) == 0, "\(status.stderrText)")
         #expect(status.stderr.contains { $0.contains("\"role\":\"primary\"") && $0.contains("\"protected\":true") }, "\(status.stderrText)")
@@ -323,6 +323,47 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(went.contains("(0 output bytes"), "nothing released may be sent again: \(went)")
         let gone = try Child("gone", ["control", priControl, "status"], captureStdout: true)
         #expect(try gone.wait(seconds: 10) == 68, "\(gone.stderrText)")
+    }
+
+    /// Host B is lost for good and host C takes its place: `lockstep control SOCKET peer C` moves where the
+    /// primary seeks secondaries without restarting it. The secondary protecting the guest stays until it is
+    /// lost; then C's is seeded, and a kill -9 of the primary fails over to C with the conversation intact.
+    @Test func theOperatorMovesThePeerToAThirdHost() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let priControl = ws.dir + "/primary.sock"
+        let (pri, b, _) = try Self.startPair(ws, udp: udp, extraPrimary: ["--control", priControl])
+        defer { pri.kill9(); b.kill9() }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
+        let cControl = ws.dir + "/c.sock"
+        let c = try Child("secondary C", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)", "--control", cControl]
+                          + PairFixture.common(ws))
+        defer { c.kill9() }
+        let portC = try c.listeningPort()
+        // C has no --peer: once live it runs unprotected, and no address can change that.
+        let none = try Child("peer of C", ["control", cControl, "peer", "127.0.0.1:1"], captureStdout: true)
+        #expect(try none.wait(seconds: 10) == 1, "\(none.stderrText)")
+        #expect(none.stderr.contains { $0.hasPrefix("refused: this secondary was started without --peer") }, "\(none.stderrText)")
+        let bad = try Child("bad peer", ["control", priControl, "peer", "nowhere"], captureStdout: true)
+        #expect(try bad.wait(seconds: 10) == 1, "\(bad.stderrText)")
+        #expect(bad.stderr.contains { $0.hasPrefix("refused: ") && $0.contains("nowhere") }, "\(bad.stderrText)")
+        let move = try Child("peer", ["control", priControl, "peer", "127.0.0.1:\(portC)"], captureStdout: true)
+        #expect(try move.wait(seconds: 10) == 0, "\(move.stderrText)")
+        #expect(move.stderr.contains { $0 == "ok: new secondaries are sought at 127.0.0.1:\(portC); the secondary that protects the guest now stays until it is lost" },
+                "\(move.stderrText)")
+        talk.exchange(4...5, "b")
+        #expect(!pri.stderr.contains { $0.contains("secondary lost") }, "\(pri.stderrText)")
+        b.kill9()
+        try pri.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portC) seeded at exit", seconds: 30)
+        talk.exchange(6...7, "c")
+        pri.kill9()
+        talk.exchange(8...10, "d", c.stderrText)
+        talk.quit()
+        #expect(try c.wait(seconds: 30) == 0, "\(c.stderrText)")
+        talk.expectConsistent()
     }
 
     /// A pair configured both ways (the primary with `--listen`, the secondary with `--peer` to it) swaps roles
