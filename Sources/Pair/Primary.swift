@@ -22,8 +22,6 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     let options: PairOptions
     /// Where the connector looks for a new secondary: `--peer`, until the operator moves it (`changePeer`).
     private let peerAddress: Mutex<(host: String, port: UInt16)>
-    var peerHost: String { peerAddress.withLock { $0.host } }
-    var peerPort: UInt16 { peerAddress.withLock { $0.port } }
     /// `HOST:PORT` of `peerAddress`, read once.
     var peer: String { peerAddress.withLock { $0.host.contains(":") ? "[\($0.host)]:\($0.port)" : "\($0.host):\($0.port)" } }
     let metrics = PairMetrics()
