@@ -94,12 +94,15 @@ final class EtcdClient: Sendable {
                 + (token.map { "Authorization: \($0)\r\n" } ?? "") + "Connection: close\r\n\r\n"
             let request = Array(head.utf8) + Array(json)
             do throws(EtcdFailure) {
+                let reply: [UInt8]
                 if let session {
                     try session.send(request, wait: waitTLS)
-                    return try Self.parse(reply: try session.receive(limit: Self.maxReply, wait: waitTLS))
+                    reply = try Self.receive { (b: inout [UInt8]) throws(EtcdFailure) in try session.readSome(&b, wait: waitTLS) }
+                } else {
+                    try send(fd, request, deadline: deadline)
+                    reply = try Self.receive { (b: inout [UInt8]) throws(EtcdFailure) in try readSome(fd, &b, deadline: deadline) }
                 }
-                try send(fd, request, deadline: deadline)
-                return try Self.parse(reply: try receive(fd, deadline: deadline))
+                return try Self.parse(reply: reply)
             } catch {
                 let failure = FenceError.etcd("etcd at \(e) (\(path)): \(error.text)" + Self.hint(error.text, user: user))
                 if token != nil, error.text.hasSuffix("invalid auth token") { throw ExpiredToken(error: failure) }
@@ -195,19 +198,25 @@ final class EtcdClient: Sendable {
         }
     }
 
-    private func receive(_ fd: Int32, deadline: UInt64) throws(EtcdFailure) -> [UInt8] {
+    /// Reads what has come into `buf`: how many bytes, 0 at the member's close.
+    private func readSome(_ fd: Int32, _ buf: inout [UInt8], deadline: UInt64) throws(EtcdFailure) -> Int {
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n >= 0 { return n }
+            if errno == EAGAIN || errno == EINTR { try wait(fd, for: Int16(POLLIN), until: deadline, doing: "reply"); continue }
+            throw EtcdFailure(text: "recv: \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// The reply up to the member's close, in the clear or over TLS (`readSome`), at most `maxReply` bytes.
+    private static func receive(_ readSome: (inout [UInt8]) throws(EtcdFailure) -> Int) throws(EtcdFailure) -> [UInt8] {
         var out: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 16384)
         while true {
-            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            let n = try readSome(&buf)
             if n == 0 { return out }
-            if n > 0 {
-                out += buf[0..<n]
-                guard out.count <= Self.maxReply else { throw EtcdFailure(text: "a reply over \(Self.maxReply) bytes: not an etcd server") }
-                continue
-            }
-            if errno == EAGAIN || errno == EINTR { try wait(fd, for: Int16(POLLIN), until: deadline, doing: "reply"); continue }
-            throw EtcdFailure(text: "recv: \(String(cString: strerror(errno)))")
+            out += buf[0..<n]
+            guard out.count <= maxReply else { throw EtcdFailure(text: "a reply over \(maxReply) bytes: not an etcd server") }
         }
     }
 

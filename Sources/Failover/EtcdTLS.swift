@@ -67,9 +67,10 @@ final class TLSClient: @unchecked Sendable {
     // SAFETY: an SSL_CTX is only read once configured (SSL_new takes its own references), so threads may share it.
     private let ctx: OpaquePointer
     /// Whether this side offers a certificate (a refusal of it reads differently from a missing one).
-    private(set) var hasClientCertificate = false
+    private let hasClientCertificate: Bool
 
     init(_ tls: EtcdTLS, location: String) throws(FenceError) {
+        hasClientCertificate = tls.certFile != nil
         for file in [tls.caFile, tls.certFile, tls.keyFile].compactMap({ $0 }) where access(file, R_OK) != 0 {
             throw .etcd("--fence \(location): cannot read \(file): \(String(cString: strerror(errno)))")
         }
@@ -89,7 +90,6 @@ final class TLSClient: @unchecked Sendable {
                 throw .etcd(why.contains("key values mismatch") ? mismatch : "--fence \(location): cannot load the client key \(key): \(why)")
             }
             guard SSL_CTX_check_private_key(ctx) == 1 else { throw .etcd("\(mismatch): \(Self.errors())") }
-            hasClientCertificate = true
         }
     }
 
@@ -154,20 +154,14 @@ final class TLSSession {
         return .init(text: "TLS read: \(failure(code))")
     }
 
-    /// Everything up to the member's close.
-    func receive(limit: Int, wait: (Int16) throws(EtcdClient.EtcdFailure) -> Void) throws(EtcdClient.EtcdFailure) -> [UInt8] {
-        var out: [UInt8] = []
-        var buf = [UInt8](repeating: 0, count: 16384)
+    /// Reads what has come into `buf`: how many bytes, 0 at the member's close.
+    func readSome(_ buf: inout [UInt8], wait: (Int16) throws(EtcdClient.EtcdFailure) -> Void) throws(EtcdClient.EtcdFailure) -> Int {
         while true {
             ERR_clear_error()
             let n = buf.withUnsafeMutableBytes { SSL_read(ssl, $0.baseAddress, Int32($0.count)) }
-            if n > 0 {
-                out += buf[0..<Int(n)]
-                guard out.count <= limit else { throw .init(text: "a reply over \(limit) bytes: not an etcd server") }
-                continue
-            }
+            if n > 0 { return Int(n) }
             switch SSL_get_error(ssl, n) {
-            case SSL_ERROR_ZERO_RETURN: return out
+            case SSL_ERROR_ZERO_RETURN: return 0
             case SSL_ERROR_WANT_READ: try wait(Int16(POLLIN))
             case SSL_ERROR_WANT_WRITE: try wait(Int16(POLLOUT))
             case let e: throw .init(text: "TLS read: \(failure(e))")
