@@ -157,14 +157,22 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     }
 
     /// Connects the first secondary (bounded by `connectTimeoutMs`), then runs the guest to its end. With
-    /// `startUnprotected` and no secondary by then, the guest runs unprotected while the connector looks on.
+    /// `startUnprotected` and no secondary by then (or a timeout of 0: at once), the guest runs unprotected
+    /// while the connector looks on.
     public func run() throws -> SessionResult {
         guard let own else { throw PairError.config("run() drives its own session only") }
         defer { watch?.stop() }
         let conn: Connection?
-        do { conn = try connectInitial() } catch PairError.peerUnreachable(let why) where options.startUnprotected {
-            warn("no secondary within --connect-timeout-ms \(options.connectTimeoutMs) (\(why)): running the guest unprotected; looking for one at \(self.peer)")
+        if options.startUnprotected && options.connectTimeoutMs == 0 {
+            // No wait at all (a cold restart: the guest is down until it boots); the connector seeds a secondary
+            // from the running guest as soon as one answers.
+            warn("running the guest unprotected from its start; looking for a secondary at \(self.peer)")
             conn = nil
+        } else {
+            do { conn = try connectInitial() } catch PairError.peerUnreachable(let why) where options.startUnprotected {
+                warn("no secondary within --connect-timeout-ms \(options.connectTimeoutMs) (\(why)): running the guest unprotected; looking for one at \(self.peer)")
+                conn = nil
+            }
         }
         if let conn {
             // Before the guest runs there is nothing to overlap: the rounds run here.

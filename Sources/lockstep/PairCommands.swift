@@ -91,7 +91,7 @@ struct PrimaryCommand: ParsableCommand {
     @OptionGroup var options: MachineOptions
     @OptionGroup var pair: PairArguments
     @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
-    @Option(name: .long, help: "How long to wait for the first secondary (ms).") var connectTimeoutMs: Int = 30_000
+    @Option(name: .long, help: "How long to wait for the first secondary (ms; 0 with --start-unprotected: boot at once).") var connectTimeoutMs: Int = 30_000
     @Option(name: .long, help: "After handing the guest over, stay as the new primary's secondary, listening here (HOST:PORT; start the other side with --peer to it).") var listen: String?
     @Flag(name: .long, help: "When no secondary answers within --connect-timeout-ms, run the guest unprotected and keep looking for one at --peer (default: exit 68).") var startUnprotected = false
     @Flag(name: .long, help: "Boot the guest again for a pair that lost it (lockstep supervise does this): once this side holds the fence, a pair record saying the guest ended stops it with that status instead.") var coldRestart = false
@@ -99,6 +99,9 @@ struct PrimaryCommand: ParsableCommand {
     func run() throws {
         var o = try pair.options()
         o.connectTimeoutMs = connectTimeoutMs
+        guard connectTimeoutMs > 0 || (connectTimeoutMs == 0 && startUnprotected) else {
+            throw fail("--connect-timeout-ms \(connectTimeoutMs): give at least 1 (0 only with --start-unprotected: boot at once)", .usage)
+        }
         guard !coldRestart || o.fence != nil else { throw fail("--cold-restart needs --fence: the pair record there says whether the guest ended", .usage) }
         o.coldRestart = coldRestart
         o.startUnprotected = startUnprotected

@@ -130,20 +130,20 @@ struct SupervisePlan {
 
     /// The command for `launch`: a rejoining secondary with the rejoin timeout as its accept timeout (replacing
     /// any given); a cold restart's primary (the given image, or the saved guest with the secondary's options)
-    /// with `--cold-restart --start-unprotected` and the rejoin timeout as its connect timeout.
+    /// with `--cold-restart --start-unprotected --connect-timeout-ms 0`.
     func arguments(_ launch: SupervisedLaunch, rejoinMs: UInt64) -> [String] {
         switch launch {
         case .primary: return ["primary"] + given
         case .coldPrimary:
-            // Booted for a pair that lost its guest: unprotected rather than down while no secondary answers, and
-            // a live other side answers within the rejoin timeout (it listens again after each one).
+            // Booted for a pair that lost its guest: at once, unprotected, rather than down while no secondary
+            // answers (the other host may be gone too); its connector seeds the other side when it listens.
             var boot = given
             if first == .secondary {
                 guard let g = saved else { preconditionFailure("a cold restart of supervise secondary before lookForGuest found a guest") }
                 boot = [g.imagePath, "--memory", "\(g.memoryMiB)", "--interrupt-latency-us", "\(g.interruptLatencyUs)"] + coldCarried
             }
             return ["primary"] + Self.without("--connect-timeout-ms", boot.filter { $0 != "--cold-restart" && $0 != "--start-unprotected" })
-                + ["--connect-timeout-ms", "\(rejoinMs)", "--start-unprotected", "--cold-restart"]
+                + ["--connect-timeout-ms", "0", "--start-unprotected", "--cold-restart"]
         case .secondary: return ["secondary"] + (first == .secondary ? given : secondary)
         case .rejoin:
             return ["secondary"] + Self.without("--accept-timeout-ms", first == .secondary ? given : secondary)

@@ -402,6 +402,8 @@ extension PairTests { @Suite struct BadPeerTests {
         #expect(sec.stderrText.contains("--link-poll-us 2000000: at most 1000000"), "\(sec.stderrText)")
         try Self.expectRefused(1, key: ws.key, ["--fence-lease-ms", "50"], status: 64,
                                saying: "--fence-lease-ms 50: use 0 (no check) or at least 100")
+        try Self.expectRefused(1, key: ws.key, ["--connect-timeout-ms", "0"], status: 64,
+                               saying: "--connect-timeout-ms 0: give at least 1 (0 only with --start-unprotected: boot at once)")
     }
 
     @Test func unreachablePeer() throws {
