@@ -99,6 +99,10 @@ public protocol PairRole: AnyObject, Sendable {
     /// The control socket's `peer HOST:PORT`: where new secondaries are sought from now on; the reply line
     /// (`ok: …` or `refused: …`).
     func changePeer(_ address: String) -> String
+    /// SIGTERM with nobody to take the guest: a side running it stops it at its next exit, the run ends as a
+    /// guest's exit does, and the pair record says it ended, so no supervisor boots it again. False when this
+    /// side does not run the guest (a secondary replaying).
+    func stopGuest() -> Bool
 }
 
 /// The role a pair process has now: a primary that handed its guest over may go on as the new primary's
@@ -122,8 +126,10 @@ public final class CurrentRole: Sendable {
 
     /// SIGTERM (its signal thread): an orderly stop. A side running the guest protected hands it to its secondary,
     /// which goes on as the primary (nothing lost or repeated, as with SIGUSR2), and this process then ends by
-    /// itself. Anything else (a secondary, a side running the guest unprotected, a refused or failed handover,
-    /// a second SIGTERM) dies of the signal, as a process without this handler would.
+    /// itself. A side running it with nobody to take it (unprotected, or its handover refused or failed) stops
+    /// the guest: the operator ended it, so the pair record says so and no supervisor boots it again. Anything
+    /// else (a secondary replaying, a handover not done in time, a second SIGTERM) dies of the signal, as a
+    /// process without this handler would; a secondary's primary then runs on.
     public func terminate(boundMs: Int) {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing), let r = role.withLock({ $0 }) else { Self.dieOfSIGTERM() }
         guard let outcome = HandoverOutcome.awaited(withinMs: boundMs, { r.handOverToLeave(reply: $0) }) else {
@@ -131,6 +137,10 @@ public final class CurrentRole: Sendable {
             Self.dieOfSIGTERM()
         }
         guard case .handedOver = outcome else {
+            if r.stopGuest() {
+                warn("SIGTERM: \(outcome.message); stopping the guest here (the pair record will say it ended)")
+                return
+            }
             warn("SIGTERM: \(outcome.message); stopping without a handover")
             Self.dieOfSIGTERM()
         }

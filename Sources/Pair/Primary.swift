@@ -285,6 +285,12 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     public func handOverToLeave(reply: @escaping @Sendable (HandoverOutcome) -> Void) { requestHandover(reply: reply) }
 
+    public func stopGuest() -> Bool {
+        guard !finished.load(ordering: .acquiring) else { return false }
+        session.machine.pacer?.requestStop()
+        return true
+    }
+
     /// Answers everyone waiting for a handover; after the run's end, answers come at once.
     private func answerHandovers(_ outcome: HandoverOutcome, closing: Bool = true) { handoverReplies.answer(outcome, closing: closing) }
 

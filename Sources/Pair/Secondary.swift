@@ -27,6 +27,8 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     private var protector: PrimaryRunner? { didSet { protectorForSignals.withLock { $0 = protector } } }
     /// `protector` for the thread that asks for a handover.
     private let protectorForSignals = Mutex<PrimaryRunner?>(nil)
+    /// The session once live (until handed over), for the thread that stops it (SIGTERM).
+    private let liveSession = Mutex<StandbySession?>(nil)
     private var seedImage: PVHImage?
     /// The RAM of the last machine, kept for the next seed (a delta seed sends only what differs from it).
     private var retained: RetainedRAM?
@@ -80,6 +82,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 warn("secondary: handed the guest over; listening again on \(listener.host):\(port) for the new primary")
                 liveWatch?.stop()
                 protector = nil; backend = nil; wentLive = false; liveWatch = nil
+                liveSession.withLock { $0 = nil }
             }
             // The next seed builds a new machine around this one's RAM: the primary sends only what differs.
             retained = try? session?.machine.retainRAM()
@@ -129,6 +132,15 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         }
         leaving.store(true, ordering: .releasing)
         p.requestHandover(reply: reply)
+    }
+
+    /// SIGTERM: a live side stops its guest (its protector, if any, ends the log to its secondary); a
+    /// secondary replaying has no guest of its own to stop.
+    public func stopGuest() -> Bool {
+        if let p = protectorForSignals.withLock({ $0 }) { return p.stopGuest() }
+        guard let s = liveSession.withLock({ $0 }) else { return false }
+        s.requestStop()
+        return true
     }
 
     /// Both sides must fence in one store, or nothing stops two live primaries: compares the store IDs.
@@ -350,6 +362,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     /// vCPU thread, at the point the log stopped: the machine already samples live inputs.
     private func goLive(_ reason: String) {
         wentLive = true
+        liveSession.withLock { $0 = session }
         FileHandle.standardError.write(Data("live: \(reason)\n".utf8))
         source?.conn.close()
         // The primary's service address: bind it now (a killed primary's sockets are gone; retry briefly).

@@ -174,7 +174,7 @@ extension PairTests { @Suite struct SuperviseTests {
 
     /// SIGTERM to a supervisor whose primary runs protected (systemctl stop on host A): the primary hands the guest
     /// to B (nothing lost or repeated) and ends with 0, and nothing is restarted. SIGTERM to B's supervisor then,
-    /// with nobody to hand the guest to, stops it the old way (its process dies of the signal).
+    /// with nobody to hand the guest to, stops the guest: the pair record says it ended, so nothing boots it again.
     @Test func sigtermHandsAProtectedGuestOverBeforeTheSideStops() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let pair = try Pair()
@@ -191,9 +191,38 @@ extension PairTests { @Suite struct SuperviseTests {
         #expect(b.stderr.contains { $0.hasPrefix("live: the primary handed the guest over at exit ") }, "\(b.stderrText)")
         #expect(b.stderr.contains { $0.contains("(0 output bytes the primary may not have released are sent again)") }, "\(b.stderrText)")
         b.signal(SIGTERM)
-        #expect(try b.wait(seconds: 30) == 143, "\(b.stderrText)")
-        #expect(b.stderr.contains("lockstep: SIGTERM: handover refused: no secondary holds this guest's state yet; stopping without a handover"), "\(b.stderrText)")
-        #expect(b.stderr.contains("lockstep supervise: the secondary was killed by signal 15; stopping as asked; exiting with 143"), "\(b.stderrText)")
+        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
+        #expect(b.stderr.contains("lockstep: SIGTERM: handover refused: no secondary holds this guest's state yet; stopping the guest here (the pair record will say it ended)"), "\(b.stderrText)")
+        #expect(b.stderr.contains("lockstep supervise: the pair ended (status 0); exiting with 0"), "\(b.stderrText)")
+        #expect(try Fence(directory: pair.ws.fence).readPairRecord() == "ended 0")
+        talk.expectConsistent()
+    }
+
+    /// The last side running the guest stopped by its operator (SIGTERM while its secondary's host is down) is not
+    /// undone when that host returns: the secondary's supervisor, which could boot its saved copy, reads `ended`
+    /// and stops instead. (Before, the record still named a running pair and the guest was booted again.)
+    @Test func anOperatorsStopOfTheLastSideIsNotUndoneByAColdRestart() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let pair = try Pair(["--rejoin-timeout-ms", "500"], saveGuest: true)
+        let (a, b) = (pair.a, pair.b)
+        defer { Self.killStarted([a, b]); b.signal(SIGCONT) }
+        let talk = Conversation(port: pair.udp)
+        talk.exchange(1...2, "a")
+        // Host B down: its supervisor frozen, its secondary killed. A's primary runs on unprotected.
+        b.signal(SIGSTOP)
+        kill(try Self.started(b, 1), SIGKILL)
+        try a.waitForLine(containing: "continuing unprotected", seconds: 10)
+        talk.exchange(3...3, "b")
+        a.signal(SIGTERM)
+        #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
+        #expect(a.stderr.contains { $0.hasPrefix("lockstep: SIGTERM: handover refused: ") && $0.hasSuffix("; stopping the guest here (the pair record will say it ended)") },
+                "\(a.stderrText)")
+        #expect(try Fence(directory: pair.ws.fence).readPairRecord() == "ended 0")
+        // Host B back: nobody seeds its secondary, and the record says the guest ended.
+        b.signal(SIGCONT)
+        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
+        #expect(b.stderr.contains("lockstep supervise: no live side seeded the secondary within 500 ms, and the pair record says the guest ended (status 0): the pair ended; exiting with 0"), "\(b.stderrText)")
+        #expect(!b.stderr.contains { $0.contains("--cold-restart") }, "\(b.stderrText)")
         talk.expectConsistent()
     }
 
