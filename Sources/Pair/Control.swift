@@ -114,7 +114,12 @@ public final class CurrentRole: Sendable {
 
     var status: PairStatus? { role.withLock { $0 }?.status() }
 
-    func changePeer(_ address: String) -> String { role.withLock { $0 }?.changePeer(address) ?? "refused: nothing runs yet" }
+    /// The operator's `peer`; a supervisor is told too, so that its restarts of this side take the address.
+    func changePeer(_ address: String) -> String {
+        let answer = role.withLock { $0 }?.changePeer(address) ?? "refused: nothing runs yet"
+        if answer.hasPrefix("ok:") { SupervisorReport.peer(address) }
+        return answer
+    }
 
     public func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)? = nil) {
         if let r = role.withLock({ $0 }) { r.requestHandover(reply: reply) } else { reply?(.refused("handover refused: nothing runs yet")) }

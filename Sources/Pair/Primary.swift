@@ -23,7 +23,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Where the connector looks for a new secondary: `--peer`, until the operator moves it (`changePeer`).
     private let peerAddress: Mutex<(host: String, port: UInt16)>
     /// `HOST:PORT` of `peerAddress`, read once.
-    var peer: String { peerAddress.withLock { $0.host.contains(":") ? "[\($0.host)]:\($0.port)" : "\($0.host):\($0.port)" } }
+    public var peer: String { peerAddress.withLock { $0.host.contains(":") ? "[\($0.host)]:\($0.port)" : "\($0.host):\($0.port)" } }
     let metrics = PairMetrics()
     private let reports = JSONReports()
     let fence: (any Fencing)?

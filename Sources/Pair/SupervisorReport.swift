@@ -9,6 +9,7 @@ import Glibc
 ///   `protected`        a secondary confirmed a seed: the guest runs, and output may leave
 ///   `seeded`           this secondary's seed matched its primary's digest: it protects the guest
 ///   `ended STATUS`     the pair ended (the guest exited, crashed, or an operator stopped it): no restart
+///   `peer HOST:PORT`   the operator moved the peer address (`lockstep control SOCKET peer`): restarts take it
 public enum SupervisorReport {
     public static let environmentName = "LOCKSTEP_SUPERVISOR_FD"
     /// The descriptor a supervisor gives its child for the pipe.
@@ -28,6 +29,7 @@ public enum SupervisorReport {
     public static func protected() { send("protected") }
     public static func seeded() { send("seeded") }
     public static func ended(_ status: Int32) { send("ended \(status)") }
+    public static func peer(_ address: String) { send("peer \(address)") }
 
     private static func send(_ line: String) {
         guard let fd else { return }

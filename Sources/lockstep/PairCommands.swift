@@ -112,10 +112,12 @@ struct PrimaryCommand: ParsableCommand {
             let after = try listen.map { try SecondaryRunner(listen: $0, serial: spec, options: o, reprotectPeer: peer) }
             let control = try pair.operatorAccess(o, role)
             defer { control?.stop() }
-            let (r, handedOver, ram) = try runPrimary(spec, o, role, keepRAM: after != nil)
+            let (r, handedOver, ram, moved) = try runPrimary(spec, o, role, keepRAM: after != nil)
             // After a SIGTERM's handover the guest runs on elsewhere: nothing is reported as the pair's end.
             guard handedOver, let s = after, !role.terminating else { throw finish(r, verbose: options.verbose, pairEnded: !handedOver) }
             if let ram { s.keep(ram) }
+            // The operator's `peer` outlives the role: once live again, this side seeks its secondary there.
+            if moved != peer { _ = s.changePeer(moved) }
             role.set(s)
             FileHandle.standardError.write(Data("lockstep: now the secondary of the new primary, listening on \(listen!)\n".utf8))
             throw finish(try s.run(), verbose: options.verbose)
@@ -124,7 +126,7 @@ struct PrimaryCommand: ParsableCommand {
 
     /// The run as primary (its machine is freed on return, before a secondary run builds another). After a
     /// handover its RAM is kept when asked (`keepRAM`): the new primary's seed of this side sends what differs.
-    private func runPrimary(_ spec: SerialSpec, _ o: PairOptions, _ role: CurrentRole, keepRAM: Bool) throws -> (SessionResult, handedOver: Bool, RetainedRAM?) {
+    private func runPrimary(_ spec: SerialSpec, _ o: PairOptions, _ role: CurrentRole, keepRAM: Bool) throws -> (SessionResult, handedOver: Bool, RetainedRAM?, peer: String) {
         let image = try loadImage(guest)
         let backend = try SerialBackend(spec)
         let p = try PrimaryRunner(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs),
@@ -133,7 +135,7 @@ struct PrimaryCommand: ParsableCommand {
         backend.startInput(into: p.machine.input)
         let r = try p.run()
         backend.close()
-        return (r, p.handedOver, keepRAM && p.handedOver ? try? p.machine.retainRAM() : nil)
+        return (r, p.handedOver, keepRAM && p.handedOver ? try? p.machine.retainRAM() : nil, p.peer)
     }
 }
 

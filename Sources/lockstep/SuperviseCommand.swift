@@ -45,6 +45,10 @@ struct SuperviseCommand: ParsableCommand {
             do { child = try SupervisedChild(exe, args) } catch { throw fail("supervise: \(error)", .internalError) }
             say("started the \(launch.role.rawValue), pid \(child.pid): lockstep \(args.joined(separator: " "))")
             let end = child.waitForEnd(launch: launch, signals: signals) { policy.stopRequested() }
+            if let moved = child.movedPeer {
+                plan.movePeer(to: moved)
+                say("the operator moved the peer to \(moved): this side's next runs take --peer \(moved)")
+            }
             var action = policy.childEnded(end)
             if case .readPairRecord = action { action = policy.pairRecordRead(plan.readPairRecord(), guest: plan.lookForGuest()) }
             switch action {
@@ -71,13 +75,13 @@ struct SuperviseCommand: ParsableCommand {
 /// cold restart) a primary of the guest image it was given or its secondary saved.
 struct SupervisePlan {
     let first: SupervisedRole
-    private let given: [String]
-    private let secondary: [String]
+    private var given: [String]
+    private var secondary: [String]
     private let fence: FenceLocation
     private let fenceLeaseMs: Int
     /// supervise secondary: its `--save-guest`, and the primary's options its cold restart takes from it.
     private let saveGuest: String?
-    private let coldCarried: [String]
+    private var coldCarried: [String]
     /// The saved guest `lookForGuest` found (supervise secondary).
     private var saved: SavedGuest?
 
@@ -157,6 +161,16 @@ struct SupervisePlan {
             let text = try fence.open(leaseMs: fenceLeaseMs).readPairRecord() ?? "(none)"
             return PairRecord.endedStatus(text).map { .ended($0) } ?? .says(text)
         } catch { return .unreadable("\(error)") }
+    }
+
+    /// The operator moved the other side (`lockstep control SOCKET peer`): every later run names the new one.
+    mutating func movePeer(to address: String) {
+        func moved(_ args: [String]) -> [String] {
+            args.contains { $0 == "--peer" || $0.hasPrefix("--peer=") } ? Self.without("--peer", args) + ["--peer", address] : args
+        }
+        given = moved(given)
+        secondary = moved(secondary)
+        coldCarried = moved(coldCarried)
     }
 
     /// Whether this side could boot the guest now: supervise primary has its image; supervise secondary has the
@@ -240,6 +254,8 @@ final class SupervisedChild {
     private var wasProtected = false
     private var wasSeeded = false
     private var ended: Int32?
+    /// The last address the operator moved the peer to while this process ran.
+    private(set) var movedPeer: String?
 
     init(_ exe: String, _ args: [String]) throws {
         var fds: [Int32] = [-1, -1]
@@ -318,6 +334,7 @@ final class SupervisedChild {
             if line == "protected" { wasProtected = true }
             if line == "seeded" { wasSeeded = true }
             if line.hasPrefix("ended "), let s = Int32(line.dropFirst(6)) { ended = s }
+            if line.hasPrefix("peer "), line.count > 5 { movedPeer = String(line.dropFirst(5)) }
         }
     }
 }

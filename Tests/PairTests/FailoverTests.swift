@@ -368,6 +368,45 @@ extension PairTests { @Suite struct FailoverTests {
         talk.expectConsistent()
     }
 
+    /// The operator's `peer` outlives a role swap: a primary moved to C that hands its guest over becomes the new
+    /// primary's secondary, and when that one is lost it goes live and seeds C, not its command line's --peer.
+    @Test func theOperatorsPeerOutlivesAHandover() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
+        let control = ws.dir + "/a.sock"
+        let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
+        let b = try Child("B", ["secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)"] + common)
+        defer { b.kill9() }
+        _ = try b.listeningPort()
+        let a = try Child("A", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)",
+                                "--memory", "32", "--control", control] + common)
+        defer { a.kill9() }
+        try a.waitForLine(containing: "protected: secondary")
+        let c = try Child("C", ["secondary", "--listen", "127.0.0.1:0"] + common)
+        defer { c.kill9() }
+        let portC = try c.listeningPort()
+        let talk = Conversation(port: udp)
+        talk.exchange(1...2, "a")
+        let move = try Child("peer", ["control", control, "peer", "127.0.0.1:\(portC)"], captureStdout: true)
+        #expect(try move.wait(seconds: 10) == 0, "\(move.stderrText)")
+        let handover = try Child("handover", ["control", control, "handover"], captureStdout: true)
+        #expect(try handover.wait(seconds: 30) == 0, "\(handover.stderrText)")
+        try a.waitForLine(containing: "now the secondary of the new primary", seconds: 10)
+        try b.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", seconds: 30)
+        talk.exchange(3...4, "b")
+        b.kill9()
+        talk.exchange(5...6, "c", "\(a.stderrText)")
+        try a.waitForLine(containing: "looking for a new secondary at 127.0.0.1:\(portC)")
+        try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portC)", seconds: 30)
+        talk.quit()
+        #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
+        #expect(try c.wait(seconds: 30) == 0, "\(c.stderrText)")
+        talk.expectConsistent()
+    }
+
     /// A pair configured both ways (the primary with `--listen`, the secondary with `--peer` to it) swaps roles
     /// at each handover: the old primary stays as the new primary's secondary and is re-seeded, so the guest
     /// can be handed back, here asked for on the secondary's side. The conversation runs through both

@@ -226,6 +226,50 @@ extension PairTests { @Suite struct SuperviseTests {
         talk.expectConsistent()
     }
 
+    /// Host B lost for good: the operator starts a secondary on host C and moves A's peer there (`control peer`).
+    /// When A's primary is then killed, C serves, and A's supervisor restarts A as C's secondary with `--peer C`
+    /// (not the command line's B): once live again, A seeks its secondary on C.
+    @Test func theOperatorsPeerOutlivesTheSidesRestart() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
+        let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
+        let control = ws.dir + "/a.sock"
+        let b = try Child("supervisor-B", ["supervise", "secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)"] + common)
+        _ = try b.listeningPort()
+        let a = try Child("supervisor-A", ["supervise", "primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)",
+                                           "--listen", "127.0.0.1:\(portA)", "--memory", "32", "--control", control] + common)
+        defer { Self.killStarted([a, b]) }
+        try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portB)")
+        let talk = Conversation(port: udp)
+        talk.exchange(1...2, "a")
+        // Host B gone: its supervisor and secondary killed.
+        b.kill9()
+        kill(try Self.started(b, 1), SIGKILL)
+        let c = try Child("secondary-C", ["secondary", "--listen", "127.0.0.1:0", "--peer", "127.0.0.1:\(portA)"] + common)
+        defer { c.kill9() }
+        let portC = try c.listeningPort()
+        let move = try Child("peer", ["control", control, "peer", "127.0.0.1:\(portC)"], captureStdout: true)
+        #expect(try move.wait(seconds: 10) == 0, "\(move.stderrText)")
+        try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portC)", seconds: 30)
+        talk.exchange(3...4, "b")
+        kill(try Self.started(a, 1), SIGKILL)
+        talk.exchange(5...5, "c", "\(c.stderrText)")
+        let said = try a.waitForLine(containing: "the operator moved the peer to")
+        #expect(said.hasSuffix("the operator moved the peer to 127.0.0.1:\(portC): this side's next runs take --peer 127.0.0.1:\(portC)"), "\(said)")
+        let restart = try a.waitForLine(containing: "started the secondary")
+        #expect(restart.contains("--peer 127.0.0.1:\(portC)") && !restart.contains("--peer 127.0.0.1:\(portB)"), "\(restart)")
+        try c.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", seconds: 30)
+        talk.exchange(6...7, "d")
+        // C lost in turn: A's restarted secondary goes live and looks for its own secondary on C, not on B.
+        c.kill9()
+        talk.exchange(8...8, "e", "\(a.stderrText)")
+        try a.waitForLine(containing: "looking for a new secondary at 127.0.0.1:\(portC)")
+        talk.expectConsistent()
+    }
+
     /// A side restarted after the survivor's guest ended (its supervisor was stopped meanwhile) finds nobody to
     /// seed it; the pair record says the guest ended, so its supervisor stops with that status, booting nothing.
     @Test func aSideRejoiningAPairWhoseGuestEndedStops() throws {
