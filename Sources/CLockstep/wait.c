@@ -74,3 +74,8 @@ int lk_pidfd_open(int pid) {
     long fd = syscall(SYS_pidfd_open, pid, 0);  // no glibc wrapper before 2.36
     return fd < 0 ? -errno : (int)fd;
 }
+
+int lk_die_with_parent(int expected_parent) {
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) return -errno;  // variadic: not callable from Swift
+    return getppid() == expected_parent ? 0 : -ESRCH;
+}

@@ -1,3 +1,5 @@
+import CLockstep
+import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,20 +12,37 @@ import Glibc
 ///   `seeded`           this secondary's seed matched its primary's digest: it protects the guest
 ///   `ended STATUS`     the pair ended (the guest exited, crashed, or an operator stopped it): no restart
 ///   `peer HOST:PORT`   the operator moved the peer address (`lockstep control SOCKET peer`): restarts take it
+///
+/// A supervised process dies with its supervisor (SIGKILL on the parent's death, `LOCKSTEP_SUPERVISOR_PID`):
+/// a side is its supervisor and its process, and killing either loses that side, so the other side fails
+/// over or restarts as it would after a kill -9 of the process. An orphan left running would meet its
+/// supervisor's next start (or its init's clean-up SIGTERM, which would stop an unprotected guest for good).
 public enum SupervisorReport {
     public static let environmentName = "LOCKSTEP_SUPERVISOR_FD"
+    public static let parentEnvironmentName = "LOCKSTEP_SUPERVISOR_PID"
     /// The descriptor a supervisor gives its child for the pipe.
     public static let childDescriptor: Int32 = 3
 
     private static let fd: Int32? = {
+        let parent = getenv(parentEnvironmentName).map { String(cString: $0) }.flatMap { Int32($0) }
+        unsetenv(parentEnvironmentName)
         guard let v = getenv(environmentName).map({ String(cString: $0) }), let fd = Int32(v), fd > 2 else { return nil }
         // Neither the descriptor nor the variable reaches anything this process starts.
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         unsetenv(environmentName)
+        if let parent {
+            let r = lk_die_with_parent(parent)
+            if r == -ESRCH {
+                FileHandle.standardError.write(Data("lockstep: the supervisor that started this process (pid \(parent)) is gone; stopping\n".utf8))
+                kill(getpid(), SIGKILL)
+            }
+            if r < 0 { FileHandle.standardError.write(Data("lockstep: cannot tie this process to its supervisor: \(String(cString: strerror(-r)))\n".utf8)) }
+        }
         return fd
     }()
 
-    /// Takes the supervisor's pipe, if any, before anything else runs (so no other process inherits it).
+    /// Takes the supervisor's pipe, if any, before anything else runs (so no other process inherits it), and
+    /// ties this process's life to the supervisor's.
     public static func adopt() { _ = fd }
 
     public static func protected() { send("protected") }

@@ -268,7 +268,8 @@ final class SupervisedChild {
         if fds[1] == fd { let w = fcntl(fd, F_DUPFD_CLOEXEC, fd + 1); close(fd); fds[1] = w }
         defer { close(fds[1]) }
         do {
-            pid = try Spawn.start(exe, args, files: [.dup(fds[1], to: fd)], environment: [SupervisorReport.environmentName: "\(fd)"])
+            pid = try Spawn.start(exe, args, files: [.dup(fds[1], to: fd)], environment: [SupervisorReport.environmentName: "\(fd)",
+                                                                                   SupervisorReport.parentEnvironmentName: "\(getpid())"])
         } catch {
             close(fds[0])
             throw error

@@ -1,3 +1,4 @@
+import CLockstep
 import Foundation
 import Failover
 import Glibc
@@ -87,6 +88,28 @@ extension PairTests { @Suite struct SuperviseTests {
             #expect(s.stderr.contains("lockstep supervise: the pair ended (status 0); exiting with 0"), "\(s.stderrText)")
             #expect(s.stderr.filter { $0.hasPrefix(Self.startedLine) }.count == 2, "\(s.stderrText)")
         }
+        talk.expectConsistent()
+    }
+
+    /// A supervisor killed with kill -9 takes its process with it (a side is both): A's primary dies with A's
+    /// supervisor, and B fails over as after a kill -9 of the primary itself. No orphan is left serving beside
+    /// the pair, or waiting for its init's clean-up.
+    @Test func aKilledSupervisorTakesItsProcessWithIt() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let pair = try Pair()
+        let (a, b) = (pair.a, pair.b)
+        defer { Self.killStarted([a, b]) }
+        let talk = Conversation(port: pair.udp)
+        talk.exchange(1...2, "a")
+        let primary = try Self.started(a, 1)
+        let ended = lk_pidfd_open(primary)  // opened while it runs: the pid cannot be another process's yet
+        #expect(ended >= 0, "pidfd_open(\(primary)): \(ended)")
+        defer { if ended >= 0 { close(ended) } }
+        a.kill9()
+        var fds = [pollfd(fd: ended, events: Int16(POLLIN), revents: 0)]
+        #expect(ended < 0 || poll(&fds, 1, 10_000) == 1, "A's primary (pid \(primary)) outlived its supervisor")
+        try b.waitForLine(containing: "live: ")
+        talk.exchange(3...4, "b", "\(b.stderrText)")
         talk.expectConsistent()
     }
 

@@ -12,4 +12,7 @@ int lk_set_timer_slack_ns(unsigned long ns);
 int lk_signal_eventfd(int signo);
 // A descriptor that polls readable once process `pid` has ended (pidfd_open(2), Linux 5.3), or -errno.
 int lk_pidfd_open(int pid);
+// Asks for SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG), then checks the parent is still
+// `expected_parent` (it may have died before the ask). 0, -ESRCH when it is gone already, or -errno.
+int lk_die_with_parent(int expected_parent);
 #endif
