@@ -152,6 +152,9 @@ public enum PairRecord {
     /// The guest ended with this process status: nobody may take over, and a side waiting to rejoin stops with it.
     static func ended(_ status: Int32) -> String { "ended \(status)" }
 
+    /// The record names a secondary that may take over (`protected ID`): the primary's guest ran protected.
+    public static func namesASecondary(_ text: String) -> Bool { text.hasPrefix("protected ") }
+
     /// The status an `ended STATUS` record carries (a bare `ended`, written before records carried it: 0); nil
     /// for any other record.
     public static func endedStatus(_ text: String) -> Int32? {

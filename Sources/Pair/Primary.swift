@@ -73,6 +73,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Fault injection for the short-log handover test (`LOCKSTEP_FAULT_HANDOVER_EXIT_AHEAD`): the handover
     /// names an exit this far past the real one, as if log the secondary never got were missing.
     static let handoverExitAhead = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_HANDOVER_EXIT_AHEAD"].flatMap { UInt64($0) } ?? 0
+    /// Fault injection (`LOCKSTEP_FAULT_DIE_BEFORE_REPORT`): the process is killed once the pair record names its
+    /// first secondary, before it tells its supervisor it is protected.
+    static let dieBeforeReport = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_DIE_BEFORE_REPORT"] != nil
 
     public init(image: PVHImage, config: MachineConfig, backend: SerialOutput, peer: String, options: PairOptions) throws(PairError) {
         peerAddress = Mutex(try PairOptions.hostPort(peer, option: "--peer"))
@@ -519,6 +522,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let confirmation = SecondaryLink.Unconfirmed(protectionID: protectionID, exit: snap.exit) { [weak self] in
             _ = self?.fsm.withLock { $0.handle(.seedComplete) }
             warn(line + " (confirmed \(ms(lk_monotonic_ns() &- t0)) ms after the pause began)")
+            // Fault injection for the supervisor's record check: killed between the record and the report.
+            if Self.dieBeforeReport { kill(getpid(), SIGKILL) }
             SupervisorReport.protected()
         }
         sentWatermark = snap.exit

@@ -44,7 +44,13 @@ struct SuperviseCommand: ParsableCommand {
             let child: SupervisedChild
             do { child = try SupervisedChild(exe, args) } catch { throw fail("supervise: \(error)", .internalError) }
             say("started the \(launch.role.rawValue), pid \(child.pid): lockstep \(args.joined(separator: " "))")
-            let end = child.waitForEnd(launch: launch, signals: signals) { policy.stopRequested() }
+            var end = child.waitForEnd(launch: launch, signals: signals) { policy.stopRequested() }
+            if end.role == .primary, !end.wasProtected, end.ended == nil, case .says(let text) = plan.readPairRecord(), PairRecord.namesASecondary(text) {
+                // Killed between naming its secondary in the record and telling this supervisor: that secondary
+                // holds the guest and may take over, so this side must come back as a secondary, not boot it again.
+                say("the primary ended before it reported its protection, but the pair record says '\(text)': its guest ran protected")
+                end.wasProtected = true
+            }
             if let moved = child.movedPeer {
                 plan.movePeer(to: moved)
                 say("the operator moved the peer to \(moved): this side's next runs take --peer \(moved)")

@@ -41,7 +41,7 @@ extension PairTests { @Suite struct SuperviseTests {
         /// B's secondary saves its seeds' guest here with `saveGuest`.
         var saved: String { ws.dir + "/saved" }
 
-        init(_ supervise: [String] = [], saveGuest: Bool = false) throws {
+        init(_ supervise: [String] = [], saveGuest: Bool = false, environmentA: [String: String] = [:]) throws {
             ws = try PairFixture.workspace()
             let secondary = saveGuest ? ["--save-guest", ws.dir + "/saved"] : []
             udp = try PairFixture.freeUDPPort()
@@ -51,7 +51,8 @@ extension PairTests { @Suite struct SuperviseTests {
                                            "--peer", "127.0.0.1:\(portA)"] + secondary + common)
             _ = try b.listeningPort()
             a = try Child("supervisor-A", ["supervise"] + supervise + ["primary", try PairFixture.guest("echo"), "--peer",
-                                           "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)", "--memory", "32"] + common)
+                                           "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)", "--memory", "32"] + common,
+                      environment: environmentA)
             try a.waitForLine(containing: "protected: secondary")
         }
     }
@@ -110,6 +111,26 @@ extension PairTests { @Suite struct SuperviseTests {
         #expect(ended < 0 || poll(&fds, 1, 10_000) == 1, "A's primary (pid \(primary)) outlived its supervisor")
         try b.waitForLine(containing: "live: ")
         talk.exchange(3...4, "b", "\(b.stderrText)")
+        talk.expectConsistent()
+    }
+
+    /// A primary killed after the pair record named its secondary but before it told its supervisor (fault
+    /// injection puts the kill there): the supervisor reads the record, sees the guest ran protected, and
+    /// restarts A as a secondary; B takes over and seeds it. Booting the guest again as a primary would race B
+    /// for the fence and, winning, reboot a guest B holds.
+    @Test func aPrimaryKilledBeforeItsReportRejoinsWhenTheRecordNamesItsSecondary() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let pair = try Pair(environmentA: ["LOCKSTEP_FAULT_DIE_BEFORE_REPORT": "1"])
+        let (a, b) = (pair.a, pair.b)
+        defer { Self.killStarted([a, b]) }
+        let said = try a.waitForLine(containing: "before it reported its protection")
+        #expect(said.contains("the pair record says 'protected "), "\(said)")
+        try a.waitForLine(containing: "the primary was killed by signal 9: restarting as the live side's secondary")
+        try b.waitForLine(containing: "live: ")
+        try b.waitForLine(containing: "protected: secondary at 127.0.0.1:\(pair.portA)", seconds: 30)
+        let talk = Conversation(port: pair.udp)
+        talk.exchange(1...2, "b", "\(b.stderrText)")
+        #expect(!a.stderr.contains { $0.contains("starting it again as the primary") }, "\(a.stderrText)")
         talk.expectConsistent()
     }
 
