@@ -133,10 +133,16 @@ public final class CurrentRole: Sendable {
     /// which goes on as the primary (nothing lost or repeated, as with SIGUSR2), and this process then ends by
     /// itself. A side running it with nobody to take it (unprotected, or its handover refused or failed) stops
     /// the guest: the operator ended it, so the pair record says so and no supervisor boots it again. Anything
-    /// else (a secondary replaying, a handover not done in time, a second SIGTERM) dies of the signal, as a
-    /// process without this handler would; a secondary's primary then runs on.
+    /// else (a secondary replaying, a handover not done in time) dies of the signal, as a process without this
+    /// handler would; a secondary's primary then runs on. A SIGTERM while one is handled changes nothing: a
+    /// supervised process gets two from one `systemctl stop` (systemd's own to every process of the unit, and
+    /// the supervisor's), and dying of the second would cut the first's handover or stop short.
     public func terminate(boundMs: Int) {
-        guard !stopping.exchange(true, ordering: .acquiringAndReleasing), let r = role.withLock({ $0 }) else { Self.dieOfSIGTERM() }
+        guard let r = role.withLock({ $0 }) else { Self.dieOfSIGTERM() }
+        guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else {
+            warn("SIGTERM again: this side is stopping already (kill -9 stops it at once)")
+            return
+        }
         guard let outcome = HandoverOutcome.awaited(withinMs: boundMs, { r.handOverToLeave(reply: $0) }) else {
             warn("SIGTERM: no handover within \(boundMs) ms; stopping without one")
             Self.dieOfSIGTERM()

@@ -226,7 +226,10 @@ extension PairTests { @Suite struct SuperviseTests {
         defer { Self.killStarted([a, b]); try? FileManager.default.removeItem(atPath: pair.ws.dir) }
         let talk = Conversation(port: pair.udp)
         talk.exchange(1...3, "a")
+        // As systemd's stop does with its default kill mode: SIGTERM to every process of the unit, so A's primary
+        // gets its own and the one its supervisor passes on. The second must not cut the handover short.
         a.signal(SIGTERM)
+        kill(try Self.started(a, 1), SIGTERM)
         #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
         #expect(a.stderr.contains("lockstep: SIGTERM: the secondary runs the guest now; this side ends"), "\(a.stderrText)")
         #expect(a.stderr.contains("lockstep supervise: the primary exited with 0; stopping as asked; exiting with 0"), "\(a.stderrText)")
@@ -235,6 +238,7 @@ extension PairTests { @Suite struct SuperviseTests {
         #expect(b.stderr.contains { $0.hasPrefix("live: the primary handed the guest over at exit ") }, "\(b.stderrText)")
         #expect(b.stderr.contains { $0.contains("(0 output bytes the primary may not have released are sent again)") }, "\(b.stderrText)")
         b.signal(SIGTERM)
+        kill(try Self.started(b, 1), SIGTERM)
         #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
         #expect(b.stderr.contains("lockstep: SIGTERM: handover refused: no secondary holds this guest's state yet; stopping the guest here (the pair record will say it ended)"), "\(b.stderrText)")
         #expect(b.stderr.contains("lockstep supervise: the pair ended (status 0); exiting with 0"), "\(b.stderrText)")
