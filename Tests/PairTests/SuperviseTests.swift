@@ -28,6 +28,15 @@ extension PairTests { @Suite struct SuperviseTests {
         }
     }
 
+    /// A supervisor whose restarted secondary nobody seeded within 500 ms found `ended 0` in the pair record: it
+    /// exits 0 and boots nothing.
+    static func expectStoppedByTheRecord(_ s: Child, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        #expect(try s.wait(seconds: 30) == 0, "\(s.stderrText)", sourceLocation: sourceLocation)
+        #expect(s.stderr.contains("lockstep supervise: no live side seeded the secondary within 500 ms, and the pair record says the guest ended (status 0): the pair ended; exiting with 0"),
+                "\(s.stderrText)", sourceLocation: sourceLocation)
+        #expect(!s.stderr.contains { $0.contains("--cold-restart") }, "\(s.stderrText)", sourceLocation: sourceLocation)
+    }
+
     /// Two kill -9s, one per side, in one conversation: each time the survivor serves on, the supervisor of the
     /// killed side starts it again as a secondary, and the survivor seeds it and is protected again. The guest's
     /// end stops both supervisors with its status.
@@ -41,7 +50,10 @@ extension PairTests { @Suite struct SuperviseTests {
         /// B's secondary saves its seeds' guest here with `saveGuest`.
         var saved: String { ws.dir + "/saved" }
 
-        init(_ supervise: [String] = [], saveGuest: Bool = false, environmentA: [String: String] = [:]) throws {
+        /// A's processes answer `lockstep control` here with `controlA`.
+        var control: String { ws.dir + "/a.sock" }
+
+        init(_ supervise: [String] = [], saveGuest: Bool = false, controlA: Bool = false, environmentA: [String: String] = [:]) throws {
             ws = try PairFixture.workspace()
             let secondary = saveGuest ? ["--save-guest", ws.dir + "/saved"] : []
             udp = try PairFixture.freeUDPPort()
@@ -51,8 +63,8 @@ extension PairTests { @Suite struct SuperviseTests {
                                            "--peer", "127.0.0.1:\(portA)"] + secondary + common)
             _ = try b.listeningPort()
             a = try Child("supervisor-A", ["supervise"] + supervise + ["primary", try PairFixture.guest("echo"), "--peer",
-                                           "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)", "--memory", "32"] + common,
-                      environment: environmentA)
+                                           "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)", "--memory", "32"] + common
+                                           + (controlA ? ["--control", ws.dir + "/a.sock"] : []), environment: environmentA)
             try a.waitForLine(containing: "protected: secondary")
         }
     }
@@ -268,9 +280,7 @@ extension PairTests { @Suite struct SuperviseTests {
         #expect(try Fence(directory: pair.ws.fence).readPairRecord() == "ended 0")
         // Host B back: nobody seeds its secondary, and the record says the guest ended.
         b.signal(SIGCONT)
-        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
-        #expect(b.stderr.contains("lockstep supervise: no live side seeded the secondary within 500 ms, and the pair record says the guest ended (status 0): the pair ended; exiting with 0"), "\(b.stderrText)")
-        #expect(!b.stderr.contains { $0.contains("--cold-restart") }, "\(b.stderrText)")
+        try Self.expectStoppedByTheRecord(b)
         talk.expectConsistent()
     }
 
@@ -279,18 +289,10 @@ extension PairTests { @Suite struct SuperviseTests {
     /// (not the command line's B): once live again, A seeks its secondary on C.
     @Test func theOperatorsPeerOutlivesTheSidesRestart() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let ws = try PairFixture.workspace()
-        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = try PairFixture.freeUDPPort()
-        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
-        let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
-        let control = ws.dir + "/a.sock"
-        let b = try Child("supervisor-B", ["supervise", "secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)"] + common)
-        _ = try b.listeningPort()
-        let a = try Child("supervisor-A", ["supervise", "primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)",
-                                           "--listen", "127.0.0.1:\(portA)", "--memory", "32", "--control", control] + common)
-        defer { Self.killStarted([a, b]) }
-        try a.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portB)")
+        let pair = try Pair(controlA: true)
+        let (a, b, portA, portB, udp, control) = (pair.a, pair.b, pair.portA, pair.portB, pair.udp, pair.control)
+        defer { Self.killStarted([a, b]); try? FileManager.default.removeItem(atPath: pair.ws.dir) }
+        let common = PairFixture.common(pair.ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
         let talk = Conversation(port: udp)
         talk.exchange(1...2, "a")
         // Host B gone: its supervisor and secondary killed.
@@ -333,9 +335,7 @@ extension PairTests { @Suite struct SuperviseTests {
         talk.quit()
         #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
         a.signal(SIGCONT)
-        #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
-        #expect(a.stderr.contains("lockstep supervise: no live side seeded the secondary within 500 ms, and the pair record says the guest ended (status 0): the pair ended; exiting with 0"), "\(a.stderrText)")
-        #expect(!a.stderr.contains { $0.contains("--cold-restart") }, "\(a.stderrText)")
+        try Self.expectStoppedByTheRecord(a)
         talk.expectConsistent()
     }
 
