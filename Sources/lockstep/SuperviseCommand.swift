@@ -23,9 +23,11 @@ struct SuperviseCommand: ParsableCommand {
         secondary answers at its --peer; the fence refuses it while a live side holds it): supervise primary always, \
         supervise secondary when given --save-guest DIR and seeded once; otherwise it waits again. \
         Stops, with the pair's status, when the guest ends; \
-        on SIGTERM, SIGINT or SIGHUP (passed on to the process, which is not restarted; on SIGTERM a process running the guest protected hands it over first); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
+        on SIGTERM, SIGINT or SIGHUP (passed on to the process, which is not restarted; on SIGTERM a process running the guest protected hands it over first, \
+        and one running it unprotected stops it and records that it ended, so no supervisor boots it again); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
         nor protected); and on a status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). \
-        SIGUSR2 is passed on (a handover). Needs --fence: a restart without one could make a second primary.
+        SIGUSR2 is passed on (a handover). The process dies with its supervisor (kill -9 of either loses this side). \
+        An operator's `lockstep control SOCKET peer HOST:PORT` carries into later runs. Needs --fence: a restart without one could make a second primary.
         """)
     @Option(name: .long, help: "Give up after this many quick runs in a row: ended within 10 s, never seeded nor protected (a side killed after it served the pair is always restarted at once).") var maxQuickRestarts: Int = 5
     @Option(name: .long, help: "How long a restarted secondary waits for a live side's seed before the pair record is read: the guest ended (stop with its status), or nobody runs it (both sides were lost: this side boots it again if it has the image, a cold restart) (ms; 0: wait forever, never a cold restart).") var rejoinTimeoutMs: UInt64 = 5_000
