@@ -27,7 +27,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     private var protector: PrimaryRunner? { didSet { protectorForSignals.withLock { $0 = protector } } }
     /// `protector` for the thread that asks for a handover.
     private let protectorForSignals = Mutex<PrimaryRunner?>(nil)
-    /// The session once live (until handed over), for the thread that stops it (SIGTERM).
+    /// The session while `wentLive`, for the thread that stops it (SIGTERM).
     private let liveSession = Mutex<StandbySession?>(nil)
     private var seedImage: PVHImage?
     /// The RAM of the last machine, kept for the next seed (a delta seed sends only what differs from it).
@@ -36,7 +36,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     /// This side's fence store ID (`Fencing.storeID`; "" without a fence), read at the first seed.
     private var fenceID: String?
     /// How the run ended, for the exit status.
-    public private(set) var wentLive = false
+    public private(set) var wentLive = false { didSet { liveSession.withLock { $0 = wentLive ? session : nil } } }
     /// Asked to end after a handover (SIGTERM) instead of listening for the new primary.
     private let leaving = Atomic<Bool>(false)
     /// `run` returned because this side handed its guest over and was asked to end (SIGTERM).
@@ -82,7 +82,6 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 warn("secondary: handed the guest over; listening again on \(listener.host):\(port) for the new primary")
                 liveWatch?.stop()
                 protector = nil; backend = nil; wentLive = false; liveWatch = nil
-                liveSession.withLock { $0 = nil }
             }
             // The next seed builds a new machine around this one's RAM: the primary sends only what differs.
             retained = try? session?.machine.retainRAM()
@@ -362,7 +361,6 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     /// vCPU thread, at the point the log stopped: the machine already samples live inputs.
     private func goLive(_ reason: String) {
         wentLive = true
-        liveSession.withLock { $0 = session }
         FileHandle.standardError.write(Data("live: \(reason)\n".utf8))
         source?.conn.close()
         // The primary's service address: bind it now (a killed primary's sockets are gone; retry briefly).
