@@ -1,3 +1,4 @@
+import Failover
 import Foundation
 import Glibc
 import Testing
@@ -365,6 +366,28 @@ extension PairTests { @Suite struct FailoverTests {
         talk.exchange(8...10, "d", c.stderrText)
         talk.quit()
         #expect(try c.wait(seconds: 30) == 0, "\(c.stderrText)")
+        talk.expectConsistent()
+    }
+
+    /// SIGTERM to a survivor with no secondary of its own (started without --peer): nobody can take the guest, so
+    /// it stops it and the pair record says the guest ended; the process exits 0 (`lockstep: stopped`).
+    @Test func sigtermToAnUnprotectedSurvivorStopsTheGuestForGood() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort()
+        let (pri, sec, _) = try Self.startPair(ws, udp: udp)
+        defer { pri.kill9(); sec.kill9() }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...2, "a")
+        pri.kill9()
+        talk.exchange(3...3, "b", "\(sec.stderrText)")
+        sec.signal(SIGTERM)
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+        #expect(sec.stderr.contains { $0.hasPrefix("lockstep: SIGTERM: ") && $0.hasSuffix("; stopping the guest here (the pair record will say it ended)") },
+                "\(sec.stderrText)")
+        #expect(sec.stderr.contains("lockstep: stopped"), "\(sec.stderrText)")
+        #expect(try Fence(directory: ws.fence).readPairRecord() == "ended 0")
         talk.expectConsistent()
     }
 
