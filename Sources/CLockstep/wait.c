@@ -70,6 +70,12 @@ int lk_signal_eventfd(int signo) {
     return fd;
 }
 
+int lk_signal_ignored(int signo) {
+    struct sigaction old;
+    if (sigaction(signo, NULL, &old) < 0) return 0;
+    return old.sa_handler == SIG_IGN;
+}
+
 int lk_pidfd_open(int pid) {
     long fd = syscall(SYS_pidfd_open, pid, 0);  // no glibc wrapper before 2.36
     return fd < 0 ? -errno : (int)fd;

@@ -72,6 +72,9 @@ public final class Engine {
     var ifFlag = false
     var windowRequested = false
     var stopRequested = false
+    /// Replaying a recording an operator stopped: the exit it stopped at (its trailer's). The replay stops
+    /// there once the log holds nothing more for that exit, where the recorder's stop came.
+    public var stoppedAtExit: UInt64?
     public private(set) var kicks: UInt64 = 0
     public private(set) var windowExits: UInt64 = 0
     /// A state digest covers the registers and one window of RAM this size, picked by hashing the exit index:
@@ -174,9 +177,11 @@ public final class Engine {
             if let le = e as? LogError { throw .log(le) }
             throw .config("log source failed: \(e)")
         }
-        if stopRequested, case .entering = state { state = .finished(.stopped) }
+        if case .entering = state, stopRequested || recordedStopReached { state = .finished(.stopped) }
         return state
     }
+
+    @inline(__always) private var recordedStopReached: Bool { hooks.exit == stoppedAtExit && !hooks.hasPendingAtExit }
 
     // MARK: interrupts
 
@@ -312,7 +317,7 @@ public final class Engine {
 
     /// One wait of a halted vCPU: for the log's next record at this exit (replay), or for something due.
     private func haltedStep() throws(MachineError) -> State {
-        if stopRequested {
+        if stopRequested || recordedStopReached {
             state = .finished(.stopped)
         } else if hooks.mode == .replay {
             let has = hooks.hasPendingAtExit  // a live source blocks here until the primary moves on

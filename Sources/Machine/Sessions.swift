@@ -182,6 +182,7 @@ public final class ReplaySession: Session, @unchecked Sendable {
         source = FileRecordSource(reader)
         super.init(machine: try Machine(image: image, config: config, mode: .replay, source: source,
                                         output: output, keepTranscript: keepTranscript))
+        if reader.trailer.endReason == .stopped { engine.stoppedAtExit = reader.trailer.finalExit }
     }
 
     public func step() throws(MachineError) -> Engine.State { try engine.step() }

@@ -93,13 +93,13 @@ extension HandoverOutcome {
 public protocol PairRole: AnyObject, Sendable {
     func status() -> PairStatus
     func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)?)
-    /// SIGTERM: a side running the guest hands it to its secondary and then ends (not staying on as the new
+    /// A stop signal: a side running the guest hands it to its secondary and then ends (not staying on as the new
     /// primary's secondary); any other side is refused at once.
     func handOverToLeave(reply: @escaping @Sendable (HandoverOutcome) -> Void)
     /// The control socket's `peer HOST:PORT`: where new secondaries are sought from now on; the reply line
     /// (`ok: …` or `refused: …`).
     func changePeer(_ address: String) -> String
-    /// SIGTERM with nobody to take the guest: a side running it stops it at its next exit, the run ends as a
+    /// A stop signal with nobody to take the guest: a side running it stops it at its next exit, the run ends as a
     /// guest's exit does, and the pair record says it ended, so no supervisor boots it again. False when this
     /// side does not run the guest (a secondary replaying).
     func stopGuest() -> Bool
@@ -125,43 +125,40 @@ public final class CurrentRole: Sendable {
         if let r = role.withLock({ $0 }) { r.requestHandover(reply: reply) } else { reply?(.refused("handover refused: nothing runs yet")) }
     }
 
-    /// A SIGTERM arrived: this process is ending (a primary that hands over does not stay as a secondary).
+    /// A stop signal arrived: this process is ending (a primary that hands over does not stay as a secondary).
     public var terminating: Bool { stopping.load(ordering: .acquiring) }
     private let stopping = Atomic<Bool>(false)
 
-    /// SIGTERM (its signal thread): an orderly stop. A side running the guest protected hands it to its secondary,
-    /// which goes on as the primary (nothing lost or repeated, as with SIGUSR2), and this process then ends by
-    /// itself. A side running it with nobody to take it (unprotected, or its handover refused or failed) stops
-    /// the guest: the operator ended it, so the pair record says so and no supervisor boots it again. Anything
-    /// else (a secondary replaying, a handover not done in time) dies of the signal, as a process without this
-    /// handler would; a secondary's primary then runs on. A SIGTERM while one is handled changes nothing: a
-    /// supervised process gets two from one `systemctl stop` (systemd's own to every process of the unit, and
-    /// the supervisor's), and dying of the second would cut the first's handover or stop short.
-    public func terminate(boundMs: Int) {
-        guard let r = role.withLock({ $0 }) else { Self.dieOfSIGTERM() }
+    /// A stop signal (SIGTERM, SIGINT, SIGHUP; its signal thread): an orderly stop. A side running the guest
+    /// protected hands it to its secondary, which goes on as the primary (nothing lost or repeated, as with
+    /// SIGUSR2), and this process then ends by itself. A side running it with nobody to take it (unprotected,
+    /// or its handover refused or failed) stops the guest: the operator ended it, so the pair record says so
+    /// and no supervisor boots it again. Anything else (a secondary replaying, a handover not done in time)
+    /// dies of the signal, as a process without this handler would; a secondary's primary then runs on.
+    /// A stop signal while one is handled changes nothing: a supervised process gets two from one
+    /// `systemctl stop` (systemd's own to every process of the unit, and the supervisor's) and two from one
+    /// Ctrl-C (the terminal's to the foreground group, and the supervisor's); dying of the second would cut
+    /// the first's handover or stop short.
+    public func terminate(boundMs: Int, signal signo: Int32) {
+        let name = signalName(signo)
+        guard let r = role.withLock({ $0 }) else { dieOf(signo) }
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else {
-            warn("SIGTERM again: this side is stopping already (kill -9 stops it at once)")
+            warn("\(name): this side is stopping already (kill -9 stops it at once)")
             return
         }
         guard let outcome = HandoverOutcome.awaited(withinMs: boundMs, { r.handOverToLeave(reply: $0) }) else {
-            warn("SIGTERM: no handover within \(boundMs) ms; stopping without one")
-            Self.dieOfSIGTERM()
+            warn("\(name): no handover within \(boundMs) ms; stopping without one")
+            dieOf(signo)
         }
         guard case .handedOver = outcome else {
             if r.stopGuest() {
-                warn("SIGTERM: \(outcome.message); stopping the guest here (the pair record will say it ended)")
+                warn("\(name): \(outcome.message); stopping the guest here (the pair record will say it ended)")
                 return
             }
-            warn("SIGTERM: \(outcome.message); stopping without a handover")
-            Self.dieOfSIGTERM()
+            warn("\(name): \(outcome.message); stopping without a handover")
+            dieOf(signo)
         }
-        warn("SIGTERM: the secondary runs the guest now; this side ends")
-    }
-
-    private static func dieOfSIGTERM() -> Never {
-        signal(SIGTERM, SIG_DFL)
-        raise(SIGTERM)
-        _exit(128 + SIGTERM)
+        warn("\(name): the secondary runs the guest now; this side ends")
     }
 }
 

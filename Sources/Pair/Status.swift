@@ -240,11 +240,33 @@ final class Ticker: @unchecked Sendable {
     }
 }
 
-/// Calls `body` on a thread of its own each time `signo` arrives (the CLI's SIGUSR2: a planned switchover).
+/// Calls `body` on a thread of its own each time `signo` arrives (SIGUSR2: a planned switchover; the stop signals).
 public func onSignal(_ signo: Int32, _ body: @escaping @Sendable () -> Void) {
     let fd = lk_signal_eventfd(signo)
-    guard fd >= 0 else { warn("cannot catch signal \(signo) (errno \(-fd)); it will not ask for a handover"); return }
+    guard fd >= 0 else { warn("cannot catch \(signalName(signo)) (errno \(-fd)); it keeps its default action"); return }
     startThread("lockstep-signal") {
         while true { if lk_eventfd_wait(fd, .max) == 1 { body() } }
     }
+}
+
+/// The signals an operator stops a process with: SIGTERM, and SIGINT (Ctrl-C) and SIGHUP (a closed terminal)
+/// unless the process started with them ignored, as a shell's `&` job and `nohup` start theirs: a shell's
+/// own programs keep such a signal ignored, and so does this one. Call it before catching any of them.
+public func stopSignals() -> [Int32] { [SIGTERM] + [SIGINT, SIGHUP].filter { lk_signal_ignored($0) == 0 } }
+
+public func signalName(_ signo: Int32) -> String {
+    switch signo {
+    case SIGTERM: return "SIGTERM"
+    case SIGINT: return "SIGINT"
+    case SIGHUP: return "SIGHUP"
+    case SIGUSR2: return "SIGUSR2"
+    default: return "signal \(signo)"
+    }
+}
+
+/// Ends the process as `signo`'s default action would (its parent sees it killed by the signal).
+public func dieOf(_ signo: Int32) -> Never {
+    signal(signo, SIG_DFL)
+    raise(signo)
+    _exit(128 + signo)
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Machine
 import Pair
+import Synchronization
 
 @main
 struct Lockstep: ParsableCommand {
@@ -99,17 +100,33 @@ struct MachineOptions: ParsableArguments {
 }
 
 /// Shared by `run` and `record`: open the serial backend, build the session, feed it input, report the end.
-func runLive(guest: String, options: MachineOptions, latencyUs: UInt32,
+/// `finishing`: what a stop signal lets the run do before it ends (said when one arrives).
+func runLive(guest: String, options: MachineOptions, latencyUs: UInt32, finishing: String,
              _ make: (PVHImage, MachineConfig, SerialBackend) throws -> (Machine, () throws -> SessionResult)) throws {
     do {
         let image = try loadImage(guest)
         let backend = try SerialBackend(try SerialSpec.parse(options.serial))
         let (machine, run) = try make(image, MachineConfig(memoryMiB: options.memory, interruptLatencyUs: latencyUs), backend)
+        stopOnSignals(machine, what: finishing)
         backend.startInput(into: machine.input)
         let r = try run()
         backend.close()
         throw finish(r, verbose: options.verbose)
     } catch let e as MachineError { throw engineExit(e) }
+}
+
+/// The stop signals end a live run as the guest's exit would: at its next exit, with its state digest (and
+/// `record`'s log finished and renamed, replayable to that exit). A second one kills at once.
+private func stopOnSignals(_ machine: Machine, what finishing: String) {
+    final class Signalled: Sendable { let once = Atomic<Bool>(false) }
+    let signalled = Signalled(), pacer = machine.pacer
+    for signo in stopSignals() {
+        onSignal(signo) {
+            if signalled.once.exchange(true, ordering: .acquiringAndReleasing) { dieOf(signo) }
+            stderr("lockstep: \(signalName(signo)): stopping the guest at its next exit\(finishing) (another signal kills at once)")
+            pacer?.requestStop()
+        }
+    }
 }
 
 struct RunCommand: ParsableCommand {
@@ -119,7 +136,7 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: "Kick a running guest when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
 
     func run() throws {
-        try runLive(guest: guest, options: options, latencyUs: interruptLatencyUs) { image, config, backend in
+        try runLive(guest: guest, options: options, latencyUs: interruptLatencyUs, finishing: "") { image, config, backend in
             let s = try RunSession(image: image, config: config, output: backend)
             return (s.machine, { try s.run() })
         }
@@ -134,7 +151,7 @@ struct RecordCommand: ParsableCommand {
     @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
 
     func run() throws {
-        try runLive(guest: guest, options: options, latencyUs: interruptLatencyUs) { image, config, backend in
+        try runLive(guest: guest, options: options, latencyUs: interruptLatencyUs, finishing: " and finishing the log") { image, config, backend in
             let s = try RecordSession(image: image, config: config, logPath: log, output: backend)
             return (s.machine, { try s.run() })
         }

@@ -22,11 +22,11 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Answer `lockstep control PATH status|handover` on this Unix socket (created 0600, removed at the end).") var control: String?
     @Option(name: .long, help: "Pin the FT-link threads to this core (default: the scheduler's choice). On one host, give both processes the primary's vCPU core (1).") var linkCpu: Int32?
 
-    /// SIGUSR2 (a handover), SIGTERM (an orderly stop: a handover, then the end) and, when asked for, the
-    /// control socket, all reaching whatever role `role` holds.
+    /// SIGUSR2 (a handover), the stop signals (an orderly stop: a handover, then the end) and, when asked
+    /// for, the control socket, all reaching whatever role `role` holds.
     func operatorAccess(_ o: PairOptions, _ role: CurrentRole) throws -> ControlServer? {
         onSignal(SIGUSR2) { role.requestHandover() }
-        onSignal(SIGTERM) { role.terminate(boundMs: o.handoverBoundMs) }
+        for signo in stopSignals() { onSignal(signo) { role.terminate(boundMs: o.handoverBoundMs, signal: signo) } }
         return try control.map { try ControlServer(path: $0, options: o, role: role) }
     }
 

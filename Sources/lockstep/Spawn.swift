@@ -37,7 +37,9 @@ enum Spawn {
         defer { posix_spawnattr_destroy(&attr) }
         var none = sigset_t(), dfl = sigset_t()
         sigemptyset(&none); sigemptyset(&dfl)
-        for s in [SIGPIPE, SIGINT, SIGTERM, SIGHUP, SIGUSR2] { sigaddset(&dfl, s) }
+        // SIGINT and SIGHUP keep this process's disposition: ignored stays ignored (nohup, a shell's `&`), a
+        // handler becomes the default at exec anyway.
+        for s in [SIGPIPE, SIGTERM, SIGUSR2] { sigaddset(&dfl, s) }
         posix_spawnattr_setsigmask(&attr, &none)
         posix_spawnattr_setsigdefault(&attr, &dfl)
         posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))

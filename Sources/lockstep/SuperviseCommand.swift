@@ -23,8 +23,9 @@ struct SuperviseCommand: ParsableCommand {
         secondary answers at its --peer; the fence refuses it while a live side holds it): supervise primary always, \
         supervise secondary when given --save-guest DIR and seeded once; otherwise it waits again. \
         Stops, with the pair's status, when the guest ends; \
-        on SIGTERM, SIGINT or SIGHUP (passed on to the process, which is not restarted; on SIGTERM a process running the guest protected hands it over first, \
-        and one running it unprotected stops it and records that it ended, so no supervisor boots it again); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
+        on SIGTERM, SIGINT or SIGHUP (passed on to the process, which is not restarted; a process running the guest protected hands it over first, \
+        and one running it unprotected stops it and records that it ended, so no supervisor boots it again; SIGINT and SIGHUP stay ignored when \
+        the supervisor started with them ignored, as under nohup or a shell's &); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
         nor protected); and on a status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). \
         SIGUSR2 is passed on (a handover). The process dies with its supervisor (kill -9 of either loses this side). \
         An operator's `lockstep control SOCKET peer HOST:PORT` carries into later runs. Needs --fence: a restart without one could make a second primary.
@@ -232,14 +233,14 @@ struct SupervisePlan {
     }
 }
 
-/// SIGTERM, SIGINT and SIGHUP (stop) and SIGUSR2 (a handover), each routed to an eventfd to poll.
+/// The stop signals (SIGTERM, and SIGINT and SIGHUP unless ignored) and SIGUSR2 (a handover), each routed to an eventfd to poll.
 final class SupervisorSignals {
     let stop: [Int32: Int32]
     let handover: Int32
 
     init() {
         var s: [Int32: Int32] = [:]
-        for signo in [SIGTERM, SIGINT, SIGHUP] { s[signo] = lk_signal_eventfd(signo) }
+        for signo in stopSignals() { s[signo] = lk_signal_eventfd(signo) }
         stop = s
         handover = lk_signal_eventfd(SIGUSR2)
     }

@@ -228,31 +228,33 @@ extension PairTests { @Suite struct SuperviseTests {
         again.expectConsistent()
     }
 
-    /// SIGTERM to a supervisor whose primary runs protected (systemctl stop on host A): the primary hands the guest
-    /// to B (nothing lost or repeated) and ends with 0, and nothing is restarted. SIGTERM to B's supervisor then,
-    /// with nobody to hand the guest to, stops the guest: the pair record says it ended, so nothing boots it again.
-    @Test func sigtermHandsAProtectedGuestOverBeforeTheSideStops() throws {
+    /// A stop signal to a supervisor whose primary runs protected (systemctl stop on host A: SIGTERM; Ctrl-C in its
+    /// terminal: SIGINT): the primary hands the guest to B (nothing lost or repeated) and ends with 0, and nothing is
+    /// restarted. The same to B's supervisor then, with nobody to hand the guest to, stops the guest: the pair
+    /// record says it ended, so nothing boots it again.
+    @Test(arguments: [SIGTERM, SIGINT]) func aStopSignalHandsAProtectedGuestOverBeforeTheSideStops(signo: Int32) throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let pair = try Pair()
         let (a, b) = (pair.a, pair.b)
         defer { Self.killStarted([a, b]); try? FileManager.default.removeItem(atPath: pair.ws.dir) }
+        let name = signo == SIGINT ? "SIGINT" : "SIGTERM"
         let talk = Conversation(port: pair.udp)
         talk.exchange(1...3, "a")
-        // As systemd's stop does with its default kill mode: SIGTERM to every process of the unit, so A's primary
+        // To every process, as systemd's stop with its default kill mode and a terminal's Ctrl-C do: A's primary
         // gets its own and the one its supervisor passes on. The second must not cut the handover short.
-        a.signal(SIGTERM)
-        kill(try Self.started(a, 1), SIGTERM)
+        a.signal(signo)
+        kill(try Self.started(a, 1), signo)
         #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
-        #expect(a.stderr.contains("lockstep: SIGTERM: the secondary runs the guest now; this side ends"), "\(a.stderrText)")
+        #expect(a.stderr.contains("lockstep: \(name): the secondary runs the guest now; this side ends"), "\(a.stderrText)")
         #expect(a.stderr.contains("lockstep supervise: the primary exited with 0; stopping as asked; exiting with 0"), "\(a.stderrText)")
         #expect(a.stderr.filter { $0.hasPrefix(Self.startedLine) }.count == 1, "\(a.stderrText)")
         talk.exchange(4...5, "b", "\(b.stderrText)")
         #expect(b.stderr.contains { $0.hasPrefix("live: the primary handed the guest over at exit ") }, "\(b.stderrText)")
         #expect(b.stderr.contains { $0.contains("(0 output bytes the primary may not have released are sent again)") }, "\(b.stderrText)")
-        b.signal(SIGTERM)
-        kill(try Self.started(b, 1), SIGTERM)
+        b.signal(signo)
+        kill(try Self.started(b, 1), signo)
         #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
-        #expect(b.stderr.contains("lockstep: SIGTERM: handover refused: no secondary holds this guest's state yet; stopping the guest here (the pair record will say it ended)"), "\(b.stderrText)")
+        #expect(b.stderr.contains("lockstep: \(name): handover refused: no secondary holds this guest's state yet; stopping the guest here (the pair record will say it ended)"), "\(b.stderrText)")
         #expect(b.stderr.contains("lockstep supervise: the pair ended (status 0); exiting with 0"), "\(b.stderrText)")
         #expect(try Fence(directory: pair.ws.fence).readPairRecord() == "ended 0")
         talk.expectConsistent()

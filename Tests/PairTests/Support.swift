@@ -83,10 +83,12 @@ final class Child: @unchecked Sendable {
     private var partial = Data()
 
     /// `captureStdout`: stdout lines join the stderr lines (`lockstep control` answers on stdout).
-    init(_ name: String, _ args: [String], environment: [String: String] = [:], captureStdout: Bool = false) throws {
+    /// `launcher`: a command that execs `lockstep` (e.g. `env --ignore-signal=HUP`).
+    init(_ name: String, _ args: [String], environment: [String: String] = [:], captureStdout: Bool = false,
+         launcher: [String] = []) throws {
         self.name = name
-        process.executableURL = URL(fileURLWithPath: PairFixture.binary)
-        process.arguments = args
+        process.executableURL = URL(fileURLWithPath: launcher.first ?? PairFixture.binary)
+        process.arguments = launcher.isEmpty ? args : launcher.dropFirst() + [PairFixture.binary] + args
         if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         let err = Pipe()
         process.standardError = err
