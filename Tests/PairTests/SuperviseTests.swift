@@ -2,6 +2,7 @@ import CLockstep
 import Foundation
 import Failover
 import Glibc
+import Pair
 import Testing
 
 /// `lockstep supervise` (HA restart) with real processes: a killed side comes back as the survivor's secondary.
@@ -124,6 +125,21 @@ extension PairTests { @Suite struct SuperviseTests {
         try b.waitForLine(containing: "live: ")
         talk.exchange(3...4, "b", "\(b.stderrText)")
         talk.expectConsistent()
+    }
+
+    /// A process whose supervisor died between starting it and its first instructions (its parent is not the pid
+    /// the supervisor named) says so and kills itself at once, before it could serve unsupervised.
+    @Test func aProcessWhoseSupervisorIsGoneAtStartStops() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let gone: pid_t = 1  // this test's process is the parent, so pid 1 is not: as after a reparenting
+        let pri = try Child("primary", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:1"] + PairFixture.common(ws),
+                            environment: [SupervisorReport.environmentName: "\(SupervisorReport.childDescriptor)",
+                                          SupervisorReport.parentEnvironmentName: "\(gone)"])
+        #expect(try pri.wait(seconds: 30) == SIGKILL, "\(pri.stderrText)")
+        #expect(pri.stderr.contains("lockstep: the supervisor that started this process (pid \(gone)) is gone; stopping"), "\(pri.stderrText)")
+        #expect(!FileManager.default.fileExists(atPath: ws.fence + "/lockstep.pair"), "it must stop before it touches the pair")
     }
 
     /// A primary killed after the pair record named its secondary but before it told its supervisor (fault
