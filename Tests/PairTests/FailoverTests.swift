@@ -398,17 +398,10 @@ extension PairTests { @Suite struct FailoverTests {
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         let udp = try PairFixture.freeUDPPort()
-        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
         let control = ws.dir + "/a.sock"
-        let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
-        let b = try Child("B", ["secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)"] + common)
-        defer { b.kill9() }
-        _ = try b.listeningPort()
-        let a = try Child("A", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)",
-                                "--memory", "32", "--control", control] + common)
-        defer { a.kill9() }
-        try a.waitForLine(containing: "protected: secondary")
-        let c = try Child("C", ["secondary", "--listen", "127.0.0.1:0"] + common)
+        let (a, b, portA, _) = try Self.startBothWays(ws, udp: udp, controlA: control)
+        defer { a.kill9(); b.kill9() }
+        let c = try Child("C", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws))
         defer { c.kill9() }
         let portC = try c.listeningPort()
         let talk = Conversation(port: udp)
@@ -441,22 +434,32 @@ extension PairTests { @Suite struct FailoverTests {
         try Self.handoversBackAndForth(ws)
     }
 
+    /// A pair configured both ways, protected: B (`secondary --listen B --peer A`), then A (`primary echo --peer B
+    /// --listen A --control controlA`), both serving `udp`; `whileBListens` runs between the two.
+    static func startBothWays(_ ws: (dir: String, key: String, fence: String), udp: UInt16, controlA: String, controlB: String? = nil,
+                              whileBListens: () throws -> Void = {}) throws -> (a: Child, b: Child, portA: UInt16, portB: UInt16) {
+        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
+        let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
+        let b = try Child("B", ["secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)"]
+                              + (controlB.map { ["--control", $0] } ?? []) + common)
+        _ = try b.listeningPort()
+        try whileBListens()
+        let a = try Child("A", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)",
+                                "--memory", "32", "--control", controlA] + common)
+        try a.waitForLine(containing: "protected: secondary")
+        return (a, b, portA, portB)
+    }
+
     /// The handovers of `handoversBackAndForthSwapTheRoles`, with the fence `ws` names.
     static func handoversBackAndForth(_ ws: (dir: String, key: String, fence: String)) throws {
         let udp = try PairFixture.freeUDPPort()
-        let (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
         let (controlA, controlB) = (ws.dir + "/a.sock", ws.dir + "/b.sock")
-        let common = PairFixture.common(ws)
-        let b = try Child("B", ["secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)", "--serial", "udp:127.0.0.1:\(udp)",
-                                "--control", controlB] + common)
-        _ = try b.listeningPort()
-        // A secondary with no primary yet has nothing to ask for.
-        let early = try Child("handover-0", ["control", controlB, "handover"], captureStdout: true)
-        #expect(try early.wait(seconds: 10) == 1, "\(early.stderrText)")
-        #expect(early.stderr.contains { $0.hasPrefix("refused: handover refused: this side follows no primary now") }, "\(early.stderrText)")
-        let a = try Child("A", ["primary", try PairFixture.guest("echo"), "--peer", "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)",
-                                "--memory", "32", "--serial", "udp:127.0.0.1:\(udp)", "--control", controlA] + common)
-        try a.waitForLine(containing: "protected: secondary")
+        let (a, b, portA, portB) = try startBothWays(ws, udp: udp, controlA: controlA, controlB: controlB) {
+            // A secondary with no primary yet has nothing to ask for.
+            let early = try Child("handover-0", ["control", controlB, "handover"], captureStdout: true)
+            #expect(try early.wait(seconds: 10) == 1, "\(early.stderrText)")
+            #expect(early.stderr.contains { $0.hasPrefix("refused: handover refused: this side follows no primary now") }, "\(early.stderrText)")
+        }
         let talk = Conversation(port: udp)
         var seq = 0
         func requests(_ n: Int, _ tag: String) {
