@@ -60,13 +60,16 @@ public enum FailoverEvent: Sendable, Equatable {
     case peerTookOver
     /// Secondary: the primary handed over (it stopped, sent all its log, and gave up the fence).
     case peerHandover
+    /// Primary: the operator migrates the guest elsewhere and a secondary there has answered, so the one
+    /// protecting it now is let go (told goodbye: it stops without going live) while the new one is seeded.
+    case secondaryReleased(String)
 
     /// One representative of every case (for exhaustive tests).
     public static let representatives: [FailoverEvent] = [
         .connected, .handshakeOK, .seedComplete, .heartbeatReceived, .logReceived, .peerGoodbye,
         .peerSilent(ms: 10), .peerSilent(ms: 1000), .channelError("reset"), .fenceAcquired(generation: 7),
         .fenceDenied(holder: "hostA pid 1"), .guestExited, .operatorStop, .handoverRequested, .peerTookOver, .peerHandover,
-        .fenceHeld(holder: "hostA pid 1"),
+        .fenceHeld(holder: "hostA pid 1"), .secondaryReleased("the guest migrates to hostC:7400"),
     ]
 }
 
@@ -172,6 +175,9 @@ public struct FailoverMachine: Sendable, Equatable {
         case (.primaryHandingOver, _):
             // The secondary closing the link is part of the handover; the fence decides the outcome.
             return (state, [])
+        case (.primarySyncing, .secondaryReleased(let why)), (.primaryProtected, .secondaryReleased(let why)):
+            return (.primaryUnprotected, [.releaseGatedOutput, .dropProtection,
+                                          .logWarning("secondary released (\(why)); unprotected until the next one is seeded")])
         case (.primarySyncing, _), (.primaryProtected, _):
             if lostPeer || event == .peerGoodbye {
                 return (.primaryUnprotected, [.releaseGatedOutput, .dropProtection,

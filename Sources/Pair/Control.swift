@@ -103,6 +103,9 @@ public protocol PairRole: AnyObject, Sendable {
     /// guest's exit does, and the pair record says it ended, so no supervisor boots it again. False when this
     /// side does not run the guest (a secondary replaying).
     func stopGuest() -> Bool
+    /// The control socket's `migrate HOST:PORT`: a side running the guest protected or looking for a secondary
+    /// moves it to the secondary listening there and ends; any other side is refused at once.
+    func migrate(to address: String, withinMs: Int, reply: @escaping @Sendable (HandoverOutcome) -> Void)
 }
 
 /// The role a pair process has now: a primary that handed its guest over may go on as the new primary's
@@ -123,6 +126,15 @@ public final class CurrentRole: Sendable {
 
     public func requestHandover(reply: (@Sendable (HandoverOutcome) -> Void)? = nil) {
         if let r = role.withLock({ $0 }) { r.requestHandover(reply: reply) } else { reply?(.refused("handover refused: nothing runs yet")) }
+    }
+
+    /// The operator's `migrate`: once the guest moved, this process ends (as after a stop signal's handover).
+    func migrate(to address: String, withinMs: Int, reply: @escaping @Sendable (HandoverOutcome) -> Void) {
+        guard let r = role.withLock({ $0 }) else { return reply(.refused("migration refused: nothing runs yet")) }
+        r.migrate(to: address, withinMs: withinMs) { [self] outcome in
+            if case .handedOver = outcome { stopping.store(true, ordering: .releasing) }
+            reply(outcome)
+        }
     }
 
     /// A stop signal arrived: this process is ending (a primary that hands over does not stay as a secondary).
@@ -209,8 +221,16 @@ public final class ControlServer: @unchecked Sendable {
             try? c.writeLine(outcome?.line ?? "failed: no outcome within \(handoverBoundMs) ms")
         case let r where r.hasPrefix("peer "):
             try? c.writeLine(role.changePeer(String(r.dropFirst(5)).trimmingCharacters(in: .whitespaces)))
+        case let r where r.hasPrefix("migrate "):
+            let words = r.split(separator: " ")
+            guard words.count == 3, let ms = Int(words[2]), ms > 0 else {
+                try? c.writeLine("refused: migrate takes HOST:PORT and a bound in ms"); return
+            }
+            let bound = ms + handoverBoundMs
+            let outcome = HandoverOutcome.awaited(withinMs: bound) { role.migrate(to: String(words[1]), withinMs: ms, reply: $0) }
+            try? c.writeLine(outcome.map { o in if case .handedOver(let m) = o { "migrated: " + m } else { o.line } } ?? "failed: no outcome within \(bound) ms")
         default:
-            try? c.writeLine("refused: unknown request \"\(request.prefix(80))\" (status, handover, peer HOST:PORT)")
+            try? c.writeLine("refused: unknown request \"\(request.prefix(80))\" (status, handover, peer HOST:PORT, migrate HOST:PORT MS)")
         }
     }
 }

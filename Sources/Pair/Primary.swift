@@ -23,7 +23,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Where the connector looks for a new secondary: `--peer`, until the operator moves it (`changePeer`).
     private let peerAddress: Mutex<(host: String, port: UInt16)>
     /// `HOST:PORT` of `peerAddress`, read once.
-    public var peer: String { peerAddress.withLock { $0.host.contains(":") ? "[\($0.host)]:\($0.port)" : "\($0.host):\($0.port)" } }
+    public var peer: String { Self.text(peerAddress.withLock { $0 }) }
+    private static func text(_ a: (host: String, port: UInt16)) -> String { a.host.contains(":") ? "[\(a.host)]:\(a.port)" : "\(a.host):\(a.port)" }
     let metrics = PairMetrics()
     private let reports = JSONReports()
     let fence: (any Fencing)?
@@ -40,9 +41,18 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     private let seedingNow = Atomic<Bool>(false)
     /// `link` for other threads (status); written only by the vCPU thread.
     private let current = Mutex<SecondaryLink?>(nil)
-    private let offered = Mutex<Connection?>(nil)
+    /// A secondary the connector reached, and the peer address it was sought at.
+    private let offered = Mutex<(conn: Connection, peer: String)?>(nil)
     private let hasOffer = Atomic<Bool>(false)
     private let connecting = Atomic<Bool>(false)
+    /// The peer address the secondary being seeded, and the one attached, were sought at (vCPU thread).
+    private var seedingFrom = ""
+    private var linkFrom = ""
+    /// An operator's migration (`migrate`): asked on any thread, carried out by the vCPU thread.
+    private let migration = Mutex<Migration?>(nil)
+    private let migrationWanted = Atomic<Bool>(false)
+    /// Wakes the thread that bounds a migration (`Migration.deadlineNs`) when it ends sooner.
+    private let migrationEnded = lk_eventfd()
     /// When the current secondary was attached, and how many in a row were lost (or failed their seed) within
     /// `shortLivedNs` of it (vCPU thread): the connector waits longer before each next try, so a secondary
     /// that keeps coming back only to fail (a pair record that cannot be written) is not re-seeded 10 times a second.
@@ -99,6 +109,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             session.machine.hooks.faultAtExit = n
         }
     }
+
+    deinit { close(migrationEnded) }
 
     /// A cold restart reads the pair record once it holds the fence, so no live side can write it meanwhile: a
     /// guest that ended is not booted again (this process ends with its status instead).
@@ -180,7 +192,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         if let conn {
             // Before the guest runs there is nothing to overlap: the rounds run here.
             do {
-                let first = seed(conn)
+                let first = seed(conn, from: peer)
                 try first.copyHere()
                 try attach(first)
             } catch where options.startUnprotected {
@@ -209,11 +221,13 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             own.stop()
             ticker?.stop()
             answerHandovers(.refused("handover refused: the primary failed: \(error)"))
+            endMigration(.refused("migration refused: the primary failed: \(error)"))
             dropSeeding("primary failed: \(error)")
             detach(goodbye: "primary failed: \(error)")
             throw error
         }
         own.stop()
+        endMigration(.refused("migration refused: the guest's run here ended (\(ending.endReason))"))
         let result = try endRun(ending)
         ticker?.stop()
         report()
@@ -230,7 +244,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     /// A secondary that connected but was never seeded is told why it is dropped.
     private func dropOffer() {
-        if let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o }) {
+        if let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o?.conn }) {
             try? c.send(.goodbye("the guest ended before this secondary was seeded"))
             c.close()
         }
@@ -242,6 +256,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// secondary's replay is too far behind.
     @inline(__always) private func afterStep() {
         if handoverWanted.load(ordering: .relaxed) { handOver(); if handedOver { return } }
+        if migrationWanted.load(ordering: .relaxed) { migrateStep(); if handedOver { return } }
         if hasOffer.load(ordering: .relaxed) { adoptOffer() }
         if let p = seeding { seedStep(p) }
         guard let l = link else {
@@ -274,6 +289,85 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             return "ok: new secondaries are sought at \(peer); the secondary that protects the guest now stays until it is lost"
         }
         return "ok: looking for a secondary at \(peer)"
+    }
+
+    // MARK: migration
+
+    /// A migration under way: where to, until when, and who waits for its outcome.
+    private struct Migration {
+        var target: String
+        /// The peer address before it, restored if the migration fails with the secondary there still attached.
+        var previous: String
+        var deadlineNs: UInt64
+        var reply: @Sendable (HandoverOutcome) -> Void
+    }
+
+    /// The control socket's `migrate HOST:PORT` (any thread): moves the guest to the secondary listening there.
+    /// The connector reaches it first; only then is the secondary protecting the guest now (if elsewhere) let go
+    /// (told goodbye: it stops without going live), so an unreachable target changes nothing. The target is
+    /// seeded by pre-copy while the guest runs, unprotected meanwhile, and once it protects the guest, the guest
+    /// is handed to it as by `handover`; this side's run ends. `reply` gets the outcome: handed over, or why not
+    /// within `withinMs` (the guest then runs on here).
+    public func migrate(to address: String, withinMs: Int, reply: @escaping @Sendable (HandoverOutcome) -> Void) {
+        let target: (host: String, port: UInt16)
+        do { target = try PairOptions.hostPort(address, option: "migrate") } catch { return reply(.refused("migration refused: \(error)")) }
+        guard !finished.load(ordering: .acquiring) else { return reply(.refused("migration refused: the guest's run has ended")) }
+        let deadline = lk_monotonic_ns() + UInt64(max(withinMs, 1)) * 1_000_000
+        let previous = peerAddress.withLock { p -> String? in
+            let old = Self.text(p)
+            guard migration.withLock({ m in
+                guard m == nil else { return false }
+                m = Migration(target: Self.text(target), previous: old, deadlineNs: deadline, reply: reply)
+                return true
+            }) else { return nil }
+            p = target
+            return old
+        }
+        guard let previous else { return reply(.refused("migration refused: one is under way already")) }
+        warn("the operator migrates the guest to \(Self.text(target)) (from a secondary sought at \(previous)); looking for it there")
+        migrationWanted.store(true, ordering: .releasing)
+        startThread("lockstep-migrate") { [self] in
+            // The bound holds while a halted guest's vCPU thread sleeps: wake it at the deadline.
+            if lk_eventfd_wait(migrationEnded, deadline) == 0 { session.machine.pacer?.raise(.boundary) }
+        }
+        session.machine.pacer?.raise(.boundary)
+    }
+
+    /// vCPU thread, between two steps: the connector seeks the target (also while protected, for a migration);
+    /// `adoptOffer` lets the old secondary go and seeds the target; once the target's seed is confirmed, hand over.
+    private func migrateStep() {
+        guard let m = migration.withLock({ $0 }) else { migrationWanted.store(false, ordering: .relaxed); return }
+        if let l = link, linkFrom == m.target, state == .primaryProtected, !l.lost.load(ordering: .acquiring) {
+            let outcome = attemptHandover()
+            switch outcome {
+            case .handedOver(let why): endMigration(.handedOver("migrated to \(m.target): \(why)"))
+            case .refused(let why): endMigration(.failed("migration failed: \(why); the guest runs on here, protected by \(m.target)"))
+            case .failed(let why): endMigration(.failed("migration failed: \(why)"))
+            }
+            return
+        }
+        // Seek the target unless it answered already (an offer waits, its seed runs, or it is attached).
+        if seeding == nil, !hasOffer.load(ordering: .acquiring), link == nil || linkFrom != m.target { startConnector() }
+        guard lk_monotonic_ns() >= m.deadlineNs else { return }
+        dropSeeding("the migration to \(m.target) ran out of time")
+        if let l = link, !l.lost.load(ordering: .acquiring), linkFrom != m.target {
+            // Nothing was let go: the secondary that protects the guest stays, and so does its address.
+            peerAddress.withLock { $0 = (try? PairOptions.hostPort(m.previous, option: "peer")) ?? $0 }
+            endMigration(.failed("migration failed: no secondary answered at \(m.target); the guest runs on here, still protected by the secondary at \(m.previous)"))
+            return
+        }
+        SupervisorReport.peer(m.target)  // the address stays moved: a supervisor's restarts take it, as an operator's `peer`
+        endMigration(.failed("migration failed: the secondary at \(m.target) did not protect the guest in time; the guest runs on here, unprotected, looking for a secondary at \(m.target)"))
+        if link == nil { startConnector() }
+    }
+
+    /// Says and answers a migration's outcome (none under way: nothing to do).
+    private func endMigration(_ outcome: HandoverOutcome) {
+        guard let m = migration.withLock({ m -> Migration? in defer { m = nil }; return m }) else { return }
+        migrationWanted.store(false, ordering: .releasing)
+        lk_eventfd_signal(migrationEnded)
+        warn(outcome.message)
+        m.reply(outcome)
     }
 
     // MARK: planned switchover
@@ -456,8 +550,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         }
     }
 
-    /// Starts seeding a connected secondary (see `Precopy`).
-    private func seed(_ conn: Connection) -> Precopy {
+    /// Starts seeding a connected secondary (see `Precopy`), sought at the peer address `from`.
+    private func seed(_ conn: Connection, from: String) -> Precopy {
+        seedingFrom = from
         let header = SeedHeader(config: config, imageSHA256: StateDigest.sha256(image.bytes), cpuidSHA256: session.machine.cpuidDigest, image: image.bytes,
                                 fenceID: fenceID, fenceLocation: fence?.location ?? "")
         return Precopy(conn: conn, machine: session.machine, header: header)
@@ -522,6 +617,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let confirmation = SecondaryLink.Unconfirmed(protectionID: protectionID, exit: snap.exit) { [weak self] in
             _ = self?.fsm.withLock { $0.handle(.seedComplete) }
             warn(line + " (confirmed \(ms(lk_monotonic_ns() &- t0)) ms after the pause began)")
+            // A migration hands the guest over once its target protects it: a halted guest's vCPU thread does it now.
+            if self?.migrationWanted.load(ordering: .acquiring) == true { self?.session.machine.pacer?.raise(.boundary) }
             // Fault injection for the supervisor's record check: killed between the record and the report.
             if Self.dieBeforeReport { kill(getpid(), SIGKILL) }
             SupervisorReport.protected()
@@ -537,6 +634,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         }
         gate.startGating(from: snap.exit)
         link = l
+        linkFrom = seedingFrom
         attachedNs = lk_monotonic_ns()
         current.withLock { $0 = l }
         _ = fsm.withLock { $0.handle(.handshakeOK) }
@@ -547,8 +645,14 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     private func adoptOffer() {
         hasOffer.store(false, ordering: .relaxed)
-        guard let c = offered.withLock({ o -> Connection? in defer { o = nil }; return o }) else { return }
-        let p = seed(c)
+        guard let o = offered.withLock({ o -> (conn: Connection, peer: String)? in defer { o = nil }; return o }) else { return }
+        if link != nil {
+            // Only a migration seeks while protected: its target answered, so the secondary here is let go.
+            guard migrationWanted.load(ordering: .acquiring) else { o.conn.close(); return }
+            detach(goodbye: "the operator migrates the guest to \(o.peer)")
+            carryOut(fsm.withLock { $0.handle(.secondaryReleased("the guest migrates to \(o.peer)")) })
+        }
+        let p = seed(o.conn, from: o.peer)
         seeding = p
         p.start()
     }
@@ -609,11 +713,12 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             var delayMs: UInt64 = 20
             let until = lk_monotonic_ns() + backoffMs * 1_000_000
             while !finished.load(ordering: .acquiring), lk_monotonic_ns() < until { usleep(10_000) }
-            while !finished.load(ordering: .acquiring) {
+            // A protected primary seeks only for a migration, and stops seeking when it ends.
+            while !finished.load(ordering: .acquiring), current.withLock({ $0 == nil }) || migrationWanted.load(ordering: .acquiring) {
                 do {
-                    let (host, port) = peerAddress.withLock { $0 }
-                    let c = try Connection.connect(host: host, port: port, timeoutMs: 1000, config: config(role: .primary))
-                    offered.withLock { $0 = c }
+                    let to = peerAddress.withLock { $0 }
+                    let c = try Connection.connect(host: to.host, port: to.port, timeoutMs: 1000, config: config(role: .primary))
+                    offered.withLock { $0 = (c, Self.text(to)) }
                     hasOffer.store(true, ordering: .releasing)
                     session.machine.pacer?.raise(.boundary)  // a halted guest's vCPU thread adopts it now
                     break

@@ -37,9 +37,9 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     private var fenceID: String?
     /// How the run ended, for the exit status.
     public private(set) var wentLive = false { didSet { liveSession.withLock { $0 = wentLive ? session : nil } } }
-    /// Asked to end after a handover (SIGTERM) instead of listening for the new primary.
+    /// Asked to end after a handover (a stop signal, a migration) instead of listening for the new primary.
     private let leaving = Atomic<Bool>(false)
-    /// `run` returned because this side handed its guest over and was asked to end (SIGTERM).
+    /// `run` returned because this side handed its guest over and was asked to end (a stop signal, a migration).
     public var handedOverToLeave: Bool { leaving.load(ordering: .acquiring) && protector?.handedOver == true }
     private let startNs = lk_monotonic_ns()
     private let reports = JSONReports()
@@ -131,6 +131,16 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         }
         leaving.store(true, ordering: .releasing)
         p.requestHandover(reply: reply)
+    }
+
+    /// `migrate`: a survivor protecting itself moves its guest (see `PrimaryRunner.migrate`) and `run` returns
+    /// instead of listening again.
+    public func migrate(to address: String, withinMs: Int, reply: @escaping @Sendable (HandoverOutcome) -> Void) {
+        guard let p = protectorForSignals.withLock({ $0 }) else {
+            return reply(.refused("migration refused: this side does not run the guest with a secondary of its own (a secondary replaying, or a survivor started without --peer)"))
+        }
+        leaving.store(true, ordering: .releasing)
+        p.migrate(to: address, withinMs: withinMs, reply: reply)
     }
 
     /// SIGTERM: a live side stops its guest (its protector, if any, ends the log to its secondary); a

@@ -175,27 +175,40 @@ struct SecondaryCommand: ParsableCommand {
 
 struct ControlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "control",
-        abstract: "Ask a running primary or secondary (its --control socket) for its status, for a planned switchover, or to seek new secondaries at another address.",
-        discussion: "handover: exit 0 once the secondary took the guest over; 1 when refused (nothing changed) or failed (the primary serves on, unprotected). peer HOST:PORT: exit 0 when taken (a secondary protecting the guest now stays until it is lost), 1 when refused.")
+        abstract: "Ask a running primary or secondary (its --control socket) for its status, for a planned switchover, to seek new secondaries at another address, or to move the guest to another host.",
+        discussion: """
+        handover: exit 0 once the secondary took the guest over; 1 when refused (nothing changed) or failed (the primary serves on, unprotected). \
+        peer HOST:PORT: exit 0 when taken (a secondary protecting the guest now stays until it is lost), 1 when refused. \
+        migrate HOST:PORT (asked of the side running the guest): exit 0 once the guest runs on the secondary listening there (started beforehand, \
+        e.g. `lockstep secondary --listen HOST:PORT ...` on the new host); that side is reached first, then the secondary protecting the guest now \
+        is let go (it stops without going live), the new one is seeded while the guest runs (unprotected meanwhile), and the guest is handed to it; \
+        this side then ends. 1 when refused or failed: no answer there within --within-ms changes nothing; a seed not done in time leaves the guest \
+        running here, unprotected, looking for a secondary at HOST:PORT.
+        """)
     @Argument(help: "The --control socket of the running process.") var socket: String
-    @Argument(help: "status (one line of JSON), handover (waits for the outcome) or peer (where new secondaries are sought from now on).") var request: String
-    @Argument(help: "peer: the new secondary's FT-link address, HOST:PORT.") var address: String?
-    @Option(name: .long, help: "Give up waiting for the answer after this many ms.") var timeoutMs: Int = 30_000
+    @Argument(help: "status (one line of JSON), handover (waits for the outcome), peer (where new secondaries are sought from now on) or migrate (move the guest there).") var request: String
+    @Argument(help: "peer, migrate: the secondary's FT-link address, HOST:PORT.") var address: String?
+    @Option(name: .long, help: "migrate: give up when the guest is not protected by the new host's secondary within this many ms.") var withinMs: Int = 60_000
+    @Option(name: .long, help: "Give up waiting for the answer after this many ms (default 30000; migrate: --within-ms + 30000).") var timeoutMs: Int?
 
     func run() throws {
-        guard ["status", "handover", "peer"].contains(request) else { throw fail("unknown request \(request): use status, handover or peer HOST:PORT", .usage) }
-        guard (request == "peer") == (address != nil) else {
-            throw fail(request == "peer" ? "peer: give the new address, HOST:PORT" : "\(request) takes no address", .usage)
+        guard ["status", "handover", "peer", "migrate"].contains(request) else { throw fail("unknown request \(request): use status, handover, peer HOST:PORT or migrate HOST:PORT", .usage) }
+        let needsAddress = request == "peer" || request == "migrate"
+        guard needsAddress == (address != nil) else {
+            throw fail(needsAddress ? "\(request): give the new address, HOST:PORT" : "\(request) takes no address", .usage)
         }
+        guard withinMs > 0 else { throw fail("--within-ms \(withinMs): give at least 1", .usage) }
+        let line = request + (address.map { " " + $0 } ?? "") + (request == "migrate" ? " \(withinMs)" : "")
         let answer: String?
         do {
             let c = try ControlConnection(path: socket)
-            try c.writeLine(request + (address.map { " " + $0 } ?? ""))
-            answer = try c.readLine(timeoutMs: timeoutMs)
+            try c.writeLine(line)
+            answer = try c.readLine(timeoutMs: timeoutMs ?? (request == "migrate" ? withinMs + 30_000 : 30_000))
         } catch { throw fail("control \(socket): \(error)", .peerUnreachable) }
         guard let answer else { throw fail("control \(socket): closed without an answer", .peerUnreachable) }
         print(answer)
         if request == "handover", !answer.hasPrefix("handed-over:") { throw ExitCode.failure }
+        if request == "migrate", !answer.hasPrefix("migrated:") { throw ExitCode.failure }
         if request == "peer", !answer.hasPrefix("ok:") { throw ExitCode.failure }
     }
 }

@@ -8,16 +8,17 @@ let E = FailoverEvent.representatives
 let evConnected = 0, evHandshake = 1, evSeed = 2, evHeartbeat = 3, evLog = 4, evGoodbye = 5,
     evShortSilence = 6, evSilence = 7, evChannelError = 8, evFenceOK = 9, evFenceDenied = 10,
     evGuestExited = 11, evOperatorStop = 12, evHandoverRequested = 13, evPeerTookOver = 14, evPeerHandover = 15,
-    evFenceHeld = 16
+    evFenceHeld = 16, evSecondaryReleased = 17
 
 /// The expected next state for every (state, event) pair; pairs not listed keep the state.
 let expectedNext: [S: [Int: S]] = [
     .primaryUnprotected: [evHandshake: .primarySyncing, evGuestExited: .stopped, evOperatorStop: .stopped],
     .primarySyncing: [evSeed: .primaryProtected, evGoodbye: .primaryUnprotected, evSilence: .primaryUnprotected,
-                      evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped],
+                      evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped,
+                      evSecondaryReleased: .primaryUnprotected],
     .primaryProtected: [evGoodbye: .primaryUnprotected, evSilence: .primaryUnprotected,
                         evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped,
-                        evHandoverRequested: .primaryHandingOver],
+                        evHandoverRequested: .primaryHandingOver, evSecondaryReleased: .primaryUnprotected],
     .primaryHandingOver: [evPeerTookOver: .stopped, evFenceOK: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped],
     .secondaryConnecting: [evHandshake: .secondarySeeding, evGuestExited: .stopped, evOperatorStop: .stopped],
     .secondarySeeding: [evSeed: .secondaryReplaying, evGoodbye: .stopped, evSilence: .stopped, evChannelError: .stopped,
@@ -59,7 +60,8 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
                 #expect(actions.first == .releaseGatedOutput, "output must be released: \(state) + \(event)")
             }
             if state.gatesOutput && next == .primaryUnprotected {
-                #expect(actions.contains(.dropProtection) && actions.contains(.acceptNewSecondary) && !hasStop(actions))
+                // A released secondary's successor has answered already: nothing more is sought.
+                #expect(actions.contains(.dropProtection) && actions.contains(.acceptNewSecondary) != (i == evSecondaryReleased) && !hasStop(actions))
             }
             if next == .stopped || next == .fenced, state != next { #expect(hasStop(actions)) }
             if actions.contains(.drainLogAndGoLive) { #expect(next == .live && actions.contains(.bindServiceAddress)) }
@@ -126,6 +128,19 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
         var late = m
         #expect(late.handle(.fenceAcquired(generation: 4)).first == .drainLogAndGoLive && late.state == .live)
         #expect(hasStop(m.handle(.fenceDenied(holder: "hostA pid 10"))) && m.state == .fenced)
+    }
+
+    /// A migration lets the protecting secondary go once the target has answered: output is released, the
+    /// primary runs unprotected while the target is seeded, and a handover then moves the guest.
+    @Test func aMigrationReleasesTheSecondaryThenHandsOver() {
+        var m = FailoverMachine(state: .primaryProtected)
+        let a = m.handle(.secondaryReleased("the guest migrates to hostC:7400"))
+        #expect(m.state == .primaryUnprotected && a.first == .releaseGatedOutput && a.contains(.dropProtection) && !a.contains(.acceptNewSecondary))
+        #expect(m.handle(.handshakeOK) == [.startProtection] && m.handle(.seedComplete) == [] && m.state == .primaryProtected)
+        #expect(m.handle(.handoverRequested) == [.handOver])
+        #expect(m.handle(.secondaryReleased("late")) == [] && m.state == .primaryHandingOver)
+        var u = FailoverMachine.primary()
+        #expect(u.handle(.secondaryReleased("none protects it")) == [] && u.state == .primaryUnprotected)
     }
 
     @Test func primaryLosingItsSecondaryReleasesOutputAndContinues() {
