@@ -296,6 +296,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// A migration under way: where to, until when, and who waits for its outcome.
     private struct Migration {
         var target: String
+        var startNs: UInt64
         /// The peer address before it, restored if the migration fails with the secondary there still attached.
         var previous: String
         var deadlineNs: UInt64
@@ -312,12 +313,12 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let target: (host: String, port: UInt16)
         do { target = try PairOptions.hostPort(address, option: "migrate") } catch { return reply(.refused("migration refused: \(error)")) }
         guard !finished.load(ordering: .acquiring) else { return reply(.refused("migration refused: the guest's run has ended")) }
-        let deadline = lk_monotonic_ns() + UInt64(max(withinMs, 1)) * 1_000_000
+        let now = lk_monotonic_ns(), deadline = now + UInt64(max(withinMs, 1)) * 1_000_000
         let previous = peerAddress.withLock { p -> String? in
             let old = Self.text(p)
             guard migration.withLock({ m in
                 guard m == nil else { return false }
-                m = Migration(target: Self.text(target), previous: old, deadlineNs: deadline, reply: reply)
+                m = Migration(target: Self.text(target), startNs: now, previous: old, deadlineNs: deadline, reply: reply)
                 return true
             }) else { return nil }
             p = target
@@ -326,6 +327,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         guard let previous else { return reply(.refused("migration refused: one is under way already")) }
         warn("the operator migrates the guest to \(Self.text(target)) (from a secondary sought at \(previous)); looking for it there")
         migrationWanted.store(true, ordering: .releasing)
+        var stale: UInt64 = 0
+        _ = read(migrationEnded, &stale, 8)  // an earlier migration's end, signalled after its bound ran out
         startThread("lockstep-migrate") { [self] in
             // The bound holds while a halted guest's vCPU thread sleeps: wake it at the deadline.
             if lk_eventfd_wait(migrationEnded, deadline) == 0 { session.machine.pacer?.raise(.boundary) }
@@ -349,16 +352,22 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         // Seek the target unless it answered already (an offer waits, its seed runs, or it is attached).
         if seeding == nil, !hasOffer.load(ordering: .acquiring), link == nil || linkFrom != m.target { startConnector() }
         guard lk_monotonic_ns() >= m.deadlineNs else { return }
-        dropSeeding("the migration to \(m.target) ran out of time")
+        let within = "within \((m.deadlineNs &- m.startNs) / 1_000_000) ms"
         if let l = link, !l.lost.load(ordering: .acquiring), linkFrom != m.target {
             // Nothing was let go: the secondary that protects the guest stays, and so does its address.
             peerAddress.withLock { $0 = (try? PairOptions.hostPort(m.previous, option: "peer")) ?? $0 }
-            endMigration(.failed("migration failed: no secondary answered at \(m.target); the guest runs on here, still protected by the secondary at \(m.previous)"))
+            endMigration(.failed("migration failed: no secondary answered at \(m.target) \(within); the guest runs on here, still protected by the secondary at \(m.previous)"))
             return
         }
         SupervisorReport.peer(m.target)  // the address stays moved: a supervisor's restarts take it, as an operator's `peer`
-        endMigration(.failed("migration failed: the secondary at \(m.target) did not protect the guest in time; the guest runs on here, unprotected, looking for a secondary at \(m.target)"))
-        if link == nil { startConnector() }
+        if let l = link, !l.lost.load(ordering: .acquiring) {
+            endMigration(.failed("migration failed: the secondary at \(m.target) did not confirm its seed \(within); the guest runs on here, protected by it once it does"))
+            return
+        }
+        let seedRan = seeding != nil
+        dropSeeding("the migration to \(m.target) ran out of time")
+        endMigration(.failed("migration failed: the secondary at \(m.target) \(seedRan ? "was not seeded" : "was not reached") \(within); the guest runs on here, unprotected, looking for a secondary at \(m.target)"))
+        startConnector()
     }
 
     /// Says and answers a migration's outcome (none under way: nothing to do).

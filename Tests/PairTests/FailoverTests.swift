@@ -295,7 +295,7 @@ extension PairTests { @Suite struct FailoverTests {
         talk.exchange(1...3, "a")
         let bogus = try Child("bogus", ["control", priControl, "reboot"], captureStdout: true)
         #expect(try bogus.wait(seconds: 10) == 64, "\(bogus.stderrText)")
-        #expect(bogus.stderrText.contains("unknown request reboot: use status, handover or peer HOST:PORT"), "\(bogus.stderrText)")
+        #expect(bogus.stderrText.contains("unknown request reboot: use status, handover, peer HOST:PORT or migrate HOST:PORT"), "\(bogus.stderrText)")
         let status = try Child("status", ["control", priControl, "status"], captureStdout: true)
         #expect(try status.wait(seconds: 10) == 0, "\(status.stderrText)")
         #expect(status.stderr.contains { $0.contains("\"role\":\"primary\"") && $0.contains("\"protected\":true") }, "\(status.stderrText)")

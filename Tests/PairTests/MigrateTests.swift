@@ -52,7 +52,7 @@ extension PairTests { @Suite struct MigrateTests {
         let nobody = try PairFixture.freeTCPPort()
         let move = try Self.migrate(control, to: nobody, withinMs: 500)
         #expect(try move.wait(seconds: 30) == 1, "\(move.stderrText)")
-        #expect(move.stderr.contains("failed: migration failed: no secondary answered at 127.0.0.1:\(nobody); the guest runs on here, still protected by the secondary at 127.0.0.1:\(portB)"),
+        #expect(move.stderr.contains("failed: migration failed: no secondary answered at 127.0.0.1:\(nobody) within 500 ms; the guest runs on here, still protected by the secondary at 127.0.0.1:\(portB)"),
                 "\(move.stderrText)\nA:\n\(a.stderrText)")
         talk.exchange(3...4, "b")
         a.kill9()
