@@ -153,6 +153,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     func endRun(_ ending: Ending) throws(MachineError) -> SessionResult {
         metrics.guestEnded()
         answerHandovers(.refused("handover refused: the guest ended first"))
+        // A migration that handed the guest over was answered already.
+        endMigration(.refused("migration refused: the guest's run here ended (\(ending.endReason))"))
         dropSeeding("the guest ended before this secondary was seeded")
         if !handedOver { releaseFinalOutput() }
         let (result, trailer) = try session.finish(ending)
@@ -227,7 +229,6 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             throw error
         }
         own.stop()
-        endMigration(.refused("migration refused: the guest's run here ended (\(ending.endReason))"))
         let result = try endRun(ending)
         ticker?.stop()
         report()

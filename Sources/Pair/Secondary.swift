@@ -140,7 +140,11 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
             return reply(.refused("migration refused: this side does not run the guest with a secondary of its own (a secondary replaying, or a survivor started without --peer)"))
         }
         leaving.store(true, ordering: .releasing)
-        p.migrate(to: address, withinMs: withinMs, reply: reply)
+        p.migrate(to: address, withinMs: withinMs) { [self] outcome in
+            // Not moved (and not handed over otherwise): a later handover keeps this side listening again.
+            if !p.handedOver { leaving.store(false, ordering: .releasing) }
+            reply(outcome)
+        }
     }
 
     /// SIGTERM: a live side stops its guest (its protector, if any, ends the log to its secondary); a
