@@ -299,7 +299,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         var target: String
         var startNs: UInt64
         /// The peer address before it, restored if the migration fails with the secondary there still attached.
-        var previous: String
+        var previous: (host: String, port: UInt16)
         var deadlineNs: UInt64
         var reply: @Sendable (HandoverOutcome) -> Void
     }
@@ -315,18 +315,17 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         do { target = try PairOptions.hostPort(address, option: "migrate") } catch { return reply(.refused("migration refused: \(error)")) }
         guard !finished.load(ordering: .acquiring) else { return reply(.refused("migration refused: the guest's run has ended")) }
         let now = lk_monotonic_ns(), deadline = now + UInt64(max(withinMs, 1)) * 1_000_000
-        let previous = peerAddress.withLock { p -> String? in
-            let old = Self.text(p)
+        let previous = peerAddress.withLock { p -> (host: String, port: UInt16)? in
             guard migration.withLock({ m in
                 guard m == nil else { return false }
-                m = Migration(target: Self.text(target), startNs: now, previous: old, deadlineNs: deadline, reply: reply)
+                m = Migration(target: Self.text(target), startNs: now, previous: p, deadlineNs: deadline, reply: reply)
                 return true
             }) else { return nil }
-            p = target
-            return old
+            defer { p = target }
+            return p
         }
         guard let previous else { return reply(.refused("migration refused: one is under way already")) }
-        warn("the operator migrates the guest to \(Self.text(target)) (from a secondary sought at \(previous)); looking for it there")
+        warn("the operator migrates the guest to \(Self.text(target)) (from a secondary sought at \(Self.text(previous))); looking for it there")
         migrationWanted.store(true, ordering: .releasing)
         var stale: UInt64 = 0
         _ = read(migrationEnded, &stale, 8)  // an earlier migration's end, signalled after its bound ran out
@@ -356,8 +355,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let within = "within \((m.deadlineNs &- m.startNs) / 1_000_000) ms"
         if let l = link, !l.lost.load(ordering: .acquiring), linkFrom != m.target {
             // Nothing was let go: the secondary that protects the guest stays, and so does its address.
-            peerAddress.withLock { $0 = (try? PairOptions.hostPort(m.previous, option: "peer")) ?? $0 }
-            endMigration(.failed("migration failed: no secondary answered at \(m.target) \(within); the guest runs on here, still protected by the secondary at \(m.previous)"))
+            peerAddress.withLock { $0 = m.previous }
+            endMigration(.failed("migration failed: no secondary answered at \(m.target) \(within); the guest runs on here, still protected by the secondary at \(Self.text(m.previous))"))
             return
         }
         SupervisorReport.peer(m.target)  // the address stays moved: a supervisor's restarts take it, as an operator's `peer`

@@ -19,7 +19,7 @@ struct PairArguments: ParsableArguments {
     @Option(name: .long, help: "Flow control: slow the primary when the secondary's replay is this far behind (ms).") var maxLagMs: UInt64 = 2000
     @Option(name: .long, help: "Flow control: slow the primary when this much log is not yet replayed (MiB).") var maxLagMib: UInt64 = 64
     @Option(name: .long, help: "Drop (and re-seed) a secondary whose replay has not moved for this long while the primary waits (ms).") var replayStallMs: UInt64 = 5000
-    @Option(name: .long, help: "Answer `lockstep control PATH status|handover` on this Unix socket (created 0600, removed at the end).") var control: String?
+    @Option(name: .long, help: "Answer `lockstep control PATH status|handover|peer|migrate` on this Unix socket (created 0600, removed at the end).") var control: String?
     @Option(name: .long, help: "Pin the FT-link threads to this core (default: the scheduler's choice). On one host, give both processes the primary's vCPU core (1).") var linkCpu: Int32?
 
     /// SIGUSR2 (a handover), the stop signals (an orderly stop: a handover, then the end) and, when asked

@@ -38,8 +38,8 @@ extension PairTests { @Suite struct MigrateTests {
         talk.expectConsistent()
     }
 
-    /// Nobody listens at the target: nothing changes. B still protects the guest (a kill -9 of A fails over to
-    /// it), and the peer address is B's again.
+    /// A malformed target is refused, and nobody listening at the target changes nothing: B still protects the
+    /// guest (a kill -9 of A fails over to it), and the peer address is B's again.
     @Test func aMigrationToNobodyLeavesThePairAsItWas() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
@@ -49,6 +49,9 @@ extension PairTests { @Suite struct MigrateTests {
         defer { a.kill9(); b.kill9() }
         let talk = Conversation(port: udp)
         talk.exchange(1...2, "a")
+        let bad = try Child("migrate", ["control", control, "migrate", "127.0.0.1"], captureStdout: true)
+        #expect(try bad.wait(seconds: 30) == 1, "\(bad.stderrText)")
+        #expect(bad.stderr.contains("refused: migration refused: migrate 127.0.0.1: expected HOST:PORT"), "\(bad.stderrText)")
         let nobody = try PairFixture.freeTCPPort()
         let move = try Self.migrate(control, to: nobody, withinMs: 500)
         #expect(try move.wait(seconds: 30) == 1, "\(move.stderrText)")
