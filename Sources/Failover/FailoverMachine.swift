@@ -23,12 +23,16 @@ public enum FailoverState: UInt8, Sendable, Equatable, CaseIterable {
     /// Primary that stopped its guest where the secondary holds the whole log, gave up the fence and told
     /// the secondary to take over (a planned switchover); it waits to see the fence taken.
     case primaryHandingOver = 11
+    /// Primary migrating the guest: it stopped the guest where its secondary holds the whole log, and the
+    /// migration's target gets its final seed. Either could take the guest over; the guest stays stopped
+    /// until the target holds its state (then it protects the guest) or fails (then the secondary goes on).
+    case primaryMigrating = 12
 
-    public var isPrimarySide: Bool { [.primaryUnprotected, .primarySyncing, .primaryProtected, .primaryHandingOver, .live].contains(self) }
+    public var isPrimarySide: Bool { [.primaryUnprotected, .primarySyncing, .primaryProtected, .primaryHandingOver, .primaryMigrating, .live].contains(self) }
     public var isSecondarySide: Bool { [.secondaryConnecting, .secondarySeeding, .secondaryReplaying, .secondaryFencing].contains(self) }
     public var isTerminal: Bool { self == .fenced || self == .stopped }
     /// Whether a secondary is attached whose acks gate outputs.
-    public var gatesOutput: Bool { self == .primarySyncing || self == .primaryProtected || self == .primaryHandingOver }
+    public var gatesOutput: Bool { [.primarySyncing, .primaryProtected, .primaryHandingOver, .primaryMigrating].contains(self) }
 }
 
 public enum FailoverEvent: Sendable, Equatable {
@@ -60,16 +64,18 @@ public enum FailoverEvent: Sendable, Equatable {
     case peerTookOver
     /// Secondary: the primary handed over (it stopped, sent all its log, and gave up the fence).
     case peerHandover
-    /// Primary: the operator migrates the guest elsewhere and a secondary there has answered, so the one
-    /// protecting it now is let go (told goodbye: it stops without going live) while the new one is seeded.
-    case secondaryReleased(String)
+    /// Primary: a migration's target, seeded by pre-copy while the secondary protected the guest, is ready for
+    /// its final seed, and the secondary holds the log through the exit where the guest stopped.
+    case migrationSwitch
+    /// Primary migrating: the target did not confirm its final seed (lost, refused it, or out of time).
+    case migrationAbandoned(String)
 
     /// One representative of every case (for exhaustive tests).
     public static let representatives: [FailoverEvent] = [
         .connected, .handshakeOK, .seedComplete, .heartbeatReceived, .logReceived, .peerGoodbye,
         .peerSilent(ms: 10), .peerSilent(ms: 1000), .channelError("reset"), .fenceAcquired(generation: 7),
         .fenceDenied(holder: "hostA pid 1"), .guestExited, .operatorStop, .handoverRequested, .peerTookOver, .peerHandover,
-        .fenceHeld(holder: "hostA pid 1"), .secondaryReleased("the guest migrates to hostC:7400"),
+        .fenceHeld(holder: "hostA pid 1"), .migrationSwitch, .migrationAbandoned("the target refused its seed"),
     ]
 }
 
@@ -175,9 +181,21 @@ public struct FailoverMachine: Sendable, Equatable {
         case (.primaryHandingOver, _):
             // The secondary closing the link is part of the handover; the fence decides the outcome.
             return (state, [])
-        case (.primarySyncing, .secondaryReleased(let why)), (.primaryProtected, .secondaryReleased(let why)):
-            return (.primaryUnprotected, [.releaseGatedOutput, .dropProtection,
-                                          .logWarning("secondary released (\(why)); unprotected until the next one is seeded")])
+        case (.primaryProtected, .migrationSwitch):
+            return (.primaryMigrating, [])
+        case (.primaryMigrating, .seedComplete):
+            // The target holds the guest's state: it protects the guest now, and the secondary is let go.
+            return (.primaryProtected, [])
+        case (.primaryMigrating, .migrationAbandoned(let why)):
+            return (.primaryProtected, [.logWarning("migration abandoned (\(why)); the secondary that protected the guest protects it on")])
+        case (.primaryMigrating, .handoverRequested):
+            return (state, [.logWarning("handover refused: a migration is moving the guest's protection")])
+        case (.primaryMigrating, .logReceived):
+            return (state, [.logWarning("log frame received by a primary; ignored")])
+        case (.primaryMigrating, _):
+            // Two links are up and the guest is stopped with nothing held: the loss of either is settled by the
+            // primary when the switch ends (the target's seed confirmed, or the migration abandoned).
+            return (state, [])
         case (.primarySyncing, _), (.primaryProtected, _):
             if lostPeer || event == .peerGoodbye {
                 return (.primaryUnprotected, [.releaseGatedOutput, .dropProtection,

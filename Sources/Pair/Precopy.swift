@@ -103,9 +103,14 @@ final class Precopy: @unchecked Sendable {
     var state: Phase { Phase(rawValue: phase.load(ordering: .acquiring)) ?? .failed }
     var reason: String { failure.withLock { $0 } }
 
+    /// Fault injection for the migration tests (`LOCKSTEP_FAULT_SEED_STALL_MS`): a seed whose rounds overlap the
+    /// guest's run starts them this much later, as a slow link to a far target would make them last.
+    private static let stallMs = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_SEED_STALL_MS"].flatMap { UInt32($0) } ?? 0
+
     /// Runs the rounds on a thread of their own (the guest keeps running).
     func start() {
         startThread("lockstep-seed") { [self] in
+            if Self.stallMs > 0 { usleep(Self.stallMs * 1000) }
             copy()
             done.signal()
         }

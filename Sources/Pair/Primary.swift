@@ -302,14 +302,19 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         var previous: (host: String, port: UInt16)
         var deadlineNs: UInt64
         var reply: @Sendable (HandoverOutcome) -> Void
+        /// The target answered (vCPU thread), and why its last seed failed, if it did.
+        var answered = false
+        var problem: String?
     }
+    /// When the guest stopped for a migration's switch (0: none; vCPU thread).
+    private var switchNs: UInt64 = 0
 
     /// The control socket's `migrate HOST:PORT` (any thread): moves the guest to the secondary listening there.
-    /// The connector reaches it first; only then is the secondary protecting the guest now (if elsewhere) let go
-    /// (told goodbye: it stops without going live), so an unreachable target changes nothing. The target is
-    /// seeded by pre-copy while the guest runs, unprotected meanwhile, and once it protects the guest, the guest
-    /// is handed to it as by `handover`; this side's run ends. `reply` gets the outcome: handed over, or why not
-    /// within `withinMs` (the guest then runs on here).
+    /// The connector reaches it; it is seeded by pre-copy while the guest runs, protected meanwhile by the
+    /// secondary it has (if any); then the guest stops until the target holds its state (`switchTo`), the old
+    /// secondary is let go (told goodbye: it stops without going live), and the guest is handed to the target as
+    /// by `handover`; this side's run ends. `reply` gets the outcome: handed over, or why not within `withinMs`
+    /// (the guest then runs on here, protected as before).
     public func migrate(to address: String, withinMs: Int, reply: @escaping @Sendable (HandoverOutcome) -> Void) {
         let target: (host: String, port: UInt16)
         do { target = try PairOptions.hostPort(address, option: "migrate") } catch { return reply(.refused("migration refused: \(error)")) }
@@ -342,8 +347,10 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         guard let m = migration.withLock({ $0 }) else { migrationWanted.store(false, ordering: .relaxed); return }
         if let l = link, linkFrom == m.target, state == .primaryProtected, !l.lost.load(ordering: .acquiring) {
             let outcome = attemptHandover()
+            let stopped = switchNs == 0 ? "" : String(format: "; the guest was stopped %.1f ms for the move", Double(lk_monotonic_ns() &- switchNs) / 1e6)
+            switchNs = 0
             switch outcome {
-            case .handedOver(let why): endMigration(.handedOver("migrated to \(m.target): \(why)"))
+            case .handedOver(let why): endMigration(.handedOver("migrated to \(m.target): \(why)\(stopped)"))
             case .refused(let why): endMigration(.failed("migration failed: \(why); the guest runs on here, protected by \(m.target)"))
             case .failed(let why): endMigration(.failed("migration failed: \(why)"))
             }
@@ -355,8 +362,11 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let within = "within \((m.deadlineNs &- m.startNs) / 1_000_000) ms"
         if let l = link, !l.lost.load(ordering: .acquiring), linkFrom != m.target {
             // Nothing was let go: the secondary that protects the guest stays, and so does its address.
+            dropSeeding("the migration to \(m.target) ran out of time")
             peerAddress.withLock { $0 = m.previous }
-            endMigration(.failed("migration failed: no secondary answered at \(m.target) \(within); the guest runs on here, still protected by the secondary at \(Self.text(m.previous))"))
+            let what = m.answered ? "the secondary at \(m.target) answered but was not seeded \(within) (\(m.problem ?? "its seed was still running"))"
+                : "no secondary answered at \(m.target) \(within)"
+            endMigration(.failed("migration failed: \(what); the guest runs on here, still protected by the secondary at \(Self.text(m.previous))"))
             return
         }
         SupervisorReport.peer(m.target)  // the address stays moved: a supervisor's restarts take it, as an operator's `peer`
@@ -419,12 +429,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         guard let l = link, !l.lost.load(ordering: .acquiring) else { return .refused("handover refused: the secondary's link is down") }
         flushLog(force: true)
         let exit = session.exit
-        let ackBy = lk_monotonic_ns() + max(options.failureNs, 1_000_000_000)
-        // The link thread stores the ack, then releases the gate: wait for the release itself.
-        while gate.releasedWatermark <= exit, !l.lost.load(ordering: .acquiring), lk_monotonic_ns() < ackBy {
-            _ = lk_eventfd_wait(l.ackEvent, min(ackBy, lk_monotonic_ns() + 1_000_000))
-        }
-        guard gate.releasedWatermark > exit, !l.lost.load(ordering: .acquiring) else {
+        guard awaitRelease(l, through: exit) else {
             return .refused("handover refused: the secondary did not acknowledge the log through exit \(exit)")
         }
         guard fsm.withLock({ $0.handle(.handoverRequested) }).contains(.handOver) else { return .refused("handover refused by the failover machine") }
@@ -466,6 +471,17 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         carryOut(actions)
         if l.refused.load(ordering: .acquiring) { return .failed("handover failed: \(l.reason); continuing unprotected") }
         return .failed(actions.warnings.first ?? "handover failed; continuing unprotected")
+    }
+
+    /// With the guest stopped at `exit` and its log sent: waits (bounded) until `l`'s acks released all output
+    /// through it, that is, until `l` holds the whole log. The link thread stores the ack, then releases the
+    /// gate: this waits for the release itself.
+    private func awaitRelease(_ l: SecondaryLink, through exit: UInt64) -> Bool {
+        let ackBy = lk_monotonic_ns() + max(options.failureNs, 1_000_000_000)
+        while gate.releasedWatermark <= exit, !l.lost.load(ordering: .acquiring), lk_monotonic_ns() < ackBy {
+            _ = lk_eventfd_wait(l.ackEvent, min(ackBy, lk_monotonic_ns() + 1_000_000))
+        }
+        return gate.releasedWatermark > exit && !l.lost.load(ordering: .acquiring)
     }
 
     /// After a handover: the link is the secondary's to close; only the threads are left to end.
@@ -541,6 +557,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
         if let why { l.lose(why) }
         l.join()
+        guard link === l else { return }  // a migration's old secondary, let go after the target took its place
         link = nil
         current.withLock { $0 = nil }
     }
@@ -580,12 +597,90 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         seeding = nil
         do {
             guard state == .ready else { throw PairError.peerUnreachable(p.reason) }
-            try attach(p)
+            if let old = link, migrationWanted.load(ordering: .acquiring) {
+                try switchTo(p, from: old)
+                migrateStep()  // hand over now: the guest stays stopped from the switch to the target's take-over
+            } else {
+                try attach(p)
+            }
         } catch {
             p.conn.close()
-            warn("could not seed the new secondary: \(error); continuing unprotected")
+            let why = (error as? SwitchAbandoned)?.why ?? "\(error)"
+            migration.withLock { $0?.problem = why }
+            if !(error is SwitchAbandoned) {  // an abandoned switch said so already
+                warn("could not seed the new secondary: \(why); " + (link.map { _ in "the secondary at \(linkFrom) protects the guest on" } ?? "continuing unprotected"))
+            }
             shortLived += 1
             startConnector()
+        }
+    }
+
+    /// A migration's target finished its rounds while the secondary `old` protects the guest. The guest stops
+    /// here until the target holds its state, so that one of the two can always take it over: `old` acks the
+    /// whole log, the target gets the final seed and confirms it, and only then is `old` let go (told goodbye:
+    /// it stops without going live). Both links are parked meanwhile (nothing is held; see `SecondaryLink.park`).
+    /// The target failing leaves `old` protecting the guest, which runs on; the connector tries the target again.
+    private func switchTo(_ p: Precopy, from old: SecondaryLink) throws {
+        let t0 = lk_monotonic_ns(), oldFrom = linkFrom
+        flushLog(force: true)
+        let exit = session.exit
+        guard awaitRelease(old, through: exit) else {
+            if old.lost.load(ordering: .acquiring) {
+                // Lost first: the target alone protects the guest from its seed on (nothing else is sought).
+                let actions = fsm.withLock { $0.handle(.channelError(old.reason)) }
+                dropLink(old)
+                actions.warnings.forEach { warn($0) }
+                try attach(p)
+                return
+            }
+            throw PairError.peerUnreachable("the secondary at \(oldFrom) did not acknowledge the log through exit \(exit)")
+        }
+        old.park()
+        _ = fsm.withLock { $0.handle(.migrationSwitch) }
+        let target: SecondaryLink
+        do {
+            try attach(p, parked: true)
+            guard let l = link, l !== old else { throw PairError.peerUnreachable("the target was not attached") }
+            target = l
+        } catch {
+            abandonSwitch(nil, old: old, oldFrom: oldFrom, why: "\(error)")
+            throw SwitchAbandoned(why: "\(error)")
+        }
+        // Confirmed: the failover machine leaves `primaryMigrating` (the link thread's record write does it).
+        let deadline = migration.withLock { $0?.deadlineNs } ?? (t0 + SecondaryLink.seedTimeoutNs)
+        while state == .primaryMigrating, !target.lost.load(ordering: .acquiring), lk_monotonic_ns() < deadline {
+            _ = lk_eventfd_wait(target.ackEvent, min(deadline, lk_monotonic_ns() + 1_000_000))
+        }
+        guard state == .primaryProtected, target.unpark(rename: false) else {
+            let why = target.lost.load(ordering: .acquiring) ? target.reason : "it did not confirm its seed in time"
+            abandonSwitch(target, old: old, oldFrom: oldFrom, why: "the secondary at \(linkFrom): \(why)")
+            throw SwitchAbandoned(why: why)
+        }
+        try? old.conn.send(.goodbye("the operator migrates the guest to \(linkFrom)"))
+        dropLink(old, losing: "let go: the guest migrates to \(linkFrom)")
+        switchNs = t0
+        let ms = String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)
+        warn("migration: the secondary at \(linkFrom) holds the guest's state at exit \(exit); the secondary at \(oldFrom) is let go (the guest stopped \(ms) ms so far)")
+    }
+
+    /// A migration's switch that did not complete (`abandonSwitch` said why).
+    private struct SwitchAbandoned: Error { var why: String }
+
+    /// The switch failed: the target (if attached) is dropped and `old` protects the guest again, or, lost
+    /// meanwhile, is detached as any lost secondary (output released, a new one sought).
+    private func abandonSwitch(_ target: SecondaryLink?, old: SecondaryLink, oldFrom: String, why: String) {
+        if let target {
+            dropLink(target, losing: why)
+            _ = target.unpark(rename: false)
+        }
+        link = old; linkFrom = oldFrom
+        current.withLock { $0 = old }
+        let up = old.unpark(rename: true)
+        let said = fsm.withLock { $0.handle(.migrationAbandoned(why)) }.warnings.first
+        warn(said ?? "migration abandoned (\(why)); the secondary that protected the guest protects it on")
+        if !up {
+            gate.stopGating()
+            detachLost(old)
         }
     }
 
@@ -603,7 +698,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// and digest check (over the page hashes it kept as the pages came) overlap the guest's run. Its first
     /// ack confirms the seed (see `SecondaryLink.confirm`); until then the pair record does not name it and
     /// output stays held.
-    private func attach(_ p: Precopy) throws {
+    /// `parked`: a migration's target, attached while the old secondary protects the guest (`switchTo`).
+    private func attach(_ p: Precopy, parked: Bool = false) throws {
         let t0 = lk_monotonic_ns()
         let protectionID = UInt64.random(in: 1...UInt64.max)
         // Records before the seed's exit are not needed by this secondary, and its decoder holds no references.
@@ -641,6 +737,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         }) {
             pacer?.raise(.boundary)  // a halted guest's vCPU thread detaches it and looks for a new one now
         }
+        if parked { l.park() }
         gate.startGating(from: snap.exit)
         link = l
         linkFrom = seedingFrom
@@ -655,11 +752,11 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     private func adoptOffer() {
         hasOffer.store(false, ordering: .relaxed)
         guard let o = offered.withLock({ o -> (conn: Connection, peer: String)? in defer { o = nil }; return o }) else { return }
+        if migrationWanted.load(ordering: .acquiring) { migration.withLock { $0?.answered = true } }
         if link != nil {
-            // Only a migration seeks while protected: its target answered, so the secondary here is let go.
+            // Only a migration seeks while protected: its target is seeded while the secondary here protects the guest.
             guard migrationWanted.load(ordering: .acquiring) else { o.conn.close(); return }
-            detach(goodbye: "the operator migrates the guest to \(o.peer)")
-            carryOut(fsm.withLock { $0.handle(.secondaryReleased("the guest migrates to \(o.peer)")) })
+            warn("migration: the secondary at \(o.peer) answered; seeding it while the secondary at \(linkFrom) protects the guest")
         }
         let p = seed(o.conn, from: o.peer)
         seeding = p

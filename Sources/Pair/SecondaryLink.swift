@@ -26,6 +26,11 @@ final class SecondaryLink: @unchecked Sendable {
     /// The pair record names this secondary (under recordLock): it may go live if this process dies, so no
     /// output leaves on its loss until the record says otherwise.
     private var named = false
+    /// A migration's switch (under recordLock): the guest is stopped with nothing held while two links are up,
+    /// so this link's loss writes no record and releases nothing; the vCPU thread settles both when it ends.
+    private var parked = false
+    /// The protection its seed started (0: none): what the pair record says while it names this secondary.
+    let protectionID: UInt64
     /// This process's fence (nil: none): checked after each record write that lets output leave.
     private let fence: (any Fencing)?
     /// Signalled on every ack and on loss (flow control waits on it).
@@ -66,6 +71,7 @@ final class SecondaryLink: @unchecked Sendable {
          handoverAsked: @escaping @Sendable (@escaping HandoverReplies.Reply) -> Void = { _ in }, wakeVCPU: @escaping @Sendable () -> Void = {}) {
         self.conn = conn; self.options = options; self.gate = gate; self.metrics = metrics; self.fence = fence
         self.unconfirmed = unconfirmed
+        protectionID = unconfirmed?.protectionID ?? 0
         confirmed = Atomic(unconfirmed == nil)
         self.handoverAsked = handoverAsked
         self.wakeVCPU = wakeVCPU
@@ -100,18 +106,39 @@ final class SecondaryLink: @unchecked Sendable {
         // live even if it wins the fence after this process ends. (Under the lock: a confirmation racing
         // this loss must not write the record after it.)
         // The reason is stored before `lost` is set: a thread that sees `lost` reads it at once.
-        let first = recordLock.withLock { () -> Bool in
-            guard !lost.load(ordering: .acquiring) else { return false }
+        let (first, release) = recordLock.withLock { () -> (Bool, Bool) in
+            guard !lost.load(ordering: .acquiring) else { return (false, false) }
             lostReason.withLock { $0 = why }
             lost.store(true, ordering: .releasing)
-            if !handingOver { sayUnprotected() }
-            return true
+            if !handingOver && !parked { sayUnprotected() }
+            return (true, !parked)
         }
         guard first else { return }
-        gate.stopGating()
+        if release { gate.stopGating() }
         conn.close()
         lk_eventfd_signal(ackEvent)
         wakeVCPU()
+    }
+
+    /// A migration's switch begins: see `parked`.
+    func park() { recordLock.withLock { parked = true } }
+
+    /// The switch ended: this link's loss writes the record and releases output again. Lost meanwhile: the
+    /// record stops naming it (if it did) and false is returned; the caller releases output if nobody else
+    /// protects the guest. Up: with `rename`, the record names it again if it did before (the other link's
+    /// confirmation may have written it).
+    func unpark(rename: Bool) -> Bool {
+        recordLock.withLock {
+            parked = false
+            guard lost.load(ordering: .acquiring) else {
+                if rename, named, !PairRecord.write(fence, PairRecord.protected(protectionID)) {
+                    warn("cannot write the pair record in \(fence?.location ?? ""): it may not name the secondary that protects the guest")
+                }
+                return true
+            }
+            if named { unname() }
+            return false
+        }
     }
 
     /// Under recordLock: the record says no secondary may take over. Once it named this one, that must hold

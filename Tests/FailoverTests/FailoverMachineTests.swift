@@ -8,18 +8,19 @@ let E = FailoverEvent.representatives
 let evConnected = 0, evHandshake = 1, evSeed = 2, evHeartbeat = 3, evLog = 4, evGoodbye = 5,
     evShortSilence = 6, evSilence = 7, evChannelError = 8, evFenceOK = 9, evFenceDenied = 10,
     evGuestExited = 11, evOperatorStop = 12, evHandoverRequested = 13, evPeerTookOver = 14, evPeerHandover = 15,
-    evFenceHeld = 16, evSecondaryReleased = 17
+    evFenceHeld = 16, evMigrationSwitch = 17, evMigrationAbandoned = 18
 
 /// The expected next state for every (state, event) pair; pairs not listed keep the state.
 let expectedNext: [S: [Int: S]] = [
     .primaryUnprotected: [evHandshake: .primarySyncing, evGuestExited: .stopped, evOperatorStop: .stopped],
     .primarySyncing: [evSeed: .primaryProtected, evGoodbye: .primaryUnprotected, evSilence: .primaryUnprotected,
-                      evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped,
-                      evSecondaryReleased: .primaryUnprotected],
+                      evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped],
     .primaryProtected: [evGoodbye: .primaryUnprotected, evSilence: .primaryUnprotected,
                         evChannelError: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped,
-                        evHandoverRequested: .primaryHandingOver, evSecondaryReleased: .primaryUnprotected],
+                        evHandoverRequested: .primaryHandingOver, evMigrationSwitch: .primaryMigrating],
     .primaryHandingOver: [evPeerTookOver: .stopped, evFenceOK: .primaryUnprotected, evGuestExited: .stopped, evOperatorStop: .stopped],
+    // Losing a link changes nothing here: the primary settles which one it was when the switch ends.
+    .primaryMigrating: [evSeed: .primaryProtected, evMigrationAbandoned: .primaryProtected, evGuestExited: .stopped, evOperatorStop: .stopped],
     .secondaryConnecting: [evHandshake: .secondarySeeding, evGuestExited: .stopped, evOperatorStop: .stopped],
     .secondarySeeding: [evSeed: .secondaryReplaying, evGoodbye: .stopped, evSilence: .stopped, evChannelError: .stopped,
                         evGuestExited: .stopped, evOperatorStop: .stopped],
@@ -31,12 +32,13 @@ let expectedNext: [S: [Int: S]] = [
     .stopped: [:],
 ]
 
+func warning(_ a: FailoverAction) -> String { if case .logWarning(let w) = a { w } else { "" } }
 func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { true } else { false } } }
 
 @Suite struct FailoverMachineTests {
     @Test func rawValuesAreExplicitAndNonZero() {
         #expect(FailoverState(rawValue: 0) == nil)
-        #expect(S.allCases.map(\.rawValue) == Array(1...11))
+        #expect(S.allCases.map(\.rawValue) == Array(1...12))
     }
 
     @Test(arguments: S.allCases)
@@ -46,10 +48,11 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
             let want = expectedNext[state]?[i] ?? state
             #expect(next == want, "\(state) + \(event)")
             // A handover asked of a primary no secondary protects is refused with a warning.
-            let refusedHandover = i == evHandoverRequested && [.primaryUnprotected, .primarySyncing, .live].contains(state)
+            let refusedHandover = i == evHandoverRequested && [.primaryUnprotected, .primarySyncing, .primaryMigrating, .live].contains(state)
+            let abandoned = state == .primaryMigrating && i == evMigrationAbandoned
             let awaits = state == .secondaryFencing && i == evFenceHeld
             if next == state && !awaits && !(state == .secondaryConnecting && (i == evSilence || i == evChannelError))
-                && !(state.gatesOutput && state != .primaryHandingOver && i == evLog) && !refusedHandover {
+                && !(state.gatesOutput && state != .primaryHandingOver && i == evLog) && !refusedHandover && !abandoned {
                 #expect(actions.isEmpty, "\(state) + \(event) -> \(actions)")
             }
             // Invariants, pair by pair.
@@ -60,8 +63,7 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
                 #expect(actions.first == .releaseGatedOutput, "output must be released: \(state) + \(event)")
             }
             if state.gatesOutput && next == .primaryUnprotected {
-                // A released secondary's successor has answered already: nothing more is sought.
-                #expect(actions.contains(.dropProtection) && actions.contains(.acceptNewSecondary) != (i == evSecondaryReleased) && !hasStop(actions))
+                #expect(actions.contains(.dropProtection) && actions.contains(.acceptNewSecondary) && !hasStop(actions))
             }
             if next == .stopped || next == .fenced, state != next { #expect(hasStop(actions)) }
             if actions.contains(.drainLogAndGoLive) { #expect(next == .live && actions.contains(.bindServiceAddress)) }
@@ -72,6 +74,9 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
             // Only a protected primary hands over, and a handover ends only on the fence's say.
             if actions.contains(.handOver) { #expect(state == .primaryProtected && next == .primaryHandingOver) }
             if state == .primaryHandingOver && next != state { #expect([evPeerTookOver, evFenceOK, evGuestExited, evOperatorStop].contains(i)) }
+            // A migration's switch starts only from a protected primary and never drops protection on its own.
+            if next == .primaryMigrating && state != next { #expect(state == .primaryProtected && i == evMigrationSwitch && actions.isEmpty) }
+            if state == .primaryMigrating { #expect(next.gatesOutput || next == .stopped, "\(state) + \(event)") }
         }
     }
 
@@ -130,17 +135,23 @@ func hasStop(_ a: [FailoverAction]) -> Bool { a.contains { if case .stop = $0 { 
         #expect(hasStop(m.handle(.fenceDenied(holder: "hostA pid 10"))) && m.state == .fenced)
     }
 
-    /// A migration lets the protecting secondary go once the target has answered: output is released, the
-    /// primary runs unprotected while the target is seeded, and a handover then moves the guest.
-    @Test func aMigrationReleasesTheSecondaryThenHandsOver() {
+    /// A migration keeps the guest protected throughout: the secondary protects it while the target is seeded
+    /// and while the stopped guest's final seed reaches the target; then the target protects it and gets it.
+    @Test func aMigrationProtectsTheGuestUntilTheTargetHasIt() {
         var m = FailoverMachine(state: .primaryProtected)
-        let a = m.handle(.secondaryReleased("the guest migrates to hostC:7400"))
-        #expect(m.state == .primaryUnprotected && a.first == .releaseGatedOutput && a.contains(.dropProtection) && !a.contains(.acceptNewSecondary))
-        #expect(m.handle(.handshakeOK) == [.startProtection] && m.handle(.seedComplete) == [] && m.state == .primaryProtected)
-        #expect(m.handle(.handoverRequested) == [.handOver])
-        #expect(m.handle(.secondaryReleased("late")) == [] && m.state == .primaryHandingOver)
+        #expect(m.handle(.migrationSwitch) == [] && m.state == .primaryMigrating && m.state.gatesOutput)
+        // The target's attach and the loss of either link wait for the primary to settle the switch.
+        #expect(m.handle(.handshakeOK) == [] && m.handle(.channelError("reset")) == [] && m.state == .primaryMigrating)
+        #expect(m.handle(.handoverRequested).first.map(warning)?.hasPrefix("handover refused: a migration") == true && m.state == .primaryMigrating)
+        var done = m
+        #expect(done.handle(.seedComplete) == [] && done.state == .primaryProtected)
+        #expect(done.handle(.handoverRequested) == [.handOver])
+        var abandoned = m
+        let a = abandoned.handle(.migrationAbandoned("the target refused its seed"))
+        #expect(abandoned.state == .primaryProtected && a.first.map(warning)?.contains("the target refused its seed") == true)
+        // Outside a switch the migration's events change nothing.
         var u = FailoverMachine.primary()
-        #expect(u.handle(.secondaryReleased("none protects it")) == [] && u.state == .primaryUnprotected)
+        #expect(u.handle(.migrationSwitch) == [] && u.handle(.migrationAbandoned("late")) == [] && u.state == .primaryUnprotected)
     }
 
     @Test func primaryLosingItsSecondaryReleasesOutputAndContinues() {

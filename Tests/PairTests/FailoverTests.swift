@@ -8,7 +8,7 @@ extension PairTests { @Suite struct FailoverTests {
     /// Starts a secondary and a primary running the echo guest, both with `--serial udp:127.0.0.1:PORT`.
     /// `serial`: both sides' service address (default `udp:127.0.0.1:UDP`).
     static func startPair(_ ws: (dir: String, key: String, fence: String), udp: UInt16, serial: String? = nil, guest: String = "echo",
-                          extraPrimary: [String] = [], extraSecondary: [String] = [],
+                          extraPrimary: [String] = [], extraSecondary: [String] = [], primaryEnvironment: [String: String] = [:],
                           peerOverride: ((UInt16) throws -> UInt16)? = nil) throws -> (Child, Child, UInt16) {
         let common = PairFixture.common(ws)
         let service = serial ?? "udp:127.0.0.1:\(udp)"
@@ -16,7 +16,7 @@ extension PairTests { @Suite struct FailoverTests {
         let port = try sec.listeningPort()
         let peer = try peerOverride?(port) ?? port
         let pri = try Child("primary", ["primary", try PairFixture.guest(guest), "--peer", "127.0.0.1:\(peer)", "--memory", "32",
-                                        "--serial", service] + common + extraPrimary)
+                                        "--serial", service] + common + extraPrimary, environment: primaryEnvironment)
         try pri.waitForLine(containing: "protected: secondary")
         return (pri, sec, port)
     }

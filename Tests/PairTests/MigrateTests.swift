@@ -8,26 +8,29 @@ extension PairTests { @Suite struct MigrateTests {
         try Child("migrate", ["control", control, "migrate", "127.0.0.1:\(port)", "--within-ms", "\(withinMs)"], captureStdout: true)
     }
 
-    /// A primary protected by B moves its guest to C: C answers first, then B is let go (it stops without going
-    /// live), C is seeded while the guest runs, and the guest is handed to C. The conversation runs through it:
-    /// no reply lost or contradicted; A ends with 0.
+    /// A primary protected by B moves its guest to C: C is seeded while the guest runs, B protecting it; the
+    /// guest stops until C holds its state, then B is let go (it stops without going live) and the guest is
+    /// handed to C. Never unprotected. The conversation runs through it: no reply lost or contradicted; A ends with 0.
     @Test func aMigrationMovesTheGuestToAThirdHost() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
         defer { try? FileManager.default.removeItem(atPath: ws.dir) }
         let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/a.sock"
-        let (a, b, _) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control])
+        let (a, b, portB) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control])
         defer { a.kill9(); b.kill9() }
-        let c = try Child("C", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws))
+        let (c, portC) = try Self.target(ws, udp: udp)
         defer { c.kill9() }
-        let portC = try c.listeningPort()
         let talk = Conversation(port: udp)
         talk.exchange(1...3, "a")
         let move = try Self.migrate(control, to: portC)
         #expect(try move.wait(seconds: 60) == 0, "\(move.stderrText)\nA:\n\(a.stderrText)")
-        #expect(move.stderr.contains { $0.hasPrefix("migrated: migrated to 127.0.0.1:\(portC): handed over to the secondary at exit ") }, "\(move.stderrText)")
+        #expect(move.stderr.contains { $0.hasPrefix("migrated: migrated to 127.0.0.1:\(portC): handed over to the secondary at exit ")
+                                       && $0.contains("; the guest was stopped ") }, "\(move.stderrText)")
         #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
-        #expect(a.stderr.contains { $0.hasPrefix("lockstep: secondary released (the guest migrates to 127.0.0.1:\(portC))") }, "\(a.stderrText)")
+        #expect(a.stderr.contains("lockstep: migration: the secondary at 127.0.0.1:\(portC) answered; seeding it while the secondary at 127.0.0.1:\(portB) protects the guest"), "\(a.stderrText)")
+        #expect(a.stderr.contains { $0.hasPrefix("lockstep: migration: the secondary at 127.0.0.1:\(portC) holds the guest's state at exit ")
+                                    && $0.contains("; the secondary at 127.0.0.1:\(portB) is let go") }, "\(a.stderrText)")
+        #expect(!a.stderr.contains { $0.contains("unprotected") }, "\(a.stderrText)")
         #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
         #expect(b.stderr.contains("lockstep: the primary stopped: the operator migrates the guest to 127.0.0.1:\(portC); not going live"), "\(b.stderrText)")
         #expect(!b.stderr.contains { $0.hasPrefix("live: ") }, "\(b.stderrText)")
@@ -35,6 +38,104 @@ extension PairTests { @Suite struct MigrateTests {
         talk.exchange(4...6, "c", "\(c.stderrText)")
         talk.quit()
         #expect(try c.wait(seconds: 30) == 0, "\(c.stderrText)")
+        talk.expectConsistent()
+    }
+
+    /// A target listening at a free port, serving the pair's service address.
+    static func target(_ ws: (dir: String, key: String, fence: String), udp: UInt16, fence: String? = nil) throws -> (Child, UInt16) {
+        let c = try Child("C", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws)
+                              + (fence.map { ["--fence", $0] } ?? []))
+        return (c, try c.listeningPort())
+    }
+
+    /// kill -9 of the primary while the target is being seeded (its rounds held back by fault injection): the
+    /// secondary that protects the guest takes over, as it would without a migration, and C never goes live.
+    @Test func aKill9WhileTheTargetIsSeededFailsOverToTheSecondary() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/a.sock"
+        let (a, b, _) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control],
+                                                    primaryEnvironment: ["LOCKSTEP_FAULT_SEED_STALL_MS": "60000"])
+        defer { a.kill9(); b.kill9() }
+        let (c, portC) = try Self.target(ws, udp: udp)
+        defer { c.kill9() }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
+        let move = try Self.migrate(control, to: portC)
+        defer { move.kill9() }
+        try a.waitForLine(containing: "migration: the secondary at 127.0.0.1:\(portC) answered; seeding it")
+        talk.exchange(4...5, "b")  // protected still: each reply left on B's ack
+        a.kill9()
+        try b.waitForLine(containing: "live: ")
+        talk.exchange(6...8, "c", "\(b.stderrText)")
+        talk.quit()
+        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
+        talk.expectConsistent()
+        #expect(!c.stderr.contains { $0.hasPrefix("live: ") }, "\(c.stderrText)")
+    }
+
+    /// A target that answers but refuses its seed (its --fence reaches another store): the guest runs on,
+    /// protected by B all along; the migration fails at its bound, naming why; a kill -9 of A then fails over to B.
+    @Test func aTargetThatRefusesItsSeedLeavesTheSecondaryProtecting() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let other = ws.dir + "/other-fence"
+        try FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
+        let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/a.sock"
+        let (a, b, portB) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control])
+        defer { a.kill9(); b.kill9() }
+        let (c, portC) = try Self.target(ws, udp: udp, fence: other)
+        defer { c.kill9() }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...2, "a")
+        let move = try Self.migrate(control, to: portC, withinMs: 3000)
+        #expect(try move.wait(seconds: 60) == 1, "\(move.stderrText)")
+        #expect(move.stderr.contains { $0.hasPrefix("failed: migration failed: the secondary at 127.0.0.1:\(portC) answered but was not seeded within 3000 ms (")
+                                       && $0.hasSuffix("; the guest runs on here, still protected by the secondary at 127.0.0.1:\(portB)") },
+                "\(move.stderrText)\nA:\n\(a.stderrText)")
+        #expect(try c.wait(seconds: 30) == 64, "\(c.stderrText)")
+        #expect(!a.stderr.contains { $0.contains("unprotected") }, "\(a.stderrText)")
+        talk.exchange(3...4, "b")
+        a.kill9()
+        try b.waitForLine(containing: "live: ")
+        talk.exchange(5...6, "c", "\(b.stderrText)")
+        talk.expectConsistent()
+    }
+
+    /// A target whose final seed loads to another state (a page changed after it was hashed,
+    /// `LOCKSTEP_FAULT_SEED_PAGE`; the seed at exit 0 carries no pages, so B's is whole) refuses it during the
+    /// switch, with the guest stopped: the switch is abandoned, the pair record names B again, the guest runs
+    /// on protected by B, and a kill -9 of A fails over to B.
+    @Test func aTargetThatFailsItsFinalSeedLeavesTheSecondaryProtecting() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/a.sock"
+        let (a, b, portB) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control],
+                                                        primaryEnvironment: ["LOCKSTEP_FAULT_SEED_PAGE": "1"])
+        defer { a.kill9(); b.kill9() }
+        let (c, portC) = try Self.target(ws, udp: udp)
+        defer { c.kill9() }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...2, "a")
+        let record = ws.fence + "/lockstep.pair"
+        let named = try String(contentsOfFile: record, encoding: .utf8)
+        #expect(named.hasPrefix("protected "), "\(named)")
+        let move = try Self.migrate(control, to: portC, withinMs: 3000)
+        #expect(try c.wait(seconds: 30) == 76, "\(c.stderrText)")
+        #expect(try move.wait(seconds: 60) == 1, "\(move.stderrText)")
+        #expect(move.stderr.contains { $0.hasPrefix("failed: migration failed: the secondary at 127.0.0.1:\(portC) answered but was not seeded within 3000 ms (")
+                                       && $0.hasSuffix("; the guest runs on here, still protected by the secondary at 127.0.0.1:\(portB)") },
+                "\(move.stderrText)\nA:\n\(a.stderrText)")
+        #expect(a.stderr.contains { $0.hasPrefix("lockstep: migration abandoned (the secondary at 127.0.0.1:\(portC): ") }, "\(a.stderrText)")
+        #expect(!a.stderr.contains { $0.contains("unprotected") }, "\(a.stderrText)")
+        #expect(try String(contentsOfFile: record, encoding: .utf8) == named)
+        talk.exchange(3...4, "b")
+        a.kill9()
+        try b.waitForLine(containing: "live: ")
+        talk.exchange(5...6, "c", "\(b.stderrText)")
         talk.expectConsistent()
     }
 
