@@ -20,6 +20,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         case primaryStopped(String)
         /// This side cannot follow the log (bad frame, divergence): the primary is told and re-seeds it.
         case resync(String)
+        /// A migration moved the guest to another host and let this side go: wait for a new seed.
+        case released(String)
     }
 
     let conn: Connection
@@ -133,7 +135,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 switch q.end {
                 case .trailer?: return .ended
                 case .goLive(let why)?: return .goLive(reason: why)
-                case .fenced?, .primaryStopped?, .resync?: return .ended
+                case .fenced?, .primaryStopped?, .resync?, .released?: return .ended
                 case nil: return nil
                 }
             }
@@ -174,6 +176,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                         if let w = try? r.u64() { output.primaryReleased(below: w) }
                     } else if body.first == PairMessage.replyAddress.rawValue, body.count == 7 {
                         replyAddress.withLock { $0 = Array(body.dropFirst()) }
+                    } else if body.first == PairMessage.migrated.rawValue {
+                        finish(.released("the primary moved the guest to \(String(decoding: body.dropFirst().prefix(300), as: UTF8.self))"))
                     } else if body.first == PairMessage.handoverAnswer.rawValue, let outcome = try? HandoverOutcome(answer: body) {
                         handoverReplies.answer(outcome, closing: false)
                     } else if body.first == PairMessage.handover.rawValue, body.count == 9, !Self.ignoreHandover {
@@ -252,7 +256,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         switch e {
         case .goLive(let why): return .handedOver("this side took the fence and goes live: \(why)")
         case .trailer: return .refused("handover refused: the guest ended first")
-        case .primaryStopped(let why): return .refused("handover refused: \(why)")
+        case .primaryStopped(let why), .released(let why): return .refused("handover refused: \(why)")
         case .fenced(let why, _): return .failed("handover failed: this side may not go live: \(why)")
         case .resync(let why): return .failed("handover failed: this side cannot follow the primary's log (\(why)); the primary re-seeds it")
         }
@@ -273,7 +277,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         queue.withLock { q in if q.end == nil { q.end = e } }
         handoverReplies.answer(Self.handoverOutcome(e), closing: true)
         switch e {
-        case .fenced, .primaryStopped, .resync:
+        case .fenced, .primaryStopped, .resync, .released:
             abandoned.store(true, ordering: .releasing)
             onAbandon?()  // a replayer deep in the guest must come back to see it
         case .trailer, .goLive: break

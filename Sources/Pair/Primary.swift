@@ -656,7 +656,9 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             abandonSwitch(target, old: old, oldFrom: oldFrom, why: "the secondary at \(linkFrom): \(why)")
             throw SwitchAbandoned(why: why)
         }
-        try? old.conn.send(.goodbye("the operator migrates the guest to \(linkFrom)"))
+        var w = Wire(tag: PairMessage.migrated.rawValue)
+        w.raw(Array(linkFrom.utf8))
+        try? old.conn.send(.status(w.out))
         dropLink(old, losing: "let go: the guest migrates to \(linkFrom)")
         switchNs = t0
         let ms = String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)

@@ -273,6 +273,11 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         case .resync(let why)?:
             warn("secondary: cannot follow the primary (\(why.split(separator: "\n").first ?? "")); waiting for a new seed")
             return true
+        case .released(let why)?:
+            // The guest runs on at the target: its primary (given --peer here) seeds this side again, by a delta
+            // against the RAM kept here.
+            warn("secondary: \(why) and let this side go; waiting for a primary to seed it again")
+            return true
         case .trailer?, .goLive?, nil: return false
         }
     }

@@ -396,6 +396,10 @@ enum PairMessage: UInt8 {
     case handoverRequest = 5
     /// Primary → the secondary that asked: why the guest did not move (`HandoverOutcome.frame`).
     case handoverAnswer = 6
+    /// Primary → the secondary a migration lets go: UTF-8 `HOST:PORT` of the target, which holds the guest's
+    /// state now. Not a failure: the secondary never goes live on it, and waits for a new seed (the moved
+    /// guest's primary may seed it again).
+    case migrated = 7
 
     /// A status frame of this message carrying one `u64` (released, handover).
     func status(_ value: UInt64) -> Frame {

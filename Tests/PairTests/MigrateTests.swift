@@ -9,8 +9,9 @@ extension PairTests { @Suite struct MigrateTests {
     }
 
     /// A primary protected by B moves its guest to C: C is seeded while the guest runs, B protecting it; the
-    /// guest stops until C holds its state, then B is let go (it stops without going live) and the guest is
-    /// handed to C. Never unprotected. The conversation runs through it: no reply lost or contradicted; A ends with 0.
+    /// guest stops until C holds its state, then B is let go (it waits for a new seed, never live) and the
+    /// guest is handed to C, which (given --peer B) seeds B again: the pair is C and B. Never unprotected. The
+    /// conversation runs through it and through a kill -9 of C: no reply lost or contradicted; A ends with 0.
     @Test func aMigrationMovesTheGuestToAThirdHost() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
         let ws = try PairFixture.workspace()
@@ -18,7 +19,7 @@ extension PairTests { @Suite struct MigrateTests {
         let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/a.sock"
         let (a, b, portB) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control])
         defer { a.kill9(); b.kill9() }
-        let (c, portC) = try Self.target(ws, udp: udp)
+        let (c, portC) = try Self.target(ws, udp: udp, extra: ["--peer", "127.0.0.1:\(portB)"])
         defer { c.kill9() }
         let talk = Conversation(port: udp)
         talk.exchange(1...3, "a")
@@ -31,20 +32,23 @@ extension PairTests { @Suite struct MigrateTests {
         #expect(a.stderr.contains { $0.hasPrefix("lockstep: migration: the secondary at 127.0.0.1:\(portC) holds the guest's state at exit ")
                                     && $0.contains("; the secondary at 127.0.0.1:\(portB) is let go") }, "\(a.stderrText)")
         #expect(!a.stderr.contains { $0.contains("unprotected") }, "\(a.stderrText)")
-        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
-        #expect(b.stderr.contains("lockstep: the primary stopped: the operator migrates the guest to 127.0.0.1:\(portC); not going live"), "\(b.stderrText)")
-        #expect(!b.stderr.contains { $0.hasPrefix("live: ") }, "\(b.stderrText)")
+        try b.waitForLine(containing: "secondary: the primary moved the guest to 127.0.0.1:\(portC) and let this side go; waiting for a primary to seed it again")
         try c.waitForLine(containing: "live: the primary handed the guest over at exit ")
+        try c.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portB) seeded at exit ")
+        #expect(!b.stderr.contains { $0.hasPrefix("live: ") }, "\(b.stderrText)")
         talk.exchange(4...6, "c", "\(c.stderrText)")
+        c.kill9()
+        try b.waitForLine(containing: "live: ")
+        talk.exchange(7...9, "d", "\(b.stderrText)")
         talk.quit()
-        #expect(try c.wait(seconds: 30) == 0, "\(c.stderrText)")
+        #expect(try b.wait(seconds: 30) == 0, "\(b.stderrText)")
         talk.expectConsistent()
     }
 
     /// A target listening at a free port, serving the pair's service address.
-    static func target(_ ws: (dir: String, key: String, fence: String), udp: UInt16, fence: String? = nil) throws -> (Child, UInt16) {
+    static func target(_ ws: (dir: String, key: String, fence: String), udp: UInt16, fence: String? = nil, extra: [String] = []) throws -> (Child, UInt16) {
         let c = try Child("C", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws)
-                              + (fence.map { ["--fence", $0] } ?? []))
+                              + (fence.map { ["--fence", $0] } ?? []) + extra)
         return (c, try c.listeningPort())
     }
 
