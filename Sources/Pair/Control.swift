@@ -175,10 +175,13 @@ public final class CurrentRole: Sendable {
 }
 
 /// `--control PATH` of `primary` and `secondary`: answers `status` (the status JSON on one line),
-/// `handover` (waits for the outcome, then one line: `handed-over: …`, `refused: …` or `failed: …`) and
-/// `peer HOST:PORT` (`ok: …` or `refused: …`).
-/// One request per connection, one connection at a time, on its own thread.
+/// `handover` (waits for the outcome, then one line: `handed-over: …`, `refused: …` or `failed: …`),
+/// `peer HOST:PORT` (`ok: …` or `refused: …`) and `migrate HOST:PORT MS` (`migrated: …`, `refused: …`, `failed: …`).
+/// One request per connection, each answered on a thread of its own, so `status` is answered while a
+/// handover or a migration waits for its outcome; at most `maxRequests` at once (the rest are refused).
 public final class ControlServer: @unchecked Sendable {
+    static let maxRequests = 8
+    private let requests = Atomic<Int>(0)
     private let listener: ControlListener
     private let role: CurrentRole
     /// The longest a handover may take before the request is answered anyway (the fence wait, failure timeout, ack).
@@ -193,7 +196,16 @@ public final class ControlServer: @unchecked Sendable {
         startThread("lockstep-control") { [self] in
             while !stopped.load(ordering: .acquiring) {
                 do {
-                    if let c = try listener.accept(timeoutMs: 1_000) { serve(c) }
+                    guard let c = try listener.accept(timeoutMs: 1_000) else { continue }
+                    guard requests.wrappingAdd(1, ordering: .acquiringAndReleasing).newValue <= Self.maxRequests else {
+                        requests.wrappingSubtract(1, ordering: .acquiringAndReleasing)
+                        try? c.writeLine("refused: busy: \(Self.maxRequests) requests are being answered")
+                        continue
+                    }
+                    startThread("lockstep-control-request") { [self] in
+                        serve(c)
+                        requests.wrappingSubtract(1, ordering: .acquiringAndReleasing)
+                    }
                 } catch {
                     if !stopped.load(ordering: .acquiring) { warn("control socket \(listener.path): \(error); it answers no more") }
                     break

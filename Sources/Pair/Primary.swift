@@ -282,6 +282,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     public func changePeer(_ address: String) -> String {
         let next: (host: String, port: UInt16)
         do { next = try PairOptions.hostPort(address, option: "peer") } catch { return "refused: \(error)" }
+        if let m = migration.withLock({ $0?.target }) { return "refused: a migration to \(m) is under way: it decides the peer address" }
         let old = peer
         peerAddress.withLock { $0 = next }
         warn("the operator moved the peer address from \(old) to \(peer)")

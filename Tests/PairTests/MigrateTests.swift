@@ -70,6 +70,14 @@ extension PairTests { @Suite struct MigrateTests {
         defer { move.kill9() }
         try a.waitForLine(containing: "migration: the secondary at 127.0.0.1:\(portC) answered; seeding it")
         talk.exchange(4...5, "b")  // protected still: each reply left on B's ack
+        // The control socket answers while the migration waits: the status, and a refused peer change.
+        let status = try Child("status", ["control", control, "status"], captureStdout: true)
+        #expect(try status.wait(seconds: 10) == 0, "\(status.stderrText)")
+        #expect(status.stderr.contains { $0.contains("\"state\":\"primaryProtected\"") && $0.contains("\"protected\":true") && $0.contains("\"seeding\":true") },
+                "\(status.stderrText)")
+        let peer = try Child("peer", ["control", control, "peer", "127.0.0.1:1"], captureStdout: true)
+        #expect(try peer.wait(seconds: 10) == 1, "\(peer.stderrText)")
+        #expect(peer.stderr.contains("refused: a migration to 127.0.0.1:\(portC) is under way: it decides the peer address"), "\(peer.stderrText)")
         a.kill9()
         try b.waitForLine(containing: "live: ")
         talk.exchange(6...8, "c", "\(b.stderrText)")
