@@ -140,6 +140,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     /// A survivor's protection starts: it is live and unprotected; look for a new secondary.
     func beginAdopted() {
+        unprotectedSinceNs = lk_monotonic_ns()
         PairRecord.write(fence, PairRecord.unprotected)
         session.machine.onIdle = { [unowned self] in flushLog(force: true, idle: true) }
         session.machine.beforeEntry = { [unowned self] in flushLog(force: false) }
@@ -211,6 +212,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         session.machine.onIdle = { [unowned self] in flushLog(force: true, idle: true) }
         session.machine.beforeEntry = { [unowned self] in flushLog(force: false) }
         let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
+        if link == nil { unprotectedSinceNs = lk_monotonic_ns() }
         own.start()
         var ending: Ending = .stopped
         do {
@@ -309,6 +311,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     }
     /// When the guest stopped for a migration's switch (0: none; vCPU thread).
     private var switchNs: UInt64 = 0
+    /// Since when the running guest has had no secondary (0: it has one, or it has not run yet; vCPU thread).
+    private var unprotectedSinceNs: UInt64 = 0
 
     /// The control socket's `migrate HOST:PORT` (any thread): moves the guest to the secondary listening there.
     /// The connector reaches it; it is seeded by pre-copy while the guest runs, protected meanwhile by the
@@ -560,6 +564,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         l.join()
         guard link === l else { return }  // a migration's old secondary, let go after the target took its place
         link = nil
+        unprotectedSinceNs = lk_monotonic_ns()
         current.withLock { $0 = nil }
     }
 
@@ -677,6 +682,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             _ = target.unpark(rename: false)
         }
         link = old; linkFrom = oldFrom
+        unprotectedSinceNs = 0
         current.withLock { $0 = old }
         let up = old.unpark(rename: true)
         let said = fsm.withLock { $0.handle(.migrationAbandoned(why)) }.warnings.first
@@ -722,9 +728,12 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             + " then \(p.pagesInPause) with the guest paused \(ms(pause)) ms" + (snap.halted ? " while halted" : "")
             + (p.heldPages > 0 ? "; a delta seed: the secondary kept its RAM, \(p.heldEqual) of its \(p.heldPages) pages were right,"
                 + " round 0 sent \(p.firstRoundPages) pages where a new machine needs \(p.newMachinePages)" : "")
+        let since = unprotectedSinceNs
+        unprotectedSinceNs = 0
         let confirmation = SecondaryLink.Unconfirmed(protectionID: protectionID, exit: snap.exit) { [weak self] in
             _ = self?.fsm.withLock { $0.handle(.seedComplete) }
-            warn(line + " (confirmed \(ms(lk_monotonic_ns() &- t0)) ms after the pause began)")
+            let now = lk_monotonic_ns()
+            warn(line + " (confirmed \(ms(now &- t0)) ms after the pause began" + (since == 0 ? ")" : "; the guest ran unprotected for \(ms(now &- since)) ms)"))
             // A migration hands the guest over once its target protects it: a halted guest's vCPU thread does it now.
             if self?.migrationWanted.load(ordering: .acquiring) == true { self?.session.machine.pacer?.raise(.boundary) }
             // Fault injection for the supervisor's record check: killed between the record and the report.

@@ -19,7 +19,7 @@ struct BenchPairCommand: ParsableCommand {
         protected run (secondary + primary) and an unprotected `lockstep run`; then --reseeds re-seeds of a running \
         echo (pre-copy pause, connected → protected), one of the dirty guest (auto-converge), one divergence of \
         echo-state repaired by a delta seed against a new secondary's full seed (these three skipped with \
-        --reseeds 0), --trials kill -9 failovers of echo, and --restarts kill -9s of an echo pair whose sides run under \
+        --reseeds 0), --migrations moves of a running echo to a new host (guest stopped, unprotected after), --trials kill -9 failovers of echo, and --restarts kill -9s of an echo pair whose sides run under \
         `lockstep supervise` (kill → survivor's reply, kill → protected again by the killed side's restart). \
         Children's stderr, the key and the stats files live in a temporary directory (kept and named when something \
         fails). Exits 1 (FAIL) when a run fails, the two sides' state digests differ or a failover gets no reply; a \
@@ -32,6 +32,7 @@ struct BenchPairCommand: ParsableCommand {
     @Option(name: .long, help: "kill -9 failover trials.") var trials: Int = 20
     @Option(name: .long, help: "Re-seeds of the running echo guest (kill -9 of the secondary, a new one seeded by pre-copy); above 0, one of the dirty guest and a divergence repair of echo-state too.") var reseeds: Int = 5
     @Option(name: .long, help: "kill -9s of a supervised echo pair, alternating sides (HA restart: the killed side comes back as the survivor's secondary).") var restarts: Int = 6
+    @Option(name: .long, help: "Migrations of the running echo guest (`control … migrate`), each to a new target whose --peer is the pair's secondary.") var migrations: Int = 4
     @Option(name: .long, help: "Echo requests per throughput run.") var requests: Int = 2000
     @Option(name: .long, help: "Echo requests in flight at once (1: closed loop, one request per round trip).") var window: Int = 1
     @Option(name: .long, help: "Protected/unprotected run pairs per guest (medians are reported).") var `repeat`: Int = 1
@@ -45,8 +46,8 @@ struct BenchPairCommand: ParsableCommand {
     @Flag(name: .long, help: "Keep the temporary directory (children's stderr, stats JSON, key) even on success.") var keepTemp = false
 
     func validate() throws {
-        guard trials >= 0, reseeds >= 0, restarts >= 0, requests >= 1, window >= 1, `repeat` >= 1, timeoutS >= 10 else {
-            throw ValidationError("need --trials ≥ 0, --reseeds ≥ 0, --restarts ≥ 0, --requests ≥ 1, --window ≥ 1, --repeat ≥ 1, --timeout-s ≥ 10")
+        guard trials >= 0, reseeds >= 0, restarts >= 0, migrations >= 0, requests >= 1, window >= 1, `repeat` >= 1, timeoutS >= 10 else {
+            throw ValidationError("need --trials ≥ 0, --reseeds ≥ 0, --restarts ≥ 0, --migrations ≥ 0, --requests ≥ 1, --window ≥ 1, --repeat ≥ 1, --timeout-s ≥ 10")
         }
         for (name, v) in [("--link-cpu", linkCpu), ("--secondary-cpu", secondaryCpu)] {
             if let c = v, c != "none", Int32(c).map(Cores.allows) != true {
@@ -84,7 +85,7 @@ struct BenchPairCommand: ParsableCommand {
         let plotDir = plots ?? json.map { ($0 as NSString).deletingLastPathComponent }.map { $0.isEmpty ? "." : $0 }
         var report: [String: Any]
         do {
-            report = try h.measure(requests: requests, window: window, repeats: `repeat`, trials: trials, reseeds: reseeds, restarts: restarts, plotDir: plotDir)
+            report = try h.measure(requests: requests, window: window, repeats: `repeat`, trials: trials, reseeds: reseeds, restarts: restarts, migrations: migrations, plotDir: plotDir)
         } catch let e as BenchFailure {
             print("FAIL: \(e.message)")
             if let json { try? Bench.writeJSON(["ok": false, "failure": e.message, "host": Bench.hostInfo()], to: json) }
@@ -216,20 +217,20 @@ final class PairBench {
     }
 
     /// A secondary listening on an ephemeral port; returns it and the port it printed.
-    func startSecondary(_ tag: String, serial: String, fence: String?, listen: String = "127.0.0.1:0") throws -> (Child, UInt16) {
+    func startSecondary(_ tag: String, serial: String, fence: String?, listen: String = "127.0.0.1:0", extra: [String] = []) throws -> (Child, UInt16) {
         let s = try spawn("\(tag)-secondary", ["secondary", "--listen", listen, "--serial", serial, "--verbose",
                                                 "--accept-timeout-ms", "30000", "--link-poll-us", "\(placement.linkPollUs)"]
-                                               + common + (fence.map { ["--fence", $0] } ?? []), cpu: placement.secondaryCPU)
+                                               + common + (fence.map { ["--fence", $0] } ?? []) + extra, cpu: placement.secondaryCPU)
         let line = try awaitLine(s, containing: "listening on")
         guard let port = line.split(separator: ":").last.flatMap({ UInt16($0) }) else { throw failure("cannot read the port in: \(line)", [s]) }
         return (s, port)
     }
 
     func startPrimary(_ tag: String, guest g: String, peer: UInt16, serial: String, fence: String?, stats: String?,
-                      environment: [String: String] = [:]) throws -> Child {
+                      environment: [String: String] = [:], extra: [String] = []) throws -> Child {
         try spawn("\(tag)-primary", ["primary", guest(g), "--peer", "127.0.0.1:\(peer)", "--serial", serial, "--memory", "\(memory)",
                                       "--verbose", "--connect-timeout-ms", "20000"] + common
-                  + (fence.map { ["--fence", $0] } ?? []) + (stats.map { ["--stats-json", $0] } ?? []), environment: environment)
+                  + (fence.map { ["--fence", $0] } ?? []) + (stats.map { ["--stats-json", $0] } ?? []) + extra, environment: environment)
     }
 
     // MARK: echo client
@@ -583,7 +584,7 @@ extension PairBench {
         } catch { progress("cannot write \(path): \(error.localizedDescription)"); return nil }
     }
 
-    func measure(requests: Int, window: Int, repeats: Int, trials: Int, reseeds: Int, restarts: Int, plotDir: String?) throws -> [String: Any] {
+    func measure(requests: Int, window: Int, repeats: Int, trials: Int, reseeds: Int, restarts: Int, migrations: Int, plotDir: String?) throws -> [String: Any] {
         let loadStart = Bench.hostInfo()["loadavg"] ?? ""
         var figures: [Figure] = [], notes: [String] = [], plotPaths: [String] = []
         // First, on a quiet host: what the link's wake-up chain costs here at the least.
@@ -661,6 +662,19 @@ extension PairBench {
             }
         }
 
+        var migration: MigrationResult?
+        if migrations > 0 {
+            let m = try migrationTrials(migrations)
+            migration = m
+            if !m.digestsMatch { digestsMatch = false }
+            figures += [Figure(key: "migration_stopped_p50_ms", label: "migration: guest stopped (switch → target live) p50", value: percentile(m.stoppedMs, 50) ?? .infinity, unit: "ms"),
+                        Figure(key: "migration_stopped_max_ms", label: "migration: guest stopped max", value: m.stoppedMs.max() ?? .infinity, unit: "ms"),
+                        Figure(key: "migration_command_p50_ms", label: "migration: control … migrate → migrated p50", value: percentile(m.commandMs, 50) ?? .infinity, unit: "ms"),
+                        Figure(key: "migration_unprotected_p50_ms", label: "migration: target live → protected by B again p50", value: percentile(m.unprotectedMs, 50) ?? .infinity, unit: "ms"),
+                        Figure(key: "migration_echo_rtt_max_us", label: "migration: echo round trip max while migrating", value: m.rttUs.max() ?? .infinity, unit: "µs")]
+            notes.append("migration: \(m.stoppedMs.count) moves of the running echo guest (\(memory) MiB) to a new target each time, B the secondary throughout (re-seeded by a delta after each); B ended with the last primary's digest: \(m.digestsMatch ? "yes" : "NO")")
+        }
+
         var results: [Trial] = []
         for i in 1...max(trials, 1) where trials > 0 {
             progress("failover trial \(i)/\(trials)")
@@ -707,7 +721,7 @@ extension PairBench {
         let targets = figures.compactMap(\.pass)
         return [
             "ok": digestsMatch && failed == 0, "digests_match": digestsMatch, "failover_trials_failed": failed,
-            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "restarts": restarts, "memory_mib": memory, "placement": placement.json, "encrypt": encrypt, "fence": fenceEtcd ?? "directory",
+            "settings": ["requests": requests, "window": window, "repeat": repeats, "trials": trials, "reseeds": reseeds, "restarts": restarts, "migrations": migrations, "memory_mib": memory, "placement": placement.json, "encrypt": encrypt, "fence": fenceEtcd ?? "directory",
                          "warm_requests_before_kill": Self.warmRequests] as [String: Any],
             "host": host, "figures": figuresJSON, "notes": notes, "plots": plotPaths,
             "targets_met": targets.filter { $0 }.count, "targets_total": targets.count, "all_targets_pass": targets.allSatisfy { $0 },
@@ -717,6 +731,7 @@ extension PairBench {
             "reseed_dirty": dirty?.json ?? NSNull(),
             "repair": repair?.json ?? NSNull(),
             "restart": restart?.json ?? NSNull(),
+            "migration": migration?.json ?? NSNull(),
             "definitions": [
                 "throughput_ratio": "echo: protected requests/s / unprotected requests/s (closed loop when window is 1); others: unprotected guest run time / protected guest run time (first vCPU entry to guest exit, from --verbose)",
                 "replication_lag": "primary's --stats-json: a log batch's first record appended → the secondary's ack that it holds the batch; percentiles over the batches of all protected runs (histograms merged)",

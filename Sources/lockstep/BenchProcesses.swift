@@ -43,6 +43,7 @@ final class Child {
     let name: String
     let pid: pid_t
     let errPath: String
+    let outPath: String
     let startNs = monotonicNs()
     private(set) var endNs: UInt64 = 0
     /// Exit code, or nil when it was ended by `signal`.
@@ -60,6 +61,7 @@ final class Child {
     init(name: String, exe: String, args: [String], outPath: String, errPath: String, cpu: Int32? = nil, environment: [String: String] = [:]) throws {
         self.name = name
         self.errPath = errPath
+        self.outPath = outPath
         let files: [Spawn.FileAction] = [.open(0, "/dev/null", O_RDONLY), .open(1, outPath, O_WRONLY | O_CREAT | O_TRUNC),
                                          .open(2, errPath, O_WRONLY | O_CREAT | O_TRUNC)]
         let p: pid_t
@@ -109,6 +111,7 @@ final class Child {
     var wallMs: Double { Double((ended ? endNs : monotonicNs()) &- startNs) / 1e6 }
     var endText: String { !ended ? "still running" : code.map { "exit status \($0)" } ?? "killed by signal \(signal)" }
     var stderrText: String { (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "" }
+    var stdoutText: String { (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "" }
 
     /// The last lines of its stderr, for failure reports.
     func tail(_ n: Int = 12) -> String {
