@@ -27,6 +27,23 @@ public final class SerialInputQueue: @unchecked Sendable {
         if b != nil { count.subtract(1, ordering: .releasing) }
         return b
     }
+
+    /// Everything queued and not yet read, emptying the queue (a handover passes it to the survivor's guest).
+    public func takeAll() -> [UInt8] {
+        bytes.withLock { q in
+            defer { q.removeAll() }
+            count.subtract(q.count, ordering: .releasing)
+            return q
+        }
+    }
+
+    /// Puts taken bytes back in front, before anything queued since (a handover that did not happen).
+    public func putBack(_ data: [UInt8]) {
+        guard !data.isEmpty else { return }
+        bytes.withLock { $0.insert(contentsOf: data, at: 0) }
+        count.add(data.count, ordering: .releasing)
+        pacer?.raise(.input)
+    }
 }
 
 /// Where guest serial output leaves the machine: a backend directly, or through the output gate of a pair.

@@ -61,6 +61,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
 
     /// The client the primary's service answered last (for output re-sent on go-live); nil: none yet.
     let replyAddress = Mutex<[UInt8]?>(nil)
+    /// Serial input the primary's guest never read, passed on with a handover (`PairMessage.input`).
+    let handedInput = Mutex<[UInt8]>([])
 
     /// Who asked this side's primary for a handover and waits for the outcome; closed when the stream ends.
     private let handoverReplies = HandoverReplies()
@@ -176,6 +178,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                         if let w = try? r.u64() { output.primaryReleased(below: w) }
                     } else if body.first == PairMessage.replyAddress.rawValue, body.count == 7 {
                         replyAddress.withLock { $0 = Array(body.dropFirst()) }
+                    } else if body.first == PairMessage.input.rawValue {
+                        handedInput.withLock { $0 += body.dropFirst() }
                     } else if body.first == PairMessage.migrated.rawValue {
                         finish(.released("the primary moved the guest to \(String(decoding: body.dropFirst().prefix(300), as: UTF8.self))"))
                     } else if body.first == PairMessage.handoverAnswer.rawValue, let outcome = try? HandoverOutcome(answer: body) {

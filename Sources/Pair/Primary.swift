@@ -86,6 +86,11 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Fault injection (`LOCKSTEP_FAULT_DIE_BEFORE_REPORT`): the process is killed once the pair record names its
     /// first secondary, before it tells its supervisor it is protected.
     static let dieBeforeReport = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_DIE_BEFORE_REPORT"] != nil
+    /// Fault injection for the handed-input test (`LOCKSTEP_FAULT_HANDOVER_PAUSE_MS`): the handover waits this
+    /// long with the guest stopped, before the fence passes, as a slow fence store would make it.
+    static let handoverPauseMs = ProcessInfo.processInfo.environment["LOCKSTEP_FAULT_HANDOVER_PAUSE_MS"].flatMap { UInt32($0) } ?? 0
+    /// At most this much unread serial input is passed on with a handover (it travels in one status frame).
+    static let maxHandedInput = 60_000
 
     public init(image: PVHImage, config: MachineConfig, backend: SerialOutput, peer: String, options: PairOptions) throws(PairError) {
         peerAddress = Mutex(try PairOptions.hostPort(peer, option: "--peer"))
@@ -439,12 +444,25 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         }
         guard fsm.withLock({ $0.handle(.handoverRequested) }).contains(.handOver) else { return .refused("handover refused by the failover machine") }
         let generation = fence?.token?.generation ?? 0
+        if Self.handoverPauseMs > 0 {
+            warn("fault injection: the handover waits \(Self.handoverPauseMs) ms with the guest stopped")
+            usleep(Self.handoverPauseMs * 1000)
+        }
         l.beginHandover()
         watch?.suspend()
         try? fence?.release()
         let t0 = lk_monotonic_ns()
-        // Everything through `exit` is released now: say so, or the secondary would send the last line again.
-        do { try l.conn.send([PairMessage.released.status(gate.releasedWatermark), PairMessage.handover.status(exit + Self.handoverExitAhead)]) } catch { warn("handover: cannot tell the secondary: \(error)") }
+        // Input queued while the guest stood still was never read, so no record holds it: the survivor's guest reads it.
+        let unread = session.machine.input.takeAll()
+        let passed = Array(unread.prefix(Self.maxHandedInput))
+        var frames = [PairMessage.released.status(gate.releasedWatermark)]  // or the secondary would send the last line again
+        if !passed.isEmpty {
+            var w = Wire(tag: PairMessage.input.rawValue)
+            w.raw(passed)
+            frames.append(.status(w.out))
+        }
+        frames.append(PairMessage.handover.status(exit + Self.handoverExitAhead))
+        do { try l.conn.send(frames) } catch { warn("handover: cannot tell the secondary: \(error)") }
         // The secondary takes the fence within its fence wait; allow that and a failure timeout.
         let until = t0 + UInt64(options.fenceWaitMs) * 1_000_000 + options.failureNs + 1_000_000_000
         var taken = false
@@ -464,12 +482,14 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         if taken {
             _ = fsm.withLock { $0.handle(.peerTookOver) }
             handedOver = true
+            if unread.count > passed.count { warn("handover: \(unread.count - passed.count) bytes of serial input beyond \(Self.maxHandedInput) were not passed on") }
             // The survivor binds the service address now: free it before this side's digest and exit. A line
             // the guest had begun goes out whole from the survivor, so its start is not sent from here.
             (gate.backend as? SerialBackend)?.close(sendingPartialLine: false)
             return .handedOver("handed over to the secondary at exit \(exit) (fence taken \(String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)) ms after the handover was sent); this side's run of the guest ends")
         }
         // This side holds the fence again: the secondary never went live, and it is denied from here on.
+        session.machine.input.putBack(unread)
         l.endHandover()
         dropLink(l, losing: "it did not take the fence when handed the guest")
         let actions = fsm.withLock { $0.handle(.fenceAcquired(generation: fence?.token?.generation ?? 0)) }

@@ -411,6 +411,8 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
             } catch { warn("cannot protect the survivor: \(error); running unprotected") }
         }
         let resent = src.output.goLive(to: out)
+        // Before the backend's own input: the primary's guest never read these, and they came first.
+        s.machine.input.push(src.handedInput.withLock { $0 })
         b.startInput(into: s.machine.input)
         warn("secondary went live at exit \(s.exit) (\(resent) output bytes the primary may not have released are sent again)"
              + (protector != nil ? "; looking for a new secondary at \(reprotectPeer!)" : ""))

@@ -400,6 +400,9 @@ enum PairMessage: UInt8 {
     /// state now. Not a failure: the secondary never goes live on it, and waits for a new seed (the moved
     /// guest's primary may seed it again).
     case migrated = 7
+    /// Primary → secondary, just before `handover`: serial input the guest had not read (queued while it was
+    /// stopped for the handover, so in no log record). The survivor's guest reads it first once live.
+    case input = 8
 
     /// A status frame of this message carrying one `u64` (released, handover).
     func status(_ value: UInt64) -> Frame {

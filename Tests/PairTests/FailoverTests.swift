@@ -280,6 +280,32 @@ extension PairTests { @Suite struct FailoverTests {
         _ = try? pri.wait(seconds: 10)
     }
 
+    /// A request that reaches the primary while its guest stands still for a handover (held there 300 ms by
+    /// fault injection, `LOCKSTEP_FAULT_HANDOVER_PAUSE_MS`) is never read by that guest, so no log record holds
+    /// it: it passes to the secondary with the handover, and the survivor's guest answers it. Sent once.
+    @Test func inputQueuedDuringAHandoverIsAnsweredByTheSurvivor() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/primary.sock"
+        let (pri, sec, _) = try Self.startPair(ws, udp: udp, extraPrimary: ["--control", control],
+                                               primaryEnvironment: ["LOCKSTEP_FAULT_HANDOVER_PAUSE_MS": "300"])
+        defer { pri.kill9(); sec.kill9() }
+        let client = EchoClient(port: udp)
+        #expect(client.request("REQ 1 a", expect: "REP 1 ") != nil)
+        let handover = try Child("handover", ["control", control, "handover"], captureStdout: true)
+        try pri.waitForLine(containing: "fault injection: the handover waits 300 ms with the guest stopped")
+        client.send("REQ 2 once")
+        var reply: String?
+        let deadline = Date().addingTimeInterval(15)
+        while reply == nil, Date() < deadline { reply = client.receive(ms: 100).first { $0.hasPrefix("REP 2 ") } }
+        #expect(reply != nil, "no reply to a request sent once during the handover\nprimary:\n\(pri.stderrText)\nsecondary:\n\(sec.stderrText)")
+        #expect(try handover.wait(seconds: 30) == 0, "\(handover.stderrText)")
+        #expect(sec.stderr.contains { $0.hasPrefix("live: the primary handed the guest over at exit ") }, "\(sec.stderrText)")
+        #expect(client.request("QUIT", expect: "RESULT echo") != nil)
+        #expect(try sec.wait(seconds: 30) == 0, "\(sec.stderrText)")
+    }
+
     /// A planned switchover (`lockstep control SOCKET handover`; SIGUSR2 does the same): the primary stops where
     /// the secondary holds its whole log, gives up the fence, and the secondary goes live at once; the command
     /// says so and exits 0. The conversation goes on with no request lost or answered twice differently; the
