@@ -188,6 +188,12 @@ public final class SerialBackend: SerialOutput, @unchecked Sendable {
         }
     }
 
+    /// The bytes emitted and not sent yet (the start of a line, waiting for its newline), at most the last `limit`.
+    public func unsentLine(limit: Int) -> [UInt8] {
+        lock.lock(); defer { lock.unlock() }
+        return closed ? [] : Array(pending.suffix(limit))
+    }
+
     public func emit(_ byte: UInt8, exit: UInt64) {
         lock.lock()
         pending.append(byte)

@@ -122,6 +122,14 @@ public final class SuppressedOutput: SerialOutput, @unchecked Sendable {
         live?.flush()
     }
 
+    /// The seed's line head (`SeedEnd.lineHead`): bytes of exits before the seed's that the primary's backend
+    /// held unsent. They start what is held, as released bytes of the line the replay goes on writing.
+    func startLine(_ head: [UInt8], seedExit: UInt64) {
+        guard !head.isEmpty else { return }
+        lock.lock(); defer { lock.unlock() }
+        held.insert(contentsOf: head.map { (max(seedExit, 1) - 1, $0) }, at: 0)
+    }
+
     /// The primary released every byte of exits below `watermark`.
     func primaryReleased(below watermark: UInt64) {
         lock.lock(); defer { lock.unlock() }

@@ -193,7 +193,7 @@ final class Precopy: @unchecked Sendable {
 
     /// vCPU thread, guest paused between two exits, after `ready`: sends the pages written since the last
     /// round, the machine state and the seed digest. Returns the state (its exit is the seed's).
-    func finish(protectionID: UInt64, firstSequence: UInt32, halted: Bool) throws -> Snapshot {
+    func finish(protectionID: UInt64, firstSequence: UInt32, halted: Bool, lineHead: [UInt8]) throws -> Snapshot {
         done.wait()
         done.signal()
         let state = try machine.captureState(halted: halted)
@@ -206,7 +206,7 @@ final class Precopy: @unchecked Sendable {
                                                   firstSequence: firstSequence, totalPages: UInt32(pagesSent),
                                                   vcpuState: state.vcpuState, deviceState: state.deviceState,
                                                   seedDigest: digest, protectionID: protectionID,
-                                                  runState: halted ? .halted : .running))))
+                                                  runState: halted ? .halted : .running, lineHead: lineHead))))
         return state
     }
 

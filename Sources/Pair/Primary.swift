@@ -456,6 +456,13 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         let unread = session.machine.input.takeAll()
         let passed = Array(unread.prefix(Self.maxHandedInput))
         var frames = [PairMessage.released.status(gate.releasedWatermark)]  // or the secondary would send the last line again
+        // Whom the service answers: a secondary attached moments ago (a migration's target) may not have it yet,
+        // and a survivor that does not know the client drops its first reply.
+        if let a = (gate.backend as? SerialBackend)?.replyAddress {
+            var w = Wire(tag: PairMessage.replyAddress.rawValue)
+            w.raw(a)
+            frames.append(.status(w.out))
+        }
         if !passed.isEmpty {
             var w = Wire(tag: PairMessage.input.rawValue)
             w.raw(passed)
@@ -736,7 +743,10 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         session.encoder.resetReferences()
         firstAppendNs = 0
         let snap: Snapshot
-        do { snap = try p.finish(protectionID: protectionID, firstSequence: session.encoder.nextSequence, halted: session.isHalted) } catch {
+        // The start of the line the guest is writing, which the backend holds until its newline: bytes of exits
+        // before the seed, so the secondary would not have them, and a survivor would send the line's end alone.
+        let head = gate.heldBytes == 0 ? (gate.backend as? SerialBackend)?.unsentLine(limit: SeedEnd.maxLineHead) ?? [] : []
+        do { snap = try p.finish(protectionID: protectionID, firstSequence: session.encoder.nextSequence, halted: session.isHalted, lineHead: head) } catch {
             p.conn.close()
             throw PairError.from(error)
         }

@@ -354,6 +354,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
             break
         }
         guard end.totalPages == received else { throw PairError.badPeerData("the seed announced \(end.totalPages) pages and carried \(received)") }
+        output.startLine(end.lineHead, seedExit: end.exit)
         let src = LiveLogSource(conn: conn, startExit: end.exit, firstSequence: end.firstSequence, protectionID: end.protectionID,
                                 options: options, output: output)
         seedImage = image

@@ -16,7 +16,9 @@ import Machine
 ///     end:    u64 exit | u32 signature | u64 last guest clock ns | u32 first log frame sequence |
 ///             u32 total pages | u32 length + vCPU state | u32 length + device state | 32 seed digest |
 ///             u64 protection id (names this secondary in the fence directory's pair record) |
-///             u8 run state (`SeedRunState`: halted when the primary's guest waited in HLT at the seed)
+///             u8 run state (`SeedRunState`: halted when the primary's guest waited in HLT at the seed) |
+///             u32 length + line head (serial output the primary's backend holds unsent: the start of the
+///             line the guest is writing, at most 64 KiB; the secondary holds it, so a survivor sends the line whole)
 ///
 /// The secondary loads the image itself, or keeps the RAM of its last machine of this guest (`RetainedRAM`:
 /// it diverged, or handed the guest over); `held` names its non-zero pages by hash (none: a new machine).
@@ -24,7 +26,7 @@ import Machine
 /// machine, for a kept one the pages whose hash differs (a delta seed); then a page again each time
 /// pre-copy found it written since it was sent (the last copy wins; `total pages` counts every copy).
 /// After loading, its `StateDigest.seed` must equal the one in `end`, or the pair does not start.
-/// Version 6: the fence store ID (a secondary refuses a seed from a primary fenced elsewhere). Version 5: `held`. Version 4: the run state (a seed may be taken while the guest halts). Version 3: pre-copy (pages repeat)
+/// Version 7: the line head. Version 6: the fence store ID (a secondary refuses a seed from a primary fenced elsewhere). Version 5: `held`. Version 4: the run state (a seed may be taken while the guest halts). Version 3: pre-copy (pages repeat)
 /// and the two-level seed digest (pages, chunks of 512 pages); version 2 hashed the page hashes as one list,
 /// version 1 sent each page once with a digest over RAM as one stream.
 enum SeedPart: UInt8 {
@@ -44,7 +46,7 @@ enum SeedRunState: UInt8 {
 }
 
 struct SeedHeader: Equatable {
-    static let version: UInt16 = 6
+    static let version: UInt16 = 7
     var config: MachineConfig
     var imageSHA256: [UInt8]
     var cpuidSHA256: [UInt8]
@@ -54,6 +56,8 @@ struct SeedHeader: Equatable {
 }
 
 struct SeedEnd: Equatable {
+    /// The most of a line's start a seed carries.
+    static let maxLineHead = 1 << 16
     var exit: UInt64
     var signature: UInt32
     var lastClock: UInt64
@@ -64,6 +68,7 @@ struct SeedEnd: Equatable {
     var seedDigest: [UInt8]
     var protectionID: UInt64
     var runState: SeedRunState
+    var lineHead: [UInt8] = []
 }
 
 struct SeedError: Error, CustomStringConvertible {
@@ -92,6 +97,7 @@ enum SeedCodec {
         var w = Wire(SeedPart.end)
         w.u64(e.exit); w.u32(e.signature); w.u64(e.lastClock); w.u32(e.firstSequence); w.u32(e.totalPages)
         w.blob(e.vcpuState); w.blob(e.deviceState); w.raw(e.seedDigest); w.u64(e.protectionID); w.u8(e.runState.rawValue)
+        w.blob(e.lineHead)
         return w.out
     }
 
@@ -178,7 +184,8 @@ enum SeedCodec {
         var r = WireReader(body, what: "seed end")
         let e = SeedEnd(exit: try r.u64(), signature: try r.u32(), lastClock: try r.u64(), firstSequence: try r.u32(),
                         totalPages: try r.u32(), vcpuState: try r.blob(limit: 1 << 20), deviceState: try r.blob(limit: 1 << 20),
-                        seedDigest: try r.raw(32), protectionID: try r.u64(), runState: try runState(r.u8()))
+                        seedDigest: try r.raw(32), protectionID: try r.u64(), runState: try runState(r.u8()),
+                        lineHead: try r.blob(limit: SeedEnd.maxLineHead))
         try r.done()
         return e
     }

@@ -99,6 +99,32 @@ import Testing
         #expect(sink.text == "next")
     }
 
+    /// A secondary seeded while the primary's guest was mid-line gets the line's start with the seed (the
+    /// primary's backend held it unsent): on go-live it sends the line whole, not its end alone.
+    @Test func aSecondarySeededMidLineSendsTheLineWhole() throws {
+        let path = "/tmp/lockstep-gate-head-\(getpid()).serial"
+        defer { unlink(path) }
+        let primary = try SerialBackend(.file(path))
+        emit("REP 1 one\nREP 2 t", primary, from: 10)  // exits 10...25: "REP 2 t" waits for its newline
+        let head = primary.unsentLine(limit: SeedEnd.maxLineHead)
+        #expect(String(decoding: head, as: UTF8.self) == "REP 2 t")
+        let out = SuppressedOutput(), sink = Sink()
+        out.startLine(head, seedExit: 26)
+        emit("wo", out, from: 26)
+        out.primaryReleased(below: 28)  // the primary released it all; its backend still holds the line
+        primary.close(sendingPartialLine: false)  // handed over
+        #expect(out.goLive(to: sink) == 9)
+        emit("\n", out, from: 28)
+        #expect(sink.text == "REP 2 two\n")
+        #expect(String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self) == "REP 1 one\n")
+        // A released line the replay finishes drops its head too.
+        let done = SuppressedOutput()
+        done.startLine(Array("REP 3 th".utf8), seedExit: 40)
+        done.primaryReleased(below: 50)
+        emit("ree\n", done, from: 40)
+        #expect(done.goLive(to: Sink()) == 0)
+    }
+
     /// A primary that hands its guest over mid-line closes its backend without the line's start: the survivor
     /// re-emits that line whole, and a client reading lines must not get its start twice.
     @Test func aHandedOverPrimarySendsNoHalfLine() throws {

@@ -45,10 +45,11 @@ import Testing
 
     @Test func theEndRoundTripsItsRunStateAndRefusesAnUnknownOne() throws {
         let end = SeedEnd(exit: 250, signature: 7, lastClock: 1_000, firstSequence: 3, totalPages: 9, vcpuState: [1, 2],
-                          deviceState: [3], seedDigest: [UInt8](repeating: 5, count: 32), protectionID: 42, runState: .halted)
+                          deviceState: [3], seedDigest: [UInt8](repeating: 5, count: 32), protectionID: 42, runState: .halted,
+                          lineHead: Array("REP 7 ha".utf8))
         var bytes = SeedCodec.end(end)
         #expect(try SeedCodec.decodeEnd(bytes) == end)
-        bytes[bytes.count - 1] = 0  // 0 is never a run state
+        bytes[bytes.count - 13] = 0  // 0 is never a run state (the line head's length and 8 bytes follow it)
         do { _ = try SeedCodec.decodeEnd(bytes); Issue.record("run state 0 was accepted") } catch {
             #expect(error.description.contains("unknown run state 0"), "\(error)")
         }
