@@ -104,16 +104,10 @@ extension PairTests { @Suite struct MigrateTests {
         talk.exchange(1...2, "a")
         let move = try Self.migrate(control, to: portC, withinMs: 3000)
         #expect(try move.wait(seconds: 60) == 1, "\(move.stderrText)")
-        #expect(move.stderr.contains { $0.hasPrefix("failed: migration failed: the secondary at 127.0.0.1:\(portC) answered but was not seeded within 3000 ms (")
-                                       && $0.hasSuffix("; the guest runs on here, still protected by the secondary at 127.0.0.1:\(portB)") },
-                "\(move.stderrText)\nA:\n\(a.stderrText)")
+        Self.expectNotSeeded(move, a, portB: portB, portC: portC)
         #expect(try c.wait(seconds: 30) == 64, "\(c.stderrText)")
         #expect(!a.stderr.contains { $0.contains("unprotected") }, "\(a.stderrText)")
-        talk.exchange(3...4, "b")
-        a.kill9()
-        try b.waitForLine(containing: "live: ")
-        talk.exchange(5...6, "c", "\(b.stderrText)")
-        talk.expectConsistent()
+        try Self.protectedByB(a, b, talk, from: 3)
     }
 
     /// A target whose final seed loads to another state (a page changed after it was hashed,
@@ -138,16 +132,26 @@ extension PairTests { @Suite struct MigrateTests {
         let move = try Self.migrate(control, to: portC, withinMs: 3000)
         #expect(try c.wait(seconds: 30) == 76, "\(c.stderrText)")
         #expect(try move.wait(seconds: 60) == 1, "\(move.stderrText)")
-        #expect(move.stderr.contains { $0.hasPrefix("failed: migration failed: the secondary at 127.0.0.1:\(portC) answered but was not seeded within 3000 ms (")
-                                       && $0.hasSuffix("; the guest runs on here, still protected by the secondary at 127.0.0.1:\(portB)") },
-                "\(move.stderrText)\nA:\n\(a.stderrText)")
+        Self.expectNotSeeded(move, a, portB: portB, portC: portC)
         #expect(a.stderr.contains { $0.hasPrefix("lockstep: migration abandoned (the secondary at 127.0.0.1:\(portC): ") }, "\(a.stderrText)")
         #expect(!a.stderr.contains { $0.contains("unprotected") }, "\(a.stderrText)")
         #expect(try String(contentsOfFile: record, encoding: .utf8) == named)
-        talk.exchange(3...4, "b")
+        try Self.protectedByB(a, b, talk, from: 3)
+    }
+
+    /// The migration failed at its 3000 ms bound: C answered, but its seed never completed.
+    static func expectNotSeeded(_ move: Child, _ a: Child, portB: UInt16, portC: UInt16) {
+        #expect(move.stderr.contains { $0.hasPrefix("failed: migration failed: the secondary at 127.0.0.1:\(portC) answered but was not seeded within 3000 ms (")
+                                       && $0.hasSuffix("; the guest runs on here, still protected by the secondary at 127.0.0.1:\(portB)") },
+                "\(move.stderrText)\nA:\n\(a.stderrText)")
+    }
+
+    /// B still protects the guest: two requests, a kill -9 of A, and B answers two more, all consistent.
+    static func protectedByB(_ a: Child, _ b: Child, _ talk: Conversation, from n: Int) throws {
+        talk.exchange(n...(n + 1), "b")
         a.kill9()
         try b.waitForLine(containing: "live: ")
-        talk.exchange(5...6, "c", "\(b.stderrText)")
+        talk.exchange((n + 2)...(n + 3), "c", "\(b.stderrText)")
         talk.expectConsistent()
     }
 
@@ -170,11 +174,7 @@ extension PairTests { @Suite struct MigrateTests {
         #expect(try move.wait(seconds: 30) == 1, "\(move.stderrText)")
         #expect(move.stderr.contains("failed: migration failed: no secondary answered at 127.0.0.1:\(nobody) within 500 ms; the guest runs on here, still protected by the secondary at 127.0.0.1:\(portB)"),
                 "\(move.stderrText)\nA:\n\(a.stderrText)")
-        talk.exchange(3...4, "b")
-        a.kill9()
-        try b.waitForLine(containing: "live: ")
-        talk.exchange(5...6, "c", "\(b.stderrText)")
-        talk.expectConsistent()
+        try Self.protectedByB(a, b, talk, from: 3)
     }
 
     /// Asked of a side that does not run the guest, or without an address: refused, nothing changes.
