@@ -322,7 +322,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// The control socket's `migrate HOST:PORT` (any thread): moves the guest to the secondary listening there.
     /// The connector reaches it; it is seeded by pre-copy while the guest runs, protected meanwhile by the
     /// secondary it has (if any); then the guest stops until the target holds its state (`switchTo`), the old
-    /// secondary is let go (told goodbye: it stops without going live), and the guest is handed to the target as
+    /// secondary is let go (a `migrated` message: it waits for a new seed, never live), and the guest is handed to the target as
     /// by `handover`; this side's run ends. `reply` gets the outcome: handed over, or why not within `withinMs`
     /// (the guest then runs on here, protected as before).
     public func migrate(to address: String, withinMs: Int, reply: @escaping @Sendable (HandoverOutcome) -> Void) {
@@ -650,8 +650,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     /// A migration's target finished its rounds while the secondary `old` protects the guest. The guest stops
     /// here until the target holds its state, so that one of the two can always take it over: `old` acks the
-    /// whole log, the target gets the final seed and confirms it, and only then is `old` let go (told goodbye:
-    /// it stops without going live). Both links are parked meanwhile (nothing is held; see `SecondaryLink.park`).
+    /// whole log, the target gets the final seed and confirms it, and only then is `old` let go (`migrated`: it
+    /// waits for a new seed, never live). Both links are parked meanwhile (nothing is held; see `SecondaryLink.park`).
     /// The target failing leaves `old` protecting the guest, which runs on; the connector tries the target again.
     private func switchTo(_ p: Precopy, from old: SecondaryLink) throws {
         let t0 = lk_monotonic_ns(), oldFrom = linkFrom

@@ -180,10 +180,12 @@ struct ControlCommand: ParsableCommand {
         handover: exit 0 once the secondary took the guest over; 1 when refused (nothing changed) or failed (the primary serves on, unprotected). \
         peer HOST:PORT: exit 0 when taken (a secondary protecting the guest now stays until it is lost), 1 when refused. \
         migrate HOST:PORT (asked of the side running the guest): exit 0 once the guest runs on the secondary listening there (started beforehand, \
-        e.g. `lockstep secondary --listen HOST:PORT ...` on the new host); that side is reached first, then the secondary protecting the guest now \
-        is let go (it stops without going live), the new one is seeded while the guest runs (unprotected meanwhile), and the guest is handed to it; \
-        this side then ends. 1 when refused or failed: no answer there within --within-ms changes nothing; a seed not done in time leaves the guest \
-        running here, unprotected, looking for a secondary at HOST:PORT.
+        e.g. `lockstep secondary --listen HOST:PORT --peer <this pair's secondary> ...` on the new host); it is seeded while the guest runs, \
+        the secondary protecting the guest now protecting it meanwhile; the guest then stops (milliseconds) until the new side holds its state, the \
+        old secondary is let go (it waits, never live, for a new seed: the new side re-protects itself there given --peer), and the guest is handed \
+        over; this side then ends. 1 when refused or failed: no answer, or no completed seed, within --within-ms changes nothing (the old \
+        secondary still protects the guest); without a secondary to begin with, a seed not done in time leaves the guest running here, unprotected, \
+        looking for a secondary at HOST:PORT.
         """)
     @Argument(help: "The --control socket of the running process.") var socket: String
     @Argument(help: "status (one line of JSON), handover (waits for the outcome), peer (where new secondaries are sought from now on) or migrate (move the guest there).") var request: String
