@@ -179,7 +179,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                     } else if body.first == PairMessage.replyAddress.rawValue, body.count == 7 {
                         replyAddress.withLock { $0 = Array(body.dropFirst()) }
                     } else if body.first == PairMessage.input.rawValue {
-                        handedInput.withLock { $0 += body.dropFirst() }
+                        handedInput.withLock { if $0.count + body.count <= 1 << 17 { $0 += body.dropFirst() } }  // bounded: one handover's worth
                     } else if body.first == PairMessage.migrated.rawValue {
                         finish(.released("the primary moved the guest to \(String(decoding: body.dropFirst().prefix(300), as: UTF8.self))"))
                     } else if body.first == PairMessage.handoverAnswer.rawValue, let outcome = try? HandoverOutcome(answer: body) {
