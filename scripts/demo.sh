@@ -4,7 +4,8 @@
 # then the live pair: kill -9 of the primary (failover), SIGUSR2 (a planned switchover), roles swapped
 # back and forth by `lockstep control`, a lost host (SIGSTOP) with the fence in etcd, and HA restart
 # (`lockstep supervise`: each killed side comes back as the survivor's secondary; both lost: a cold restart,
-# on host B from the copy of the guest its secondary saved when host A is gone).
+# on host B from the copy of the guest its secondary saved when host A is gone), and a migration of the running
+# guest to a third host (`lockstep control ... migrate`) that keeps it protected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -272,3 +273,35 @@ print("  B:         ", ask("QUIT", "RESULT"))
 if sec.wait(30) != 0: sys.exit("demo: the new secondary did not exit 0")
 PY
 wait $SF && echo "supervisor B exited 0"
+echo "== 13. migration to a third host: \`lockstep control SOCKET migrate\` moves the running guest from A to C;"
+echo "   B protects it while C is seeded, the guest stops until C holds its state, then C (given --peer B) re-protects itself on B"
+MIG=(--key-file "$OUT/key" --fence "$OUT/fence" --serial "udp:127.0.0.1:5570" --status-interval-ms 0)
+$L secondary --listen 127.0.0.1:7720 "${MIG[@]}" 2>"$OUT/mb.err" &
+MB=$!
+$L secondary --listen 127.0.0.1:7721 --peer 127.0.0.1:7720 "${MIG[@]}" 2>"$OUT/mc.err" &
+MC=$!
+$L primary Guests/build/echo.elf --peer 127.0.0.1:7720 --memory 64 --control "$OUT/ma.sock" "${MIG[@]}" 2>"$OUT/ma.err" &
+MA=$!
+PYTHONPATH="$OUT" python3 - "$L" "$OUT" <<'PY'
+import re, subprocess, sys, time
+lockstep, out = sys.argv[1:]
+from democlient import asker, supervised
+ask = asker(5570)
+line, _ = supervised({"A": out + "/ma.err", "B": out + "/mb.err", "C": out + "/mc.err"})
+for i in range(1, 3): print("  A:        ", ask("REQ %d on-A" % i, "REP %d " % i))
+t0 = time.time()
+r = subprocess.run([lockstep, "control", out + "/ma.sock", "migrate", "127.0.0.1:7721"], capture_output=True, text=True, timeout=120)
+if r.returncode != 0: sys.exit("demo: the migration failed: " + r.stdout + r.stderr)
+m = re.search(r"the guest was stopped ([0-9.]+) ms", r.stdout)
+print("  lockstep control ... migrate 127.0.0.1:7721 -> migrated (%.1f ms; the guest stopped %s ms)" % ((time.time() - t0) * 1000, m.group(1) if m else "?"))
+print("  C:        ", ask("REQ 3 on-C", "REP 3 "))
+b = line("B", "let this side go")
+print("  B: " + b[b.index("the primary moved"):])
+c = line("C", "protected: secondary at 127.0.0.1:7720")
+print("  C: protected by B again: " + c[c.index("seeded at exit"):c.index(":", c.index("seeded at exit"))] + "; " + c[c.index("the guest ran unprotected"):].rstrip(")"))
+print("  C:        ", ask("QUIT", "RESULT"))
+PY
+wait $MA && echo "A exited 0 (its run ended with the move)"
+wait $MC && echo "C exited 0"
+wait $MB && echo "B exited 0"
+grep -h "state-digest" "$OUT/mc.err" "$OUT/mb.err"
