@@ -271,9 +271,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         // The stream ends first: the primary closes the link on this report, and the receiver must not take
         // that close for the primary's death (a diverged side takes no fence, and it waits for a new seed).
         finish(.resync(text))
-        var w = Wire(tag: PairMessage.divergence.rawValue)
-        w.raw(Array(text.utf8.prefix(60_000)))
-        try? conn.send(.status(w.out))
+        try? conn.send(PairMessage.divergence.status(bytes: text.utf8.prefix(60_000)))
     }
 
     /// Ends the stream; the first reason stands (a replay error after a fence refusal is its consequence).

@@ -458,16 +458,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         var frames = [PairMessage.released.status(gate.releasedWatermark)]  // or the secondary would send the last line again
         // Whom the service answers: a secondary attached moments ago (a migration's target) may not have it yet,
         // and a survivor that does not know the client drops its first reply.
-        if let a = (gate.backend as? SerialBackend)?.replyAddress {
-            var w = Wire(tag: PairMessage.replyAddress.rawValue)
-            w.raw(a)
-            frames.append(.status(w.out))
-        }
-        if !passed.isEmpty {
-            var w = Wire(tag: PairMessage.input.rawValue)
-            w.raw(passed)
-            frames.append(.status(w.out))
-        }
+        if let a = (gate.backend as? SerialBackend)?.replyAddress { frames.append(PairMessage.replyAddress.status(bytes: a)) }
+        if !passed.isEmpty { frames.append(PairMessage.input.status(bytes: passed)) }
         frames.append(PairMessage.handover.status(exit + Self.handoverExitAhead))
         do { try l.conn.send(frames) } catch { warn("handover: cannot tell the secondary: \(error)") }
         // The secondary takes the fence within its fence wait; allow that and a failure timeout.
@@ -689,9 +681,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             abandonSwitch(target, old: old, oldFrom: oldFrom, why: "the secondary at \(linkFrom): \(why)")
             throw SwitchAbandoned(why: why)
         }
-        var w = Wire(tag: PairMessage.migrated.rawValue)
-        w.raw(Array(linkFrom.utf8))
-        try? old.conn.send(.status(w.out))
+        try? old.conn.send(PairMessage.migrated.status(bytes: linkFrom.utf8))
         dropLink(old, losing: "let go: the guest migrates to \(linkFrom)")
         switchNs = t0
         let ms = String(format: "%.1f", Double(lk_monotonic_ns() &- t0) / 1e6)

@@ -249,9 +249,7 @@ final class SecondaryLink: @unchecked Sendable {
             // Tell it whom the service answers, so a survivor's re-sent output reaches that client.
             if let service, case let v = service.replyAddressChanges.load(ordering: .acquiring), v != sentReplyAddress,
                let a = service.replyAddress {
-                var w = Wire(tag: PairMessage.replyAddress.rawValue)
-                w.raw(a)
-                if (try? conn.send(.status(w.out))) != nil { sentReplyAddress = v; lastSendNs.store(now, ordering: .releasing) }
+                if (try? conn.send(PairMessage.replyAddress.status(bytes: a))) != nil { sentReplyAddress = v; lastSendNs.store(now, ordering: .releasing) }
             }
             if now &- lastSendNs.load(ordering: .acquiring) >= options.heartbeatNs {
                 do { try conn.sendHeartbeat(Heartbeat(sentNs: now, echoNs: 0)) } catch { lose("cannot send a heartbeat: \(error)"); break }
@@ -408,6 +406,13 @@ enum PairMessage: UInt8 {
     func status(_ value: UInt64) -> Frame {
         var w = Wire(tag: rawValue)
         w.u64(value)
+        return .status(w.out)
+    }
+
+    /// A status frame of this message carrying raw bytes (divergence, reply address, migrated, input).
+    func status<C: Collection>(bytes: C) -> Frame where C.Element == UInt8 {
+        var w = Wire(tag: rawValue)
+        w.raw(bytes)
         return .status(w.out)
     }
 }
