@@ -14,16 +14,12 @@ extension PairTests { @Suite struct MigrateTests {
     /// conversation runs through it and through a kill -9 of C: no reply lost or contradicted; A ends with 0.
     @Test func aMigrationMovesTheGuestToAThirdHost() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let ws = try PairFixture.workspace()
-        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/a.sock"
-        let (a, b, portB) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control])
-        defer { a.kill9(); b.kill9() }
-        let (c, portC) = try Self.target(ws, udp: udp, extra: ["--peer", "127.0.0.1:\(portB)"])
-        defer { c.kill9() }
-        let talk = Conversation(port: udp)
+        let h = try Hosts(targetPeersB: true)
+        defer { h.end() }
+        let (a, b, c, portB, portC) = (h.a, h.b, h.c, h.portB, h.portC)
+        let talk = Conversation(port: h.udp)
         talk.exchange(1...3, "a")
-        let move = try Self.migrate(control, to: portC)
+        let move = try Self.migrate(h.control, to: portC)
         #expect(try move.wait(seconds: 60) == 0, "\(move.stderrText)\nA:\n\(a.stderrText)")
         #expect(move.stderr.contains { $0.hasPrefix("migrated: migrated to 127.0.0.1:\(portC): handed over to the secondary at exit ")
                                        && $0.contains("; the guest was stopped ") }, "\(move.stderrText)")
@@ -45,26 +41,47 @@ extension PairTests { @Suite struct MigrateTests {
         talk.expectConsistent()
     }
 
-    /// A target listening at a free port, serving the pair's service address.
-    static func target(_ ws: (dir: String, key: String, fence: String), udp: UInt16, fence: String? = nil, extra: [String] = []) throws -> (Child, UInt16) {
-        let c = try Child("C", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws)
-                              + (fence.map { ["--fence", $0] } ?? []) + extra)
-        return (c, try c.listeningPort())
+    /// Three hosts on loopback: A, the primary (with a control socket), protected by B, and C, a target
+    /// listening, with the pair's key and service address. `primaryEnvironment`: A's fault injection.
+    /// `targetFencedElsewhere`: C's --fence is another directory. `targetPeersB`: C is started with --peer B.
+    struct Hosts {
+        let ws: (dir: String, key: String, fence: String)
+        let udp: UInt16, control: String
+        let a: Child, b: Child, portB: UInt16, c: Child, portC: UInt16
+
+        init(primaryEnvironment: [String: String] = [:], targetFencedElsewhere: Bool = false, targetPeersB: Bool = false) throws {
+            ws = try PairFixture.workspace()
+            do {
+                (udp, control) = (try PairFixture.freeUDPPort(), ws.dir + "/a.sock")
+                (a, b, portB) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control], primaryEnvironment: primaryEnvironment)
+                var extra = targetPeersB ? ["--peer", "127.0.0.1:\(portB)"] : []
+                if targetFencedElsewhere {
+                    let other = ws.dir + "/other-fence"
+                    try FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
+                    extra += ["--fence", other]
+                }
+                c = try Child("C", ["secondary", "--listen", "127.0.0.1:0", "--serial", "udp:127.0.0.1:\(udp)"] + PairFixture.common(ws) + extra)
+                portC = try c.listeningPort()
+            } catch {
+                try? FileManager.default.removeItem(atPath: ws.dir)
+                throw error
+            }
+        }
+
+        func end() {
+            a.kill9(); b.kill9(); c.kill9()
+            try? FileManager.default.removeItem(atPath: ws.dir)
+        }
     }
 
     /// kill -9 of the primary while the target is being seeded (its rounds held back by fault injection): the
     /// secondary that protects the guest takes over, as it would without a migration, and C never goes live.
     @Test func aKill9WhileTheTargetIsSeededFailsOverToTheSecondary() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let ws = try PairFixture.workspace()
-        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/a.sock"
-        let (a, b, _) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control],
-                                                    primaryEnvironment: ["LOCKSTEP_FAULT_SEED_STALL_MS": "60000"])
-        defer { a.kill9(); b.kill9() }
-        let (c, portC) = try Self.target(ws, udp: udp)
-        defer { c.kill9() }
-        let talk = Conversation(port: udp)
+        let h = try Hosts(primaryEnvironment: ["LOCKSTEP_FAULT_SEED_STALL_MS": "60000"])
+        defer { h.end() }
+        let (a, b, c, portC, control) = (h.a, h.b, h.c, h.portC, h.control)
+        let talk = Conversation(port: h.udp)
         talk.exchange(1...3, "a")
         let move = try Self.migrate(control, to: portC)
         defer { move.kill9() }
@@ -91,18 +108,12 @@ extension PairTests { @Suite struct MigrateTests {
     /// protected by B all along; the migration fails at its bound, naming why; a kill -9 of A then fails over to B.
     @Test func aTargetThatRefusesItsSeedLeavesTheSecondaryProtecting() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let ws = try PairFixture.workspace()
-        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let other = ws.dir + "/other-fence"
-        try FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
-        let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/a.sock"
-        let (a, b, portB) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control])
-        defer { a.kill9(); b.kill9() }
-        let (c, portC) = try Self.target(ws, udp: udp, fence: other)
-        defer { c.kill9() }
-        let talk = Conversation(port: udp)
+        let h = try Hosts(targetFencedElsewhere: true)
+        defer { h.end() }
+        let (a, b, c, portB, portC) = (h.a, h.b, h.c, h.portB, h.portC)
+        let talk = Conversation(port: h.udp)
         talk.exchange(1...2, "a")
-        let move = try Self.migrate(control, to: portC, withinMs: 3000)
+        let move = try Self.migrate(h.control, to: portC, withinMs: 3000)
         #expect(try move.wait(seconds: 60) == 1, "\(move.stderrText)")
         Self.expectNotSeeded(move, a, portB: portB, portC: portC)
         #expect(try c.wait(seconds: 30) == 64, "\(c.stderrText)")
@@ -116,20 +127,15 @@ extension PairTests { @Suite struct MigrateTests {
     /// on protected by B, and a kill -9 of A fails over to B.
     @Test func aTargetThatFailsItsFinalSeedLeavesTheSecondaryProtecting() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let ws = try PairFixture.workspace()
-        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
-        let udp = try PairFixture.freeUDPPort(), control = ws.dir + "/a.sock"
-        let (a, b, portB) = try FailoverTests.startPair(ws, udp: udp, extraPrimary: ["--control", control],
-                                                        primaryEnvironment: ["LOCKSTEP_FAULT_SEED_PAGE": "1"])
-        defer { a.kill9(); b.kill9() }
-        let (c, portC) = try Self.target(ws, udp: udp)
-        defer { c.kill9() }
-        let talk = Conversation(port: udp)
+        let h = try Hosts(primaryEnvironment: ["LOCKSTEP_FAULT_SEED_PAGE": "1"])
+        defer { h.end() }
+        let (a, b, c, portB, portC) = (h.a, h.b, h.c, h.portB, h.portC)
+        let talk = Conversation(port: h.udp)
         talk.exchange(1...2, "a")
-        let record = ws.fence + "/lockstep.pair"
+        let record = h.ws.fence + "/lockstep.pair"
         let named = try String(contentsOfFile: record, encoding: .utf8)
         #expect(named.hasPrefix("protected "), "\(named)")
-        let move = try Self.migrate(control, to: portC, withinMs: 3000)
+        let move = try Self.migrate(h.control, to: portC, withinMs: 3000)
         #expect(try c.wait(seconds: 30) == 76, "\(c.stderrText)")
         #expect(try move.wait(seconds: 60) == 1, "\(move.stderrText)")
         Self.expectNotSeeded(move, a, portB: portB, portC: portC)
