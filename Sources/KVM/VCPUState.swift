@@ -38,34 +38,8 @@ extension VCPU {
     /// `fromRun`: take regs, sregs and events from kvm_run's sync area (valid right after a KVM_RUN return,
     /// which is when sync points and snapshots are taken) instead of three ioctls.
     public func captureState(msrs: [UInt32], fromRun: Bool = false) throws(SysError) -> VCPUState {
-        var out = [UInt8]()
-        out.reserveCapacity(VCPUState.fixedSize + 2 + msrs.count * 12)
-        out.append(VCPUState.version)
-        out.append((readyForInjection ? 1 : 0) | (interruptFlag ? 2 : 0))
-        func append<T>(_ v: T) { withUnsafeBytes(of: v) { out.append(contentsOf: $0) } }
-        // SAFETY: the sync area lives in the kvm_run page, mapped for the vCPU's lifetime.
-        append(fromRun ? lk_run_regs(run)!.pointee : try regs())
-        append(fromRun ? lk_run_sregs(run)!.pointee : try sregs())
-        let xs = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
-        defer { xs.deallocate() }
-        xs.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
-        try xsave(into: xs)
-        out.append(contentsOf: UnsafeRawBufferPointer(start: xs, count: 4096))
-        append(try xcrs())
-        append(fromRun ? lk_run_events(run)!.pointee : try events())
-        append(try debugRegs())
-        let values = try self.msrs(msrs)
-        // The list was probed readable: a short read here would leave MSRs out of the state, and whoever
-        // restores it would keep its own values for them and diverge without a word. Fail as setMSRs does.
-        if values.count != msrs.count {
-            throw SysError("KVM_GET_MSRS (read \(values.count) of \(msrs.count))", errno: EINVAL)
-        }
-        out.append(UInt8(values.count & 0xFF)); out.append(UInt8(values.count >> 8))
-        for (i, v) in values {
-            withUnsafeBytes(of: i.littleEndian) { out.append(contentsOf: $0) }
-            withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) }
-        }
-        return VCPUState(bytes: out)
+        let capture = StateCapture(msrs: msrs)
+        return VCPUState(bytes: Array(try capture.capture(self, fromRun: fromRun)))
     }
 
     /// Restores a captured state. Returns the (readyForInjection, ifFlag) recorded with it.
@@ -113,5 +87,71 @@ extension VCPU {
     /// The subset of `VCPUState.msrIndices` this KVM can read.
     public func readableMSRs() -> [UInt32] {
         VCPUState.msrIndices.filter { (try? msrs([$0]).count) == 1 }
+    }
+}
+
+/// A vCPU's state captured in the `VCPUState` layout into buffers made once. Sync points take one at every
+/// interrupt that replay cannot find by counting exits, on the vCPU thread's per-exit path, which does not
+/// allocate; the XSAVE area and the MSRs go straight from their ioctls into place.
+public final class StateCapture {
+    /// The MSRs captured (probed readable with `readableMSRs`).
+    public let msrs: [UInt32]
+    /// The state's size in bytes.
+    public let count: Int
+    private let bytes: UnsafeMutableRawPointer
+    private let msrArgument: UnsafeMutableRawPointer
+    private typealias MSRArray = IoctlArray<kvm_msrs, kvm_msr_entry>
+    private static let xsaveOffset = 2 + 144 + 312
+
+    public init(msrs: [UInt32]) {
+        self.msrs = msrs
+        count = VCPUState.fixedSize + 2 + msrs.count * 12
+        bytes = .allocate(byteCount: count, alignment: 16)
+        bytes.initializeMemory(as: UInt8.self, repeating: 0, count: count)
+        let argumentSize = MSRArray.entriesOffset + max(msrs.count, 1) * MemoryLayout<kvm_msr_entry>.stride
+        msrArgument = .allocate(byteCount: argumentSize, alignment: 16)
+        msrArgument.initializeMemory(as: UInt8.self, repeating: 0, count: argumentSize)
+    }
+
+    deinit { bytes.deallocate(); msrArgument.deallocate() }
+
+    /// Captures `vcpu`'s state (see `VCPU.captureState`). The bytes stay valid until the next capture.
+    public func capture(_ vcpu: VCPU, fromRun: Bool) throws(SysError) -> UnsafeRawBufferPointer {
+        var off = 0
+        func put<T>(_ v: T) {
+            // SAFETY: the offsets follow the layout whose total is `count`; copyMemory needs no alignment.
+            withUnsafeBytes(of: v) { (bytes + off).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            off += MemoryLayout<T>.size
+        }
+        put(VCPUState.version)
+        put(UInt8((vcpu.readyForInjection ? 1 : 0) | (vcpu.interruptFlag ? 2 : 0)))
+        // SAFETY: the sync area lives in the kvm_run page, mapped for the vCPU's lifetime.
+        put(fromRun ? lk_run_regs(vcpu.run)!.pointee : try vcpu.regs())
+        put(fromRun ? lk_run_sregs(vcpu.run)!.pointee : try vcpu.sregs())
+        assert(off == Self.xsaveOffset)
+        // SAFETY: KVM_GET_XSAVE writes 4096 bytes, the room the layout gives it at this offset.
+        try vcpu.xsave(into: bytes + off)
+        off += 4096
+        put(try vcpu.xcrs())
+        put(fromRun ? lk_run_events(vcpu.run)!.pointee : try vcpu.events())
+        put(try vcpu.debugRegs())
+        put(UInt16(msrs.count).littleEndian)
+        if !msrs.isEmpty {
+            // SAFETY: msrArgument holds a kvm_msrs header and msrs.count entries (init), both trivial C structs.
+            let header = msrArgument.assumingMemoryBound(to: kvm_msrs.self)
+            let entries = (msrArgument + MSRArray.entriesOffset).assumingMemoryBound(to: kvm_msr_entry.self)
+            header.pointee.nmsrs = UInt32(msrs.count)
+            for (k, index) in msrs.enumerated() { entries[k] = kvm_msr_entry(index: index, reserved: 0, data: 0) }
+            let got = try Sys.ioctl(vcpu.fd, LK_KVM_GET_MSRS, msrArgument, "KVM_GET_MSRS")
+            // The list was probed readable: a short read here would leave MSRs out of the state, and whoever
+            // restores it would keep its own values for them and diverge without a word. Fail as setMSRs does.
+            if got != msrs.count { throw SysError("KVM_GET_MSRS (read \(got) of \(msrs.count))", errno: EINVAL) }
+            for k in 0..<msrs.count {
+                put(entries[k].index.littleEndian)
+                put(entries[k].data.littleEndian)
+            }
+        }
+        assert(off == count)
+        return UnsafeRawBufferPointer(start: bytes, count: count)
     }
 }

@@ -17,6 +17,8 @@ final class SyncPointStore: @unchecked Sendable {
     var encoder: LogEncoder?
     let msrs: [UInt32]
     let words: Int
+    /// Where `capture` puts the vCPU state (made once: the per-exit path does not allocate).
+    private let state: StateCapture
     private let dirtyLock = Mutex(())
     private let fetched: UnsafeMutablePointer<UInt64>
     private let sinceSync: UnsafeMutablePointer<UInt64>
@@ -34,6 +36,7 @@ final class SyncPointStore: @unchecked Sendable {
     /// `written`: pages already written when this store starts (`words` words; RAM adopted from another machine).
     init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32], loaded pages: [Int], written: [UInt64]? = nil) {
         self.vm = vm; self.memory = memory; self.encoder = encoder; self.msrs = msrs
+        state = StateCapture(msrs: msrs)
         let words = (memory.pageCount + 63) / 64
         self.words = words
         func bitmap() -> UnsafeMutablePointer<UInt64> {
@@ -68,13 +71,11 @@ final class SyncPointStore: @unchecked Sendable {
 
     /// Record side: captures and appends a sync point at the current exit.
     func capture(vcpu: VCPU, hooks: InputHooks) throws(SysError) {
-        let state = try vcpu.captureState(msrs: msrs, fromRun: true)
+        let st = try state.capture(vcpu, fromRun: true)
         let n = try collectDirtyPages()
-        state.bytes.withUnsafeBytes { st in
-            encoder?.appendSyncPoint(exit: hooks.exit, signature: hooks.signature, vcpuState: st,
-                                     pageNumbers: UnsafeBufferPointer(start: pageNumbers, count: n),
-                                     pageData: UnsafeRawBufferPointer(start: pageData, count: n * 4096))
-        }
+        encoder?.appendSyncPoint(exit: hooks.exit, signature: hooks.signature, vcpuState: st,
+                                 pageNumbers: UnsafeBufferPointer(start: pageNumbers, count: n),
+                                 pageData: UnsafeRawBufferPointer(start: pageData, count: n * 4096))
         captured += 1
         pagesCaptured += UInt64(n)
     }
