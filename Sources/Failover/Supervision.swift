@@ -40,15 +40,18 @@ public struct ChildEnd: Sendable, Equatable {
     public var exit: Exit
     /// The status the process reported as its pair's end (the guest ended, or it was stopped on purpose).
     public var ended: Int32?
+    /// Where the process moved the guest (`control … migrate`): its side left the pair on purpose.
+    public var movedTo: String?
     /// A primary's guest ran protected (a secondary confirmed its seed), so output may have left.
     public var wasProtected: Bool
     /// As a secondary, it was seeded (its state matched the primary's).
     public var wasSeeded: Bool
     public var ranMs: UInt64
 
-    public init(launch: SupervisedLaunch, exit: Exit, ended: Int32? = nil, wasProtected: Bool = false, wasSeeded: Bool = false, ranMs: UInt64) {
-        self.launch = launch; self.exit = exit; self.ended = ended; self.wasProtected = wasProtected; self.wasSeeded = wasSeeded
-        self.ranMs = ranMs
+    public init(launch: SupervisedLaunch, exit: Exit, ended: Int32? = nil, movedTo: String? = nil, wasProtected: Bool = false,
+                wasSeeded: Bool = false, ranMs: UInt64) {
+        self.launch = launch; self.exit = exit; self.ended = ended; self.movedTo = movedTo; self.wasProtected = wasProtected
+        self.wasSeeded = wasSeeded; self.ranMs = ranMs
     }
 
     public var role: SupervisedRole { launch.role }
@@ -139,6 +142,10 @@ public struct Supervision: Sendable {
         let who = "the \(e.role.rawValue) \(e.exitText)"
         if e.servedThePair { pairRan = true }
         if let s = e.ended { return .stop(status: s, why: "the pair ended (status \(s))") }
+        if let to = e.movedTo {
+            // The operator moved the guest off this host: a restart here would only wait for a seed nobody sends.
+            return .stop(status: e.status, why: "the \(e.role.rawValue) moved the guest to \(to) (a migration): this side's part in the pair ended")
+        }
         if stopping { return .stop(status: e.status, why: "\(who); stopping as asked") }
         if case .status(let s) = e.exit, Self.hopeless.contains(s) {
             return .stop(status: s, why: "\(who): a restart cannot help (\(Self.meaning[s] ?? "status \(s)"))")

@@ -132,7 +132,10 @@ public final class CurrentRole: Sendable {
     func migrate(to address: String, withinMs: Int, reply: @escaping @Sendable (HandoverOutcome) -> Void) {
         guard let r = role.withLock({ $0 }) else { return reply(.refused("migration refused: nothing runs yet")) }
         r.migrate(to: address, withinMs: withinMs) { [self] outcome in
-            if case .handedOver = outcome { stopping.store(true, ordering: .releasing) }
+            if case .handedOver = outcome {
+                stopping.store(true, ordering: .releasing)
+                SupervisorReport.moved(to: address)
+            }
             reply(outcome)
         }
     }

@@ -20,8 +20,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         case primaryStopped(String)
         /// This side cannot follow the log (bad frame, divergence): the primary is told and re-seeds it.
         case resync(String)
-        /// A migration moved the guest to another host and let this side go: wait for a new seed.
-        case released(String)
+        /// A migration moved the guest to the secondary at this address and let this side go: wait for a new seed.
+        case released(to: String)
     }
 
     let conn: Connection
@@ -181,7 +181,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                     } else if body.first == PairMessage.input.rawValue {
                         handedInput.withLock { if $0.count + body.count <= 1 << 17 { $0 += body.dropFirst() } }  // bounded: one handover's worth
                     } else if body.first == PairMessage.migrated.rawValue {
-                        finish(.released("the primary moved the guest to \(String(decoding: body.dropFirst().prefix(300), as: UTF8.self))"))
+                        finish(.released(to: String(decoding: body.dropFirst().prefix(300), as: UTF8.self)))
                     } else if body.first == PairMessage.handoverAnswer.rawValue, let outcome = try? HandoverOutcome(answer: body) {
                         handoverReplies.answer(outcome, closing: false)
                     } else if body.first == PairMessage.handover.rawValue, body.count == 9, !Self.ignoreHandover {
@@ -260,7 +260,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
         switch e {
         case .goLive(let why): return .handedOver("this side took the fence and goes live: \(why)")
         case .trailer: return .refused("handover refused: the guest ended first")
-        case .primaryStopped(let why), .released(let why): return .refused("handover refused: \(why)")
+        case .primaryStopped(let why): return .refused("handover refused: \(why)")
+        case .released(let to): return .refused("handover refused: the primary moved the guest to \(to)")
         case .fenced(let why, _): return .failed("handover failed: this side may not go live: \(why)")
         case .resync(let why): return .failed("handover failed: this side cannot follow the primary's log (\(why)); the primary re-seeds it")
         }

@@ -273,10 +273,18 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
         case .resync(let why)?:
             warn("secondary: cannot follow the primary (\(why.split(separator: "\n").first ?? "")); waiting for a new seed")
             return true
-        case .released(let why)?:
+        case .released(let target)?:
             // The guest runs on at the target: its primary (given --peer here) seeds this side again, by a delta
-            // against the RAM kept here.
-            warn("secondary: \(why) and let this side go; waiting for a primary to seed it again")
+            // against the RAM kept here. Should the target fail, its host is where this side, live, finds its own
+            // secondary (the target's restart), no longer the host the guest left.
+            let moved = reprotectAddress.withLock { a -> Bool in
+                guard a != nil, a != target, (try? PairOptions.hostPort(target, option: "peer")) != nil else { return false }
+                a = target
+                return true
+            }
+            if moved { SupervisorReport.peer(target) }
+            warn("secondary: the primary moved the guest to \(target) and let this side go; waiting for a primary to seed it again"
+                 + (moved ? "; once live, this side looks for its secondary at \(target)" : ""))
             return true
         case .trailer?, .goLive?, nil: return false
         }

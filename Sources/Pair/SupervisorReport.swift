@@ -11,7 +11,9 @@ import Glibc
 ///   `protected`        a secondary confirmed a seed: the guest runs, and output may leave
 ///   `seeded`           this secondary's seed matched its primary's digest: it protects the guest
 ///   `ended STATUS`     the pair ended (the guest exited, crashed, or an operator stopped it): no restart
-///   `peer HOST:PORT`   the operator moved the peer address (`lockstep control SOCKET peer`): restarts take it
+///   `peer HOST:PORT`   the peer address moved (the operator's `lockstep control SOCKET peer`, or a migration
+///                      that made the secondary at HOST:PORT this side's primary): restarts take it
+///   `moved HOST:PORT`  this side moved the guest there (`lockstep control SOCKET migrate`) and left the pair
 ///
 /// A supervised process dies with its supervisor (SIGKILL on the parent's death, `LOCKSTEP_SUPERVISOR_PID`):
 /// a side is its supervisor and its process, and killing either loses that side, so the other side fails
@@ -49,6 +51,7 @@ public enum SupervisorReport {
     public static func seeded() { send("seeded") }
     public static func ended(_ status: Int32) { send("ended \(status)") }
     public static func peer(_ address: String) { send("peer \(address)") }
+    public static func moved(to address: String) { send("moved \(address)") }
 
     private static func send(_ line: String) {
         guard let fd else { return }

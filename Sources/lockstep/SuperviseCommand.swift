@@ -22,13 +22,15 @@ struct SuperviseCommand: ParsableCommand {
         lost), a side that has the guest image boots it again as the primary (a cold restart, unprotected until a \
         secondary answers at its --peer; the fence refuses it while a live side holds it): supervise primary always, \
         supervise secondary when given --save-guest DIR and seeded once; otherwise it waits again. \
-        Stops, with the pair's status, when the guest ends; \
+        Stops, with the pair's status, when the guest ends; with 0 when its side moved the guest to another host \
+        (`lockstep control SOCKET migrate`); \
         on SIGTERM, SIGINT or SIGHUP (passed on to the process, which is not restarted; a process running the guest protected hands it over first, \
         and one running it unprotected stops it and records that it ended, so no supervisor boots it again; SIGINT and SIGHUP stay ignored when \
         the supervisor started with them ignored, as under nohup or a shell's &); after --max-quick-restarts quick runs in a row (under 10 s, never seeded \
         nor protected); and on a status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). \
         SIGUSR2 is passed on (a handover). The process dies with its supervisor (kill -9 of either loses this side). \
-        An operator's `lockstep control SOCKET peer HOST:PORT` carries into later runs. Needs --fence: a restart without one could make a second primary.
+        An operator's `lockstep control SOCKET peer HOST:PORT` carries into later runs, and so does a migration's target for \
+        the secondary it let go. Needs --fence: a restart without one could make a second primary.
         """)
     @Option(name: .long, help: "Give up after this many quick runs in a row: ended within 10 s, never seeded nor protected (a side killed after it served the pair is always restarted at once).") var maxQuickRestarts: Int = 5
     @Option(name: .long, help: "How long a restarted secondary waits for a live side's seed before the pair record is read: the guest ended (stop with its status), or nobody runs it (both sides were lost: this side boots it again if it has the image, a cold restart) (ms; 0: wait forever, never a cold restart).") var rejoinTimeoutMs: UInt64 = 5_000
@@ -56,7 +58,7 @@ struct SuperviseCommand: ParsableCommand {
             }
             if let moved = child.movedPeer {
                 plan.movePeer(to: moved)
-                say("the operator moved the peer to \(moved): this side's next runs take --peer \(moved)")
+                say("the peer moved to \(moved): this side's next runs take --peer \(moved)")
             }
             var action = policy.childEnded(end)
             if case .readPairRecord = action { action = policy.pairRecordRead(plan.readPairRecord(), guest: plan.lookForGuest()) }
@@ -263,7 +265,8 @@ final class SupervisedChild {
     private var wasProtected = false
     private var wasSeeded = false
     private var ended: Int32?
-    /// The last address the operator moved the peer to while this process ran.
+    private var movedTo: String?
+    /// The last address the peer moved to while this process ran (the operator's `peer`, or a migration).
     private(set) var movedPeer: String?
 
     init(_ exe: String, _ args: [String]) throws {
@@ -310,7 +313,7 @@ final class SupervisedChild {
             if r == pid || lost {
                 readReports()
                 let (code, signal) = Spawn.decode(st)
-                return ChildEnd(launch: launch, exit: code.map { .status($0) } ?? .signal(signal), ended: ended,
+                return ChildEnd(launch: launch, exit: code.map { .status($0) } ?? .signal(signal), ended: ended, movedTo: movedTo,
                                 wasProtected: wasProtected, wasSeeded: wasSeeded, ranMs: (lk_monotonic_ns() &- startNs) / 1_000_000)
             }
             // Without pidfd_open (Linux < 5.3) the child's end is looked for every 50 ms.
@@ -345,6 +348,7 @@ final class SupervisedChild {
             if line == "seeded" { wasSeeded = true }
             if line.hasPrefix("ended "), let s = Int32(line.dropFirst(6)) { ended = s }
             if line.hasPrefix("peer "), line.count > 5 { movedPeer = String(line.dropFirst(5)) }
+            if line.hasPrefix("moved "), line.count > 6 { movedTo = String(line.dropFirst(6)) }
         }
     }
 }

@@ -21,6 +21,17 @@ import Testing
         }
     }
 
+    /// A side that moved its guest to another host (`control … migrate`) left the pair on purpose: restarted, it
+    /// would wait for a seed nobody sends (the guest's new pair is the target and the other side).
+    @Test func aSideThatMovedItsGuestAwayStops() {
+        for launch in SupervisedLaunch.allCases {
+            var s = Supervision(rejoinMs: 500)
+            let a = s.childEnded(ChildEnd(launch: launch, exit: .status(0), movedTo: "10.0.0.3:7400", wasProtected: true, ranMs: Self.long))
+            #expect(a == .stop(status: 0, why: "the \(launch.role.rawValue) moved the guest to 10.0.0.3:7400 (a migration): this side's part in the pair ended"),
+                    "\(launch)")
+        }
+    }
+
     @Test func theRestartedRoleIsTheSecondaryUnlessAPrimaryNeverRanProtected() {
         for role in Self.plain {
             for exit in Self.exits {

@@ -325,8 +325,8 @@ extension PairTests { @Suite struct SuperviseTests {
         talk.exchange(3...4, "b")
         kill(try Self.started(a, 1), SIGKILL)
         talk.exchange(5...5, "c", "\(c.stderrText)")
-        let said = try a.waitForLine(containing: "the operator moved the peer to")
-        #expect(said.hasSuffix("the operator moved the peer to 127.0.0.1:\(portC): this side's next runs take --peer 127.0.0.1:\(portC)"), "\(said)")
+        let said = try a.waitForLine(containing: "the peer moved to")
+        #expect(said.hasSuffix("the peer moved to 127.0.0.1:\(portC): this side's next runs take --peer 127.0.0.1:\(portC)"), "\(said)")
         let restart = try a.waitForLine(containing: "started the secondary")
         #expect(restart.contains("--peer 127.0.0.1:\(portC)") && !restart.contains("--peer 127.0.0.1:\(portB)"), "\(restart)")
         try c.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", seconds: 30)
@@ -335,6 +335,46 @@ extension PairTests { @Suite struct SuperviseTests {
         c.kill9()
         talk.exchange(8...8, "e", "\(a.stderrText)")
         try a.waitForLine(containing: "looking for a new secondary at 127.0.0.1:\(portC)")
+        talk.expectConsistent()
+    }
+
+    /// A supervised pair after a migration: host A moves the guest to host C (supervised, `--peer B`). A's
+    /// supervisor stops (the guest left its host on purpose); B, let go, takes C as its peer and tells its
+    /// supervisor; C, live, re-protects itself on B. A kill -9 of C's process then fails over to B, which
+    /// finds its new secondary on C (the restart of C's supervisor), not on A: the pair B + C is protected again.
+    @Test func aSupervisedPairStaysProtectedAcrossAMigration() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let pair = try Pair(controlA: true)
+        let (a, b, portB, udp) = (pair.a, pair.b, pair.portB, pair.udp)
+        let portC = try PairFixture.freeTCPPort()
+        let c = try Child("supervisor-C", ["supervise", "secondary", "--listen", "127.0.0.1:\(portC)", "--peer", "127.0.0.1:\(portB)"]
+                          + PairFixture.common(pair.ws) + ["--serial", "udp:127.0.0.1:\(udp)"])
+        defer { Self.killStarted([a, b, c]); try? FileManager.default.removeItem(atPath: pair.ws.dir) }
+        _ = try c.listeningPort()
+        let talk = Conversation(port: udp)
+        talk.exchange(1...2, "a")
+        let move = try PairTests.MigrateTests.migrate(pair.control, to: portC)
+        #expect(try move.wait(seconds: 60) == 0, "\(move.stderrText)\nA:\n\(a.stderrText)")
+        #expect(try a.wait(seconds: 30) == 0, "\(a.stderrText)")
+        #expect(a.stderr.contains("lockstep supervise: the primary moved the guest to 127.0.0.1:\(portC) (a migration): this side's part in the pair ended; exiting with 0"),
+                "\(a.stderrText)")
+        try b.waitForLine(containing: "let this side go; waiting for a primary to seed it again; once live, this side looks for its secondary at 127.0.0.1:\(portC)")
+        try c.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portB)", seconds: 30)
+        talk.exchange(3...4, "b")
+
+        kill(try Self.started(c, 1), SIGKILL)
+        talk.exchange(5...5, "c", "\(b.stderrText)")
+        try c.waitForLine(containing: "the secondary was killed by signal 9: restarting as the live side's secondary")
+        try b.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portC)", seconds: 30)
+        talk.exchange(6...7, "d")
+        talk.quit()
+        for s in [b, c] {
+            #expect(try s.wait(seconds: 30) == 0, "\(s.stderrText)")
+            #expect(s.stderr.contains("lockstep supervise: the pair ended (status 0); exiting with 0"), "\(s.stderrText)")
+        }
+        // B's process told its supervisor of the new peer when the migration let it go (said at the process's end).
+        #expect(b.stderr.contains("lockstep supervise: the peer moved to 127.0.0.1:\(portC): this side's next runs take --peer 127.0.0.1:\(portC)"),
+                "\(b.stderrText)")
         talk.expectConsistent()
     }
 
