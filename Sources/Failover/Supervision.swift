@@ -119,6 +119,12 @@ public struct Supervision: Sendable {
     /// How long a restarted secondary waits for a live side's seed before the pair record is read (0: forever,
     /// and nothing is read).
     public let rejoinMs: UInt64
+    /// How long the next rejoining secondary waits: `rejoinMs`, doubled (up to `maxRejoinWaitMs`) after each wait
+    /// that showed this side can do nothing but wait (it cannot boot the guest, or a cold restart found the
+    /// fence held by a live side). Such a wait ends only when a live side seeds it, at once whatever the bound,
+    /// so a long outage need not start a process and log its lines every few seconds.
+    public private(set) var rejoinWaitMs: UInt64
+    public static let maxRejoinWaitMs: UInt64 = 30_000
     public private(set) var quickRuns = 0
     public private(set) var stopping = false
     /// A process of this supervisor served a protected pair: its later secondaries rejoin that pair.
@@ -128,7 +134,11 @@ public struct Supervision: Sendable {
         self.quickRunMs = quickRunMs
         self.maxQuickRuns = maxQuickRuns
         self.rejoinMs = rejoinMs
+        rejoinWaitMs = rejoinMs
     }
+
+    /// The next wait after one that could only end in waiting.
+    private var longerWaitMs: UInt64 { min(max(rejoinMs, Self.maxRejoinWaitMs), rejoinWaitMs * 2) }
 
     /// The operator stopped the supervisor (SIGTERM, SIGINT, SIGHUP): the process it runs was told to stop too,
     /// and is not restarted.
@@ -155,6 +165,7 @@ public struct Supervision: Sendable {
             quickRuns = 0
             return .readPairRecord
         }
+        rejoinWaitMs = e.launch == .coldPrimary && e.exit == .status(Self.fenced) ? longerWaitMs : rejoinMs
         quickRuns = e.ranMs < quickRunMs && !e.servedThePair ? quickRuns + 1 : 0
         if quickRuns > maxQuickRuns {
             return .stop(status: e.status, why: "\(who); giving up: \(quickRuns) runs in a row ended within \(quickRunMs / 1000) s without serving the pair")
@@ -172,8 +183,8 @@ public struct Supervision: Sendable {
     /// booted again here if this side has its image (a cold restart: the fence refuses it while a live side
     /// holds it; when both sides can, the first to take the fence boots and the other becomes its secondary);
     /// otherwise the secondary waits again.
-    public func pairRecordRead(_ r: PairRecordReading, guest: GuestAtHand) -> SupervisorAction {
-        let waited = "no live side seeded the secondary within \(rejoinMs) ms"
+    public mutating func pairRecordRead(_ r: PairRecordReading, guest: GuestAtHand) -> SupervisorAction {
+        let waited = "no live side seeded the secondary within \(rejoinWaitMs) ms"
         switch r {
         case .ended(let s):
             return .stop(status: s, why: "\(waited), and the pair record says the guest ended (status \(s)): the pair ended")
@@ -181,8 +192,11 @@ public struct Supervision: Sendable {
             guard case .no(let why) = guest else {
                 return .restart(.coldPrimary, delayMs: 0, why: "\(waited), and the pair record says '\(text)': nobody may run the guest; booting it again as the primary (a cold restart: the fence refuses it if a live side holds it)")
             }
-            return .restart(.rejoin, delayMs: 0, why: "\(waited), and the pair record says '\(text)': waiting again (this side cannot boot the guest: \(why))")
+            rejoinWaitMs = longerWaitMs
+            return .restart(.rejoin, delayMs: 0, why: "\(waited), and the pair record says '\(text)': waiting again, up to \(rejoinWaitMs) ms (this side cannot boot the guest: \(why))")
         case .unreadable(let why):
+            // The store may be back at any moment, and with it a cold restart that is due: look again soon.
+            rejoinWaitMs = rejoinMs
             return .restart(.rejoin, delayMs: 0, why: "\(waited), and the pair record cannot be read (\(why)): waiting again")
         }
     }

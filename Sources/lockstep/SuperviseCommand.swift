@@ -33,7 +33,7 @@ struct SuperviseCommand: ParsableCommand {
         the secondary it let go. Needs --fence: a restart without one could make a second primary.
         """)
     @Option(name: .long, help: "Give up after this many quick runs in a row: ended within 10 s, never seeded nor protected (a side killed after it served the pair is always restarted at once).") var maxQuickRestarts: Int = 5
-    @Option(name: .long, help: "How long a restarted secondary waits for a live side's seed before the pair record is read: the guest ended (stop with its status), or nobody runs it (both sides were lost: this side boots it again if it has the image, a cold restart) (ms; 0: wait forever, never a cold restart).") var rejoinTimeoutMs: UInt64 = 5_000
+    @Option(name: .long, help: "How long a restarted secondary waits for a live side's seed before the pair record is read: the guest ended (stop with its status), or nobody runs it (both sides were lost: this side boots it again if it has the image, a cold restart) (ms; 0: wait forever, never a cold restart). A wait that could only end in waiting again (this side cannot boot the guest, or a live side holds the fence) doubles the next, up to 30 s.") var rejoinTimeoutMs: UInt64 = 5_000
     @Argument(parsing: .allUnrecognized, help: "primary GUEST ... or secondary ...: the command to run.") var command: [String] = []
 
     func run() throws {
@@ -45,7 +45,7 @@ struct SuperviseCommand: ParsableCommand {
         // Resolved once: an upgrade that replaces the file restarts into the new binary, not a deleted inode.
         let exe = Spawn.selfExecutable
         while true {
-            let args = plan.arguments(launch, rejoinMs: rejoinTimeoutMs)
+            let args = plan.arguments(launch, rejoinMs: policy.rejoinWaitMs)
             let child: SupervisedChild
             do { child = try SupervisedChild(exe, args) } catch { throw fail("supervise: \(error)", .internalError) }
             say("started the \(launch.role.rawValue), pid \(child.pid): lockstep \(args.joined(separator: " "))")

@@ -158,13 +158,16 @@ import Testing
             #expect(s.quickRuns == 0)
             let waited = "no live side seeded the secondary within 5000 ms, and the pair record"
             #expect(s.pairRecordRead(.ended(3), guest: guest) == .stop(status: 3, why: "\(waited) says the guest ended (status 3): the pair ended"))
+            #expect(s.pairRecordRead(.unreadable("EIO"), guest: guest) == .restart(.rejoin, delayMs: 0, why: "\(waited) cannot be read (EIO): waiting again"))
+            #expect(s.rejoinWaitMs == 5_000)
             let says = s.pairRecordRead(.says("protected 1f"), guest: guest)
             if guest == .yes {
                 #expect(says == .restart(.coldPrimary, delayMs: 0, why: "\(waited) says 'protected 1f': nobody may run the guest; booting it again as the primary (a cold restart: the fence refuses it if a live side holds it)"))
+                #expect(s.rejoinWaitMs == 5_000)
             } else {
-                #expect(says == .restart(.rejoin, delayMs: 0, why: "\(waited) says 'protected 1f': waiting again (this side cannot boot the guest: nothing saved)"))
+                #expect(says == .restart(.rejoin, delayMs: 0, why: "\(waited) says 'protected 1f': waiting again, up to 10000 ms (this side cannot boot the guest: nothing saved)"))
+                #expect(s.rejoinWaitMs == 10_000)
             }
-            #expect(s.pairRecordRead(.unreadable("EIO"), guest: guest) == .restart(.rejoin, delayMs: 0, why: "\(waited) cannot be read (EIO): waiting again"))
             // A 68 from any other launch is a failure like any other.
             guard case .restart(let next, _, _) = s.childEnded(ChildEnd(launch: .secondary, exit: .status(68), ranMs: 1)), next != .coldPrimary else {
                 Issue.record("a plain secondary's 68 was taken as a rejoin timeout"); continue
@@ -183,17 +186,31 @@ import Testing
     }
 
     /// A live side that cannot reach this one (a cut FT link) makes it wait, try a cold restart the fence refuses,
-    /// and wait again, for as long as that lasts: never a back-off, never giving up.
+    /// and wait again, for as long as that lasts: never giving up, each wait twice as long as the last (the held
+    /// fence shows a live side, which seeds this one at once when it can), up to 30 s. A side that served the pair
+    /// again starts over from the rejoin timeout.
     @Test func waitingForAnUnreachableLiveSideNeverGivesUp() {
         var s = Supervision(maxQuickRuns: 2, rejoinMs: 5_000)
         _ = s.childEnded(ChildEnd(launch: .primary, exit: .signal(9), wasProtected: true, ranMs: Self.long))
+        var waits: [UInt64] = []
         for _ in 0..<100 {
+            waits.append(s.rejoinWaitMs)
             guard case .readPairRecord = s.childEnded(ChildEnd(launch: .rejoin, exit: .status(68), ranMs: 5_000)) else { Issue.record("no record read"); return }
             #expect(s.pairRecordRead(.says("unprotected"), guest: .yes).isRestart(.coldPrimary))
             guard case .restart(.rejoin, 0, _) = s.childEnded(ChildEnd(launch: .coldPrimary, exit: .status(75), ranMs: 30)) else {
                 Issue.record("the fenced cold primary did not rejoin at once"); return
             }
         }
+        #expect(Array(waits.prefix(5)) == [5_000, 10_000, 20_000, 30_000, 30_000] && Set(waits.dropFirst(3)) == [30_000])
+        _ = s.childEnded(ChildEnd(launch: .rejoin, exit: .signal(9), wasSeeded: true, ranMs: Self.long))
+        #expect(s.rejoinWaitMs == 5_000)
+        // A side that can never boot the guest backs off the same way; a rejoin timeout over the cap stays as given.
+        var t = Supervision(rejoinMs: 5_000)
+        for _ in 0..<3 { _ = t.pairRecordRead(.says("protected 1f"), guest: .no("nothing saved")) }
+        #expect(t.rejoinWaitMs == 30_000)
+        var u = Supervision(rejoinMs: 60_000)
+        _ = u.pairRecordRead(.says("protected 1f"), guest: .no("nothing saved"))
+        #expect(u.rejoinWaitMs == 60_000)
     }
 }
 
