@@ -195,7 +195,8 @@ enum SeedCodec {
 struct Wire {
     var out: [UInt8] = []
     init(_ part: SeedPart) { out.append(part.rawValue) }
-    init(tag: UInt8) { out.append(tag) }
+    /// A status message: most are a tag and a u64 (`released`, acks' reports), made in one allocation.
+    init(tag: UInt8) { out.reserveCapacity(16); out.append(tag) }
     mutating func u8(_ v: UInt8) { out.append(v) }
     mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) } }
     mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) } }

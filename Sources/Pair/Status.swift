@@ -109,7 +109,10 @@ final class PairMetrics: @unchecked Sendable {
     private var roundTrips = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
     /// The last round trip measured (ns; 0: none yet).
     private var lastRoundTripNs: UInt64 = 0
-    private var series: [[Double]] = []
+    /// Lag over time: (seconds since start, µs) pairs, flat, room for all made at once: the link thread adds to
+    /// it on an ack, a path that does not allocate.
+    private var series: [Double] = { var s: [Double] = []; s.reserveCapacity(2 * PairMetrics.maxSeries); return s }()
+    static let maxSeries = 20_000
     private var lastSeriesNs: UInt64 = 0
     let startNs = lk_monotonic_ns()
     var replayLagExitsMax: UInt64 = 0
@@ -122,9 +125,10 @@ final class PairMetrics: @unchecked Sendable {
     func replicated(lagNs: UInt64, at now: UInt64) {
         lock.lock(); defer { lock.unlock() }
         _ = replication.record(lagNs)
-        if now &- lastSeriesNs >= 1_000_000 && series.count < 20_000 {
+        if now &- lastSeriesNs >= 1_000_000 && series.count < 2 * Self.maxSeries {
             lastSeriesNs = now
-            series.append([Double(now &- startNs) / 1e9, Double(lagNs) / 1000])
+            series.append(Double(now &- startNs) / 1e9)
+            series.append(Double(lagNs) / 1000)
         }
     }
 
@@ -174,7 +178,7 @@ final class PairMetrics: @unchecked Sendable {
                          replayLagExits: .init(replayExits, scale: 1), replayLagExitsMax: replayLagExitsMax, logBytes: logBytes, events: events, batches: batches,
                          syncPoints: syncPoints, exits: exits, elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9,
                          throttledMs: Double(throttledNs) / 1e6, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs,
-                         seedThrottlePercent: seedThrottles, lagSeries: series, lagHistogram: buckets)
+                         seedThrottlePercent: seedThrottles, lagSeries: stride(from: 0, to: series.count, by: 2).map { [series[$0], series[$0 + 1]] }, lagHistogram: buckets)
     }
 }
 
