@@ -113,15 +113,20 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     /// secondary started with `--peer` will, once live. One started without it never protects itself.
     public func changePeer(_ address: String) -> String {
         do { _ = try PairOptions.hostPort(address, option: "peer") } catch { return "refused: \(error)" }
-        let moved = reprotectAddress.withLock { a -> Bool in
+        guard moveReprotectPeer(to: address) else { return "refused: this secondary was started without --peer: once live it runs the guest unprotected" }
+        if let p = protectorForSignals.withLock({ $0 }) { return p.changePeer(address) }
+        warn("the operator moved the peer address to \(address): once live, this side looks for its secondary there")
+        return "ok: once live, this side looks for its secondary at \(address)"
+    }
+
+    /// Moves where this side, once live, seeks its secondary; false when it was started without `--peer` (it
+    /// never protects itself). The caller checked the address.
+    private func moveReprotectPeer(to address: String) -> Bool {
+        reprotectAddress.withLock { a in
             guard a != nil else { return false }
             a = address
             return true
         }
-        guard moved else { return "refused: this secondary was started without --peer: once live it runs the guest unprotected" }
-        if let p = protectorForSignals.withLock({ $0 }) { return p.changePeer(address) }
-        warn("the operator moved the peer address to \(address): once live, this side looks for its secondary there")
-        return "ok: once live, this side looks for its secondary at \(address)"
     }
 
     /// SIGTERM: a survivor protecting itself hands its guest over and `run` returns instead of listening again.
@@ -277,11 +282,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
             // The guest runs on at the target: its primary (given --peer here) seeds this side again, by a delta
             // against the RAM kept here. Should the target fail, its host is where this side, live, finds its own
             // secondary (the target's restart), no longer the host the guest left.
-            let moved = reprotectAddress.withLock { a -> Bool in
-                guard a != nil, a != target, (try? PairOptions.hostPort(target, option: "peer")) != nil else { return false }
-                a = target
-                return true
-            }
+            let moved = target != reprotectPeer && (try? PairOptions.hostPort(target, option: "peer")) != nil && moveReprotectPeer(to: target)
             if moved { SupervisorReport.peer(target) }
             warn("secondary: the primary moved the guest to \(target) and let this side go; waiting for a primary to seed it again"
                  + (moved ? "; once live, this side looks for its secondary at \(target)" : ""))
