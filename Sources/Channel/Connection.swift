@@ -359,6 +359,15 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
+    /// What the peer said before the connection broke: the messages already here (buffered, or in the socket),
+    /// taken without waiting, at most `limit`. A peer that reports why it leaves and closes at once resets a
+    /// connection with bytes still coming to it; a send here fails on that reset, and its report is still readable.
+    public func lastWords(limit: Int = 64) -> [Message] {
+        var words: [Message] = []
+        while words.count < limit, let m = try? receiveMessage(timeoutMs: 0) { words.append(m) }
+        return words
+    }
+
     private func ensureReceive(_ total: Int) {
         // Make room for `total` bytes starting at rstart.
         if rstart > 0 && (rcap - rstart < total || rstart == rend) {

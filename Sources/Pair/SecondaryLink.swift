@@ -20,6 +20,9 @@ final class SecondaryLink: @unchecked Sendable {
     /// The secondary said it cannot follow this log (set before `lost`): it will never take the guest over.
     let refused = Atomic<Bool>(false)
     private let lostReason = Mutex<String>("")
+    /// A log batch could not be sent (vCPU thread): the stream is broken, and the link thread loses the link.
+    private let sendBroken = Atomic<Bool>(false)
+    private let sendFailure = Mutex<String>("")
     /// Orders this link's pair-record writes: a loss always writes last.
     private let recordLock = NSLock()
     private var handingOver = false  // under recordLock
@@ -184,13 +187,18 @@ final class SecondaryLink: @unchecked Sendable {
     /// Sends encoded log bytes that complete every record below `watermark`.
     /// `appendedNs`: when the batch's first record was appended (0: now); its replication lag runs from there.
     func send(watermark: UInt64, bytes: UnsafeRawBufferPointer, appendedNs: UInt64 = 0) -> Bool {
-        guard !lost.load(ordering: .acquiring) else { return false }
+        guard !lost.load(ordering: .acquiring), !sendBroken.load(ordering: .acquiring) else { return false }
         let now = lk_monotonic_ns()
         bytesSent &+= UInt64(bytes.count)
         batchCount &+= 1
         let b = Batch(watermark: watermark, ns: appendedNs == 0 ? now : min(appendedNs, now), bytes: bytesSent)
         batches.withLock { $0.list.append(b) }
-        do { try conn.sendLog(exitIndex: watermark, bytes: bytes) } catch { lose("cannot send to the secondary: \(error)"); return false }
+        do { try conn.sendLog(exitIndex: watermark, bytes: bytes) } catch {
+            // The link thread, which reads the connection, loses it (`sendFailed`): it may hold a reason first.
+            sendFailure.withLock { $0 = "cannot send to the secondary: \(error)" }
+            sendBroken.store(true, ordering: .releasing)
+            return false
+        }
         lastSendNs.store(now, ordering: .releasing)
         return true
     }
@@ -213,25 +221,15 @@ final class SecondaryLink: @unchecked Sendable {
         var sentReplyAddress: UInt64 = 0
         while !lost.load(ordering: .acquiring) {
             do {
-                let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
-                switch m {
-                case .ack(let a):
-                    if let u = unconfirmed {
-                        guard confirm(a, u) else { break }
-                        unconfirmed = nil
-                    }
-                    acked(a, now: lk_monotonic_ns())
-                case .goodbye(let why): lose("the secondary said goodbye: \(why)")
-                case .status(let body): secondaryReported(body)
-                case .heartbeat(let h) where h.echoNs != 0:
-                    let now = lk_monotonic_ns()
-                    if now > h.echoNs { metrics.roundTrip(now - h.echoNs) }
-                default: break
-                }
+                heard(try conn.receiveMessage(timeoutMs: options.heartbeatMs))
                 silence.heard()
             } catch ChannelError.timeout {
             } catch {
                 lose("\(error)")  // the failover machine names it a channel error
+                break
+            }
+            if sendBroken.load(ordering: .acquiring) {
+                sendFailed(sendFailure.withLock { $0 })
                 break
             }
             if let ms = silence.reached(unconfirmed == nil ? options.failureNs : Self.seedTimeoutNs, conn: conn) {
@@ -252,11 +250,35 @@ final class SecondaryLink: @unchecked Sendable {
                 if (try? conn.send(PairMessage.replyAddress.status(bytes: a))) != nil { sentReplyAddress = v; lastSendNs.store(now, ordering: .releasing) }
             }
             if now &- lastSendNs.load(ordering: .acquiring) >= options.heartbeatNs {
-                do { try conn.sendHeartbeat(Heartbeat(sentNs: now, echoNs: 0)) } catch { lose("cannot send a heartbeat: \(error)"); break }
+                do { try conn.sendHeartbeat(Heartbeat(sentNs: now, echoNs: 0)) } catch { sendFailed("cannot send a heartbeat: \(error)"); break }
                 lastSendNs.store(now, ordering: .releasing)
             }
         }
         lk_eventfd_signal(ackEvent)
+    }
+
+    private func heard(_ m: Message) {
+        switch m {
+        case .ack(let a):
+            if let u = unconfirmed {
+                guard confirm(a, u) else { return }
+                unconfirmed = nil
+            }
+            acked(a, now: lk_monotonic_ns())
+        case .goodbye(let why): lose("the secondary said goodbye: \(why)")
+        case .status(let body): secondaryReported(body)
+        case .heartbeat(let h) where h.echoNs != 0:
+            let now = lk_monotonic_ns()
+            if now > h.echoNs { metrics.roundTrip(now - h.echoNs) }
+        default: break
+        }
+    }
+
+    /// A send failed (link thread): a secondary that reports a divergence and closes resets the link, and
+    /// a send can fail on that reset before the report is read. Its last words, when here, say why it went.
+    private func sendFailed(_ why: String) {
+        for m in conn.lastWords() where !lost.load(ordering: .acquiring) { heard(m) }
+        lose(why)  // nothing more if the last words lost it
     }
 
     /// The secondary's first ack answers the seed: it holds the seed's exit and the same state. From here it

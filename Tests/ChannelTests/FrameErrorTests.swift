@@ -79,6 +79,21 @@ import Foundation
         #expect(throws: ChannelError.decryptionFailed(type: .status)) { try server.receive(timeoutMs: 2000) }
     }
 
+    /// A peer that says why it leaves and closes at once, with bytes of ours unread, resets the connection:
+    /// our next send fails, and what it said before is still ours to read (the primary's reason for a loss).
+    @Test func aPeersLastWordsOutliveTheResetOfItsClose() throws {
+        var (client, server): (Connection, Connection?) = try established()
+        let report: [UInt8] = [2] + Array("divergence at exit 920".utf8)
+        try server!.send(.status(report))
+        try client.sendLog(LogBatch(exitIndex: 1, bytes: Array(repeating: 7, count: 4096)))
+        #expect(try SocketOps.wait(server!.fd, events: Int16(POLLIN), deadlineMs: SocketOps.monotonicMs() + 5000))
+        server = nil  // closed with the batch unread (once the accepting thread lets go of it too): a reset
+        #expect(try SocketOps.wait(client.fd, events: 0x2000 /* POLLRDHUP: not imported */, deadlineMs: SocketOps.monotonicMs() + 5000))
+        #expect(throws: ChannelError.peerClosed(midFrame: false)) { try client.sendHeartbeat(Heartbeat(sentNs: 1, echoNs: 0)) }
+        #expect(client.lastWords() == [.status(report)])
+        #expect(client.lastWords().isEmpty)
+    }
+
     @Test func receiveTimeoutKeepsTheConnection() throws {
         let (client, server) = try established()
         #expect(throws: ChannelError.timeout(ms: 20)) { try server.receive(timeoutMs: 20) }
