@@ -308,11 +308,18 @@ public final class Connection: @unchecked Sendable {
     /// usable (partial frames stay buffered). Protocol errors tell the peer and drop the connection.
     /// An `error` frame from the peer is thrown as the matching `ChannelError`.
     public func receive(timeoutMs: Int = -1) throws -> Frame {
+        let (type, body) = try receiveInPlace(timeoutMs: timeoutMs)
+        return Frame(type: type, body: Array(body))
+    }
+
+    /// As `receive`, the body left in the receive buffer: valid until the next receive, so acks and
+    /// heartbeats (one per batch on the link threads) are decoded without an allocation.
+    private func receiveInPlace(timeoutMs: Int) throws -> (FrameType, UnsafeRawBufferPointer) {
         do {
-            let f = try receiveFrame(timeoutMs: timeoutMs)
-            if f.type == .error {
+            let (type, body) = try receiveFrame(timeoutMs: timeoutMs)
+            if type == .error {
                 close()
-                let (code, detail, text) = f.decodeError()
+                let (code, detail, text) = Frame(type: type, body: Array(body)).decodeError()
                 switch code {
                 case .authenticationFailed: throw ChannelError.authenticationFailed
                 case .versionMismatch: throw ChannelError.versionMismatch(local: localVersion, remote: detail)
@@ -320,7 +327,7 @@ public final class Connection: @unchecked Sendable {
                 default: throw ChannelError.peerError(code: code, message: text)
                 }
             }
-            return f
+            return (type, body)
         } catch let error as ChannelError {
             switch error {
             case .badMagic, .unknownFrameType, .unknownFlags, .frameTooLarge, .checksumMismatch,
@@ -339,24 +346,43 @@ public final class Connection: @unchecked Sendable {
         let deadline = timeoutMs < 0 ? nil : SocketOps.monotonicMs() + Int64(timeoutMs)
         while true {
             let left = deadline.map { Int(max(0, $0 - SocketOps.monotonicMs())) } ?? -1
-            let f = try receive(timeoutMs: left)
+            let (type, body) = try receiveInPlace(timeoutMs: left)
             do {
-                if f.type == .logPart {
-                    guard logParts.count + f.body.count <= logBatchLimit else {
+                switch type {
+                case .ack:
+                    let (a, b) = try Self.twoWords(type, body)
+                    return .ack(Ack(heldExitIndex: a, replayedExitIndex: b))
+                case .heartbeat:
+                    let (a, b) = try Self.twoWords(type, body)
+                    return .heartbeat(Heartbeat(sentNs: a, echoNs: b))
+                case .logPart:
+                    guard logParts.count + body.count <= logBatchLimit else {
                         throw ChannelError.malformedBody(type: .logPart, reason: "a log batch of more than \(logBatchLimit) bytes")
                     }
-                    logParts += f.body
+                    logParts += body
                     continue
+                case .log:
+                    guard body.count >= 8 else {
+                        throw ChannelError.malformedBody(type: type, reason: "truncated at byte 0: need 8, have \(body.count)")
+                    }
+                    let records = UnsafeRawBufferPointer(rebasing: body[8...])
+                    defer { logParts = [] }
+                    return .log(LogBatch(exitIndex: UInt64(littleEndian: body.loadUnaligned(as: UInt64.self)),
+                                         bytes: logParts.isEmpty ? Array(records) : logParts + records))
+                default:
+                    return try Frame(type: type, body: Array(body)).decode()
                 }
-                var m = try f.decode()
-                if case .log(var b) = m, !logParts.isEmpty {
-                    b.bytes = logParts + b.bytes
-                    logParts = []
-                    m = .log(b)
-                }
-                return m
             } catch { fail(error as! ChannelError); throw error }
         }
+    }
+
+    /// An ack's or heartbeat's body: two little-endian u64s, checked as `Frame.decode` checks them.
+    private static func twoWords(_ type: FrameType, _ body: UnsafeRawBufferPointer) throws -> (UInt64, UInt64) {
+        guard body.count == 16 else {
+            throw ChannelError.malformedBody(type: type, reason: body.count < 16 ? "truncated at byte \(body.count / 8 * 8): need 8, have \(body.count % 8)"
+                                                                                : "\(body.count - 16) trailing bytes")
+        }
+        return (UInt64(littleEndian: body.loadUnaligned(as: UInt64.self)), UInt64(littleEndian: body.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
     }
 
     /// What the peer said before the connection broke: the messages already here (buffered, or in the socket),
@@ -397,7 +423,8 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
-    private func receiveFrame(timeoutMs: Int) throws -> Frame {
+    /// The next frame, consumed; its body stays in the receive buffer until the next fill.
+    private func receiveFrame(timeoutMs: Int) throws -> (FrameType, UnsafeRawBufferPointer) {
         if isClosed { throw ChannelError.closed }
         let deadline: Int64? = timeoutMs < 0 ? nil : SocketOps.monotonicMs() + Int64(timeoutMs)
         let H = FrameLayout.headerBytes
@@ -426,10 +453,9 @@ public final class Connection: @unchecked Sendable {
             plainLen -= FrameLayout.tagBytes
             guard o.open(aad: h, aadCount: FrameLayout.aadBytes, buf: body, count: plainLen) else { throw ChannelError.decryptionFailed(type: type) }
         }
-        let frame = Frame(type: type, body: Array(UnsafeRawBufferPointer(start: body, count: plainLen)))
         rstart += H + Int(len)
-        if rstart == rend { rstart = 0; rend = 0 }
-        return frame
+        if rstart == rend { rstart = 0; rend = 0 }  // positions only: the bytes stay until the next fill
+        return (type, UnsafeRawBufferPointer(start: body, count: plainLen))
     }
 }
 

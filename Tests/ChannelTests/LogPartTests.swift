@@ -50,6 +50,19 @@ import Foundation
         }
     }
 
+    /// Acks, heartbeats and log frames are decoded in the receive buffer: a body of the wrong size is refused
+    /// as `Frame.decode` refuses it, and the connection dropped.
+    @Test(arguments: [(FrameType.ack, 10, "truncated at byte 8: need 8, have 2"), (.heartbeat, 3, "truncated at byte 0: need 8, have 3"),
+                      (.ack, 17, "1 trailing bytes"), (.log, 5, "truncated at byte 0: need 8, have 5")])
+    func aSmallFrameOfTheWrongSizeIsRefused(type: FrameType, size: Int, reason: String) throws {
+        let (client, server) = try established()
+        let body = [UInt8](repeating: 1, count: size)
+        #expect(throws: ChannelError.malformedBody(type: type, reason: reason)) { try Frame(type: type, body: body).decode() }
+        try client.send(Frame(type: type, body: body))
+        #expect(throws: ChannelError.malformedBody(type: type, reason: reason)) { try server.receiveMessage(timeoutMs: 5000) }
+        #expect(server.isClosed)
+    }
+
     @Test func aLogFrameAbovePartSizeIsRefusedFromItsHeader() throws {
         // Only the header is written: the bound holds before any body is read. (Before parts, 64 MiB passed.)
         let (client, server) = try established(.disabled)
