@@ -77,7 +77,11 @@ public struct ChildEnd: Sendable, Equatable {
 
 public enum SupervisorAction: Sendable, Equatable {
     case restart(SupervisedLaunch, delayMs: UInt64, why: String)
+    /// Stop; the pair goes on without this side (or may: a hopeless status, an operator's stop, giving up).
     case stop(status: Int32, why: String)
+    /// Stop: the pair is over for this side (its guest ended, or this side moved it to another host), and
+    /// what the supervisor kept for its later runs (`SupervisorState`) no longer applies.
+    case pairOver(status: Int32, why: String)
     /// A rejoin timed out: read the pair record and give it to `pairRecordRead`, which says why.
     case readPairRecord
 }
@@ -151,10 +155,10 @@ public struct Supervision: Sendable {
     public mutating func childEnded(_ e: ChildEnd) -> SupervisorAction {
         let who = "the \(e.role.rawValue) \(e.exitText)"
         if e.servedThePair { pairRan = true }
-        if let s = e.ended { return .stop(status: s, why: "the pair ended (status \(s))") }
+        if let s = e.ended { return .pairOver(status: s, why: "the pair ended (status \(s))") }
         if let to = e.movedTo {
             // The operator moved the guest off this host: a restart here would only wait for a seed nobody sends.
-            return .stop(status: e.status, why: "the \(e.role.rawValue) moved the guest to \(to) (a migration): this side's part in the pair ended")
+            return .pairOver(status: e.status, why: "the \(e.role.rawValue) moved the guest to \(to) (a migration): this side's part in the pair ended")
         }
         if stopping { return .stop(status: e.status, why: "\(who); stopping as asked") }
         if case .status(let s) = e.exit, Self.hopeless.contains(s) {
@@ -187,7 +191,7 @@ public struct Supervision: Sendable {
         let waited = "no live side seeded the secondary within \(rejoinWaitMs) ms"
         switch r {
         case .ended(let s):
-            return .stop(status: s, why: "\(waited), and the pair record says the guest ended (status \(s)): the pair ended")
+            return .pairOver(status: s, why: "\(waited), and the pair record says the guest ended (status \(s)): the pair ended")
         case .says(let text):
             guard case .no(let why) = guest else {
                 return .restart(.coldPrimary, delayMs: 0, why: "\(waited), and the pair record says '\(text)': nobody may run the guest; booting it again as the primary (a cold restart: the fence refuses it if a live side holds it)")

@@ -30,14 +30,30 @@ struct SuperviseCommand: ParsableCommand {
         nor protected); and on a status no restart can cure (64 usage, 65 bad image, 69 no KVM, 71 guest crashed). \
         SIGUSR2 is passed on (a handover). The process dies with its supervisor (kill -9 of either loses this side). \
         An operator's `lockstep control SOCKET peer HOST:PORT` carries into later runs, and so does a migration's target for \
-        the secondary it let go. Needs --fence: a restart without one could make a second primary.
+        the secondary it let go; with --state-file, into this supervisor's own restarts too (while the command line's --peer \
+        is the one the move replaced). Needs --fence: a restart without one could make a second primary.
         """)
     @Option(name: .long, help: "Give up after this many quick runs in a row: ended within 10 s, never seeded nor protected (a side killed after it served the pair is always restarted at once).") var maxQuickRestarts: Int = 5
     @Option(name: .long, help: "How long a restarted secondary waits for a live side's seed before the pair record is read: the guest ended (stop with its status), or nobody runs it (both sides were lost: this side boots it again if it has the image, a cold restart) (ms; 0: wait forever, never a cold restart). A wait that could only end in waiting again (this side cannot boot the guest, or a live side holds the fence) doubles the next, up to 30 s.") var rejoinTimeoutMs: UInt64 = 5_000
+    @Option(name: .long, help: "Keep the address the peer moved to here (an operator's `control … peer`, a migration's target), so that this supervisor, started again by its unit with the old --peer, takes the new one. Removed when the pair ends. A damaged file stops the supervisor with an error naming it.") var stateFile: String?
     @Argument(parsing: .allUnrecognized, help: "primary GUEST ... or secondary ...: the command to run.") var command: [String] = []
 
     func run() throws {
         var plan = try SupervisePlan(command)
+        let commandLinePeer = plan.peer
+        if let path = stateFile, let peer = commandLinePeer {
+            let saved: SupervisorState?
+            do { saved = try SupervisorState.load(path) } catch { throw fail("supervise: \(error)", .usage) }
+            switch SupervisorState.resolve(commandLine: peer, saved: saved) {
+            case .commandLine: break
+            case .moved(let moved):
+                plan.movePeer(to: moved)
+                say("the peer moved from \(peer) to \(moved) before this supervisor started (\(path)): this side's runs take --peer \(moved)")
+            case .superseded(let old):
+                say("\(path) kept a move of the peer from \(old.given) to \(old.peer), but --peer is now \(peer): taking --peer \(peer)")
+                forget(path)
+            }
+        }
         guard maxQuickRestarts >= 0 else { throw fail("--max-quick-restarts \(maxQuickRestarts): at least 0", .usage) }
         var policy = Supervision(maxQuickRuns: maxQuickRestarts, rejoinMs: rejoinTimeoutMs)
         let signals = SupervisorSignals()
@@ -59,11 +75,16 @@ struct SuperviseCommand: ParsableCommand {
             if let moved = child.movedPeer {
                 plan.movePeer(to: moved)
                 say("the peer moved to \(moved): this side's next runs take --peer \(moved)")
+                if let path = stateFile, let given = commandLinePeer { keep(SupervisorState(given: given, peer: moved), in: path) }
             }
             var action = policy.childEnded(end)
             if case .readPairRecord = action { action = policy.pairRecordRead(plan.readPairRecord(), guest: plan.lookForGuest()) }
             switch action {
             case .stop(let status, let why):
+                say("\(why); exiting with \(status)")
+                throw ExitCode(status)
+            case .pairOver(let status, let why):
+                if let path = stateFile { forget(path) }
                 say("\(why); exiting with \(status)")
                 throw ExitCode(status)
             case .restart(let next, let delayMs, let why):
@@ -80,6 +101,19 @@ struct SuperviseCommand: ParsableCommand {
     }
 
     private func say(_ s: String) { stderr("lockstep supervise: \(s)") }
+
+    /// A state that cannot be written costs only this supervisor's own restart its knowledge of the move.
+    private func keep(_ state: SupervisorState, in path: String) {
+        do {
+            if state.peer == state.given { try SupervisorState.remove(path) } else { try state.save(path) }
+        } catch {
+            say("\(error): if this supervisor is started again, its runs take --peer \(state.given), not \(state.peer)")
+        }
+    }
+
+    private func forget(_ path: String) {
+        do { try SupervisorState.remove(path) } catch { say("\(error)") }
+    }
 }
 
 /// The commands a supervisor runs: the one it was given, this side's secondary derived from it, and (for a
@@ -172,6 +206,15 @@ struct SupervisePlan {
             let text = try fence.open(leaseMs: fenceLeaseMs).readPairRecord() ?? "(none)"
             return PairRecord.endedStatus(text).map { .ended($0) } ?? .says(text)
         } catch { return .unreadable("\(error)") }
+    }
+
+    /// The command's --peer (a primary's secondary; a secondary's, once live).
+    var peer: String? {
+        for (i, a) in given.enumerated() {
+            if a == "--peer", i + 1 < given.count { return given[i + 1] }
+            if a.hasPrefix("--peer=") { return String(a.dropFirst(7)) }
+        }
+        return nil
     }
 
     /// The operator moved the other side (`lockstep control SOCKET peer`): every later run names the new one.

@@ -15,7 +15,7 @@ import Testing
                 for protected in [false, true] {
                     var s = Supervision()
                     let a = s.childEnded(ChildEnd(launch: role, exit: exit, ended: 3, wasProtected: protected, ranMs: 5))
-                    #expect(a == .stop(status: 3, why: "the pair ended (status 3)"), "\(role) \(exit)")
+                    #expect(a == .pairOver(status: 3, why: "the pair ended (status 3)"), "\(role) \(exit)")
                 }
             }
         }
@@ -27,7 +27,7 @@ import Testing
         for launch in SupervisedLaunch.allCases {
             var s = Supervision(rejoinMs: 500)
             let a = s.childEnded(ChildEnd(launch: launch, exit: .status(0), movedTo: "10.0.0.3:7400", wasProtected: true, ranMs: Self.long))
-            #expect(a == .stop(status: 0, why: "the \(launch.role.rawValue) moved the guest to 10.0.0.3:7400 (a migration): this side's part in the pair ended"),
+            #expect(a == .pairOver(status: 0, why: "the \(launch.role.rawValue) moved the guest to 10.0.0.3:7400 (a migration): this side's part in the pair ended"),
                     "\(launch)")
         }
     }
@@ -157,7 +157,7 @@ import Testing
             #expect(s.childEnded(ChildEnd(launch: .rejoin, exit: .status(68), ranMs: 5_001)) == .readPairRecord)
             #expect(s.quickRuns == 0)
             let waited = "no live side seeded the secondary within 5000 ms, and the pair record"
-            #expect(s.pairRecordRead(.ended(3), guest: guest) == .stop(status: 3, why: "\(waited) says the guest ended (status 3): the pair ended"))
+            #expect(s.pairRecordRead(.ended(3), guest: guest) == .pairOver(status: 3, why: "\(waited) says the guest ended (status 3): the pair ended"))
             #expect(s.pairRecordRead(.unreadable("EIO"), guest: guest) == .restart(.rejoin, delayMs: 0, why: "\(waited) cannot be read (EIO): waiting again"))
             #expect(s.rejoinWaitMs == 5_000)
             let says = s.pairRecordRead(.says("protected 1f"), guest: guest)

@@ -54,18 +54,27 @@ extension PairTests { @Suite struct SuperviseTests {
         /// A's processes answer `lockstep control` here with `controlA`.
         var control: String { ws.dir + "/a.sock" }
 
-        init(_ supervise: [String] = [], saveGuest: Bool = false, controlA: Bool = false, environmentA: [String: String] = [:]) throws {
+        /// A's supervisor's command line (to start it again).
+        let argumentsA: [String]
+
+        /// With `stateFiles`, each supervisor keeps its peer's moves in `state(side)` (`--state-file`).
+        func state(_ side: String) -> String { ws.dir + "/\(side).state" }
+
+        init(_ supervise: [String] = [], saveGuest: Bool = false, controlA: Bool = false, stateFiles: Bool = false,
+             environmentA: [String: String] = [:]) throws {
             ws = try PairFixture.workspace()
             let secondary = saveGuest ? ["--save-guest", ws.dir + "/saved"] : []
             udp = try PairFixture.freeUDPPort()
             (portA, portB) = (try PairFixture.freeTCPPort(), try PairFixture.freeTCPPort())
             let common = PairFixture.common(ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
-            b = try Child("supervisor-B", ["supervise"] + supervise + ["secondary", "--listen", "127.0.0.1:\(portB)",
+            let (stateA, stateB) = stateFiles ? (["--state-file", ws.dir + "/A.state"], ["--state-file", ws.dir + "/B.state"]) : ([], [])
+            b = try Child("supervisor-B", ["supervise"] + supervise + stateB + ["secondary", "--listen", "127.0.0.1:\(portB)",
                                            "--peer", "127.0.0.1:\(portA)"] + secondary + common)
             _ = try b.listeningPort()
-            a = try Child("supervisor-A", ["supervise"] + supervise + ["primary", try PairFixture.guest("echo"), "--peer",
-                                           "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)", "--memory", "32"] + common
-                                           + (controlA ? ["--control", ws.dir + "/a.sock"] : []), environment: environmentA)
+            argumentsA = ["supervise"] + supervise + stateA + ["primary", try PairFixture.guest("echo"), "--peer",
+                          "127.0.0.1:\(portB)", "--listen", "127.0.0.1:\(portA)", "--memory", "32"] + common
+                          + (controlA ? ["--control", ws.dir + "/a.sock"] : [])
+            a = try Child("supervisor-A", argumentsA, environment: environmentA)
             try a.waitForLine(containing: "protected: secondary")
         }
     }
@@ -307,7 +316,7 @@ extension PairTests { @Suite struct SuperviseTests {
     /// (not the command line's B): once live again, A seeks its secondary on C.
     @Test func theOperatorsPeerOutlivesTheSidesRestart() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let pair = try Pair(controlA: true)
+        let pair = try Pair(controlA: true, stateFiles: true)
         let (a, b, portA, portB, udp, control) = (pair.a, pair.b, pair.portA, pair.portB, pair.udp, pair.control)
         defer { Self.killStarted([a, b]); try? FileManager.default.removeItem(atPath: pair.ws.dir) }
         let common = PairFixture.common(pair.ws) + ["--serial", "udp:127.0.0.1:\(udp)"]
@@ -331,10 +340,21 @@ extension PairTests { @Suite struct SuperviseTests {
         #expect(restart.contains("--peer 127.0.0.1:\(portC)") && !restart.contains("--peer 127.0.0.1:\(portB)"), "\(restart)")
         try c.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", seconds: 30)
         talk.exchange(6...7, "d")
+        #expect(try SupervisorState.load(pair.state("A")) == SupervisorState(given: "127.0.0.1:\(portB)", peer: "127.0.0.1:\(portC)"))
+        // Host A's supervisor itself killed and started again by its unit, with the command line naming B:
+        // its state file names C. (Its first run, the primary, finds the fence held by C and rejoins.)
+        kill(try Self.started(a, 2), SIGKILL)
+        a.kill9()
+        let a2 = try Child("supervisor-A2", pair.argumentsA)
+        defer { Self.killStarted([a2]) }
+        let kept = try a2.waitForLine(containing: "before this supervisor started")
+        #expect(kept.hasSuffix("the peer moved from 127.0.0.1:\(portB) to 127.0.0.1:\(portC) before this supervisor started (\(pair.state("A"))): this side's runs take --peer 127.0.0.1:\(portC)"), "\(kept)")
+        try c.waitForLine(containing: "protected: secondary at 127.0.0.1:\(portA)", occurrence: 2, seconds: 30)
+        talk.exchange(8...9, "e")
         // C lost in turn: A's restarted secondary goes live and looks for its own secondary on C, not on B.
         c.kill9()
-        talk.exchange(8...8, "e", "\(a.stderrText)")
-        try a.waitForLine(containing: "looking for a new secondary at 127.0.0.1:\(portC)")
+        talk.exchange(10...10, "f", "\(a2.stderrText)")
+        try a2.waitForLine(containing: "looking for a new secondary at 127.0.0.1:\(portC)")
         talk.expectConsistent()
     }
 
