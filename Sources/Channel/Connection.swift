@@ -312,8 +312,8 @@ public final class Connection: @unchecked Sendable {
         return Frame(type: type, body: Array(body))
     }
 
-    /// As `receive`, the body left in the receive buffer: valid until the next receive, so acks and
-    /// heartbeats (one per batch on the link threads) are decoded without an allocation.
+    /// As `receive`, the body left in the receive buffer: valid until the next receive, so `receiveMessage`
+    /// decodes acks and heartbeats (one per batch on the link threads) without an allocation.
     private func receiveInPlace(timeoutMs: Int) throws -> (FrameType, UnsafeRawBufferPointer) {
         do {
             let (type, body) = try receiveFrame(timeoutMs: timeoutMs)
@@ -348,41 +348,22 @@ public final class Connection: @unchecked Sendable {
             let left = deadline.map { Int(max(0, $0 - SocketOps.monotonicMs())) } ?? -1
             let (type, body) = try receiveInPlace(timeoutMs: left)
             do {
-                switch type {
-                case .ack:
-                    let (a, b) = try Self.twoWords(type, body)
-                    return .ack(Ack(heldExitIndex: a, replayedExitIndex: b))
-                case .heartbeat:
-                    let (a, b) = try Self.twoWords(type, body)
-                    return .heartbeat(Heartbeat(sentNs: a, echoNs: b))
-                case .logPart:
+                if type == .logPart {
                     guard logParts.count + body.count <= logBatchLimit else {
                         throw ChannelError.malformedBody(type: .logPart, reason: "a log batch of more than \(logBatchLimit) bytes")
                     }
                     logParts += body
                     continue
-                case .log:
-                    guard body.count >= 8 else {
-                        throw ChannelError.malformedBody(type: type, reason: "truncated at byte 0: need 8, have \(body.count)")
-                    }
-                    let records = UnsafeRawBufferPointer(rebasing: body[8...])
-                    defer { logParts = [] }
-                    return .log(LogBatch(exitIndex: UInt64(littleEndian: body.loadUnaligned(as: UInt64.self)),
-                                         bytes: logParts.isEmpty ? Array(records) : logParts + records))
-                default:
-                    return try Frame(type: type, body: Array(body)).decode()
                 }
+                var m = try Message.decode(type, body)
+                if case .log(var b) = m, !logParts.isEmpty {
+                    b.bytes = logParts + b.bytes
+                    logParts = []
+                    m = .log(b)
+                }
+                return m
             } catch { fail(error as! ChannelError); throw error }
         }
-    }
-
-    /// An ack's or heartbeat's body: two little-endian u64s, checked as `Frame.decode` checks them.
-    private static func twoWords(_ type: FrameType, _ body: UnsafeRawBufferPointer) throws -> (UInt64, UInt64) {
-        guard body.count == 16 else {
-            throw ChannelError.malformedBody(type: type, reason: body.count < 16 ? "truncated at byte \(body.count / 8 * 8): need 8, have \(body.count % 8)"
-                                                                                : "\(body.count - 16) trailing bytes")
-        }
-        return (UInt64(littleEndian: body.loadUnaligned(as: UInt64.self)), UInt64(littleEndian: body.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
     }
 
     /// What the peer said before the connection broke: the messages already here (buffered, or in the socket),

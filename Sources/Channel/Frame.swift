@@ -108,6 +108,35 @@ public enum Message: Sendable, Equatable {
     case bulk([UInt8])
 }
 
+extension Message {
+    /// Decodes a post-handshake message from its body where it lies (a frame's array, or the connection's
+    /// receive buffer): acks and heartbeats without an allocation, a log batch with one copy. Handshake and
+    /// error frames are not messages.
+    static func decode(_ type: FrameType, _ body: UnsafeRawBufferPointer) throws -> Message {
+        func u64(_ at: Int) throws -> UInt64 {
+            guard body.count - at >= 8 else {
+                throw ChannelError.malformedBody(type: type, reason: "truncated at byte \(at): need 8, have \(max(body.count - at, 0))")
+            }
+            return UInt64(littleEndian: body.loadUnaligned(fromByteOffset: at, as: UInt64.self))
+        }
+        func end(_ at: Int) throws {
+            if body.count != at { throw ChannelError.malformedBody(type: type, reason: "\(body.count - at) trailing bytes") }
+        }
+        switch type {
+        case .log: return .log(LogBatch(exitIndex: try u64(0), bytes: Array(body[8...])))
+        case .ack:
+            let a = Ack(heldExitIndex: try u64(0), replayedExitIndex: try u64(8)); try end(16); return .ack(a)
+        case .heartbeat:
+            let h = Heartbeat(sentNs: try u64(0), echoNs: try u64(8)); try end(16); return .heartbeat(h)
+        case .status: return .status(Array(body))
+        case .goodbye: return .goodbye(String(decoding: body, as: UTF8.self))
+        case .bulk: return .bulk(Array(body))
+        case .logPart, .hello, .helloReply, .helloAuth, .helloDone, .error:
+            throw ChannelError.unexpectedFrame(expected: "a post-handshake message", got: type)
+        }
+    }
+}
+
 extension Frame {
     public static func log(_ b: LogBatch) -> Frame {
         var w = ByteWriter(capacity: 8 + b.bytes.count); w.u64(b.exitIndex); w.bytes(b.bytes)
@@ -131,21 +160,7 @@ extension Frame {
 
     /// Decodes a post-handshake frame body. Handshake and error frames are not messages.
     public func decode() throws -> Message {
-        var r = ByteReader(body, type: type)
-        switch type {
-        case .log:
-            let idx = try r.u64()
-            return .log(LogBatch(exitIndex: idx, bytes: r.rest()))
-        case .ack:
-            let a = Ack(heldExitIndex: try r.u64(), replayedExitIndex: try r.u64()); try r.end(); return .ack(a)
-        case .heartbeat:
-            let h = Heartbeat(sentNs: try r.u64(), echoNs: try r.u64()); try r.end(); return .heartbeat(h)
-        case .status: return .status(body)
-        case .goodbye: return .goodbye(String(decoding: body, as: UTF8.self))
-        case .bulk: return .bulk(body)
-        case .logPart, .hello, .helloReply, .helloAuth, .helloDone, .error:
-            throw ChannelError.unexpectedFrame(expected: "a post-handshake message", got: type)
-        }
+        try body.withUnsafeBytes { b throws in try Message.decode(type, b) }
     }
 
     /// Decodes an `error` frame body: (code, detail, text).

@@ -40,8 +40,8 @@ struct SuperviseCommand: ParsableCommand {
 
     func run() throws {
         var plan = try SupervisePlan(command)
-        let commandLinePeer = plan.peer
-        if let path = stateFile, let peer = commandLinePeer {
+        let peer = plan.peer
+        if let path = stateFile {
             let saved: SupervisorState?
             do { saved = try SupervisorState.load(path) } catch { throw fail("supervise: \(error)", .usage) }
             switch SupervisorState.resolve(commandLine: peer, saved: saved) {
@@ -75,7 +75,7 @@ struct SuperviseCommand: ParsableCommand {
             if let moved = child.movedPeer {
                 plan.movePeer(to: moved)
                 say("the peer moved to \(moved): this side's next runs take --peer \(moved)")
-                if let path = stateFile, let given = commandLinePeer { keep(SupervisorState(given: given, peer: moved), in: path) }
+                if let path = stateFile { keep(SupervisorState(given: plan.peer, peer: moved), in: path) }
             }
             var action = policy.childEnded(end)
             if case .readPairRecord = action { action = policy.pairRecordRead(plan.readPairRecord(), guest: plan.lookForGuest()) }
@@ -127,6 +127,8 @@ struct SupervisePlan {
     /// supervise secondary: its `--save-guest`, and the primary's options its cold restart takes from it.
     private let saveGuest: String?
     private var coldCarried: [String]
+    /// The command line's --peer (a primary's secondary; a secondary's, once live), before any move.
+    let peer: String
     /// The saved guest `lookForGuest` found (supervise secondary).
     private var saved: SavedGuest?
 
@@ -150,7 +152,7 @@ struct SupervisePlan {
             guard let l = p.listen else {
                 throw fail("supervise primary needs --listen HOST:PORT: its restart is a secondary listening there, for the live side's --peer", .usage)
             }
-            (pair, listen) = (p.pair, l)
+            (pair, listen, self.peer) = (p.pair, l, p.peer)
             secondary = ["--listen", l] + Self.carriedOver(args, dropping: Self.primaryOnly.union(["--listen"]), flags: Self.flags)
             _ = try Self.parse(SecondaryCommand.self, secondary)
             (saveGuest, coldCarried) = (nil, [])
@@ -159,7 +161,7 @@ struct SupervisePlan {
             guard let peer = s.peer else {
                 throw fail("supervise secondary needs --peer HOST:PORT: once live it seeds the other side's restart there", .usage)
             }
-            (pair, listen) = (s.pair, s.listen)
+            (pair, listen, self.peer) = (s.pair, s.listen, peer)
             secondary = args
             saveGuest = s.saveGuest
             coldCarried = ["--peer", peer, "--listen", listen] + Self.carriedOver(args, dropping: Self.secondaryOnly, flags: ["--verbose"])
@@ -206,15 +208,6 @@ struct SupervisePlan {
             let text = try fence.open(leaseMs: fenceLeaseMs).readPairRecord() ?? "(none)"
             return PairRecord.endedStatus(text).map { .ended($0) } ?? .says(text)
         } catch { return .unreadable("\(error)") }
-    }
-
-    /// The command's --peer (a primary's secondary; a secondary's, once live).
-    var peer: String? {
-        for (i, a) in given.enumerated() {
-            if a == "--peer", i + 1 < given.count { return given[i + 1] }
-            if a.hasPrefix("--peer=") { return String(a.dropFirst(7)) }
-        }
-        return nil
     }
 
     /// The operator moved the other side (`lockstep control SOCKET peer`): every later run names the new one.
