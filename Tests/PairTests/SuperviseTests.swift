@@ -480,6 +480,8 @@ extension PairTests { @Suite struct SuperviseTests {
         #expect(try bad.wait(seconds: 10) == 64, "\(bad.stderrText)")
         #expect(bad.stderr.contains("lockstep supervise: the secondary exited with 64: a restart cannot help (usage); exiting with 64"), "\(bad.stderrText)")
 
+        let damaged = ws.dir + "/damaged.state"
+        try "lockstep-supervise-state 1\ngiven 10.0.0.2:7400\npeer 10.0.0.3\n".write(toFile: damaged, atomically: false, encoding: .utf8)
         let cases: [([String], String)] = [
             (["supervise"], "give the command to run: primary GUEST ... or secondary ... (got nothing)"),
             (["supervise", "run", "x.elf"], "(got 'run')"),
@@ -488,6 +490,8 @@ extension PairTests { @Suite struct SuperviseTests {
             (["supervise", "secondary", "--listen", "127.0.0.1:0"] + peer + common, "the other side's --peer cannot name port 0"),
             (["supervise", "primary", "x.elf"] + peer + common, "supervise primary needs --listen"),
             (["supervise", "primary"] + listen + peer + common, "Missing expected argument '<guest>'"),
+            (["supervise", "--state-file", damaged, "secondary"] + listen + peer + common,
+             "--state-file \(damaged): line 3: '10.0.0.3' is not HOST:PORT; remove the file to start from the command line's --peer"),
         ]
         for (args, text) in cases {
             let c = try Child("supervise-usage", args)
@@ -495,5 +499,6 @@ extension PairTests { @Suite struct SuperviseTests {
             #expect(c.stderrText.contains(text), "\(args): \(c.stderrText)")
             #expect(!c.stderrText.contains("started the"), "\(args): \(c.stderrText)")
         }
+        #expect(FileManager.default.fileExists(atPath: damaged), "a damaged state file stays for the operator")
     }
 } }
