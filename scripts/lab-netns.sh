@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # lab-netns.sh - a two-host pair lab on one machine: the primary in network namespace lkA, the secondary
-# in lkB, their FT link a veth pair impaired with netem (delay, loss), then a kill -9 of the primary.
+# in lkB, their FT link a veth pair impaired with netem (delay, loss), then a kill -9 of the primary
+# (or, with --no-kill, the guest run to its end and the pair's replication figures).
 # Why: loopback (`lockstep bench pair`) has no wire latency and never drops a packet; this shows what the
 # pair does over a link with both, and that failover works across hosts (separate network stacks).
 #
 # Topology (every address lives inside the lab's namespaces; the host's own network is not touched):
-#   lkA 10.77.0.1/24 --- lkvA ====FT link (netem)==== lkvB --- 10.77.0.2/24 lkB
+#   lkA 10.77.0.1/24 --- lkvA ====FT link (netem, or link-impair.py)==== lkvB --- 10.77.0.2/24 lkB
 #   lkA 10.77.1.1/24 --- service link --- 10.77.1.3/24 lkC 10.77.2.3/24 --- service link --- 10.77.2.2/24 lkB
 # lkC holds the client: it talks to the service on both hosts (10.77.1.1 and 10.77.2.2, the same UDP port)
 # the way a client with two server addresses would, so only the FT link is impaired.
 #
-# Needs: root, iproute2 (ip, tc), a kernel with network namespaces, veth and (for --delay-ms/--loss-pct
-# other than 0) the netem qdisc; /dev/kvm; python3 (the echo client); a release build and the guests.
-# Usage: scripts/lab-netns.sh [--delay-ms N] [--loss-pct P] [--guest NAME] [--requests N]
-#                              [--kill-after-ms N] [--lockstep PATH] [--guests DIR]
+# Needs: root, iproute2 (ip, tc), a kernel with network namespaces and veth; for --delay-ms/--loss-pct
+# other than 0 the netem qdisc or TUN/TAP (--impair auto: netem if the kernel has it, else the FT link is
+# two TAP devices joined by scripts/link-impair.py); /dev/kvm; python3; a release build and the guests.
+# Usage: scripts/lab-netns.sh [--delay-ms N] [--loss-pct P] [--impair auto|netem|tap] [--guest NAME]
+#                              [--requests N] [--kill-after-ms N] [--no-kill] [--lockstep PATH] [--guests DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DELAY_MS=1 LOSS_PCT=0 GUEST=echo REQUESTS=200 KILL_AFTER_MS=1000 PORT=7000
+DELAY_MS=1 LOSS_PCT=0 IMPAIR=auto GUEST=echo REQUESTS=200 KILL_AFTER_MS=1000 KILL=1 PORT=7000
 LOCKSTEP="" GUESTS=Guests/build
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 64; }
 die() { echo "lab-netns: $*" >&2; exit 1; }
@@ -28,6 +30,8 @@ while [ $# -gt 0 ]; do
         --guest) GUEST=$2; shift 2 ;;
         --requests) REQUESTS=$2; shift 2 ;;
         --kill-after-ms) KILL_AFTER_MS=$2; shift 2 ;;
+        --no-kill) KILL=0; shift ;;
+        --impair) IMPAIR=$2; shift 2 ;;
         --lockstep) LOCKSTEP=$2; shift 2 ;;
         --guests) GUESTS=$2; shift 2 ;;
         -h|--help) usage ;;
@@ -36,6 +40,7 @@ while [ $# -gt 0 ]; do
 done
 
 # --- what it needs, checked before anything is created
+case "$IMPAIR" in auto|netem|tap) ;; *) echo "lab-netns: --impair $IMPAIR: want auto, netem or tap" >&2; usage ;; esac
 [ "$(id -u)" -eq 0 ] || die "needs root (it creates network namespaces, veth pairs and a tc qdisc); run it with sudo"
 command -v ip >/dev/null && command -v tc >/dev/null || die "needs iproute2 (ip, tc): apt-get install iproute2"
 command -v python3 >/dev/null || die "needs python3 (the echo client)"
@@ -76,21 +81,42 @@ link() {  # link NS1 IF1 ADDR1 NS2 IF2 ADDR2
     ip -n "$1" addr add "$3" dev "$2"; ip -n "$4" addr add "$6" dev "$5"
     ip -n "$1" link set "$2" up; ip -n "$4" link set "$5" up
 }
-link lkA lkvA 10.77.0.1/24 lkB lkvB 10.77.0.2/24     # FT link
 link lkA lksA 10.77.1.1/24 lkC lkcA 10.77.1.3/24     # service link to the primary
 link lkB lksB 10.77.2.2/24 lkC lkcB 10.77.2.3/24     # service link to the secondary
 for ns in lkA lkB lkC; do ip -n "$ns" link set lo up; done
 
-if [ "$DELAY_MS" != 0 ] || [ "$LOSS_PCT" != 0 ]; then
-    # Both directions: data one way, acks the other.
-    for side in "lkA lkvA" "lkB lkvB"; do
+# The FT link. Impaired in both directions (data one way, acks the other).
+if [ "$DELAY_MS" = 0 ] && [ "$LOSS_PCT" = 0 ]; then
+    IMPAIR=none
+elif [ "$IMPAIR" = auto ]; then
+    IMPAIR=tap  # netem if this kernel has it (probed on lkA's loopback)
+    if ip netns exec lkA tc qdisc add dev lo root netem delay 0ms 2>/dev/null; then
+        ip netns exec lkA tc qdisc del dev lo root; IMPAIR=netem
+    fi
+fi
+if [ "$IMPAIR" = tap ]; then
+    python3 scripts/link-impair.py --a lkA:lkvA --b lkB:lkvB --delay-ms "$DELAY_MS" --loss-pct "$LOSS_PCT" \
+        --stats "$WORK/impair.stats" >"$WORK/impair.out" 2>"$WORK/impair.err" &
+    IMPAIRER=$!; PIDS+=("$IMPAIRER")
+    for _ in $(seq 100); do grep -q ready "$WORK/impair.out" && break; kill -0 "$IMPAIRER" 2>/dev/null || break; sleep 0.05; done
+    grep -q ready "$WORK/impair.out" || die "link-impair.py did not start: $(cat "$WORK/impair.err")"
+    for side in "lkA lkvA 10.77.0.1/24" "lkB lkvB 10.77.0.2/24"; do
         set -- $side
-        ip netns exec "$1" tc qdisc add dev "$2" root netem delay "${DELAY_MS}ms" loss "${LOSS_PCT}%" 2>"$WORK/tc.err" \
-            || die "tc netem failed ($(cat "$WORK/tc.err")): this kernel has no netem qdisc (sch_netem); rerun with --delay-ms 0 --loss-pct 0 for an unimpaired link"
+        ip -n "$1" addr add "$3" dev "$2"; ip -n "$1" link set "$2" up
     done
-    echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 with netem delay ${DELAY_MS} ms, loss ${LOSS_PCT} % each way"
+    echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 through link-impair.py (TAP devices): delay ${DELAY_MS} ms, loss ${LOSS_PCT} % each way"
 else
-    echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 unimpaired (--delay-ms 0 --loss-pct 0)"
+    link lkA lkvA 10.77.0.1/24 lkB lkvB 10.77.0.2/24
+    if [ "$IMPAIR" = netem ]; then
+        for side in "lkA lkvA" "lkB lkvB"; do
+            set -- $side
+            ip netns exec "$1" tc qdisc add dev "$2" root netem delay "${DELAY_MS}ms" loss "${LOSS_PCT}%" 2>"$WORK/tc.err" \
+                || die "tc netem failed ($(cat "$WORK/tc.err")): this kernel has no netem qdisc (sch_netem); use --impair tap (or auto)"
+        done
+        echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 with netem delay ${DELAY_MS} ms, loss ${LOSS_PCT} % each way"
+    else
+        echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 unimpaired (--delay-ms 0 --loss-pct 0)"
+    fi
 fi
 
 # --- the pair
@@ -122,9 +148,10 @@ if [ "$GUEST" = echo ]; then
     # service addresses until one answers.
     # The braces send the shell's own stderr to /dev/null while the client runs (bash would print a "Killed"
     # notice for the primary the client kills); the client's stderr goes to fd 3, the real stderr.
-    { ip netns exec lkC python3 - "$PRI" "$PORT" "$REQUESTS" 2>&3 <<'PY'
+    { ip netns exec lkC python3 - "$PRI" "$PORT" "$REQUESTS" "$KILL" 2>&3 <<'PY'
 import os, signal, socket, sys, time
-pid, port, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+pid, port, n, kill = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+
 A, B = ("10.77.1.1", port), ("10.77.2.2", port)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 buf = b""
@@ -145,6 +172,9 @@ def ask(msg, want, to, limit):
 ask(b"PING\n", "PONG", A, 30)
 rtt = sorted(ask(b"REQ %d lab\n" % i, "REP %d " % i, A, 10) for i in range(1, n + 1))
 print(f"lab-netns: {n} requests through the primary: round trip p50 {rtt[n//2]*1e3:.2f} ms, p99 {rtt[min(n-1, int(n*0.99))]*1e3:.2f} ms")
+if not kill:
+    ask(b"QUIT\n", "RESULT", A, 10)
+    sys.exit(0)
 seq = n + 1
 t0 = time.time(); os.kill(pid, signal.SIGKILL)
 nxt = t0
@@ -161,14 +191,49 @@ while time.time() - t0 < 10:
 sys.exit("lab-netns: no reply from either address within 10 s of the kill")
 PY
     } 3>&2 2>/dev/null
-else
+elif [ "$KILL" = 1 ]; then
     sleep "$(awk "BEGIN{print $KILL_AFTER_MS/1000}")"
     kill -9 "$PRI"
     echo "lab-netns: killed the primary after ${KILL_AFTER_MS} ms"
 fi
 
+# stop_impairer: ends link-impair.py (it writes its counts on SIGTERM) and shows them.
+stop_impairer() {
+    [ -n "${IMPAIRER:-}" ] || return 0
+    kill -TERM "$IMPAIRER" 2>/dev/null || true
+    reap "$IMPAIRER" 5
+    [ -s "$WORK/impair.stats" ] && echo "lab-netns: FT link frames: $(cat "$WORK/impair.stats")"
+    return 0
+}
+
+if [ "$KILL" = 0 ]; then
+    # No failover: both sides run the guest to its end; the primary's figures are the link's.
+    reap "$PRI" 120; PRI_STATUS=$STATUS
+    reap "$SEC" 30; SEC_STATUS=$STATUS
+    stop_impairer
+    [ "$PRI_STATUS" = 0 ] || die "the primary ended with status $PRI_STATUS"
+    [ "$SEC_STATUS" = 0 ] || die "the secondary ended with status $SEC_STATUS"
+    ! grep -q "^live: " "$WORK/secondary.err" || die "the secondary went live while the primary ran: $(grep '^live: ' "$WORK/secondary.err")"
+    python3 - "$WORK/stats.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+def pc(k, unit="µs"):
+    v = s.get(k) or {}
+    return f"p50 {v.get('p50', 0):.1f} / p99 {v.get('p99', 0):.1f} / p99.9 {v.get('p999', 0):.1f} {unit} (n={v.get('count', 0)})"
+print(f"lab-netns: replication lag (append -> ack) {pc('replicationLagUs')}")
+print(f"lab-netns: output gate latency {pc('gateLatencyUs')}")
+print(f"lab-netns: FT link round trip (heartbeat) {pc('linkRoundTripUs')}")
+print(f"lab-netns: {s['batches']} batches, {s['logBytes']} log bytes in {s['elapsedSeconds']:.2f} s; primary throttled {s['throttledMs']:.1f} ms")
+PY
+    DA=$(grep '^state-digest: ' "$WORK/primary.err" | tail -1) DB=$(grep '^state-digest: ' "$WORK/secondary.err" | tail -1)
+    [ -n "$DA" ] && [ "$DA" = "$DB" ] || die "the sides' state digests differ or are missing: primary '$DA', secondary '$DB'"
+    echo "lab-netns: OK: both sides ran the guest to its end with the same state digest, no failover"
+    exit 0
+fi
+
 reap "$PRI" 5; echo "lab-netns: primary ended with status $STATUS (137: killed, as expected)"
 reap "$SEC" 120; SEC_STATUS=$STATUS
+stop_impairer
 grep -h "^live: \|went live" "$WORK/secondary.err" | sed 's/^/lab-netns:   /' || die "the secondary never went live"
 tail -1 "$WORK/secondary.err" | sed 's/^/lab-netns:   survivor /'
 [ "$SEC_STATUS" = 0 ] || die "the survivor ended with status $SEC_STATUS (137 after 120 s: it was still running and was killed)"
