@@ -115,7 +115,7 @@ extension Connection {
     /// Runs the handshake. Initiator: hello -> (helloReply) -> helloAuth -> (helloDone).
     /// Both proofs are HMAC-SHA256(PSK, label || transcript) so the key never crosses the wire and
     /// the negotiated parameters (version, roles, encryption modes, payloads) cannot be altered.
-    func handshake(initiator: Bool, config: ChannelConfig) throws {
+    public func handshake(initiator: Bool, config: ChannelConfig) throws {
         guard config.key.count >= ChannelConfig.minimumKeyBytes else {
             throw ChannelError.invalidKey("\(config.key.count) bytes; at least \(ChannelConfig.minimumKeyBytes) are needed")
         }

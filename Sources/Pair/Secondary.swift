@@ -1,6 +1,7 @@
 import CLockstep
 import Channel
 import EventLog
+import Failover
 import Foundation
 import Machine
 import Synchronization
@@ -91,10 +92,25 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
 
     private func acceptSeeded(acceptTimeoutMs: Int) throws -> (StandbySession, LiveLogSource) {
         let cfg = ChannelConfig(key: options.key, role: .secondary, encryption: options.encryption, payload: [], handshakeTimeoutMs: 5000)
+        // Waiting to be seeded again (this side followed the guest before): the guest may end meanwhile, and
+        // then nobody will seed it. The pair record says so; before the first seed it may be an earlier pair's.
+        let ended = seedImage == nil ? nil : options.openFence()
+        let deadline = acceptTimeoutMs < 0 ? nil : lk_monotonic_ns() + UInt64(acceptTimeoutMs) * 1_000_000
         while true {
+            if let f = ended { try stopIfEnded(f) }
+            let left = deadline.map { Int(($0 &- min($0, lk_monotonic_ns())) / 1_000_000) }
             let conn: Connection
-            do { conn = try listener.accept(timeoutMs: acceptTimeoutMs, config: cfg) } catch {
-                if case ChannelError.timeout = error { throw PairError.peerUnreachable("no primary connected within \(acceptTimeoutMs) ms") }
+            do {
+                conn = try listener.acceptRaw(timeoutMs: ended == nil ? left ?? -1 : min(left ?? Int.max, Self.recordPollMs))
+            } catch ChannelError.timeout {
+                if let d = deadline, lk_monotonic_ns() >= d { throw PairError.peerUnreachable("no primary connected within \(acceptTimeoutMs) ms") }
+                continue
+            } catch {
+                warn("refused a peer: \(error)")
+                continue
+            }
+            do { try conn.handshake(initiator: false, config: cfg) } catch {
+                conn.close()
                 warn("refused a peer: \(error)")
                 continue
             }
@@ -107,6 +123,16 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 throw e
             }
         }
+    }
+
+    /// How often a side waiting to be seeded again reads the pair record (an etcd fence: one request each).
+    static let recordPollMs = 500
+
+    /// Throws `pairEnded` when the pair record says the guest ended (an unreadable record: keep waiting).
+    private func stopIfEnded(_ f: any Fencing) throws(PairError) {
+        let text = PairRecord.read(f) ?? "(none)"
+        guard let status = PairRecord.endedStatus(text) else { return }
+        throw .pairEnded(status: status, "secondary: the pair record in \(f.location) says '\(text)': the guest ended (status \(status)) while this side waited to be seeded again; nothing left to follow")
     }
 
     /// The control socket's `peer HOST:PORT`: a survivor protecting itself seeks new secondaries there; a

@@ -692,6 +692,31 @@ extension PairTests { @Suite struct FailoverTests {
         talk.exchange(7...9, "c")
         try talk.quitInLockstep(pri, sec)
     }
+
+    /// A secondary dropped by a partition waits to be seeded again; when the guest ends on the primary
+    /// meanwhile, nobody will seed it, and the pair record says so: it ends with the guest's status at once
+    /// instead of waiting out its accept timeout (none given here: it would wait forever).
+    @Test func aSecondaryWaitingToRejoinEndsWithTheGuest() throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        let udp = try PairFixture.freeUDPPort()
+        let proxy = try TCPProxy()
+        let (pri, sec, _) = try Self.startPair(ws, udp: udp) { port in try proxy.start(forwardingTo: port) }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
+        proxy.cut()
+        try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 30)
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        talk.exchange(4...5, "b")
+        talk.quit()
+        #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
+        // Bounded by the record's poll (0.5 s), not by an accept timeout.
+        #expect(try sec.wait(seconds: 10) == 0, "\(sec.stderrText)")
+        #expect(sec.stderr.contains { $0.contains("says 'ended 0': the guest ended (status 0) while this side waited to be seeded again") },
+                "\(sec.stderrText)")
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "\(sec.stderrText)")
+        talk.expectConsistent()
+    }
 }
 
 }
