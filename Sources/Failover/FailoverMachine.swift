@@ -230,7 +230,7 @@ public struct FailoverMachine: Sendable, Equatable {
                                                     + "waiting for the lock to be released (a lost host's lease to run out), then going live"),
                                         .awaitFence])
         case (.secondaryFencing, .fenceDenied(let holder)):
-            return (.fenced, [.stop(reason: "fence held by \(holder); the primary is alive, not going live")])
+            return (.fenced, [.stop(reason: "fence held by \(holder); not going live")])
 
         // Spurious fence results outside fencing never change anything.
         default:

@@ -322,7 +322,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
             if let e = tryFence(f) { return e }
             if lk_monotonic_ns() >= deadline {
                 let holder = f.holder?.description ?? "another process"
-                return pairRecord(f).namesThisSide ? .fenceHeld(holder: holder) : .fenceDenied(holder: holder)
+                return pairRecord(f).namesThisSide ? .fenceHeld(holder: holder) : .fenceDenied(holder: "\(holder): the primary is alive")
             }
             usleep(2000)  // retry backoff while a dead holder's lock is released
         }
@@ -363,7 +363,8 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
             let record = pairRecord(f)
             guard record.namesThisSide else {
                 try? f.release()
-                return .fenceDenied(holder: "nobody, but the primary's pair record says '\(record.text)': it went on without this secondary, whose state is stale")
+                let why = PairRecord.endedStatus(record.text) != nil ? "the guest ended there" : "it went on without this secondary, whose state is stale"
+                return .fenceDenied(holder: "nobody, but the primary's pair record says '\(record.text)': \(why)")
             }
             fence = f
             fenceToken = t
