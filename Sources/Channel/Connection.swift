@@ -14,6 +14,17 @@ public final class Connection: @unchecked Sendable {
     public let fd: Int32
     /// Set by the handshake; nil before.
     public private(set) var session: Session?
+    /// What became of `ChannelConfig.retransmitFloorMs` (set by the handshake).
+    public private(set) var retransmitFloor: RetransmitFloor = .kernels
+
+    public enum RetransmitFloor: Sendable, Equatable {
+        /// Not asked for: the kernel's (the route's `rto_min`, else 200 ms).
+        case kernels
+        /// The floor the kernel took (µs).
+        case set(us: Int32)
+        /// The kernel refused it (before Linux 6.15 it has no such option): the kernel's floor stays.
+        case refused(String)
+    }
 
     private let closedFlag = Atomic<Bool>(false)
     public var isClosed: Bool { closedFlag.load(ordering: .acquiring) }
@@ -87,6 +98,12 @@ public final class Connection: @unchecked Sendable {
         let c = try connectRaw(host: host, port: port, timeoutMs: timeoutMs)
         do { try c.handshake(initiator: true, config: config) } catch { c.close(); throw error }
         return c
+    }
+
+    func setRetransmitFloor(ms: Int) {
+        do { retransmitFloor = .set(us: try SocketOps.setRetransmitFloor(fd, us: Int32(clamping: ms * 1000))) } catch {
+            retransmitFloor = .refused("\(error)")
+        }
     }
 
     /// Shuts the socket down (both directions). Idempotent.

@@ -23,6 +23,10 @@ public struct ChannelConfig: Sendable {
     public var handshakeTimeoutMs: Int
     /// Protocol version spoken; only tests change it.
     public var protocolVersion: UInt16
+    /// A floor under TCP's retransmission timeout for this link (ms; 0: the kernel's, 200 ms on Linux): a lost
+    /// segment that fast retransmit does not recover leaves the link silent until it, so it must sit well
+    /// under the failure timeout. Applied before the handshake; `Connection.retransmitFloor` says how it went.
+    public var retransmitFloorMs: Int = 0
 
     public init(key: [UInt8], role: PeerRole, encryption: EncryptionMode = .opportunistic,
                 payload: [UInt8] = [], handshakeTimeoutMs: Int = 5000,
@@ -123,6 +127,7 @@ extension Connection {
             throw ChannelError.frameTooLarge(type: .hello, length: UInt32(clamping: config.payload.count), limit: FrameLayout.maxHelloPayload)
         }
         localVersion = config.protocolVersion
+        if config.retransmitFloorMs > 0 { setRetransmitFloor(ms: config.retransmitFloorMs) }
         let deadline = SocketOps.monotonicMs() + Int64(config.handshakeTimeoutMs)
         func remaining() -> Int { Int(max(0, deadline - SocketOps.monotonicMs())) }
         let mine = Hello(version: config.protocolVersion, role: config.role, mode: config.encryption,

@@ -1,5 +1,6 @@
 #if canImport(Glibc)
 import Glibc
+import CLockstep
 #endif
 
 /// A plain pthread mutex (the send side of a Connection is serialized by one).
@@ -54,6 +55,15 @@ enum SocketOps {
     static func setNoDelay(_ fd: Int32) throws {
         var one: Int32 = 1
         try sys("setsockopt(TCP_NODELAY)") { setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size)) }
+    }
+
+    /// Sets TCP_RTO_MIN_US; returns the kernel's value (µs, rounded up to its clock tick).
+    static func setRetransmitFloor(_ fd: Int32, us: Int32) throws -> Int32 {
+        var v = us
+        try sys("setsockopt(TCP_RTO_MIN_US)") { setsockopt(fd, Int32(IPPROTO_TCP), LK_TCP_RTO_MIN_US, &v, socklen_t(MemoryLayout<Int32>.size)) }
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        try sys("getsockopt(TCP_RTO_MIN_US)") { getsockopt(fd, Int32(IPPROTO_TCP), LK_TCP_RTO_MIN_US, &v, &len) }
+        return v
     }
 
     static func setBlocking(_ fd: Int32, _ blocking: Bool) throws {

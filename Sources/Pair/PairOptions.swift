@@ -4,6 +4,7 @@ import Failover
 import Foundation
 import Glibc
 import Machine
+import Synchronization
 
 /// Settings shared by both sides of a pair.
 public struct PairOptions: Sendable {
@@ -82,7 +83,32 @@ public struct PairOptions: Sendable {
 
     var heartbeatNs: UInt64 { UInt64(heartbeatMs) * 1_000_000 }
     var failureNs: UInt64 { UInt64(failureTimeoutMs) * 1_000_000 }
+
+    /// TCP's retransmission floor on the FT link: a fifth of the failure timeout, so a segment lost where fast
+    /// retransmit cannot help (the last one before a pause) is sent again a few times before the peer is
+    /// declared failed; the kernel takes 10 to 200 ms (its default floor is 200 ms, 4x the default timeout).
+    var retransmitFloorMs: Int { min(200, max(10, failureTimeoutMs / 5)) }
+
+    /// The FT link's channel settings for this side.
+    func channel(role: PeerRole) -> ChannelConfig {
+        var c = ChannelConfig(key: key, role: role, encryption: encryption, payload: [], handshakeTimeoutMs: 5000)
+        c.retransmitFloorMs = retransmitFloorMs
+        return c
+    }
+
+    /// After a handshake: a kernel that kept its own retransmission floor is said once per process, when the
+    /// failure timeout is short enough for one retransmission to exceed it.
+    func checkRetransmitFloor(_ conn: Connection) {
+        guard case .refused(let why) = conn.retransmitFloor, failureTimeoutMs < 400,
+              !retransmitFloorWarned.exchange(true, ordering: .relaxed) else { return }
+        warn("the FT link keeps the kernel's TCP retransmission floor (200 ms unless its route sets rto_min; "
+             + "TCP_RTO_MIN_US needs Linux 6.15: \(why)): one lost segment can silence the link longer than "
+             + "--failure-timeout-ms \(failureTimeoutMs) and look like a failure; on a link that drops packets set "
+             + "rto_min on its route (docs/lab.md)")
+    }
 }
+
+private let retransmitFloorWarned = Atomic<Bool>(false)
 
 /// Why a pair side stopped without a guest result.
 public enum PairError: Error, CustomStringConvertible {

@@ -818,8 +818,11 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     // MARK: connecting
 
-    private func config(role: PeerRole) -> ChannelConfig {
-        ChannelConfig(key: options.key, role: role, encryption: options.encryption, payload: [], handshakeTimeoutMs: 5000)
+    /// One connection to a would-be secondary (handshake included).
+    private func connect(_ host: String, _ port: UInt16) throws -> Connection {
+        let c = try Connection.connect(host: host, port: port, timeoutMs: 1000, config: options.channel(role: .primary))
+        options.checkRetransmitFloor(c)
+        return c
     }
 
     /// The first secondary: retried until `connectTimeoutMs` (it may still be starting); an authentication,
@@ -830,7 +833,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         while lk_monotonic_ns() < deadline {
             do {
                 let (host, port) = peerAddress.withLock { $0 }
-                return try Connection.connect(host: host, port: port, timeoutMs: 1000, config: config(role: .primary))
+                return try connect(host, port)
             } catch {
                 last = PairError.from(error)
                 if case .peerRejected = last { throw last }
@@ -855,7 +858,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
             while !finished.load(ordering: .acquiring), current.withLock({ $0 == nil }) || migrationWanted.load(ordering: .acquiring) {
                 do {
                     let to = peerAddress.withLock { $0 }
-                    let c = try Connection.connect(host: to.host, port: to.port, timeoutMs: 1000, config: config(role: .primary))
+                    let c = try connect(to.host, to.port)
                     offered.withLock { $0 = (c, Self.text(to)) }
                     hasOffer.store(true, ordering: .releasing)
                     session.machine.pacer?.raise(.boundary)  // a halted guest's vCPU thread adopts it now

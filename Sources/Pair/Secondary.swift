@@ -91,7 +91,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
     }
 
     private func acceptSeeded(acceptTimeoutMs: Int) throws -> (StandbySession, LiveLogSource) {
-        let cfg = ChannelConfig(key: options.key, role: .secondary, encryption: options.encryption, payload: [], handshakeTimeoutMs: 5000)
+        let cfg = options.channel(role: .secondary)
         // Waiting to be seeded again (this side followed the guest before): the guest may end meanwhile, and
         // then nobody will seed it. The pair record says so; before the first seed it may be an earlier pair's.
         let ended = seedImage == nil ? nil : options.openFence()
@@ -114,6 +114,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                 warn("refused a peer: \(error)")
                 continue
             }
+            options.checkRetransmitFloor(conn)
             do { return try receiveSeed(conn) } catch let e as PairError {
                 warn("\(e)")
                 try? conn.send(.error(.protocolViolation, "\(e)"))

@@ -25,6 +25,24 @@ import Foundation
         #expect(try server.receiveMessage(timeoutMs: 2000) == .goodbye("bye"))
     }
 
+    /// The retransmission floor is set on both ends before the handshake, as the kernel rounds it (its clock
+    /// tick); a kernel without TCP_RTO_MIN_US (before Linux 6.15) refuses it, and the connection says so.
+    @Test func aRetransmitFloorIsSetOnBothEndsOrRefusedClearly() throws {
+        var p = config(.primary), s = config(.secondary)
+        p.retransmitFloorMs = 10; s.retransmitFloorMs = 10
+        let (c, a) = try pair(primary: p, secondary: s)
+        for conn in [try c.get(), try a.get()] {
+            switch conn.retransmitFloor {
+            case .set(let us): #expect(us >= 10_000 && us < 20_000, "\(us) µs")
+            case .refused(let why):
+                print("this kernel has no TCP_RTO_MIN_US: \(why)")
+                #expect(why.contains("TCP_RTO_MIN_US"))
+            case .kernels: Issue.record("the floor was not asked for")
+            }
+        }
+        #expect(try established().0.retransmitFloor == .kernels)
+    }
+
     @Test func wrongKeyFailsOnBothSides() throws {
         let (c, s) = try pair(primary: config(.primary, key: Array("AAAAAAAAAAAAAAAAAAAA".utf8)),
                               secondary: config(.secondary, key: Array("BBBBBBBBBBBBBBBBBBBB".utf8)))

@@ -9,6 +9,11 @@
 #include <linux/kvm.h>
 #include "CLockstepWait.h"
 
+// ---- socket options newer than this system's headers ----
+// TCP_RTO_MIN_US (include/uapi/linux/tcp.h, Linux 6.15+): the floor under TCP's retransmission timeout, per
+// socket (µs). Not included from <netinet/tcp.h>, whose copies here predate it. Older kernels refuse it.
+static const int LK_TCP_RTO_MIN_US = 45;
+
 // ---- ioctl numbers (Swift cannot import function-like macros) ----
 static const unsigned long LK_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
 static const unsigned long LK_KVM_CREATE_VM = KVM_CREATE_VM;
