@@ -15,12 +15,16 @@
 # other than 0 the netem qdisc or TUN/TAP (--impair auto: netem if the kernel has it, else the FT link is
 # two TAP devices joined by scripts/link-impair.py); /dev/kvm; python3; a release build and the guests.
 # Usage: scripts/lab-netns.sh [--delay-ms N] [--loss-pct P] [--impair auto|netem|tap] [--guest NAME]
-#                              [--requests N] [--kill-after-ms N] [--no-kill] [--lockstep PATH] [--guests DIR]
+#                              [--requests N] [--kill-after-ms N] [--no-kill] [--failure-timeout-ms N]
+#                              [--rto-min-ms N] [--keep] [--lockstep PATH] [--guests DIR]
+# --failure-timeout-ms is given to both sides (lockstep's default: 50). --rto-min-ms sets the FT link's route
+# rto_min on both sides (Linux's default minimum TCP retransmission timeout is 200 ms; see docs/lab.md).
+# --keep keeps the logs (printed at the end) also when the run succeeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DELAY_MS=1 LOSS_PCT=0 IMPAIR=auto GUEST=echo REQUESTS=200 KILL_AFTER_MS=1000 KILL=1 PORT=7000
-LOCKSTEP="" GUESTS=Guests/build
+LOCKSTEP="" GUESTS=Guests/build FAILURE_MS="" RTO_MIN_MS="" KEEP=0
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 64; }
 die() { echo "lab-netns: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
@@ -31,6 +35,9 @@ while [ $# -gt 0 ]; do
         --requests) REQUESTS=$2; shift 2 ;;
         --kill-after-ms) KILL_AFTER_MS=$2; shift 2 ;;
         --no-kill) KILL=0; shift ;;
+        --failure-timeout-ms) FAILURE_MS=$2; shift 2 ;;
+        --rto-min-ms) RTO_MIN_MS=$2; shift 2 ;;
+        --keep) KEEP=1; shift ;;
         --impair) IMPAIR=$2; shift 2 ;;
         --lockstep) LOCKSTEP=$2; shift 2 ;;
         --guests) GUESTS=$2; shift 2 ;;
@@ -61,9 +68,9 @@ cleanup() {
     local rc=$?
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     for ns in lkA lkB lkC; do ip netns del "$ns" 2>/dev/null || true; done  # deleting a namespace deletes its veths
-    if [ $rc -ne 0 ]; then
-        echo "lab-netns: failed (status $rc); logs kept in $WORK:" >&2
-        for f in "$WORK"/*.err; do [ -f "$f" ] && { echo "--- $f" >&2; tail -8 "$f" >&2; }; done
+    if [ $rc -ne 0 ] || [ "$KEEP" = 1 ]; then
+        [ $rc -ne 0 ] && echo "lab-netns: failed (status $rc); logs kept in $WORK:" >&2 || echo "lab-netns: logs kept in $WORK" >&2
+        [ $rc -ne 0 ] && for f in "$WORK"/*.err; do [ -f "$f" ] && { echo "--- $f" >&2; tail -8 "$f" >&2; }; done
     else
         rm -rf "$WORK"
     fi
@@ -119,10 +126,22 @@ else
     fi
 fi
 
+if [ -n "$RTO_MIN_MS" ]; then
+    # TCP's minimum retransmission timeout on the FT link's route, both sides: a lost segment that fast
+    # retransmit and the tail loss probe do not recover waits for it, and the link is silent meanwhile.
+    for side in "lkA lkvA 10.77.0.1" "lkB lkvB 10.77.0.2"; do
+        set -- $side
+        ip -n "$1" route replace 10.77.0.0/24 dev "$2" src "$3" rto_min "${RTO_MIN_MS}ms" 2>"$WORK/route.err" \
+            || die "cannot set rto_min on the FT link's route: $(cat "$WORK/route.err")"
+    done
+    echo "lab-netns: FT link route rto_min ${RTO_MIN_MS} ms (both sides)"
+fi
+
 # --- the pair
 head -c 32 /dev/urandom > "$WORK/psk"; chmod 600 "$WORK/psk"
 mkdir "$WORK/fence"  # both namespaces see this filesystem: it stands for a shared fence directory
 COMMON=(--key-file "$WORK/psk" --fence "$WORK/fence" --status-interval-ms 1000)
+[ -z "$FAILURE_MS" ] || COMMON+=(--failure-timeout-ms "$FAILURE_MS")
 if [ "$GUEST" = echo ]; then SERVE_A=udp:10.77.1.1:$PORT SERVE_B=udp:10.77.2.2:$PORT; else SERVE_A=file:$WORK/primary.serial SERVE_B=none; fi
 ip netns exec lkB "$LOCKSTEP" secondary --listen 10.77.0.2:7400 --serial "$SERVE_B" --accept-timeout-ms 30000 --verbose "${COMMON[@]}" \
     >"$WORK/secondary.out" 2>"$WORK/secondary.err" &
@@ -143,15 +162,15 @@ reap() {
     STATUS=0; { wait "$1"; } 2>/dev/null || STATUS=$?  # braces: also silence bash's "Killed" job notice
 }
 
+CLIENT=0
 if [ "$GUEST" = echo ]; then
-    # The client: REQUESTS requests to the primary, kill -9 of the primary, then REQ every 2 ms to both
-    # service addresses until one answers.
+    # The client: REQUESTS requests to the primary; then QUIT (--no-kill), or a kill -9 of the primary and
+    # REQ every 2 ms to both service addresses until one answers.
     # The braces send the shell's own stderr to /dev/null while the client runs (bash would print a "Killed"
     # notice for the primary the client kills); the client's stderr goes to fd 3, the real stderr.
     { ip netns exec lkC python3 - "$PRI" "$PORT" "$REQUESTS" "$KILL" 2>&3 <<'PY'
 import os, signal, socket, sys, time
 pid, port, n, kill = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-
 A, B = ("10.77.1.1", port), ("10.77.2.2", port)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 buf = b""
@@ -188,9 +207,10 @@ while time.time() - t0 < 10:
             print(f"lab-netns: kill -9 of the primary -> first survivor reply: {(time.time()-t0)*1e3:.1f} ms (n={f[2]}, expected {seq})")
             ask(b"QUIT\n", "RESULT", B, 5)
             sys.exit(0 if f[2] == str(seq) else 1)
-sys.exit("lab-netns: no reply from either address within 10 s of the kill")
+print("lab-netns: no reply from either address within 10 s of the kill", file=sys.stderr)
+sys.exit(2)
 PY
-    } 3>&2 2>/dev/null
+    } 3>&2 2>/dev/null || CLIENT=$?
 elif [ "$KILL" = 1 ]; then
     sleep "$(awk "BEGIN{print $KILL_AFTER_MS/1000}")"
     kill -9 "$PRI"
@@ -206,11 +226,23 @@ stop_impairer() {
     return 0
 }
 
+# false_alarms: how often each side took the other for dead while the primary ran (a kill's own detection
+# is not counted: the secondary's last "presumed failed" after the kill).
+false_alarms() {
+    local lost presumed
+    lost=$(grep -c "secondary lost" "$WORK/primary.err" || true)
+    presumed=$(grep -c "primary presumed failed" "$WORK/secondary.err" || true)
+    [ "$KILL" = 1 ] && [ "$presumed" -gt 0 ] && presumed=$((presumed - 1))
+    echo "lab-netns: false alarms: the primary dropped its secondary $lost time(s), the secondary presumed a live primary failed $presumed time(s)"
+}
+
 if [ "$KILL" = 0 ]; then
     # No failover: both sides run the guest to its end; the primary's figures are the link's.
     reap "$PRI" 120; PRI_STATUS=$STATUS
     reap "$SEC" 30; SEC_STATUS=$STATUS
     stop_impairer
+    false_alarms
+    [ "$CLIENT" = 0 ] || die "the echo client failed (status $CLIENT)"
     [ "$PRI_STATUS" = 0 ] || die "the primary ended with status $PRI_STATUS"
     [ "$SEC_STATUS" = 0 ] || die "the secondary ended with status $SEC_STATUS"
     ! grep -q "^live: " "$WORK/secondary.err" || die "the secondary went live while the primary ran: $(grep '^live: ' "$WORK/secondary.err")"
@@ -225,16 +257,33 @@ print(f"lab-netns: output gate latency {pc('gateLatencyUs')}")
 print(f"lab-netns: FT link round trip (heartbeat) {pc('linkRoundTripUs')}")
 print(f"lab-netns: {s['batches']} batches, {s['logBytes']} log bytes in {s['elapsedSeconds']:.2f} s; primary throttled {s['throttledMs']:.1f} ms")
 PY
-    DA=$(grep '^state-digest: ' "$WORK/primary.err" | tail -1) DB=$(grep '^state-digest: ' "$WORK/secondary.err" | tail -1)
-    [ -n "$DA" ] && [ "$DA" = "$DB" ] || die "the sides' state digests differ or are missing: primary '$DA', secondary '$DB'"
-    echo "lab-netns: OK: both sides ran the guest to its end with the same state digest, no failover"
+    DA=$(grep '^state-digest: ' "$WORK/primary.err" | tail -1 || true) DB=$(grep '^state-digest: ' "$WORK/secondary.err" | tail -1 || true)
+    [ -n "$DA" ] || die "the primary printed no state digest"
+    if [ -n "$DB" ]; then
+        [ "$DA" = "$DB" ] || die "the sides' state digests differ: primary '$DA', secondary '$DB'"
+        echo "lab-netns: OK: both sides ran the guest to its end with the same state digest, no failover"
+    elif grep -q "while this side waited to be seeded again" "$WORK/secondary.err"; then
+        echo "lab-netns: OK: no failover; the guest ran its end unprotected: a false alarm had dropped the secondary, which ended with the guest"
+    else
+        die "the secondary printed no state digest"
+    fi
     exit 0
 fi
 
 reap "$PRI" 5; echo "lab-netns: primary ended with status $STATUS (137: killed, as expected)"
 reap "$SEC" 120; SEC_STATUS=$STATUS
 stop_impairer
-grep -h "^live: \|went live" "$WORK/secondary.err" | sed 's/^/lab-netns:   /' || die "the secondary never went live"
+false_alarms
+if ! grep -q "^live: " "$WORK/secondary.err"; then
+    # The fence's answer when the kill found the guest unprotected: its secondary had been dropped (a false
+    # alarm on a lossy link), so its state was stale and nobody may run the guest (a supervisor cold-restarts it).
+    if grep -q "pair record says 'unprotected'" "$WORK/secondary.err"; then
+        die "not a failover: the kill found the guest unprotected (a false alarm had dropped the secondary; see the false alarms above), so the secondary rightly refused to go live with a stale state. On a lossy link raise --failure-timeout-ms or lower --rto-min-ms (docs/lab.md)"
+    fi
+    die "the secondary never went live"
+fi
+grep -h "^live: \|went live" "$WORK/secondary.err" | sed 's/^/lab-netns:   /'
 tail -1 "$WORK/secondary.err" | sed 's/^/lab-netns:   survivor /'
+[ "$CLIENT" = 0 ] || die "the echo client failed (status $CLIENT)"
 [ "$SEC_STATUS" = 0 ] || die "the survivor ended with status $SEC_STATUS (137 after 120 s: it was still running and was killed)"
 echo "lab-netns: OK: the survivor took over and ran the guest to its end"
