@@ -76,6 +76,8 @@ def main():
         stop = True
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # A parent may have blocked them (a test runner does), and the mask is inherited: the handler would never run.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     print("ready", flush=True)
 
     while not stop:

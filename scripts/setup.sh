@@ -2,9 +2,10 @@
 # Installs what Lockstep needs on a fresh Debian machine with Swift: the C libraries it links
 # (capstone, OpenSSL), the guest toolchain (gcc, binutils, make), QEMU for the guest cross-check, and etcd
 # (the etcd fence's tests start their own server on loopback, with TLS certificates made by openssl).
+# iproute2 and python3: the namespace lab (scripts/lab-netns.sh), which a pair test runs.
 set -euo pipefail
 need=()
-for p in libcapstone-dev libssl-dev openssl pkg-config gcc binutils make qemu-system-x86 etcd-server; do
+for p in libcapstone-dev libssl-dev openssl pkg-config gcc binutils make qemu-system-x86 etcd-server iproute2 python3; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

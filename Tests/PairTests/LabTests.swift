@@ -1,0 +1,40 @@
+import Foundation
+import Glibc
+import Testing
+
+extension PairTests {
+
+/// `scripts/lab-netns.sh`, the two-host lab on one machine, run as a user would: the primary and the
+/// secondary in network namespaces of their own, the FT link between them delayed and lossy, a kill -9 of
+/// the primary mid-conversation. Where the kernel has no netem (this project's sandbox and CI), the link
+/// goes through `scripts/link-impair.py`, so that is tested too.
+@Suite struct LabTests {
+    static var skipReason: String? {
+        if let why = PairFixture.skipReason { return why }
+        if getuid() != 0 { return "the namespace lab needs root (network namespaces, TAP devices)" }
+        if !FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") { return "no /usr/bin/python3: apt-get install python3" }
+        if !["/usr/sbin/ip", "/usr/bin/ip", "/sbin/ip", "/bin/ip"].contains(where: FileManager.default.isExecutableFile(atPath:)) {
+            return "no ip(8): apt-get install iproute2"
+        }
+        if access("/dev/net/tun", R_OK | W_OK) != 0 { return "/dev/net/tun is missing: the kernel has no TUN/TAP" }
+        return nil
+    }
+
+    @Test func thePairFailsOverAcrossADelayedLossyLink() throws {
+        if let why = Self.skipReason { print("skipped: \(why)"); return }
+        let script = PairFixture.root.appendingPathComponent("scripts/lab-netns.sh").path
+        let guests = URL(fileURLWithPath: try PairFixture.guest("echo")).deletingLastPathComponent().path
+        let lab = try Child("lab-netns", ["--delay-ms", "1", "--loss-pct", "1", "--impair", "tap", "--requests", "100", "--guests", guests],
+                            captureStdout: true, launcher: ["/bin/bash", script, "--lockstep"])
+        // Bounded: the client gives the survivor 10 s, the script gives it 120 s to end.
+        let status = try lab.wait(seconds: 180)
+        #expect(status == 0, "\(lab.stderrText)")
+        #expect(lab.stderr.contains { $0.contains("through link-impair.py (TAP devices): delay 1 ms, loss 1 % each way") }, "\(lab.stderrText)")
+        #expect(lab.stderr.contains { $0.contains("100 requests through the primary") }, "\(lab.stderrText)")
+        #expect(lab.stderr.contains { $0.contains("first survivor reply") && $0.contains("(n=101, expected 101)") }, "\(lab.stderrText)")
+        #expect(lab.stderr.contains { $0.hasPrefix("lab-netns: FT link frames: a->b ") }, "\(lab.stderrText)")
+        #expect(lab.stderr.contains { $0.contains("OK: the survivor took over and ran the guest to its end") }, "\(lab.stderrText)")
+    }
+}
+
+}
