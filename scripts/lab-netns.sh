@@ -255,7 +255,8 @@ def pc(k, unit="µs"):
 print(f"lab-netns: replication lag (append -> ack) {pc('replicationLagUs')}")
 print(f"lab-netns: output gate latency {pc('gateLatencyUs')}")
 print(f"lab-netns: FT link round trip (heartbeat) {pc('linkRoundTripUs')}")
-print(f"lab-netns: {s['batches']} batches, {s['logBytes']} log bytes in {s['elapsedSeconds']:.2f} s; primary throttled {s['throttledMs']:.1f} ms")
+print(f"lab-netns: {s['batches']} batches, {s['logBytes']} log bytes in {s['elapsedSeconds']:.2f} s; primary throttled {s['throttledMs']:.1f} ms; "
+      f"{s['linkRetransmits']} TCP segments sent again by the primary")
 PY
     DA=$(grep '^state-digest: ' "$WORK/primary.err" | tail -1 || true) DB=$(grep '^state-digest: ' "$WORK/secondary.err" | tail -1 || true)
     [ -n "$DA" ] || die "the primary printed no state digest"

@@ -100,6 +100,15 @@ public final class Connection: @unchecked Sendable {
         return c
     }
 
+    /// Segments the kernel has sent again on this connection (`tcpi_total_retrans`): each one a loss, or a
+    /// retransmission timeout, on the link. nil when TCP_INFO cannot be read.
+    public func retransmittedSegments() -> UInt32? {
+        var info = tcp_info()
+        var len = socklen_t(MemoryLayout<tcp_info>.size)
+        guard getsockopt(fd, Int32(IPPROTO_TCP), Int32(TCP_INFO), &info, &len) == 0 else { return nil }
+        return info.tcpi_total_retrans
+    }
+
     func setRetransmitFloor(ms: Int) {
         do { retransmitFloor = .set(us: try SocketOps.setRetransmitFloor(fd, us: Int32(clamping: ms * 1000))) } catch {
             retransmitFloor = .refused("\(error)")

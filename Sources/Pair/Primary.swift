@@ -74,6 +74,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     private var firstAppendNs: UInt64 = 0
     private var seeded = 0
     private var totalBytes: UInt64 = 0
+    /// TCP retransmissions of the links dropped so far (`PairStats.linkRetransmits`).
+    private var droppedLinkRetransmits: UInt64 = 0
     private var totalBatches: UInt64 = 0
     private var firstSequence: UInt32 = 0
     /// Records wait at most this long for company: lower means less replay lag, more sends (each wakes the secondary).
@@ -579,6 +581,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// Ends `l`'s link thread (after losing it for `why`, when given) and forgets it; its bytes stay in the totals.
     private func dropLink(_ l: SecondaryLink, losing why: String? = nil) {
         totalBytes &+= l.bytesSent; totalBatches &+= l.batchCount
+        droppedLinkRetransmits &+= UInt64(l.conn.retransmittedSegments() ?? 0)
         if let why { l.lose(why) }
         l.join()
         guard link === l else { return }  // a migration's old secondary, let go after the target took its place
@@ -889,6 +892,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
                           throttledMs: Double(metrics.throttledNs) / 1e6, secondariesSeeded: seeded,
                           seeding: seedingNow.load(ordering: .relaxed),
                           linkRoundTripMicroseconds: l == nil ? 0 : Double(latest.roundTripNs) / 1000,
+                          linkRetransmits: UInt64(l?.conn.retransmittedSegments() ?? 0),
                           fenceConfirmedMsAgo: watch?.confirmedAgoMs())
     }
 
@@ -900,7 +904,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
 
     func stats() -> PairStats {
         metrics.stats(gate: gate.latencySnapshot(), logBytes: totalBytes, events: session.encoder.eventCount,
-                      batches: totalBatches, syncPoints: session.encoder.syncPointCount, exits: session.exit)
+                      batches: totalBatches, syncPoints: session.encoder.syncPointCount, exits: session.exit,
+                      linkRetransmits: droppedLinkRetransmits &+ UInt64(link?.conn.retransmittedSegments() ?? 0))
     }
 }
 

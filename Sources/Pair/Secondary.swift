@@ -471,6 +471,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
                           protected: false, exit: replayed, heldExit: held, replayedExit: replayed,
                           lagExits: held > replayed ? held - replayed : 0, lagMicroseconds: 0, logBytes: bytes,
                           logBytesPerSecond: 0, heldOutputBytes: 0, throttledMs: 0, secondariesSeeded: 0,
+                          linkRetransmits: wentLive ? 0 : UInt64(source?.conn.retransmittedSegments() ?? 0),
                           fenceConfirmedMsAgo: liveWatchForStatus.withLock { $0 }?.confirmedAgoMs())
     }
 

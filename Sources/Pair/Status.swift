@@ -27,6 +27,8 @@ public struct PairStatus: Codable, Sendable {
     public var seeding: Bool = false
     /// The FT link's last measured round trip (an idle heartbeat and its echo), µs; 0 before the first.
     public var linkRoundTripMicroseconds: Double = 0
+    /// TCP segments sent again on this side's current FT link (losses on the link; 0 on a clean one).
+    public var linkRetransmits: UInt64 = 0
     /// A live side with a fence watch: how long ago it last read its own generation in the fence file (ms).
     public var fenceConfirmedMsAgo: Double?
 
@@ -34,6 +36,7 @@ public struct PairStatus: Codable, Sendable {
         "status: \(role) \(state) \(protected ? "protected" : seeding ? "UNPROTECTED (seeding a secondary)" : "UNPROTECTED") exit=\(exit) held=\(heldExit) replayed=\(replayedExit) "
             + "lag=\(lagExits) exits/\(String(format: "%.0f", lagMicroseconds)) µs log=\(String(format: "%.1f", logBytesPerSecond / 1024)) KiB/s "
             + "gated=\(heldOutputBytes) B" + (linkRoundTripMicroseconds > 0 ? String(format: " rtt=%.0f µs", linkRoundTripMicroseconds) : "")
+            + (linkRetransmits > 0 ? " retrans=\(linkRetransmits)" : "")
     }
 }
 
@@ -71,6 +74,8 @@ public struct PairStats: Codable, Sendable {
     public var exits: UInt64
     public var elapsedSeconds: Double
     public var throttledMs: Double
+    /// TCP segments the primary sent again over all its FT links (losses on the link).
+    public var linkRetransmits: UInt64
     /// Per seed: how long the guest paused, and the whole seed from connection to the pause's end.
     public var seedPauseMs: [Double]
     public var seedTotalMs: [Double]
@@ -167,7 +172,8 @@ final class PairMetrics: @unchecked Sendable {
         seedTotalsMs.append(Double(totalNs) / 1e6)
     }
 
-    func stats(gate: Histogram<UInt64>, logBytes: UInt64, events: UInt64, batches: UInt64, syncPoints: UInt64, exits: UInt64) -> PairStats {
+    func stats(gate: Histogram<UInt64>, logBytes: UInt64, events: UInt64, batches: UInt64, syncPoints: UInt64, exits: UInt64,
+               linkRetransmits: UInt64) -> PairStats {
         lock.lock(); defer { lock.unlock() }
         var buckets: [[Double]] = []
         for b in replication.recordedValues() where b.count > 0 {
@@ -177,7 +183,7 @@ final class PairMetrics: @unchecked Sendable {
                          linkRoundTripUs: .init(roundTrips),
                          replayLagExits: .init(replayExits, scale: 1), replayLagExitsMax: replayLagExitsMax, logBytes: logBytes, events: events, batches: batches,
                          syncPoints: syncPoints, exits: exits, elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9,
-                         throttledMs: Double(throttledNs) / 1e6, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs,
+                         throttledMs: Double(throttledNs) / 1e6, linkRetransmits: linkRetransmits, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs,
                          seedThrottlePercent: seedThrottles, lagSeries: stride(from: 0, to: series.count, by: 2).map { [series[$0], series[$0 + 1]] }, lagHistogram: buckets)
     }
 }

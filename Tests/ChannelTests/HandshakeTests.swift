@@ -41,6 +41,8 @@ import Foundation
             }
         }
         #expect(try established().0.retransmitFloor == .kernels)
+        // TCP_INFO reads: nothing is lost on loopback.
+        #expect(try c.get().retransmittedSegments() == 0)
     }
 
     @Test func wrongKeyFailsOnBothSides() throws {
