@@ -670,21 +670,28 @@ extension PairTests { @Suite struct FailoverTests {
         try second.wait(seconds: 10)
     }
 
+    /// A pair whose FT link runs through a proxy, three requests answered, then the link cut with both sides
+    /// alive: the secondary found the fence held, did not go live, and waits for a seed; the primary runs on
+    /// unprotected.
+    static func partitionedPair() throws -> (Child, Child, Conversation, TCPProxy) {
+        let ws = try PairFixture.workspace()
+        let udp = try PairFixture.freeUDPPort()
+        let proxy = try TCPProxy()
+        let (pri, sec, _) = try startPair(ws, udp: udp) { port in try proxy.start(forwardingTo: port) }
+        let talk = Conversation(port: udp)
+        talk.exchange(1...3, "a")
+        proxy.cut()
+        try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 30)
+        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "the secondary went live while the primary held the fence")
+        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        return (pri, sec, talk, proxy)
+    }
+
     /// A partition with both sides alive never gives two live primaries; once it heals, the primary finds the
     /// secondary again and protects the guest by a delta seed, with no operator.
     @Test func partitionNeverGivesTwoPrimariesAndHeals() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let ws = try PairFixture.workspace()
-        let udp = try PairFixture.freeUDPPort()
-        let proxy = try TCPProxy()
-        let (pri, sec, _) = try Self.startPair(ws, udp: udp) { port in try proxy.start(forwardingTo: port) }
-        let talk = Conversation(port: udp)
-        talk.exchange(1...3, "a")
-        proxy.cut()
-        // Both alive, link gone: the secondary must find the fence held and not go live; it waits for a seed.
-        try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 30)
-        #expect(!sec.stderr.contains { $0.hasPrefix("live: ") }, "the secondary went live while the primary held the fence")
-        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        let (pri, sec, talk, proxy) = try Self.partitionedPair()
         talk.exchange(4...6, "b")
         try proxy.heal()
         let again = try pri.waitForLine(containing: "protected: secondary", occurrence: 2, seconds: 30)
@@ -698,15 +705,7 @@ extension PairTests { @Suite struct FailoverTests {
     /// instead of waiting out its accept timeout (none given here: it would wait forever).
     @Test func aSecondaryWaitingToRejoinEndsWithTheGuest() throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        let ws = try PairFixture.workspace()
-        let udp = try PairFixture.freeUDPPort()
-        let proxy = try TCPProxy()
-        let (pri, sec, _) = try Self.startPair(ws, udp: udp) { port in try proxy.start(forwardingTo: port) }
-        let talk = Conversation(port: udp)
-        talk.exchange(1...3, "a")
-        proxy.cut()
-        try sec.waitForLine(containing: "waiting for the primary to seed this side again", seconds: 30)
-        try pri.waitForLine(containing: "continuing unprotected", seconds: 10)
+        let (pri, sec, talk, _) = try Self.partitionedPair()
         talk.exchange(4...5, "b")
         talk.quit()
         #expect(try pri.wait(seconds: 30) == 0, "\(pri.stderrText)")
