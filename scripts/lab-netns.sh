@@ -258,6 +258,15 @@ print(f"lab-netns: FT link round trip (heartbeat) {pc('linkRoundTripUs')}")
 print(f"lab-netns: {s['batches']} batches, {s['logBytes']} log bytes in {s['elapsedSeconds']:.2f} s; primary throttled {s['throttledMs']:.1f} ms; "
       f"{s['linkRetransmits']} TCP segments sent again by the primary")
 PY
+    if [ "$GUEST" != echo ]; then
+        # The same guest unprotected, in the primary's namespace once the pair is gone: the protected/unprotected
+        # run-time ratio over this link (the bench's figure, `lockstep bench pair`, is over loopback).
+        ip netns exec lkA "$LOCKSTEP" run "$IMAGE" --serial "file:$WORK/run.serial" --verbose >"$WORK/run.out" 2>"$WORK/run.err" \
+            || die "lockstep run $GUEST (unprotected) failed: $(tail -2 "$WORK/run.err")"
+        P=$(sed -n 's/.* in \([0-9.]*\) ms$/\1/p' "$WORK/primary.err" | tail -1) U=$(sed -n 's/.* in \([0-9.]*\) ms$/\1/p' "$WORK/run.err" | tail -1)
+        [ -n "$P" ] && [ -n "$U" ] || die "no run time in the primary's or lockstep run's statistics"
+        awk -v p="$P" -v u="$U" -v g="$GUEST" 'BEGIN { printf "lab-netns: %s ran %.1f ms protected, %.1f ms unprotected: protected/unprotected %.3f\n", g, p, u, u / p }'
+    fi
     DA=$(grep '^state-digest: ' "$WORK/primary.err" | tail -1 || true) DB=$(grep '^state-digest: ' "$WORK/secondary.err" | tail -1 || true)
     [ -n "$DA" ] || die "the primary printed no state digest"
     if [ -n "$DB" ]; then
