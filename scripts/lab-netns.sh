@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # lab-netns.sh - a two-host pair lab on one machine: the primary in network namespace lkA, the secondary
-# in lkB, their FT link a veth pair impaired with netem (delay, loss), then a kill -9 of the primary
+# in lkB, their FT link delayed and lossy (netem, or link-impair.py where the kernel has none), then a kill -9 of the primary
 # (or, with --no-kill, the guest run to its end and the pair's replication figures).
 # Why: loopback (`lockstep bench pair`) has no wire latency and never drops a packet; this shows what the
 # pair does over a link with both, and that failover works across hosts (separate network stacks).
@@ -18,14 +18,14 @@
 #                              [--requests N] [--kill-after-ms N] [--no-kill] [--failure-timeout-ms N]
 #                              [--rto-min-ms N] [--keep] [--lockstep PATH] [--guests DIR]
 # --failure-timeout-ms is given to both sides (lockstep's default: 50). --rto-min-ms sets the FT link's route
-# rto_min on both sides (Linux's default minimum TCP retransmission timeout is 200 ms; see docs/lab.md).
-# --keep keeps the logs (printed at the end) also when the run succeeds.
+# rto_min on both sides (Linux's default floor is 200 ms; lockstep lowers it per socket itself on Linux 6.15+;
+# see docs/lab.md). --keep keeps the logs, and names their directory, also when the run succeeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DELAY_MS=1 LOSS_PCT=0 IMPAIR=auto GUEST=echo REQUESTS=200 KILL_AFTER_MS=1000 KILL=1 PORT=7000
 LOCKSTEP="" GUESTS=Guests/build FAILURE_MS="" RTO_MIN_MS="" KEEP=0
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 64; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 64; }
 die() { echo "lab-netns: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
     case "$1" in
