@@ -349,7 +349,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
 
     /// The primary's pair record, and whether it names this secondary (the one that may take over).
     private func pairRecord(_ f: any Fencing) -> (text: String, namesThisSide: Bool) {
-        let text = PairRecord.read(f) ?? "(none)"
+        let text = PairRecord.read(f)
         return (text, text == PairRecord.protected(protectionID))
     }
 

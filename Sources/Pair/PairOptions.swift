@@ -242,6 +242,7 @@ public enum PairRecord {
         _exit(75)
     }
 
-    /// The record's text (nil: none, or it cannot be read).
-    static func read(_ fence: any Fencing) -> String? { (try? fence.readPairRecord()) ?? nil }
+    /// The record's text; "(none)" when there is none or it cannot be read (it then names no secondary and
+    /// says no guest ended).
+    static func read(_ fence: any Fencing) -> String { ((try? fence.readPairRecord()) ?? nil) ?? "(none)" }
 }

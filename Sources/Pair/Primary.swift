@@ -123,7 +123,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// guest that ended is not booted again (this process ends with its status instead).
     private static func checkColdRestart(_ fence: (any Fencing)?) throws(PairError) {
         guard let fence else { throw .config("--cold-restart needs --fence: the pair record says whether the guest ended") }
-        let text = PairRecord.read(fence) ?? "(none)"
+        let text = PairRecord.read(fence)
         if let status = PairRecord.endedStatus(text) {
             try? fence.release()
             throw .pairEnded(status: status, "cold restart: the pair record in \(fence.location) says '\(text)': the guest ended with \(status); not booting it again")

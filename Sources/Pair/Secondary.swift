@@ -131,7 +131,7 @@ public final class SecondaryRunner: PairRole, @unchecked Sendable {
 
     /// Throws `pairEnded` when the pair record says the guest ended (an unreadable record: keep waiting).
     private func stopIfEnded(_ f: any Fencing) throws(PairError) {
-        let text = PairRecord.read(f) ?? "(none)"
+        let text = PairRecord.read(f)
         guard let status = PairRecord.endedStatus(text) else { return }
         throw .pairEnded(status: status, "secondary: the pair record in \(f.location) says '\(text)': the guest ended (status \(status)) while this side waited to be seeded again; nothing left to follow")
     }
