@@ -13,6 +13,8 @@ them) are built without sch_netem. The delay is kept by this process's clock, so
 Usage: link-impair.py --a NS:IF --b NS:IF --delay-ms D --loss-pct P [--seed N] [--stats FILE]
 It prints "ready" on stdout once both devices are in their namespaces (the caller then gives them
 addresses), forwards until SIGTERM or SIGINT, and then writes its counts to --stats (one line) and exits 0.
+Exit status 2: bad arguments (argparse's message); 1: a value out of range, or a device that cannot be made
+or moved (no TUN/TAP, not root, no such namespace), named on stderr.
 """
 import argparse, collections, fcntl, os, random, select, signal, struct, subprocess, sys, time
 

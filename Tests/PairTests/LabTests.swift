@@ -36,6 +36,25 @@ extension PairTests {
         #expect(lab.stderr.contains { $0.contains("OK: the survivor took over and ran the guest to its end") }, "\(lab.stderrText)")
     }
 
+    /// The impairer refuses what it cannot do, naming it: a malformed end, a delay out of range, a namespace
+    /// that does not exist (its TAP device is not left behind).
+    @Test func theImpairerRefusesBadInputClearly() throws {
+        if let why = Self.skipReason { print("skipped: \(why)"); return }
+        let script = PairFixture.root.appendingPathComponent("scripts/link-impair.py").path
+        let cases: [([String], Int32, String)] = [
+            (["--a", "lkA", "--b", "lkB:x"], 2, "argument --a: 'lkA': want NAMESPACE:INTERFACE"),
+            (["--a", "A:x", "--b", "B:y", "--delay-ms", "-1"], 1, "--delay-ms -1.0: want 0 to 10000"),
+            (["--a", "lockstep-no-such-ns:lkimpx", "--b", "B:y"], 1, "cannot move lkimpx into namespace lockstep-no-such-ns"),
+        ]
+        for (args, status, text) in cases {
+            // Child passes the lockstep binary before the arguments: sh takes it as $0 and drops it.
+            let p = try Child("link-impair", args, launcher: ["/bin/sh", "-c", "exec /usr/bin/python3 \(script) \"$@\""])
+            #expect(try p.wait(seconds: 30) == status, "\(args): \(p.stderrText)")
+            #expect(p.stderrText.contains(text), "\(args): \(p.stderrText)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/lkimpx"))
+    }
+
     /// The guest run to its end over a link that drops 5 % of its frames: the pair stays in lockstep (same
     /// state digest), and the primary's figures count the TCP segments the losses made it send again.
     @Test func aLossyLinkShowsInTheFiguresNotInTheGuest() throws {
