@@ -3,10 +3,21 @@ import Glibc
 import CLockstep
 #endif
 
-/// A plain pthread mutex (the send side of a Connection is serialized by one).
+/// A priority-inheriting pthread mutex (the send side of a Connection is serialized by one). Why inheriting:
+/// the primary's vCPU thread (normal priority) holds it while it sends a log part, and a real-time thread on
+/// its core (a secondary's receiver on the same host, woken by that very send) can preempt it there for as
+/// long as it computes; the link thread, real-time too, then waited for the lock to send a heartbeat, and
+/// the secondary heard nothing for 90 ms (`echo-state-large`'s 96 MiB sync point). Inheriting, the holder
+/// runs at the waiter's priority until it lets go.
 final class Lock: @unchecked Sendable {
     private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    init() { pthread_mutex_init(m, nil) }
+    init() {
+        var a = pthread_mutexattr_t()
+        pthread_mutexattr_init(&a)
+        pthread_mutexattr_setprotocol(&a, Int32(PTHREAD_PRIO_INHERIT))
+        pthread_mutex_init(m, &a)
+        pthread_mutexattr_destroy(&a)
+    }
     deinit { pthread_mutex_destroy(m); m.deallocate() }
     func tryLock() -> Bool { pthread_mutex_trylock(m) == 0 }
     func unlock() { pthread_mutex_unlock(m) }

@@ -163,6 +163,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
     private func loop() {
         var silence = Silence()
         while queue.withLock({ $0.end == nil }) {
+            let began = lk_monotonic_ns()
             do {
                 let m = try conn.receiveMessage(timeoutMs: options.heartbeatMs)
                 switch m {
@@ -216,7 +217,7 @@ final class LiveLogSource: RecordSource, @unchecked Sendable {
                 if queue.withLock({ $0.end == nil }) { primaryLost("channel: \(error)") }
                 return
             }
-            if let ms = silence.reached(options.failureNs, conn: conn) {
+            if let ms = silence.reached(options.failureNs, conn: conn, receiveBegan: began, timeoutNs: options.heartbeatNs) {
                 primaryLost("no traffic from the primary for \(ms) ms")
                 return
             }

@@ -220,6 +220,7 @@ final class SecondaryLink: @unchecked Sendable {
         let service = gate.backend as? SerialBackend
         var sentReplyAddress: UInt64 = 0
         while !lost.load(ordering: .acquiring) {
+            let began = lk_monotonic_ns()
             do {
                 heard(try conn.receiveMessage(timeoutMs: options.heartbeatMs))
                 silence.heard()
@@ -232,7 +233,8 @@ final class SecondaryLink: @unchecked Sendable {
                 sendFailed(sendFailure.withLock { $0 })
                 break
             }
-            if let ms = silence.reached(unconfirmed == nil ? options.failureNs : Self.seedTimeoutNs, conn: conn) {
+            if let ms = silence.reached(unconfirmed == nil ? options.failureNs : Self.seedTimeoutNs, conn: conn,
+                                        receiveBegan: began, timeoutNs: options.heartbeatNs) {
                 lose("no traffic from the secondary for \(ms) ms")
                 break
             }
@@ -368,15 +370,23 @@ final class SecondaryLink: @unchecked Sendable {
 /// Bytes of a large frame still arriving are life, and so is the time the thread spent handling what it got.
 struct Silence {
     private var lastHeard = lk_monotonic_ns()
+    /// The last judgement was put off because its receive was busy; the next one is not.
+    private var deferred = false
 
     /// A whole message was received and handled.
-    mutating func heard() { lastHeard = lk_monotonic_ns() }
+    mutating func heard() { lastHeard = lk_monotonic_ns(); deferred = false }
 
-    /// The silence in ms once it reached `failureNs`; nil before.
-    mutating func reached(_ failureNs: UInt64, conn: Connection) -> UInt64? {
+    /// The silence in ms once it reached `failureNs`; nil before. `receiveBegan`, `timeoutNs`: the receive that
+    /// just timed out. One that overran its timeout by more than as much again was busy (gathering a large
+    /// batch's parts: 90 ms for 96 MiB here), not waiting; on one host that busy real-time thread may be what
+    /// kept the peer from sending. The verdict then waits for the next receive, which waits, once: a thread
+    /// late every time (an overloaded host) still declares the failure one receive later.
+    mutating func reached(_ failureNs: UInt64, conn: Connection, receiveBegan: UInt64, timeoutNs: UInt64) -> UInt64? {
         let now = lk_monotonic_ns()
         lastHeard = max(lastHeard, conn.lastReceiveNs)
-        return now &- lastHeard >= failureNs ? (now &- lastHeard) / 1_000_000 : nil
+        guard now &- lastHeard >= failureNs else { deferred = false; return nil }
+        if !deferred, now &- receiveBegan > 2 * timeoutNs { deferred = true; return nil }
+        return (now &- lastHeard) / 1_000_000
     }
 }
 
