@@ -19,7 +19,10 @@
  * echo-state (STATE_MIB 48), a service with a large, mostly still memory (a cache, a database):
  * at boot ring 3 fills 48 MiB at 32 MiB physical (needs -m 96), and each distinct request then
  * rewrites one word of it.  Its written memory is large and its write rate small: a re-seed of a
- * secondary that kept its RAM (a delta seed) sends what differs, not the 48 MiB. */
+ * secondary that kept its RAM (a delta seed) sends what differs, not the 48 MiB.  echo-state-large
+ * (STATE_MIB 96, STATE_WAIT, -m 160) is the same with 96 MiB, and after the fill it spins in ring 3
+ * until the first byte arrives: the kick that delivers it writes the first sync point, which carries
+ * all 96 MiB, more than one 64 MiB frame could (it crosses the FT link in 256 KiB parts). */
 #include "lk.h"
 
 #ifndef TICK_HZ
@@ -27,6 +30,9 @@
 #endif
 #ifndef STATE_MIB
 #define STATE_MIB 0
+#endif
+#ifndef STATE_WAIT
+#define STATE_WAIT 0
 #endif
 #define STATE_BASE 0x2000000ul
 #define STATE_WORDS ((uint64_t)STATE_MIB << 17)
@@ -36,6 +42,15 @@
 static void fill_state(uint64_t seed) {
     volatile uint64_t *m = (volatile uint64_t *)STATE_BASE;
     for (uint64_t i = 0; i < STATE_WORDS; i++) m[i] = lk_mix(seed, i);
+    sys_exit(0);
+}
+#endif
+#if STATE_WAIT
+/* Ring 3, after the fill, with RX interrupts on: spin until a byte arrives. Nothing exits meanwhile, so
+ * the interrupt that brings it needs a kick, and that kick's sync point carries every page filled. */
+static void wait_rx(uint64_t unused) {
+    (void)unused;
+    while (!serial_rx_ready()) barrier();
     sys_exit(0);
 }
 #endif
@@ -111,13 +126,19 @@ void kmain(void) {
         int ram = 0;
         for (uint32_t i = 0; e && i < si->memmap_entries; i++)
             if (e[i].type == 1 && e[i].addr <= STATE_BASE && e[i].addr + e[i].size >= STATE_BASE + (STATE_WORDS << 3)) ram = 1;
-        if (!ram) { kprintf("echo: the state at 32 MiB is not RAM in the memory map (run with -m 96)\n"); debug_exit(2); }
+        if (!ram) { kprintf("echo: the state at 32 MiB is not RAM in the memory map (run with -m %lu)\n", 32ul + STATE_MIB + 16); debug_exit(2); }
         lk_user_run(fill_state, FNV_OFFSET, LK_USER_STACK_TOP);
     }
 #endif
     serial_init(1);                         /* re-init with the RX interrupt on */
+#if STATE_WAIT
+    kprintf("READY\n");
+    lk_user_run(wait_rx, 0, LK_USER_STACK_TOP);
+    if (TICK_HZ) tick_start(TICK_HZ, NULL);
+#else
     if (TICK_HZ) tick_start(TICK_HZ, NULL);
     kprintf("READY\n");
+#endif
     for (;;) {
         cli();
         int c = serial_getc();

@@ -138,6 +138,8 @@ void serial_init(int rx_irq) {
     }
 }
 
+int serial_rx_ready(void) { return rx_tail != rx_head; }
+
 int serial_getc(void) {
     if (rx_tail == rx_head) return -1;
     uint8_t c = rx_ring[rx_tail];

@@ -52,6 +52,7 @@ void serial_putc(char c);                /* polled: waits for LSR.THRE; no CR ad
 void serial_write(const char *s, size_t n);
 void serial_puts(const char *s);
 int serial_getc(void);                   /* from the IRQ-fed RX ring; -1 if empty */
+int serial_rx_ready(void);               /* the RX ring holds a byte (memory only: ring 3 may ask) */
 void serial_rx_poll(void);               /* FIFO -> ring while room; call with IF=0 before sleeping */
 
 /* ---------- formatting: %s %c %d %u %x %ld %lu %lx, width + '0' pad (e.g. %016lx) ---------- */

@@ -127,4 +127,5 @@ public final class Machine {
 
     public var syncPointCount: UInt64 { syncPoints?.captured ?? 0 }
     public var syncPointPages: UInt64 { syncPoints?.pagesCaptured ?? 0 }
+    public var largestSyncPointPages: UInt64 { syncPoints?.largestPages ?? 0 }
 }

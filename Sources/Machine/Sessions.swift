@@ -11,6 +11,8 @@ public struct SessionResult: Sendable {
     public var events: UInt64
     public var syncPoints: UInt64
     public var syncPointPages: UInt64
+    /// The most pages one sync point carried.
+    public var largestSyncPointPages: UInt64
     public var kicks: UInt64
     public var windowExits: UInt64
     public var elapsedNs: UInt64
@@ -66,6 +68,7 @@ public class Session: @unchecked Sendable {  // requestStop, interruptReplay and
     func result(_ ending: Ending, events: UInt64, logBytes: UInt64) throws(MachineError) -> SessionResult {
         SessionResult(ending: ending, digest: try machine.stateDigest(), exits: machine.hooks.exit, events: events,
                       syncPoints: machine.syncPointCount, syncPointPages: machine.syncPointPages,
+                      largestSyncPointPages: machine.largestSyncPointPages,
                       kicks: machine.pacer?.kicks.load(ordering: .relaxed) ?? 0, windowExits: engine.windowExits,
                       elapsedNs: lk_monotonic_ns() - started, logBytes: logBytes)
     }

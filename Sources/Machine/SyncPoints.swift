@@ -32,6 +32,8 @@ final class SyncPointStore: @unchecked Sendable {
     var pageDataCapacity: Int
     private(set) var captured: UInt64 = 0
     private(set) var pagesCaptured: UInt64 = 0
+    /// The most pages one sync point carried (a batch that large crosses the FT link in parts).
+    private(set) var largestPages: UInt64 = 0
 
     /// `written`: pages already written when this store starts (`words` words; RAM adopted from another machine).
     init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32], loaded pages: [Int], written: [UInt64]? = nil) {
@@ -78,6 +80,7 @@ final class SyncPointStore: @unchecked Sendable {
                                  pageData: UnsafeRawBufferPointer(start: pageData, count: n * 4096))
         captured += 1
         pagesCaptured += UInt64(n)
+        largestPages = max(largestPages, UInt64(n))
     }
 
     /// Copies the pages dirtied since the last sync point out and forgets them; returns how many. (A seed does

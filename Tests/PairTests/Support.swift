@@ -233,6 +233,9 @@ final class TCPLineClient: LineLink {
 
     private func disconnect() { if fd >= 0 { close(fd); fd = -1 } }
 
+    /// Connects without sending (a client that first waits for the service's greeting); false if nobody listens.
+    func open() -> Bool { connectIfNeeded() }
+
     func send(_ line: String) {
         guard connectIfNeeded() else { return }
         let bytes = Array((line + "\n").utf8)
