@@ -383,7 +383,10 @@ public final class Connection: @unchecked Sendable {
                 }
                 var m = try Message.decode(type, body)
                 if case .log(var b) = m, !logParts.isEmpty {
-                    b.bytes = logParts + b.bytes
+                    // The closing bytes join the parts, and the parts' buffer becomes the batch: no second copy
+                    // (and no second set of fresh pages to fault in) of a batch that may be 1 GiB.
+                    logParts += b.bytes
+                    b.bytes = logParts
                     logParts = []
                     m = .log(b)
                 }
