@@ -368,13 +368,16 @@ final class SecondaryLink: @unchecked Sendable {
 
 /// How long the peer has been silent, as one link thread sees it: only time spent waiting for bytes counts.
 /// Bytes of a large frame still arriving are life, and so is the time the thread spent handling what it got.
+/// A pure function of the times it is given (`SilenceTests`).
 struct Silence {
-    private var lastHeard = lk_monotonic_ns()
+    private var lastHeard: UInt64
     /// The last judgement was put off because its receive was busy; the next one is not.
     private var deferred = false
 
+    init(now: UInt64 = lk_monotonic_ns()) { lastHeard = now }
+
     /// A whole message was received and handled.
-    mutating func heard() { lastHeard = lk_monotonic_ns(); deferred = false }
+    mutating func heard(now: UInt64 = lk_monotonic_ns()) { lastHeard = now; deferred = false }
 
     /// The silence in ms once it reached `failureNs`; nil before. `receiveBegan`, `timeoutNs`: the receive that
     /// just timed out. One that overran its timeout by more than as much again was busy (gathering a large
@@ -382,8 +385,12 @@ struct Silence {
     /// kept the peer from sending. The verdict then waits for the next receive, which waits, once: a thread
     /// late every time (an overloaded host) still declares the failure one receive later.
     mutating func reached(_ failureNs: UInt64, conn: Connection, receiveBegan: UInt64, timeoutNs: UInt64) -> UInt64? {
-        let now = lk_monotonic_ns()
-        lastHeard = max(lastHeard, conn.lastReceiveNs)
+        reached(failureNs, lastReceiveNs: conn.lastReceiveNs, receiveBegan: receiveBegan, timeoutNs: timeoutNs, now: lk_monotonic_ns())
+    }
+
+    /// As above, `lastReceiveNs` being when the connection last received any bytes.
+    mutating func reached(_ failureNs: UInt64, lastReceiveNs: UInt64, receiveBegan: UInt64, timeoutNs: UInt64, now: UInt64) -> UInt64? {
+        lastHeard = max(lastHeard, lastReceiveNs)
         guard now &- lastHeard >= failureNs else { deferred = false; return nil }
         if !deferred, now &- receiveBegan > 2 * timeoutNs { deferred = true; return nil }
         return (now &- lastHeard) / 1_000_000
