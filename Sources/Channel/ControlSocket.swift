@@ -104,6 +104,17 @@ public final class ControlConnection: @unchecked Sendable {
         throw ChannelError.control("a control line of more than 64 KiB")
     }
 
+    /// Sends a request line and reads its answer (nil: closed without one). A busy server refuses without
+    /// reading the request and closes; if that came first, the write fails (EPIPE) and the refusal is still
+    /// here to read.
+    public func ask(_ request: String, timeoutMs: Int) throws -> String? {
+        do { try writeLine(request) } catch ChannelError.system(let e) where e.errno == EPIPE || e.errno == ECONNRESET {
+            guard let answer = try? readLine(timeoutMs: 0) else { throw ChannelError.system(e) }
+            return answer
+        }
+        return try readLine(timeoutMs: timeoutMs)
+    }
+
     public func writeLine(_ s: String) throws {
         let bytes = Array((s + "\n").utf8)
         var off = 0

@@ -204,8 +204,7 @@ struct ControlCommand: ParsableCommand {
         let answer: String?
         do {
             let c = try ControlConnection(path: socket)
-            try c.writeLine(line)
-            answer = try c.readLine(timeoutMs: timeoutMs ?? (request == "migrate" ? withinMs + 30_000 : 30_000))
+            answer = try c.ask(line, timeoutMs: timeoutMs ?? (request == "migrate" ? withinMs + 30_000 : 30_000))
         } catch { throw fail("control \(socket): \(error)", .peerUnreachable) }
         guard let answer else { throw fail("control \(socket): closed without an answer", .peerUnreachable) }
         print(answer)

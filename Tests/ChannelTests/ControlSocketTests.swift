@@ -30,6 +30,28 @@ import Testing
         #expect(try l.accept(timeoutMs: 1000) == nil)
     }
 
+    /// A server that answers and closes before the request is written (a busy refusal): the write fails with
+    /// EPIPE, and `ask` still returns what the server said; with nothing said, the write's error.
+    @Test func anAnswerBeforeTheRequestIsStillRead() throws {
+        let p = path("r.sock")
+        let l = try ControlListener(path: p)
+        defer { l.close() }
+        for answer in ["refused: busy", nil] as [String?] {
+            let server = Pending { () throws -> Bool in
+                guard let c = try l.accept(timeoutMs: 5000) else { return false }
+                if let answer { try c.writeLine(answer) }
+                return true  // c is closed as it goes out of scope, unread
+            }
+            let c = try ControlConnection(path: p)
+            #expect(try server.wait().get())
+            if let answer {
+                #expect(try c.ask("status", timeoutMs: 5000) == answer)
+            } else {
+                #expect(throws: ChannelError.self) { try c.ask("status", timeoutMs: 5000) }
+            }
+        }
+    }
+
     @Test func aSilentPeerTimesOut() throws {
         let p = path("b.sock")
         let l = try ControlListener(path: p)
