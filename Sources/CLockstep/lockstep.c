@@ -25,6 +25,8 @@ _Static_assert(sizeof(struct kvm_msrs) == 8, "kvm_msrs header (entries follow at
 _Static_assert(sizeof(struct kvm_cpuid2) == 8, "kvm_cpuid2 header (entries follow at 8)");
 _Static_assert(sizeof(struct kvm_cpuid_entry2) == 40, "kvm_cpuid_entry2 layout");
 _Static_assert(sizeof(struct kvm_userspace_memory_region) == 32, "memory region layout");
+_Static_assert(sizeof(struct kvm_clear_dirty_log) == 24, "kvm_clear_dirty_log layout");
+_Static_assert(sizeof(struct kvm_enable_cap) == 104, "kvm_enable_cap layout");
 
 
 static __thread int lk_errno;

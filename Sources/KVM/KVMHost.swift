@@ -84,6 +84,14 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// Registers RAM as slot 0 at guest physical 0, with dirty logging when asked (record, migration).
     public func setMemory(_ mem: GuestMemory, trackDirty: Bool) throws(SysError) {
+        // Manual protection first (before the slot logs): a fetch then leaves the pages it reports writable
+        // until `clearDirtyLog`, so pages the guest rewrites all the time need not fault after every fetch.
+        if trackDirty && host.hasCapability(LK_KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) {
+            var cap = kvm_enable_cap()
+            cap.cap = UInt32(LK_KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+            cap.args.0 = LK_KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            manualDirtyProtect = (try? Sys.ioctl(fd, LK_KVM_ENABLE_CAP, &cap, "KVM_ENABLE_CAP")) != nil
+        }
         var region = kvm_userspace_memory_region(slot: 0, flags: trackDirty ? LK_KVM_MEM_LOG_DIRTY_PAGES : 0,
                                                  guest_phys_addr: 0, memory_size: mem.size,
                                                  userspace_addr: UInt64(UInt(bitPattern: mem.base)))
@@ -94,13 +102,28 @@ public final class VirtualMachine: @unchecked Sendable {
         dirtyTracking = trackDirty
     }
 
-    /// Fetches and clears the dirty bitmap of slot 0 (one bit per page) into `bitmap`.
+    /// Fetches the dirty bitmap of slot 0 (one bit per page) into `bitmap`. Without `manualDirtyProtect` KVM
+    /// clears it and write-protects every page it reports; with it, nothing is cleared until `clearDirtyLog`.
     public func fetchDirtyLog(into bitmap: UnsafeMutablePointer<UInt64>) throws(SysError) {
         var log = kvm_dirty_log()
         log.slot = 0
         log.dirty_bitmap = UnsafeMutableRawPointer(bitmap)
         _ = try Sys.ioctl(fd, LK_KVM_GET_DIRTY_LOG, &log, "KVM_GET_DIRTY_LOG")
     }
+
+    /// Clears the pages set in `bitmap` (slot 0, `pageCount` bits) from the dirty log and write-protects them,
+    /// so their next write is logged. Only with `manualDirtyProtect`.
+    public func clearDirtyLog(_ bitmap: UnsafeMutablePointer<UInt64>, pageCount: Int) throws(SysError) {
+        var log = kvm_clear_dirty_log()
+        log.slot = 0
+        log.first_page = 0
+        log.num_pages = UInt32(pageCount)
+        log.dirty_bitmap = UnsafeMutableRawPointer(bitmap)
+        _ = try Sys.ioctl(fd, LK_KVM_CLEAR_DIRTY_LOG, &log, "KVM_CLEAR_DIRTY_LOG")
+    }
+
+    /// Whether KVM leaves clearing the dirty log to `clearDirtyLog` (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
+    public private(set) var manualDirtyProtect = false
 
     public var isTrackingDirty: Bool { dirtyTracking }
 

@@ -128,4 +128,5 @@ public final class Machine {
     public var syncPointCount: UInt64 { syncPoints?.captured ?? 0 }
     public var syncPointPages: UInt64 { syncPoints?.pagesCaptured ?? 0 }
     public var largestSyncPointPages: UInt64 { syncPoints?.largestPages ?? 0 }
+    public var hotSyncPointPages: UInt64 { syncPoints?.hotPagesCaptured ?? 0 }
 }

@@ -13,6 +13,8 @@ public struct SessionResult: Sendable {
     public var syncPointPages: UInt64
     /// The most pages one sync point carried.
     public var largestSyncPointPages: UInt64
+    /// Of `syncPointPages`, those the dirty log had left writable since the fetch before (hot pages).
+    public var hotSyncPointPages: UInt64
     public var kicks: UInt64
     public var windowExits: UInt64
     public var elapsedNs: UInt64
@@ -68,7 +70,7 @@ public class Session: @unchecked Sendable {  // requestStop, interruptReplay and
     func result(_ ending: Ending, events: UInt64, logBytes: UInt64) throws(MachineError) -> SessionResult {
         SessionResult(ending: ending, digest: try machine.stateDigest(), exits: machine.hooks.exit, events: events,
                       syncPoints: machine.syncPointCount, syncPointPages: machine.syncPointPages,
-                      largestSyncPointPages: machine.largestSyncPointPages,
+                      largestSyncPointPages: machine.largestSyncPointPages, hotSyncPointPages: machine.hotSyncPointPages,
                       kicks: machine.pacer?.kicks.load(ordering: .relaxed) ?? 0, windowExits: engine.windowExits,
                       elapsedNs: lk_monotonic_ns() - started, logBytes: logBytes)
     }

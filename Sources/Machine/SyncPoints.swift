@@ -25,6 +25,8 @@ final class SyncPointStore: @unchecked Sendable {
     /// Every page the guest has written since boot (seeds a new secondary: the rest equals the loaded image).
     private let everDirty: UnsafeMutablePointer<UInt64>
     private let sinceTaken: UnsafeMutablePointer<UInt64>
+    /// Pages left writable across fetches (nil when KVM clears the log itself on every fetch).
+    private let hot: HotPages?
     /// The pages the loader wrote (immutable): with `everDirty`, every page that may not be zero.
     let loaded: UnsafeMutablePointer<UInt64>
     let pageNumbers: UnsafeMutablePointer<UInt32>
@@ -34,6 +36,8 @@ final class SyncPointStore: @unchecked Sendable {
     private(set) var pagesCaptured: UInt64 = 0
     /// The most pages one sync point carried (a batch that large crosses the FT link in parts).
     private(set) var largestPages: UInt64 = 0
+    /// Of `pagesCaptured`, those that were hot: left writable since the fetch before, so no fault logged them.
+    private(set) var hotPagesCaptured: UInt64 = 0
 
     /// `written`: pages already written when this store starts (`words` words; RAM adopted from another machine).
     init(vm: VirtualMachine, memory: GuestMemory, encoder: LogEncoder?, msrs: [UInt32], loaded pages: [Int], written: [UInt64]? = nil) {
@@ -47,6 +51,7 @@ final class SyncPointStore: @unchecked Sendable {
             return b
         }
         fetched = bitmap(); sinceSync = bitmap(); everDirty = bitmap(); sinceTaken = bitmap(); loaded = bitmap()
+        hot = vm.manualDirtyProtect ? HotPages(words: words) : nil
         for p in pages where p < memory.pageCount { loaded[p >> 6] |= 1 << UInt64(p & 63) }
         if let written {
             precondition(written.count == words, "a written-page bitmap of \(written.count) words for \(words)")
@@ -62,19 +67,21 @@ final class SyncPointStore: @unchecked Sendable {
         pageNumbers.deallocate(); pageData.deallocate()
     }
 
-    /// Fetches and clears KVM's log into the three sets. Caller holds `dirtyLock`.
+    /// Fetches KVM's log into the three sets and clears it, except for hot pages. Caller holds `dirtyLock`.
     private func harvest() throws(SysError) {
         try vm.fetchDirtyLog(into: fetched)
         for i in 0..<words {
             let w = fetched[i]
             everDirty[i] |= w; sinceSync[i] |= w; sinceTaken[i] |= w
         }
+        if let hot, hot.plan(fetched: fetched) { try vm.clearDirtyLog(hot.clear, pageCount: memory.pageCount) }
     }
 
     /// Record side: captures and appends a sync point at the current exit.
     func capture(vcpu: VCPU, hooks: InputHooks) throws(SysError) {
         let st = try state.capture(vcpu, fromRun: true)
         let n = try collectDirtyPages()
+        hotPagesCaptured += UInt64(hot?.count ?? 0)
         encoder?.appendSyncPoint(exit: hooks.exit, signature: hooks.signature, vcpuState: st,
                                  pageNumbers: UnsafeBufferPointer(start: pageNumbers, count: n),
                                  pageData: UnsafeRawBufferPointer(start: pageData, count: n * 4096))

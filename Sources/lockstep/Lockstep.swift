@@ -71,7 +71,7 @@ func stderr(_ s: String) { FileHandle.standardError.write(Data((s + "\n").utf8))
 func finish(_ r: SessionResult, verbose: Bool, pairEnded: Bool = true) -> ExitCode {
     if verbose {
         let ms = Double(r.elapsedNs) / 1e6
-        stderr("lockstep: \(r.exits) exits, \(r.events) events, \(r.syncPoints) sync points (\(r.syncPointPages) pages\(r.syncPoints > 1 ? ", at most \(r.largestSyncPointPages) in one" : "")), \(r.kicks) kicks in \(String(format: "%.1f", ms)) ms" + (r.logBytes > 0 ? ", log \(r.logBytes) bytes" : ""))
+        stderr("lockstep: \(r.exits) exits, \(r.events) events, \(r.syncPoints) sync points (\(r.syncPointPages) pages\(r.hotSyncPointPages > 0 ? ", \(r.hotSyncPointPages) of them hot" : "")\(r.syncPoints > 1 ? ", at most \(r.largestSyncPointPages) in one" : "")), \(r.kicks) kicks in \(String(format: "%.1f", ms)) ms" + (r.logBytes > 0 ? ", log \(r.logBytes) bytes" : ""))
     }
     switch r.ending {
     case .guestExit: break

@@ -17,7 +17,14 @@ struct RecordReplayTests {
 
     @Test(arguments: ["hello", "clock", "idle", "exit-heavy", "unknown-port", "timer-compute-short"])
     func guestReplaysExactly(_ guest: String) throws {
-        check(try recordAndReplay(guest), guest: guest)
+        let rt = try recordAndReplay(guest)
+        check(rt, guest: guest)
+        if guest == "timer-compute-short" {
+            // Its ticks rewrite the same few pages (stacks, counters): after the first sync points they stay
+            // writable and are carried without a fault each (manual dirty-log protection: any KVM since Linux 5.2).
+            #expect(rt.record.hotSyncPointPages * 2 > rt.record.syncPointPages,
+                    "\(rt.record.hotSyncPointPages) hot of \(rt.record.syncPointPages) pages in \(rt.record.syncPoints) sync points")
+        }
     }
 
     /// The dirty-memory workload under the 1 kHz timer: many sync points with many pages.

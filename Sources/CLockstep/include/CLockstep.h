@@ -25,6 +25,7 @@ static const unsigned long LK_KVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
 static const unsigned long LK_KVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
 static const unsigned long LK_KVM_CREATE_VCPU = KVM_CREATE_VCPU;
 static const unsigned long LK_KVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
+static const unsigned long LK_KVM_CLEAR_DIRTY_LOG = KVM_CLEAR_DIRTY_LOG;
 static const unsigned long LK_KVM_RUN = KVM_RUN;
 static const unsigned long LK_KVM_GET_REGS = KVM_GET_REGS;
 static const unsigned long LK_KVM_SET_REGS = KVM_SET_REGS;
@@ -50,6 +51,8 @@ static const int LK_KVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
 static const int LK_KVM_CAP_VCPU_EVENTS = KVM_CAP_VCPU_EVENTS;
 static const int LK_KVM_CAP_XSAVE = KVM_CAP_XSAVE;
 static const int LK_KVM_CAP_XCRS = KVM_CAP_XCRS;
+static const int LK_KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+static const uint64_t LK_KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
 static const uint32_t LK_KVM_MEM_LOG_DIRTY_PAGES = KVM_MEM_LOG_DIRTY_PAGES;
 
 // Exit reasons the run loop handles.
