@@ -73,6 +73,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     /// When the records waiting in the encoder began to wait (0: none wait); a batch's replication lag starts there.
     private var firstAppendNs: UInt64 = 0
     private var seeded = 0
+    /// The guest started with a confirmed secondary (`PairStats.startedProtected`).
+    private var startedProtected = false
     private var totalBytes: UInt64 = 0
     /// TCP retransmissions of the links dropped so far (`PairStats.linkRetransmits`).
     private var droppedLinkRetransmits: UInt64 = 0
@@ -205,6 +207,10 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
                 let first = seed(conn, from: peer)
                 try first.copyHere()
                 try attach(first)
+                // Nor is there a run for the secondary's load and check to overlap: the guest starts once the
+                // secondary holds its seed, so it is protected from its first instruction, and its first
+                // batches do not wait in the socket behind that load (1-7 ms here, the start's replication lag).
+                link?.awaitConfirmation(until: lk_monotonic_ns() + SecondaryLink.seedTimeoutNs + options.failureNs)
             } catch where options.startUnprotected {
                 // The guest need not wait on a secondary that refused (another fence store, a bad guest copy):
                 // it runs as if none had answered, and the connector tries again, backing off.
@@ -220,6 +226,7 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
         session.machine.beforeEntry = { [unowned self] in flushLog(force: false) }
         let ticker = options.statusIntervalMs > 0 ? Ticker(ms: options.statusIntervalMs, name: "lockstep-status") { [self] in report() } : nil
         if link == nil { unprotectedSinceNs = lk_monotonic_ns() }
+        startedProtected = link?.isConfirmed ?? false
         own.start()
         var ending: Ending = .stopped
         do {
@@ -905,7 +912,8 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     func stats() -> PairStats {
         metrics.stats(gate: gate.latencySnapshot(), logBytes: totalBytes, events: session.encoder.eventCount,
                       batches: totalBatches, syncPoints: session.encoder.syncPointCount, exits: session.exit,
-                      linkRetransmits: droppedLinkRetransmits &+ UInt64(link?.conn.retransmittedSegments() ?? 0))
+                      linkRetransmits: droppedLinkRetransmits &+ UInt64(link?.conn.retransmittedSegments() ?? 0),
+                      startedProtected: startedProtected)
     }
 }
 

@@ -103,6 +103,16 @@ final class SecondaryLink: @unchecked Sendable {
         }
     }
 
+    var isConfirmed: Bool { confirmed.load(ordering: .acquiring) }
+
+    /// vCPU thread: waits until the secondary has confirmed its seed or is lost, or until `deadline`. The link
+    /// thread loses a secondary that does not confirm within `seedTimeoutNs`.
+    func awaitConfirmation(until deadline: UInt64) {
+        while !confirmed.load(ordering: .acquiring) && !lost.load(ordering: .acquiring) && lk_monotonic_ns() < deadline {
+            _ = lk_eventfd_wait(ackEvent, deadline)
+        }
+    }
+
     /// Marks the secondary lost (idempotent): releases everything gated and wakes a throttled vCPU.
     func lose(_ why: String) {
         // Before any held output leaves: this secondary's state is stale from now on, and it must not go
@@ -307,6 +317,7 @@ final class SecondaryLink: @unchecked Sendable {
                 u.onConfirmed()
                 return true
             }
+            lk_eventfd_signal(ackEvent)  // a vCPU thread waiting in `awaitConfirmation`
             if named == false { lose("cannot write the pair record in \(fence?.location ?? "") or read its fence") }
             // Either this sees the link thread's newest `held`, or the link thread sees `confirmed` and releases.
             if named == true { gate.secondaryHolds(below: held.load(ordering: .sequentiallyConsistent)) }

@@ -85,6 +85,9 @@ public struct PairStats: Codable, Sendable {
     public var lagSeries: [[Double]]
     /// Replication lag histogram buckets: (upper bound µs, count), for the histogram plot.
     public var lagHistogram: [[Double]]
+    /// The guest's first instruction here ran with a secondary that had confirmed its seed (a boot seed waits
+    /// for that). False for a survivor's guest, and for one that started unprotected.
+    public var startedProtected: Bool
 }
 
 /// A secondary's figures at the end of its run (`secondary --stats-json`).
@@ -173,7 +176,7 @@ final class PairMetrics: @unchecked Sendable {
     }
 
     func stats(gate: Histogram<UInt64>, logBytes: UInt64, events: UInt64, batches: UInt64, syncPoints: UInt64, exits: UInt64,
-               linkRetransmits: UInt64) -> PairStats {
+               linkRetransmits: UInt64, startedProtected: Bool) -> PairStats {
         lock.lock(); defer { lock.unlock() }
         var buckets: [[Double]] = []
         for b in replication.recordedValues() where b.count > 0 {
@@ -184,7 +187,8 @@ final class PairMetrics: @unchecked Sendable {
                          replayLagExits: .init(replayExits, scale: 1), replayLagExitsMax: replayLagExitsMax, logBytes: logBytes, events: events, batches: batches,
                          syncPoints: syncPoints, exits: exits, elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9,
                          throttledMs: Double(throttledNs) / 1e6, linkRetransmits: linkRetransmits, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs,
-                         seedThrottlePercent: seedThrottles, lagSeries: stride(from: 0, to: series.count, by: 2).map { [series[$0], series[$0 + 1]] }, lagHistogram: buckets)
+                         seedThrottlePercent: seedThrottles, lagSeries: stride(from: 0, to: series.count, by: 2).map { [series[$0], series[$0 + 1]] }, lagHistogram: buckets,
+                         startedProtected: startedProtected)
     }
 }
 

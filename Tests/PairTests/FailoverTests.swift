@@ -666,6 +666,7 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(figures?["role"] as? String == "survivor" && figures?["wentLive"] as? Bool == true)
         #expect((figures?["logBytesReceived"] as? Int ?? 0) > 0, "\(figures ?? [:])")
         #expect((figures?["asPrimary"] as? [String: Any])?["exits"] as? Int == figures?["exits"] as? Int)
+        #expect((figures?["asPrimary"] as? [String: Any])?["startedProtected"] as? Bool == false, "a survivor's guest started before it was protected")
         try first.wait(seconds: 10)
         try second.wait(seconds: 10)
     }

@@ -26,7 +26,13 @@ extension PairTests { @Suite struct LockstepTests {
     @Test(arguments: ["hello", "timer-compute-short", "clock", "idle", "exit-heavy"])
     func everyGuestEndsWithEqualDigests(guest: String) throws {
         if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
-        _ = try Self.runPair(guest)
+        let stats = NSTemporaryDirectory() + "lockstep-\(guest)-\(getpid()).json"
+        defer { try? FileManager.default.removeItem(atPath: stats) }
+        _ = try Self.runPair(guest, primaryArgs: ["--stats-json", stats])
+        // A boot seed has no run to overlap: the guest waits for the secondary's confirmation, so it is
+        // protected from its first instruction (it used to start 1-7 ms before, its first batches queued).
+        let j = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
+        #expect(j?["startedProtected"] as? Bool == true, "\(guest): startedProtected is \(String(describing: j?["startedProtected"]))")
     }
 
     /// Tens of MiB dirtied under a timer: sync points carry many pages (20 ms bound keeps the log small).
