@@ -14,6 +14,8 @@ final class HotPages {
     let reprobeEvery: Int
     /// Pages hot now.
     private(set) var count = 0
+    /// Of the last fetch's pages, those that were hot before it: left writable since the fetch before.
+    private(set) var reportedHot = 0
     private var fetches = 0
     /// One bit per hot page.
     let hot: UnsafeMutablePointer<UInt64>
@@ -41,8 +43,10 @@ final class HotPages {
         let reprobe = fetches % reprobeEvery == 0
         if reprobe { count = 0 }
         var any = false
+        reportedHot = 0
         for i in 0..<words {
             let w = fetched[i]
+            reportedHot += (w & hot[i]).nonzeroBitCount
             if reprobe {
                 hot[i] = 0
             } else {

@@ -81,7 +81,7 @@ final class SyncPointStore: @unchecked Sendable {
     func capture(vcpu: VCPU, hooks: InputHooks) throws(SysError) {
         let st = try state.capture(vcpu, fromRun: true)
         let n = try collectDirtyPages()
-        hotPagesCaptured += UInt64(hot?.count ?? 0)
+        hotPagesCaptured += UInt64(hot?.reportedHot ?? 0)
         encoder?.appendSyncPoint(exit: hooks.exit, signature: hooks.signature, vcpuState: st,
                                  pageNumbers: UnsafeBufferPointer(start: pageNumbers, count: n),
                                  pageData: UnsafeRawBufferPointer(start: pageData, count: n * 4096))

@@ -20,6 +20,7 @@ struct HotPagesTests {
         #expect(fetch(h, [3, 71]) == [71])       // 3 again: hot, left writable; 71 is new
         #expect(h.isHot(3) && !h.isHot(70) && !h.isHot(71))
         #expect(fetch(h, [3]) == [])             // KVM keeps reporting an uncleared page: nothing to clear
+        #expect(h.reportedHot == 1)              // 3 came writable, not through a fault
         #expect(fetch(h, [3, 70]) == [70])       // 70 was not reported the fetch before: cleared again
         #expect(h.count == 1)
     }
@@ -30,7 +31,7 @@ struct HotPagesTests {
         #expect(fetch(h, [5, 6]) == [])          // fetch 2: both hot
         #expect(fetch(h, [5, 6]) == [])          // fetch 3
         #expect(fetch(h, [5, 6]) == [5, 6])      // fetch 4: the reprobe clears them
-        #expect(h.count == 0)
+        #expect(h.count == 0 && h.reportedHot == 2)
         #expect(fetch(h, [5]) == [])             // 5 rewritten since: hot again; 6 cooled and stays clear
         #expect(h.isHot(5) && !h.isHot(6) && h.count == 1)
     }
