@@ -18,7 +18,7 @@ extension PairTests { @Suite struct BenchSmokeTests {
                                         "--json", json, "--trials", "1", "--reseeds", "0", "--restarts", "2", "--requests", "50", "--memory", "64"] + split,
                               captureStdout: true)
         let status = try bench.wait(seconds: 300)
-        let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any]
+        let report = try PairFixture.jsonObject(json)
         #expect(status == 0 && report?["ok"] as? Bool == true, "bench pair ended with \(status):\n\(bench.stderrText)")
         let figures = report?["figures"] as? [String: Any] ?? [:]
         for key in ["timer_compute_throughput_ratio", "timer_compute_replication_lag_p50_us", "exit_heavy_replication_lag_p50_us",

@@ -662,7 +662,7 @@ extension PairTests { @Suite struct FailoverTests {
         #expect(try third.wait(seconds: 30) == 0, "\(third.stderrText)")
         #expect(third.stderr.contains { $0.hasPrefix("live: ") })
         talk.expectConsistent()
-        let figures = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
+        let figures = try PairFixture.jsonObject(stats)
         #expect(figures?["role"] as? String == "survivor" && figures?["wentLive"] as? Bool == true)
         #expect((figures?["logBytesReceived"] as? Int ?? 0) > 0, "\(figures ?? [:])")
         #expect((figures?["asPrimary"] as? [String: Any])?["exits"] as? Int == figures?["exits"] as? Int)

@@ -31,7 +31,7 @@ extension PairTests { @Suite struct LockstepTests {
         _ = try Self.runPair(guest, primaryArgs: ["--stats-json", stats])
         // A boot seed has no run to overlap: the guest waits for the secondary's confirmation, so it is
         // protected from its first instruction (it used to start 1-7 ms before, its first batches queued).
-        let j = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
+        let j = try PairFixture.jsonObject(stats)
         #expect(j?["startedProtected"] as? Bool == true, "\(guest): startedProtected is \(String(describing: j?["startedProtected"]))")
     }
 
@@ -265,7 +265,7 @@ extension PairTests { @Suite struct LockstepTests {
         defer { try? FileManager.default.removeItem(atPath: stats) }
         _ = try Self.runPair("timer-compute-short", primaryArgs: ["--link-cpu", "0"],
                              secondaryArgs: ["--link-cpu", "0", "--link-poll-us", "5000", "--stats-json", stats])
-        let j = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
+        let j = try PairFixture.jsonObject(stats)
         let spins = j?["spinReceives"] as? Int ?? 0, batches = j?["logBatchesReceived"] as? Int ?? 0
         #expect(batches > 10 && spins > 0, "spin receives \(spins) of \(batches) batches")
         print("polling secondary: \(spins) receives by spinning, \(batches) log batches")
@@ -493,7 +493,7 @@ extension PairTests { @Suite struct StatusAndFlowTests {
         #expect(try pri.wait(seconds: 120) == 0, "\(pri.stderrText)")
         #expect(try sec.wait(seconds: 60) == 0, "\(sec.stderrText)")
         #expect(pri.digest != nil && pri.digest == sec.digest)
-        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: stats))) as? [String: Any]
+        let json = try PairFixture.jsonObject(stats)
         let throttled = json?["throttledMs"] as? Double ?? 0
         #expect(throttled > 100, "the primary should have waited for the slow secondary; throttledMs = \(throttled)")
         // The bound is on the oldest unreplayed batch's age, so it acts only once a batch is 20 ms old: the
@@ -536,7 +536,7 @@ extension PairTests { @Suite struct StatusAndFlowTests {
         // The idle echo guest's link carries heartbeats, each echoed: the line gains the link's round trip.
         let line = try pri.waitForLine(containing: " rtt=", seconds: 30)
         #expect(line.contains("status: primary primaryProtected protected"), "\(line)")
-        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: status))) as? [String: Any]
+        let json = try PairFixture.jsonObject(status)
         #expect(json?["protected"] as? Bool == true && json?["connected"] as? Bool == true, "\(String(describing: json))")
         #expect(json?["role"] as? String == "primary")
         let rtt = json?["linkRoundTripMicroseconds"] as? Double ?? 0
@@ -545,7 +545,7 @@ extension PairTests { @Suite struct StatusAndFlowTests {
         #expect(fenceAge < 30_000, "\(String(describing: json))")
         sec.kill9()
         try pri.waitForLine(containing: "status: primary primaryUnprotected UNPROTECTED", seconds: 30)
-        let after = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: status))) as? [String: Any]
+        let after = try PairFixture.jsonObject(status)
         #expect(after?["protected"] as? Bool == false, "\(String(describing: after))")
         _ = EchoClient(port: udp).request("QUIT", expect: "RESULT echo")
         #expect(try pri.wait(seconds: 30) == 0)

@@ -11,6 +11,11 @@ import Testing
 enum PairFixture {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
+    /// The JSON object in `path` (a `--stats-json`, `--status-json` or bench report); nil when it is not an object.
+    static func jsonObject(_ path: String) throws -> [String: Any]? {
+        try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as? [String: Any]
+    }
+
     /// The `lockstep` executable next to the test binary (built by `swift build --build-tests`).
     static var binary: String {
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
