@@ -11,7 +11,7 @@ public enum PeerRole: UInt8, Sendable, Equatable, CustomStringConvertible {
 
 /// What the handshake needs from the caller.
 public struct ChannelConfig: Sendable {
-    public static let currentVersion: UInt16 = 5
+    public static let currentVersion: UInt16 = 6
     public static let minimumKeyBytes = 16
 
     /// Pre-shared key (raw bytes, at least 16).

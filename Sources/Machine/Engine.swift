@@ -77,6 +77,9 @@ public final class Engine {
     public var stoppedAtExit: UInt64?
     public private(set) var kicks: UInt64 = 0
     public private(set) var windowExits: UInt64 = 0
+    /// The last sync point's capture time (ns), until its batch has left (`beforeEntry`): together its cost,
+    /// which sets the pacer's latency bound. 0: none pending.
+    private var syncPointCaptureNs: UInt64 = 0
     /// A state digest covers the registers and one window of RAM this size, picked by hashing the exit index:
     /// both sides agree on it with no state to carry in a seed, and a guest whose exits come at a fixed pace
     /// still visits every window (a 256 MiB guest has 512: most are checked within a minute at the
@@ -97,6 +100,12 @@ public final class Engine {
         syncPoints = machine.syncPoints
     }
 
+    /// The session spent `ns` writing out what it buffered (a recording's file write): part of the pending sync
+    /// point's cost, when one is pending.
+    public func addToSyncPointCost(_ ns: UInt64) {
+        if syncPointCaptureNs != 0 { syncPointCaptureNs &+= ns }
+    }
+
     /// One trip through the guest: deliver a due interrupt, enter, handle what came back.
     public func step() throws(MachineError) -> State {
         switch state {
@@ -115,7 +124,15 @@ public final class Engine {
             serviceAsync()
             return try checked()
         }
-        machine.beforeEntry?()
+        if syncPointCaptureNs != 0 {
+            // What the runner does between the steps (a seed, flow control) is not the sync point's cost.
+            let began = lk_monotonic_ns()
+            machine.beforeEntry?()
+            pacer?.syncPointTook(syncPointCaptureNs &+ (lk_monotonic_ns() &- began))
+            syncPointCaptureNs = 0
+        } else {
+            machine.beforeEntry?()
+        }
         let outcome: RunOutcome
         do { outcome = try vcpu.enter() } catch { throw .sys(error) }
         ready = vcpu.readyForInjection
@@ -166,7 +183,9 @@ public final class Engine {
     private func asynchronousStop() throws(MachineError) {
         if hooks.mode == .record {
             kicks += 1
+            let began = lk_monotonic_ns()
             do { try syncPoints!.capture(vcpu: vcpu, hooks: hooks) } catch { throw .sys(error) }
+            syncPointCaptureNs = max(1, lk_monotonic_ns() &- began)
         }
         if hooks.mode != .replay { serviceAsync() }
     }

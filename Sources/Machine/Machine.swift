@@ -7,12 +7,21 @@ import KVM
 /// The machine's shape. Identical on both sides of a pair and in a log's header.
 public struct MachineConfig: Sendable, Equatable {
     public var memoryMiB: UInt32
+    /// The interrupt latency bound's floor (µs): how long a due interrupt waits for a natural exit before a kick.
     public var interruptLatencyUs: UInt32
+    /// How far expensive sync points may stretch that bound (µs; `LatencyBound`). Not part of the log: a
+    /// replay loads sync points where they were written, whatever the bound was.
+    public var maxInterruptLatencyUs: UInt32
     /// Wall-clock seconds the RTC starts from: sampled once by the recorder, then fixed (it is in the log).
     public var epochSeconds: UInt64
-    public init(memoryMiB: UInt32 = 256, interruptLatencyUs: UInt32 = 1000, epochSeconds: UInt64 = UInt64(lk_realtime_ns() / 1_000_000_000)) {
+    public init(memoryMiB: UInt32 = 256, interruptLatencyUs: UInt32 = 1000, maxInterruptLatencyUs: UInt32? = nil,
+                epochSeconds: UInt64 = UInt64(lk_realtime_ns() / 1_000_000_000)) {
         self.memoryMiB = memoryMiB; self.interruptLatencyUs = interruptLatencyUs; self.epochSeconds = epochSeconds
+        self.maxInterruptLatencyUs = max(interruptLatencyUs, maxInterruptLatencyUs ?? Self.defaultMaxInterruptLatencyUs)
     }
+
+    /// `--max-interrupt-latency-us`'s default.
+    public static let defaultMaxInterruptLatencyUs: UInt32 = 100_000
 }
 
 /// A minimal PC on KVM: RAM, one vCPU (PVH boot), the standard devices, and the recording hooks between them.
@@ -76,7 +85,7 @@ public final class Machine {
         devices = DeviceSet(inputs: hooks, serial: sink, ramSize: memory.size)
         // A replayer's pacer is not started (no real time) unless it goes live (a pair's secondary); it is
         // still the way to kick the replaying vCPU out of the guest (watchdog, abandoned stream).
-        pacer = Pacer(latencyMicroseconds: config.interruptLatencyUs)
+        pacer = Pacer(latencyMicroseconds: config.interruptLatencyUs, maxLatencyMicroseconds: config.maxInterruptLatencyUs)
         syncPoints = mode == .run ? nil : SyncPointStore(vm: vm, memory: memory, encoder: encoder, msrs: vcpu.readableMSRs(),
                                                          loaded: PVHLoader.writtenPages(image), written: retained?.written)
         self.output = output

@@ -25,7 +25,13 @@ public final class Pacer: @unchecked Sendable {
     let running = Atomic<Bool>(true)
     let vcpuThread = Atomic<UInt>(0)
     public let kicks = Atomic<UInt64>(0)
-    let latencyNs: UInt64
+    /// How long a due interrupt may wait for a natural exit (ns): `bound.ns`, published for `raise`.
+    let latencyNs: Atomic<UInt64>
+    /// The vCPU thread's: stretched while sync points are expensive (`LatencyBound`).
+    public private(set) var bound: LatencyBound
+    /// `bound.floorNs`, for any thread.
+    let floorNs: UInt64
+    private let peakNs: Atomic<UInt64>
     let kickSignal: Int32 = SIGUSR1
     let vcpuWake: Int32
     let pacerWake: Int32
@@ -34,8 +40,12 @@ public final class Pacer: @unchecked Sendable {
     private let pacerThread = Atomic<UInt>(0)
     private let done = DispatchSemaphore(value: 0)
 
-    public init(latencyMicroseconds: UInt32) {
-        latencyNs = UInt64(latencyMicroseconds) * 1000
+    /// `latencyMicroseconds`: the bound's floor; `maxLatencyMicroseconds`: how far sync points' cost may stretch it.
+    public init(latencyMicroseconds: UInt32, maxLatencyMicroseconds: UInt32) {
+        bound = LatencyBound(floorNs: UInt64(latencyMicroseconds) * 1000, ceilingNs: UInt64(maxLatencyMicroseconds) * 1000)
+        latencyNs = Atomic(bound.ns)
+        floorNs = bound.floorNs
+        peakNs = Atomic(bound.ns)
         vcpuWake = lk_eventfd()
         pacerWake = lk_eventfd()
         _ = lk_kick_install(kickSignal)
@@ -95,15 +105,41 @@ public final class Pacer: @unchecked Sendable {
         }
     }
 
-    /// Marks something due, wakes a halted vCPU, and arms the kick for a running one.
+    /// Marks something due, wakes a halted vCPU, and arms the kick for a running one. An interrupt waits the
+    /// bound; the runner's requests (`boundary`, `stop`) wait only its floor, however far sync points stretched it.
     public func raise(_ what: Due, now: UInt64 = lk_monotonic_ns()) {
         let before = due.bitwiseOr(what.rawValue, ordering: .acquiringAndReleasing).oldValue
         lk_eventfd_signal(vcpuWake)
-        // The kick clock starts when something becomes due; if it was already due, the earlier arming stands.
+        let urgent = what.isDisjoint(with: [.timer, .input])
+        let at = now &+ (urgent ? floorNs : latencyNs.load(ordering: .relaxed))
+        // The kick clock starts when something becomes due; if it was already due, the earlier arming stands,
+        // unless a runner's request must come sooner.
         if before == 0 {
-            kickAt.store(now &+ latencyNs, ordering: .releasing)
-            if lk_thread_self() != pacerThread.load(ordering: .acquiring) { lk_eventfd_signal(pacerWake) }
+            kickAt.store(at, ordering: .releasing)
+        } else {
+            guard urgent else { return }
+            var armed = kickAt.load(ordering: .acquiring)
+            while at < armed {
+                let (lowered, found) = kickAt.compareExchange(expected: armed, desired: at, ordering: .acquiringAndReleasing)
+                if lowered { break }
+                armed = found
+            }
+            guard at < armed else { return }
         }
+        if lk_thread_self() != pacerThread.load(ordering: .acquiring) { lk_eventfd_signal(pacerWake) }
+    }
+
+    /// vCPU thread: a sync point kept the vCPU out of the guest for `costNs`; the next interrupt's bound follows.
+    public func syncPointTook(_ costNs: UInt64) {
+        let ns = bound.syncPointTook(costNs)
+        latencyNs.store(ns, ordering: .relaxed)
+        if ns > peakNs.load(ordering: .relaxed) { peakNs.store(ns, ordering: .relaxed) }
+    }
+
+    /// The longest sync points stretched the bound to (µs; 0: never beyond its floor). Any thread.
+    public var peakStretchUs: UInt64 {
+        let p = peakNs.load(ordering: .relaxed)
+        return p > floorNs ? p / 1000 : 0
     }
 
     // ---- vCPU thread side ----

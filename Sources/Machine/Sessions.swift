@@ -16,6 +16,8 @@ public struct SessionResult: Sendable {
     /// Of `syncPointPages`, those the dirty log had left writable since the fetch before (hot pages).
     public var hotSyncPointPages: UInt64
     public var kicks: UInt64
+    /// The longest sync points' cost stretched the interrupt latency bound to (µs; 0: never beyond its floor).
+    public var peakLatencyBoundUs: UInt64
     public var windowExits: UInt64
     public var elapsedNs: UInt64
     public var logBytes: UInt64
@@ -71,7 +73,9 @@ public class Session: @unchecked Sendable {  // requestStop, interruptReplay and
         SessionResult(ending: ending, digest: try machine.stateDigest(), exits: machine.hooks.exit, events: events,
                       syncPoints: machine.syncPointCount, syncPointPages: machine.syncPointPages,
                       largestSyncPointPages: machine.largestSyncPointPages, hotSyncPointPages: machine.hotSyncPointPages,
-                      kicks: machine.pacer?.kicks.load(ordering: .relaxed) ?? 0, windowExits: engine.windowExits,
+                      kicks: machine.pacer?.kicks.load(ordering: .relaxed) ?? 0,
+                      peakLatencyBoundUs: machine.pacer?.peakStretchUs ?? 0,
+                      windowExits: engine.windowExits,
                       elapsedNs: lk_monotonic_ns() - started, logBytes: logBytes)
     }
 }
@@ -121,7 +125,9 @@ public final class RecordSession: Session, @unchecked Sendable {
 
     public func step() throws(MachineError) -> Engine.State {
         let s = try engine.step()
+        let began = lk_monotonic_ns()
         do { try writer.flushIfNeeded() } catch { throw .log(error) }
+        engine.addToSyncPointCost(lk_monotonic_ns() &- began)
         return s
     }
 

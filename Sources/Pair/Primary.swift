@@ -910,10 +910,12 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     }
 
     func stats() -> PairStats {
-        metrics.stats(gate: gate.latencySnapshot(), logBytes: totalBytes, events: session.encoder.eventCount,
-                      batches: totalBatches, syncPoints: session.encoder.syncPointCount, exits: session.exit,
-                      linkRetransmits: droppedLinkRetransmits &+ UInt64(link?.conn.retransmittedSegments() ?? 0),
-                      startedProtected: startedProtected)
+        var s = metrics.stats(gate: gate.latencySnapshot(), logBytes: totalBytes, events: session.encoder.eventCount,
+                              batches: totalBatches, syncPoints: session.encoder.syncPointCount, exits: session.exit,
+                              linkRetransmits: droppedLinkRetransmits &+ UInt64(link?.conn.retransmittedSegments() ?? 0),
+                              startedProtected: startedProtected)
+        s.peakLatencyBoundUs = session.machine.pacer?.peakStretchUs ?? 0
+        return s
     }
 }
 

@@ -14,6 +14,7 @@ import Machine
 ///   lockstep-saved-guest 1
 ///   memory-mib 64
 ///   interrupt-latency-us 1000
+///   max-interrupt-latency-us 100000     (absent in older copies: the default)
 ///   image-sha256 <64 hex digits of guest.elf's SHA-256>
 ///   ```
 /// A save cut short leaves a `guest.conf` that names another image's digest: `load` refuses it by name.
@@ -22,6 +23,7 @@ public struct SavedGuest: Sendable, Equatable {
     public let directory: String
     public let memoryMiB: UInt32
     public let interruptLatencyUs: UInt32
+    public let maxInterruptLatencyUs: UInt32
     public let imageSHA256: String
 
     public var imagePath: String { directory + "/guest.elf" }
@@ -45,7 +47,7 @@ public struct SavedGuest: Sendable, Equatable {
     public static func save(_ dir: String, image: [UInt8], config: MachineConfig) throws(Failure) -> SavedGuest {
         try prepare(dir)
         let guest = SavedGuest(directory: dir, memoryMiB: config.memoryMiB, interruptLatencyUs: config.interruptLatencyUs,
-                               imageSHA256: StateDigest.hex(StateDigest.sha256(image)))
+                               maxInterruptLatencyUs: config.maxInterruptLatencyUs, imageSHA256: StateDigest.hex(StateDigest.sha256(image)))
         if (try? load(dir)) == guest { return guest }
         do {
             try replaceFile(guest.imagePath, with: image, temporary: guest.imagePath + ".tmp", sync: true)
@@ -76,10 +78,11 @@ public struct SavedGuest: Sendable, Equatable {
             return v
         }
         let memory = try number("memory-mib"), latency = try number("interrupt-latency-us")
+        let maxLatency = fields["max-interrupt-latency-us"] == nil ? MachineConfig.defaultMaxInterruptLatencyUs : try number("max-interrupt-latency-us")
         guard let sha = fields["image-sha256"], sha.count == 64, sha.allSatisfy(\.isHexDigit) else {
             throw Failure("\(confPath): 'image-sha256' is \(fields["image-sha256"].map { "'\($0)'" } ?? "missing"): expected 64 hex digits")
         }
-        let guest = SavedGuest(directory: dir, memoryMiB: memory, interruptLatencyUs: latency, imageSHA256: sha)
+        let guest = SavedGuest(directory: dir, memoryMiB: memory, interruptLatencyUs: latency, maxInterruptLatencyUs: maxLatency, imageSHA256: sha)
         guard let image = FileManager.default.contents(atPath: guest.imagePath) else {
             throw Failure("\(guest.imagePath): \(missingOrUnreadable(guest.imagePath)), though \(confPath) names it")
         }
@@ -93,6 +96,7 @@ public struct SavedGuest: Sendable, Equatable {
     private static func missingOrUnreadable(_ path: String) -> String { access(path, F_OK) == 0 ? "unreadable" : "missing" }
 
     var conf: String {
-        "lockstep-saved-guest \(Self.version)\nmemory-mib \(memoryMiB)\ninterrupt-latency-us \(interruptLatencyUs)\nimage-sha256 \(imageSHA256)\n"
+        "lockstep-saved-guest \(Self.version)\nmemory-mib \(memoryMiB)\ninterrupt-latency-us \(interruptLatencyUs)\n"
+            + "max-interrupt-latency-us \(maxInterruptLatencyUs)\nimage-sha256 \(imageSHA256)\n"
     }
 }

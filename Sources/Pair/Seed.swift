@@ -46,7 +46,7 @@ enum SeedRunState: UInt8 {
 }
 
 struct SeedHeader: Equatable {
-    static let version: UInt16 = 7
+    static let version: UInt16 = 8
     var config: MachineConfig
     var imageSHA256: [UInt8]
     var cpuidSHA256: [UInt8]
@@ -88,7 +88,8 @@ let heldPagesPerFrame = 262_144
 enum SeedCodec {
     static func header(_ h: SeedHeader) -> [UInt8] {
         var w = Wire(SeedPart.header)
-        w.u16(SeedHeader.version); w.u32(h.config.memoryMiB); w.u32(h.config.interruptLatencyUs); w.u64(h.config.epochSeconds)
+        w.u16(SeedHeader.version); w.u32(h.config.memoryMiB); w.u32(h.config.interruptLatencyUs); w.u32(h.config.maxInterruptLatencyUs)
+        w.u64(h.config.epochSeconds)
         w.raw(h.imageSHA256); w.raw(h.cpuidSHA256); w.blob(h.image); w.blob(Array(h.fenceID.utf8)); w.blob(Array(h.fenceLocation.utf8))
         return w.out
     }
@@ -151,7 +152,7 @@ enum SeedCodec {
         var r = WireReader(body, what: "seed header")
         let v = try r.u16()
         guard v == SeedHeader.version else { throw SeedError("seed version \(v); this side speaks \(SeedHeader.version)") }
-        let config = MachineConfig(memoryMiB: try r.u32(), interruptLatencyUs: try r.u32(), epochSeconds: try r.u64())
+        let config = MachineConfig(memoryMiB: try r.u32(), interruptLatencyUs: try r.u32(), maxInterruptLatencyUs: try r.u32(), epochSeconds: try r.u64())
         let h = SeedHeader(config: config, imageSHA256: try r.raw(32), cpuidSHA256: try r.raw(32), image: try r.blob(limit: 64 << 20),
                            fenceID: String(decoding: try r.blob(limit: 64), as: UTF8.self),
                            fenceLocation: String(decoding: try r.blob(limit: 4096), as: UTF8.self))

@@ -88,6 +88,9 @@ public struct PairStats: Codable, Sendable {
     /// The guest's first instruction here ran with a secondary that had confirmed its seed (a boot seed waits
     /// for that). False for a survivor's guest, and for one that started unprotected.
     public var startedProtected: Bool
+    /// The longest the sync points' cost stretched the interrupt latency bound to, µs (0: never beyond its
+    /// floor, `--interrupt-latency-us`).
+    public var peakLatencyBoundUs: UInt64 = 0
 }
 
 /// A secondary's figures at the end of its run (`secondary --stats-json`).

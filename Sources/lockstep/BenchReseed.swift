@@ -75,14 +75,16 @@ extension PairBench {
 
     /// The `dirty` guest rewrites 32 MiB over and over, faster than pre-copy sends it: one re-seed shows
     /// auto-converge (the rounds throttle the guest until what is left fits a short pause). The new
-    /// secondary must end with the primary's state digest.
+    /// secondary must end with the primary's state digest. Its interrupt latency bound is held at 1 ms: stretched
+    /// (`LatencyBound`), the guest would end within a second, before the kill and the new secondary.
     func dirtyReseed() throws -> DirtyReseedResult {
         let tag = "reseed-dirty"
         progress("dirty: a re-seed while the guest rewrites 32 MiB")
         let stats = tempFile(tag, "stats.json")
         let fence = try fence(tag)
         let (sec, port) = try startSecondary("\(tag)0", serial: "none", fence: fence)
-        let pri = try startPrimary(tag, guest: "dirty", peer: port, serial: "none", fence: fence, stats: stats)
+        let pri = try startPrimary(tag, guest: "dirty", peer: port, serial: "none", fence: fence, stats: stats,
+                                   extra: ["--max-interrupt-latency-us", "1000"])
         try awaitLines(pri, containing: "protected: secondary", count: 1, [pri, sec])
         sec.kill9()
         _ = sec.wait(until: monotonicNs() + 5_000_000_000)

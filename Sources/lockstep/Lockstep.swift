@@ -71,7 +71,8 @@ func stderr(_ s: String) { FileHandle.standardError.write(Data((s + "\n").utf8))
 func finish(_ r: SessionResult, verbose: Bool, pairEnded: Bool = true) -> ExitCode {
     if verbose {
         let ms = Double(r.elapsedNs) / 1e6
-        stderr("lockstep: \(r.exits) exits, \(r.events) events, \(r.syncPoints) sync points (\(r.syncPointPages) pages\(r.hotSyncPointPages > 0 ? ", \(r.hotSyncPointPages) of them hot" : "")\(r.syncPoints > 1 ? ", at most \(r.largestSyncPointPages) in one" : "")), \(r.kicks) kicks in \(String(format: "%.1f", ms)) ms" + (r.logBytes > 0 ? ", log \(r.logBytes) bytes" : ""))
+        stderr("lockstep: \(r.exits) exits, \(r.events) events, \(r.syncPoints) sync points (\(r.syncPointPages) pages\(r.hotSyncPointPages > 0 ? ", \(r.hotSyncPointPages) of them hot" : "")\(r.syncPoints > 1 ? ", at most \(r.largestSyncPointPages) in one" : "")), \(r.kicks) kicks in \(String(format: "%.1f", ms)) ms" + (r.logBytes > 0 ? ", log \(r.logBytes) bytes" : "")
+               + (r.peakLatencyBoundUs > 0 ? "; sync points stretched the interrupt latency bound to \(r.peakLatencyBoundUs) µs" : ""))
     }
     switch r.ending {
     case .guestExit: break
@@ -99,14 +100,25 @@ struct MachineOptions: ParsableArguments {
     @Flag(name: .long, help: "Print run statistics.") var verbose = false
 }
 
+/// The interrupt latency bound of a run that writes sync points (`record`, `primary`).
+struct LatencyOptions: ParsableArguments {
+    @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs): the bound's floor.") var interruptLatencyUs: UInt32 = 1000
+    @Option(name: .long, help: "How far expensive sync points may stretch that bound (µs): while one costs the guest more than a quarter of the bound, interrupts wait longer and sync points come less often. Equal to --interrupt-latency-us: never stretched.")
+    var maxInterruptLatencyUs: UInt32 = MachineConfig.defaultMaxInterruptLatencyUs
+
+    func config(memoryMiB: UInt32) -> MachineConfig {
+        MachineConfig(memoryMiB: memoryMiB, interruptLatencyUs: interruptLatencyUs, maxInterruptLatencyUs: maxInterruptLatencyUs)
+    }
+}
+
 /// Shared by `run` and `record`: open the serial backend, build the session, feed it input, report the end.
 /// `finishing`: what a stop signal lets the run do before it ends (said when one arrives).
-func runLive(guest: String, options: MachineOptions, latencyUs: UInt32, finishing: String,
+func runLive(guest: String, options: MachineOptions, config: MachineConfig, finishing: String,
              _ make: (PVHImage, MachineConfig, SerialBackend) throws -> (Machine, () throws -> SessionResult)) throws {
     do {
         let image = try loadImage(guest)
         let backend = try SerialBackend(try SerialSpec.parse(options.serial))
-        let (machine, run) = try make(image, MachineConfig(memoryMiB: options.memory, interruptLatencyUs: latencyUs), backend)
+        let (machine, run) = try make(image, config, backend)
         stopOnSignals(machine, what: finishing)
         backend.startInput(into: machine.input)
         let r = try run()
@@ -136,7 +148,8 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: "Kick a running guest when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
 
     func run() throws {
-        try runLive(guest: guest, options: options, latencyUs: interruptLatencyUs, finishing: "") { image, config, backend in
+        let config = MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs)
+        try runLive(guest: guest, options: options, config: config, finishing: "") { image, config, backend in
             let s = try RunSession(image: image, config: config, output: backend)
             return (s.machine, { try s.run() })
         }
@@ -148,10 +161,10 @@ struct RecordCommand: ParsableCommand {
     @Argument(help: "PVH ELF guest image.") var guest: String
     @Option(name: .long, help: "Where to write the log (written as LOG.partial, renamed when complete).") var log: String
     @OptionGroup var options: MachineOptions
-    @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
+    @OptionGroup var latency: LatencyOptions
 
     func run() throws {
-        try runLive(guest: guest, options: options, latencyUs: interruptLatencyUs, finishing: " and finishing the log") { image, config, backend in
+        try runLive(guest: guest, options: options, config: latency.config(memoryMiB: options.memory), finishing: " and finishing the log") { image, config, backend in
             let s = try RecordSession(image: image, config: config, logPath: log, output: backend)
             return (s.machine, { try s.run() })
         }

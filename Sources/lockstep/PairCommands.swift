@@ -90,7 +90,7 @@ struct PrimaryCommand: ParsableCommand {
     @Option(name: .long, help: "The secondary's FT-link address (HOST:PORT).") var peer: String
     @OptionGroup var options: MachineOptions
     @OptionGroup var pair: PairArguments
-    @Option(name: .long, help: "Kick a running guest and write a sync point when an interrupt has waited this long (µs).") var interruptLatencyUs: UInt32 = 1000
+    @OptionGroup var latency: LatencyOptions
     @Option(name: .long, help: "How long to wait for the first secondary (ms; 0 with --start-unprotected: boot at once).") var connectTimeoutMs: Int = 30_000
     @Option(name: .long, help: "After handing the guest over, stay as the new primary's secondary, listening here (HOST:PORT; start the other side with --peer to it).") var listen: String?
     @Flag(name: .long, help: "When no secondary answers within --connect-timeout-ms, run the guest unprotected and keep looking for one at --peer (default: exit 68).") var startUnprotected = false
@@ -129,7 +129,7 @@ struct PrimaryCommand: ParsableCommand {
     private func runPrimary(_ spec: SerialSpec, _ o: PairOptions, _ role: CurrentRole, keepRAM: Bool) throws -> (SessionResult, handedOver: Bool, RetainedRAM?, peer: String) {
         let image = try loadImage(guest)
         let backend = try SerialBackend(spec)
-        let p = try PrimaryRunner(image: image, config: MachineConfig(memoryMiB: options.memory, interruptLatencyUs: interruptLatencyUs),
+        let p = try PrimaryRunner(image: image, config: latency.config(memoryMiB: options.memory),
                                   backend: backend, peer: peer, options: o)
         role.set(p)
         backend.startInput(into: p.machine.input)

@@ -133,7 +133,7 @@ struct SupervisePlan {
     private var saved: SavedGuest?
 
     /// Options only a primary takes; the rest carry over to its secondary.
-    static let primaryOnly: Set<String> = ["--memory", "--interrupt-latency-us", "--connect-timeout-ms", "--cold-restart", "--start-unprotected"]
+    static let primaryOnly: Set<String> = ["--memory", "--interrupt-latency-us", "--max-interrupt-latency-us", "--connect-timeout-ms", "--cold-restart", "--start-unprotected"]
     /// The options of `primary` that take no value.
     static let flags: Set<String> = ["--verbose", "--cold-restart", "--start-unprotected"]
     /// Options only a secondary takes (and its addresses, which a cold primary takes as --listen and --peer).
@@ -191,7 +191,8 @@ struct SupervisePlan {
             var boot = given
             if first == .secondary {
                 guard let g = saved else { preconditionFailure("a cold restart of supervise secondary before lookForGuest found a guest") }
-                boot = [g.imagePath, "--memory", "\(g.memoryMiB)", "--interrupt-latency-us", "\(g.interruptLatencyUs)"] + coldCarried
+                boot = [g.imagePath, "--memory", "\(g.memoryMiB)", "--interrupt-latency-us", "\(g.interruptLatencyUs)",
+                        "--max-interrupt-latency-us", "\(g.maxInterruptLatencyUs)"] + coldCarried
             }
             return ["primary"] + Self.without("--connect-timeout-ms", boot.filter { $0 != "--cold-restart" && $0 != "--start-unprotected" })
                 + ["--connect-timeout-ms", "0", "--start-unprotected", "--cold-restart"]

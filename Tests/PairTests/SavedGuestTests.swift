@@ -7,7 +7,7 @@ import Testing
 @Suite struct SavedGuestTests {
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lockstep-saved-\(UInt32.random(in: 0...UInt32.max))").path
     let image: [UInt8] = Array("not really an ELF, but any bytes serve".utf8)
-    let config = MachineConfig(memoryMiB: 48, interruptLatencyUs: 700)
+    let config = MachineConfig(memoryMiB: 48, interruptLatencyUs: 700, maxInterruptLatencyUs: 30_000)
 
     func write(_ text: String, _ name: String = "guest.conf") throws {
         try text.write(toFile: dir + "/" + name, atomically: true, encoding: .utf8)
@@ -24,7 +24,7 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let saved = try SavedGuest.save(dir, image: image, config: config)
         #expect(try SavedGuest.load(dir) == saved)
-        #expect(saved.memoryMiB == 48 && saved.interruptLatencyUs == 700)
+        #expect(saved.memoryMiB == 48 && saved.interruptLatencyUs == 700 && saved.maxInterruptLatencyUs == 30_000)
         #expect(FileManager.default.contents(atPath: saved.imagePath) == Data(image))
         let before = try FileManager.default.attributesOfItem(atPath: saved.imagePath)[.systemFileNumber] as? Int
         try SavedGuest.save(dir, image: image, config: config)
@@ -51,6 +51,11 @@ import Testing
         refusal("'memory-mib' is '0': expected a positive number")
         try write("lockstep-saved-guest 1\nmemory-mib 48\ninterrupt-latency-us 700\nimage-sha256 \(sha.prefix(40))\n")
         refusal("'image-sha256' is '\(sha.prefix(40))': expected 64 hex digits")
+        try write("lockstep-saved-guest 1\nmemory-mib 48\ninterrupt-latency-us 700\nmax-interrupt-latency-us -5\nimage-sha256 \(sha)\n")
+        refusal("'max-interrupt-latency-us' is '-5': expected a positive number")
+        // A copy saved before the bound could stretch has no such line: the default.
+        try write("lockstep-saved-guest 1\nmemory-mib 48\ninterrupt-latency-us 700\nimage-sha256 \(sha)\n")
+        #expect(try SavedGuest.load(dir).maxInterruptLatencyUs == MachineConfig.defaultMaxInterruptLatencyUs)
         // A save cut short between the image and the conf: the conf names the other image.
         try write(saved.conf)
         try write("a different image", "guest.elf")

@@ -43,6 +43,16 @@ import Testing
         }
     }
 
+    /// The machine's shape crosses in the header, the bound's ceiling too: a survivor paces its sync points
+    /// as its primary did.
+    @Test func theHeaderRoundTripsTheMachinesShape() throws {
+        let h = SeedHeader(config: MachineConfig(memoryMiB: 96, interruptLatencyUs: 700, maxInterruptLatencyUs: 25_000, epochSeconds: 1_700_000_000),
+                           imageSHA256: [UInt8](repeating: 1, count: 32), cpuidSHA256: [UInt8](repeating: 2, count: 32),
+                           image: [9, 9, 9], fenceID: "abc", fenceLocation: "/srv/fence")
+        let body = SeedCodec.header(h)
+        #expect(try SeedCodec.decodeHeader(body) == h)
+    }
+
     @Test func theEndRoundTripsItsRunStateAndRefusesAnUnknownOne() throws {
         let end = SeedEnd(exit: 250, signature: 7, lastClock: 1_000, firstSequence: 3, totalPages: 9, vcpuState: [1, 2],
                           deviceState: [3], seedDigest: [UInt8](repeating: 5, count: 32), protectionID: 42, runState: .halted,
