@@ -13,10 +13,12 @@
 public struct LatencyBound: Sendable, Equatable {
     public let floorNs: UInt64
     public let ceilingNs: UInt64
-    /// The sync-point cost, as a share of the bound, above which the bound stretches.
-    public static let share: UInt64 = 4  // one quarter
-    /// Smoothed cost (ns): half the last sync point's, half the history's, so one slow sync point (a
-    /// preempted thread) stretches the bound for a step or two, not for a phase.
+    /// A sync point may cost 1/share of the bound before the bound stretches (the guest then runs at least
+    /// four fifths of the time).
+    public static let share: UInt64 = 4
+    /// Smoothed cost (ns). It rises by a quarter of the gap to a dearer sync point, so one slow one (a preempted
+    /// thread) stretches the bound a little for a step or two, and falls by half the gap to a cheaper one, so
+    /// a phase of heavy writing, once over, gives the floor back within a few sync points.
     public private(set) var averageCostNs: UInt64 = 0
     /// The bound now (ns).
     public private(set) var ns: UInt64
@@ -30,7 +32,7 @@ public struct LatencyBound: Sendable, Equatable {
     /// A sync point took `costNs` of the vCPU's time; returns the new bound.
     @discardableResult
     public mutating func syncPointTook(_ costNs: UInt64) -> UInt64 {
-        averageCostNs = averageCostNs / 2 &+ costNs / 2
+        averageCostNs = costNs > averageCostNs ? averageCostNs - averageCostNs / 4 + costNs / 4 : averageCostNs / 2 + costNs / 2
         ns = averageCostNs >= ceilingNs / Self.share ? ceilingNs : max(floorNs, averageCostNs * Self.share)
         return ns
     }

@@ -21,7 +21,7 @@ public struct MachineConfig: Sendable, Equatable {
     }
 
     /// `--max-interrupt-latency-us`'s default.
-    public static let defaultMaxInterruptLatencyUs: UInt32 = 100_000
+    public static let defaultMaxInterruptLatencyUs: UInt32 = 50_000
 }
 
 /// A minimal PC on KVM: RAM, one vCPU (PVH boot), the standard devices, and the recording hooks between them.

@@ -14,7 +14,7 @@ import Machine
 ///   lockstep-saved-guest 1
 ///   memory-mib 64
 ///   interrupt-latency-us 1000
-///   max-interrupt-latency-us 100000     (absent in older copies: the default)
+///   max-interrupt-latency-us 50000      (absent in older copies: the default)
 ///   image-sha256 <64 hex digits of guest.elf's SHA-256>
 ///   ```
 /// A save cut short leaves a `guest.conf` that names another image's digest: `load` refuses it by name.

@@ -233,7 +233,7 @@ extension PairTests { @Suite struct SuperviseTests {
         let cold = try b.waitForLine(containing: "booting it again as the primary (a cold restart")
         #expect(cold.contains("no live side seeded the secondary within 500 ms, and the pair record says 'unprotected'"), "\(cold)")
         let started = try b.waitForLine(containing: "started the primary")
-        #expect(started.contains("lockstep primary \(pair.saved)/guest.elf --memory 32 --interrupt-latency-us 1000 --max-interrupt-latency-us 100000 --peer 127.0.0.1:\(pair.portA) --listen 127.0.0.1:\(pair.portB) "), "\(started)")
+        #expect(started.contains("lockstep primary \(pair.saved)/guest.elf --memory 32 --interrupt-latency-us 1000 --max-interrupt-latency-us 50000 --peer 127.0.0.1:\(pair.portA) --listen 127.0.0.1:\(pair.portB) "), "\(started)")
         #expect(started.hasSuffix("--connect-timeout-ms 0 --start-unprotected --cold-restart"), "\(started)")
         // It boots at once: host A is gone, and waiting for its secondary would only keep the guest down longer.
         try b.waitForLine(containing: "running the guest unprotected from its start; looking for a secondary at 127.0.0.1:\(pair.portA)")
