@@ -16,9 +16,10 @@ public struct LatencyBound: Sendable, Equatable {
     /// A sync point may cost 1/share of the bound before the bound stretches (the guest then runs at least
     /// four fifths of the time).
     public static let share: UInt64 = 4
-    /// Smoothed cost (ns). It rises by a quarter of the gap to a dearer sync point, so one slow one (a preempted
-    /// thread) stretches the bound a little for a step or two, and falls by half the gap to a cheaper one, so
-    /// a phase of heavy writing, once over, gives the floor back within a few sync points.
+    /// Smoothed cost (ns): half the last sync point's, half the history's. One slow sync point (a preempted
+    /// thread) stretches a bound or two; a cheap one between dear ones costs one halving, won back by the next.
+    /// (Rising by a quarter and falling by half damped such blips, but the `dirty` guest's recordings then
+    /// took 1.4-2.3 s instead of 0.75-1.1 s: its cheap sync points pulled the bound down for longer.)
     public private(set) var averageCostNs: UInt64 = 0
     /// The bound now (ns).
     public private(set) var ns: UInt64
@@ -32,7 +33,7 @@ public struct LatencyBound: Sendable, Equatable {
     /// A sync point took `costNs` of the vCPU's time; returns the new bound.
     @discardableResult
     public mutating func syncPointTook(_ costNs: UInt64) -> UInt64 {
-        averageCostNs = costNs > averageCostNs ? averageCostNs - averageCostNs / 4 + costNs / 4 : averageCostNs / 2 + costNs / 2
+        averageCostNs = averageCostNs / 2 + costNs / 2
         ns = averageCostNs >= ceilingNs / Self.share ? ceilingNs : max(floorNs, averageCostNs * Self.share)
         return ns
     }
