@@ -102,7 +102,7 @@ public final class Engine {
 
     /// The session spent `ns` writing out what it buffered (a recording's file write): part of the pending sync
     /// point's cost, when one is pending.
-    public func addToSyncPointCost(_ ns: UInt64) {
+    func addToSyncPointCost(_ ns: UInt64) {
         if syncPointCaptureNs != 0 { syncPointCaptureNs &+= ns }
     }
 

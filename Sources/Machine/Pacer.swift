@@ -28,7 +28,7 @@ public final class Pacer: @unchecked Sendable {
     /// How long a due interrupt may wait for a natural exit (ns): `bound.ns`, published for `raise`.
     let latencyNs: Atomic<UInt64>
     /// The vCPU thread's: stretched while sync points are expensive (`LatencyBound`).
-    public private(set) var bound: LatencyBound
+    private var bound: LatencyBound
     /// `bound.floorNs`, for any thread.
     let floorNs: UInt64
     private let peakNs: Atomic<UInt64>
