@@ -14,10 +14,10 @@ public struct MachineConfig: Sendable, Equatable {
     public var maxInterruptLatencyUs: UInt32
     /// Wall-clock seconds the RTC starts from: sampled once by the recorder, then fixed (it is in the log).
     public var epochSeconds: UInt64
-    public init(memoryMiB: UInt32 = 256, interruptLatencyUs: UInt32 = 1000, maxInterruptLatencyUs: UInt32? = nil,
+    public init(memoryMiB: UInt32 = 256, interruptLatencyUs: UInt32 = 1000, maxInterruptLatencyUs: UInt32 = MachineConfig.defaultMaxInterruptLatencyUs,
                 epochSeconds: UInt64 = UInt64(lk_realtime_ns() / 1_000_000_000)) {
         self.memoryMiB = memoryMiB; self.interruptLatencyUs = interruptLatencyUs; self.epochSeconds = epochSeconds
-        self.maxInterruptLatencyUs = max(interruptLatencyUs, maxInterruptLatencyUs ?? Self.defaultMaxInterruptLatencyUs)
+        self.maxInterruptLatencyUs = max(interruptLatencyUs, maxInterruptLatencyUs)
     }
 
     /// `--max-interrupt-latency-us`'s default.

@@ -910,12 +910,10 @@ public final class PrimaryRunner: PairRole, @unchecked Sendable {
     }
 
     func stats() -> PairStats {
-        var s = metrics.stats(gate: gate.latencySnapshot(), logBytes: totalBytes, events: session.encoder.eventCount,
-                              batches: totalBatches, syncPoints: session.encoder.syncPointCount, exits: session.exit,
-                              linkRetransmits: droppedLinkRetransmits &+ UInt64(link?.conn.retransmittedSegments() ?? 0),
-                              startedProtected: startedProtected)
-        s.peakLatencyBoundUs = session.machine.pacer?.peakStretchUs ?? 0
-        return s
+        metrics.stats(gate: gate.latencySnapshot(), logBytes: totalBytes, events: session.encoder.eventCount,
+                      batches: totalBatches, syncPoints: session.encoder.syncPointCount, exits: session.exit,
+                      linkRetransmits: droppedLinkRetransmits &+ UInt64(link?.conn.retransmittedSegments() ?? 0),
+                      startedProtected: startedProtected, peakLatencyBoundUs: session.machine.pacer?.peakStretchUs ?? 0)
     }
 }
 

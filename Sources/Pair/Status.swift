@@ -90,7 +90,7 @@ public struct PairStats: Codable, Sendable {
     public var startedProtected: Bool
     /// The longest the sync points' cost stretched the interrupt latency bound to, µs (0: never beyond its
     /// floor, `--interrupt-latency-us`).
-    public var peakLatencyBoundUs: UInt64 = 0
+    public var peakLatencyBoundUs: UInt64
 }
 
 /// A secondary's figures at the end of its run (`secondary --stats-json`).
@@ -179,7 +179,7 @@ final class PairMetrics: @unchecked Sendable {
     }
 
     func stats(gate: Histogram<UInt64>, logBytes: UInt64, events: UInt64, batches: UInt64, syncPoints: UInt64, exits: UInt64,
-               linkRetransmits: UInt64, startedProtected: Bool) -> PairStats {
+               linkRetransmits: UInt64, startedProtected: Bool, peakLatencyBoundUs: UInt64) -> PairStats {
         lock.lock(); defer { lock.unlock() }
         var buckets: [[Double]] = []
         for b in replication.recordedValues() where b.count > 0 {
@@ -191,7 +191,7 @@ final class PairMetrics: @unchecked Sendable {
                          syncPoints: syncPoints, exits: exits, elapsedSeconds: Double(lk_monotonic_ns() &- startNs) / 1e9,
                          throttledMs: Double(throttledNs) / 1e6, linkRetransmits: linkRetransmits, seedPauseMs: seedPausesMs, seedTotalMs: seedTotalsMs,
                          seedThrottlePercent: seedThrottles, lagSeries: stride(from: 0, to: series.count, by: 2).map { [series[$0], series[$0 + 1]] }, lagHistogram: buckets,
-                         startedProtected: startedProtected)
+                         startedProtected: startedProtected, peakLatencyBoundUs: peakLatencyBoundUs)
     }
 }
 

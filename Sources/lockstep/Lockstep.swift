@@ -106,6 +106,12 @@ struct LatencyOptions: ParsableArguments {
     @Option(name: .long, help: "How far expensive sync points may stretch that bound (µs): while one costs the guest more than a quarter of the bound, interrupts wait longer and sync points come less often. Equal to --interrupt-latency-us: never stretched.")
     var maxInterruptLatencyUs: UInt32 = MachineConfig.defaultMaxInterruptLatencyUs
 
+    func validate() throws {
+        guard maxInterruptLatencyUs >= interruptLatencyUs else {
+            throw ValidationError("--max-interrupt-latency-us \(maxInterruptLatencyUs): below --interrupt-latency-us \(interruptLatencyUs) (equal to it: never stretched)")
+        }
+    }
+
     func config(memoryMiB: UInt32) -> MachineConfig {
         MachineConfig(memoryMiB: memoryMiB, interruptLatencyUs: interruptLatencyUs, maxInterruptLatencyUs: maxInterruptLatencyUs)
     }

@@ -48,6 +48,19 @@ extension PairTests { @Suite struct LockstepTests {
         #expect(peak > 1000 && peak <= Int(MachineConfig.defaultMaxInterruptLatencyUs), "peakLatencyBoundUs \(peak)")
     }
 
+    /// A ceiling under the floor is a usage error (exit 64) naming both, before any machine is built.
+    @Test(arguments: ["record", "primary"])
+    func aCeilingBelowTheFloorIsRefused(command: String) throws {
+        if let why = PairFixture.skipReason { print("skipped: \(why)"); return }
+        let ws = try PairFixture.workspace()
+        defer { try? FileManager.default.removeItem(atPath: ws.dir) }
+        let target = command == "record" ? ["--log", ws.dir + "/never.log"] : ["--peer", "127.0.0.1:9", "--key-file", ws.key]
+        let c = try Child(command, [command, try PairFixture.guest("hello")] + target
+                          + ["--interrupt-latency-us", "2000", "--max-interrupt-latency-us", "1500"], captureStdout: true)
+        #expect(try c.wait(seconds: 30) == 64, "\(c.stderrText)")
+        #expect(c.stderrText.contains("--max-interrupt-latency-us 1500: below --interrupt-latency-us 2000"), "\(c.stderrText)")
+    }
+
     /// A sync point larger than one 64 MiB frame: `echo-state-large` fills 96 MiB in ring 3, says READY, and
     /// spins in ring 3 until a byte comes; the kick that delivers the client's first request writes one sync
     /// point with all of it, which crosses the FT link in 256 KiB parts (docs/protocol.md, "Parts"). The
