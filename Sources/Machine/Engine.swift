@@ -124,14 +124,13 @@ public final class Engine {
             serviceAsync()
             return try checked()
         }
-        if syncPointCaptureNs != 0 {
-            // What the runner does between the steps (a seed, flow control) is not the sync point's cost.
-            let began = lk_monotonic_ns()
-            machine.beforeEntry?()
-            pacer?.syncPointTook(syncPointCaptureNs &+ (lk_monotonic_ns() &- began))
+        // A pending sync point's batch leaves here; what the runner did between the steps (a seed, flow
+        // control) is not its cost.
+        let flushBegan = syncPointCaptureNs != 0 ? lk_monotonic_ns() : 0
+        machine.beforeEntry?()
+        if flushBegan != 0 {
+            pacer?.syncPointTook(syncPointCaptureNs &+ (lk_monotonic_ns() &- flushBegan))
             syncPointCaptureNs = 0
-        } else {
-            machine.beforeEntry?()
         }
         let outcome: RunOutcome
         do { outcome = try vcpu.enter() } catch { throw .sys(error) }
