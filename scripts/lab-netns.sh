@@ -11,25 +11,27 @@
 # lkC holds the client: it talks to the service on both hosts (10.77.1.1 and 10.77.2.2, the same UDP port)
 # the way a client with two server addresses would, so only the FT link is impaired.
 #
-# Needs: root, iproute2 (ip, tc), a kernel with network namespaces and veth; for --delay-ms/--loss-pct
-# other than 0 the netem qdisc or TUN/TAP (--impair auto: netem if the kernel has it, else the FT link is
-# two TAP devices joined by scripts/link-impair.py); /dev/kvm; python3; a release build and the guests.
-# Usage: scripts/lab-netns.sh [--delay-ms N] [--loss-pct P] [--impair auto|netem|tap] [--guest NAME]
+# Needs: root, iproute2 (ip, tc), a kernel with network namespaces and veth; for --delay-ms, --jitter-ms or
+# --loss-pct other than 0 the netem qdisc or TUN/TAP (--impair auto: netem if the kernel has it, else the FT
+# link is two TAP devices joined by scripts/link-impair.py); /dev/kvm; python3; a release build and the guests.
+# Usage: scripts/lab-netns.sh [--delay-ms N] [--jitter-ms J] [--loss-pct P] [--impair auto|netem|tap] [--guest NAME]
 #                              [--requests N] [--kill-after-ms N] [--no-kill] [--failure-timeout-ms N]
 #                              [--rto-min-ms N] [--keep] [--lockstep PATH] [--guests DIR]
+# --jitter-ms varies each frame's delay by up to J either way (uniform; frames may overtake each other).
 # --failure-timeout-ms is given to both sides (lockstep's default: 50). --rto-min-ms sets the FT link's route
 # rto_min on both sides (Linux's default floor is 200 ms; lockstep lowers it per socket itself on Linux 6.15+;
 # see docs/lab.md). --keep keeps the logs, and names their directory, also when the run succeeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DELAY_MS=1 LOSS_PCT=0 IMPAIR=auto GUEST=echo REQUESTS=200 KILL_AFTER_MS=1000 KILL=1 PORT=7000
+DELAY_MS=1 JITTER_MS=0 LOSS_PCT=0 IMPAIR=auto GUEST=echo REQUESTS=200 KILL_AFTER_MS=1000 KILL=1 PORT=7000
 LOCKSTEP="" GUESTS=Guests/build FAILURE_MS="" RTO_MIN_MS="" KEEP=0
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 64; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 64; }
 die() { echo "lab-netns: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --delay-ms) DELAY_MS=$2; shift 2 ;;
+        --jitter-ms) JITTER_MS=$2; shift 2 ;;
         --loss-pct) LOSS_PCT=$2; shift 2 ;;
         --guest) GUEST=$2; shift 2 ;;
         --requests) REQUESTS=$2; shift 2 ;;
@@ -93,7 +95,9 @@ link lkB lksB 10.77.2.2/24 lkC lkcB 10.77.2.3/24     # service link to the secon
 for ns in lkA lkB lkC; do ip -n "$ns" link set lo up; done
 
 # The FT link. Impaired in both directions (data one way, acks the other).
-if [ "$DELAY_MS" = 0 ] && [ "$LOSS_PCT" = 0 ]; then
+DELAY_TEXT="${DELAY_MS} ms" NETEM_JITTER=""
+[ "$JITTER_MS" = 0 ] || { DELAY_TEXT="${DELAY_MS} ms ± ${JITTER_MS} ms"; NETEM_JITTER="${JITTER_MS}ms"; }
+if [ "$DELAY_MS" = 0 ] && [ "$JITTER_MS" = 0 ] && [ "$LOSS_PCT" = 0 ]; then
     IMPAIR=none
 elif [ "$IMPAIR" = auto ]; then
     IMPAIR=tap  # netem if this kernel has it (probed on lkA's loopback)
@@ -102,7 +106,7 @@ elif [ "$IMPAIR" = auto ]; then
     fi
 fi
 if [ "$IMPAIR" = tap ]; then
-    python3 scripts/link-impair.py --a lkA:lkvA --b lkB:lkvB --delay-ms "$DELAY_MS" --loss-pct "$LOSS_PCT" \
+    python3 scripts/link-impair.py --a lkA:lkvA --b lkB:lkvB --delay-ms "$DELAY_MS" --jitter-ms "$JITTER_MS" --loss-pct "$LOSS_PCT" \
         --stats "$WORK/impair.stats" >"$WORK/impair.out" 2>"$WORK/impair.err" &
     IMPAIRER=$!; PIDS+=("$IMPAIRER")
     for _ in $(seq 100); do grep -q ready "$WORK/impair.out" && break; kill -0 "$IMPAIRER" 2>/dev/null || break; sleep 0.05; done
@@ -111,18 +115,18 @@ if [ "$IMPAIR" = tap ]; then
         set -- $side
         ip -n "$1" addr add "$3" dev "$2"; ip -n "$1" link set "$2" up
     done
-    echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 through link-impair.py (TAP devices): delay ${DELAY_MS} ms, loss ${LOSS_PCT} % each way"
+    echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 through link-impair.py (TAP devices): delay ${DELAY_TEXT}, loss ${LOSS_PCT} % each way"
 else
     link lkA lkvA 10.77.0.1/24 lkB lkvB 10.77.0.2/24
     if [ "$IMPAIR" = netem ]; then
         for side in "lkA lkvA" "lkB lkvB"; do
             set -- $side
-            ip netns exec "$1" tc qdisc add dev "$2" root netem delay "${DELAY_MS}ms" loss "${LOSS_PCT}%" 2>"$WORK/tc.err" \
+            ip netns exec "$1" tc qdisc add dev "$2" root netem delay "${DELAY_MS}ms" $NETEM_JITTER loss "${LOSS_PCT}%" 2>"$WORK/tc.err" \
                 || die "tc netem failed ($(cat "$WORK/tc.err")): this kernel has no netem qdisc (sch_netem); use --impair tap (or auto)"
         done
-        echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 with netem delay ${DELAY_MS} ms, loss ${LOSS_PCT} % each way"
+        echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 with netem delay ${DELAY_TEXT}, loss ${LOSS_PCT} % each way"
     else
-        echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 unimpaired (--delay-ms 0 --loss-pct 0)"
+        echo "lab-netns: FT link 10.77.0.1 <-> 10.77.0.2 unimpaired (--delay-ms 0 --jitter-ms 0 --loss-pct 0)"
     fi
 fi
 

@@ -5,7 +5,7 @@ import Testing
 extension PairTests {
 
 /// `scripts/lab-netns.sh`, the two-host lab on one machine, run as a user would: the primary and the
-/// secondary in network namespaces of their own, the FT link between them delayed and lossy, a kill -9 of
+/// secondary in network namespaces of their own, the FT link between them delayed, jittery and lossy, a kill -9 of
 /// the primary mid-conversation. Where the kernel has no netem (this project's sandbox and CI), the link
 /// goes through `scripts/link-impair.py`, so that is tested too.
 @Suite struct LabTests {
@@ -20,19 +20,25 @@ extension PairTests {
         return nil
     }
 
-    @Test func thePairFailsOverAcrossADelayedLossyLink() throws {
+    /// Jitter reorders frames (as netem's does): the impairer counts them, and the pair fails over all the same.
+    @Test func thePairFailsOverAcrossADelayedJitteryLossyLink() throws {
         if let why = Self.skipReason { print("skipped: \(why)"); return }
         let script = PairFixture.root.appendingPathComponent("scripts/lab-netns.sh").path
         let guests = URL(fileURLWithPath: try PairFixture.guest("echo")).deletingLastPathComponent().path
-        let lab = try Child("lab-netns", ["--delay-ms", "1", "--loss-pct", "1", "--impair", "tap", "--requests", "100", "--guests", guests],
+        let lab = try Child("lab-netns", ["--delay-ms", "1", "--jitter-ms", "0.5", "--loss-pct", "1", "--impair", "tap", "--requests", "100",
+                                          "--guests", guests],
                             captureStdout: true, launcher: ["/bin/bash", script, "--lockstep"])
         // Bounded: the client gives the survivor 10 s, the script gives it 120 s to end.
         let status = try lab.wait(seconds: 180)
         #expect(status == 0, "\(lab.stderrText)")
-        #expect(lab.stderr.contains { $0.contains("through link-impair.py (TAP devices): delay 1 ms, loss 1 % each way") }, "\(lab.stderrText)")
+        #expect(lab.stderr.contains { $0.contains("through link-impair.py (TAP devices): delay 1 ms ± 0.5 ms, loss 1 % each way") }, "\(lab.stderrText)")
         #expect(lab.stderr.contains { $0.contains("100 requests through the primary") }, "\(lab.stderrText)")
         #expect(lab.stderr.contains { $0.contains("first survivor reply") && $0.contains("(n=101, expected 101)") }, "\(lab.stderrText)")
-        #expect(lab.stderr.contains { $0.hasPrefix("lab-netns: FT link frames: a->b ") }, "\(lab.stderrText)")
+        // "a->b N frames, D dropped, R reordered, ...; b->a ...": both directions reordered some.
+        let frames = lab.stderr.first { $0.hasPrefix("lab-netns: FT link frames: a->b ") } ?? ""
+        let words = frames.split(separator: " ")
+        let reordered = words.indices.dropFirst().filter { words[$0].hasPrefix("reordered") }.compactMap { Int(words[$0 - 1]) }
+        #expect(reordered.count == 2 && reordered.allSatisfy { $0 > 0 }, "\(lab.stderrText)")
         #expect(lab.stderr.contains { $0.contains("OK: the survivor took over and ran the guest to its end") }, "\(lab.stderrText)")
     }
 
@@ -44,6 +50,7 @@ extension PairTests {
         let cases: [([String], Int32, String)] = [
             (["--a", "lkA", "--b", "lkB:x"], 2, "argument --a: 'lkA': want NAMESPACE:INTERFACE"),
             (["--a", "A:x", "--b", "B:y", "--delay-ms", "-1"], 1, "--delay-ms -1.0: want 0 to 10000"),
+            (["--a", "A:x", "--b", "B:y", "--jitter-ms", "20000"], 1, "--jitter-ms 20000.0: want 0 to 10000"),
             (["--a", "lockstep-no-such-ns:lkimpx", "--b", "B:y"], 1, "cannot move lkimpx into namespace lockstep-no-such-ns"),
         ]
         for (args, status, text) in cases {
