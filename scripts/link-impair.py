@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""link-impair.py - an FT link with delay and loss where the kernel has no netem qdisc.
+"""link-impair.py - an FT link with delay, jitter and loss where the kernel has no netem qdisc.
 
 Two TAP devices, each moved into a network namespace, joined by this process: every Ethernet frame read
 from one is written to the other after --delay-ms, give or take up to --jitter-ms (uniform, never below 0),
@@ -54,7 +54,7 @@ def endpoint(s):
 
 
 def main():
-    p = argparse.ArgumentParser(description="join two namespaces by TAP devices with delay and loss")
+    p = argparse.ArgumentParser(description="join two namespaces by TAP devices with delay, jitter and loss")
     p.add_argument("--a", type=endpoint, required=True, help="NAMESPACE:INTERFACE of one end")
     p.add_argument("--b", type=endpoint, required=True, help="NAMESPACE:INTERFACE of the other end")
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay, each direction (ms)")
@@ -74,7 +74,7 @@ def main():
     fds = [tap(*a.a), tap(*a.b)]
     delay, jitter, loss = a.delay_ms / 1000, a.jitter_ms / 1000, a.loss_pct / 100
     # Per direction (0: a→b, 1: b→a): frames waiting, a heap of (due time, arrival number, bytes), and counts.
-    # `released`: the arrival number of the last frame written; one written after a later one was reordered.
+    # `released`: the highest arrival number written so far; a frame written after a later one was reordered.
     queues = [[], []]
     seen, dropped, peak, reordered, released = [0, 0], [0, 0], [0, 0], [0, 0], [0, 0]
     stop = False
